@@ -1,0 +1,108 @@
+"""Checkpoints: the student in Hugging Face format plus the trainer state, written atomically.
+
+A checkpoint is assembled in a hidden temporary folder and renamed into place in one step, so a crash
+mid-save never leaves a `step-N/` that looks complete. Resuming picks the highest complete step.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opd.models import LoadedModel
+
+STATE_FILE = "trainer_state.pt"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def _write_atomically(folder: Path, write) -> Path:
+    """Call write(temporary_folder), flush it to disk, then rename it to `folder` in one step."""
+    folder = Path(folder)
+    temporary = folder.parent / f".{folder.name}.partial"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    write(temporary)
+    _fsync_tree(temporary)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(temporary, folder)
+    return folder
+
+
+def _write_model(student: LoadedModel, folder: Path) -> None:
+    student.model.save_pretrained(folder, safe_serialization=True)
+    student.tokenizer.save_pretrained(folder)
+
+
+def save_model(student: LoadedModel, folder: Path) -> Path:
+    """Write the student and its tokenizer to `folder` atomically (safetensors weights)."""
+    return _write_atomically(folder, lambda temporary: _write_model(student, temporary))
+
+
+def rng_state(sampler_generator: torch.Generator) -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(), "sampler": sampler_generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any], sampler_generator: torch.Generator) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    sampler_generator.set_state(state["sampler"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    output_dir: Path,
+    step: int,
+    student: LoadedModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    sampler_generator: torch.Generator,
+    prompts_consumed: int,
+) -> Path:
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_state(sampler_generator),
+        "prompts_consumed": prompts_consumed,
+    }
+
+    def write(temporary: Path) -> None:
+        _write_model(student, temporary)
+        torch.save(state, temporary / STATE_FILE)
+
+    return _write_atomically(Path(output_dir) / "checkpoints" / f"step-{step}", write)
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    steps = [
+        (int(match.group(1)), path)
+        for path in root.iterdir()
+        if (match := _STEP_DIR.match(path.name)) and (path / STATE_FILE).is_file()
+    ]
+    return max(steps)[1] if steps else None
+
+
+def load_trainer_state(folder: Path) -> dict[str, Any]:
+    return torch.load(Path(folder) / STATE_FILE, weights_only=False)

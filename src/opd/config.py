@@ -1,0 +1,194 @@
+"""Typed, strict run configuration.
+
+One set of pydantic models describes a run. Validation is pure: it touches no network, no disk and
+no torch.distributed, so a recipe can be checked before any weight is loaded. Every error in a file
+is reported at once, each with its dotted key path and, for a misspelt key, the key probably meant.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from opd.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    # A path such as `output_dir: 2024` is still a path, so numbers are accepted where text is expected.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+
+
+class RunConfig(_Strict):
+    output_dir: str = Field(description="Run directory: config.yaml, metrics.jsonl, checkpoints/, final/.")
+    seed: int = 0
+    max_steps: int = Field(100, ge=1, description="Optimizer steps.")
+    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only the final one).")
+    eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: before and after only).")
+    log_every: int = Field(1, ge=1)
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 autocast where the device has fast bf16, fp32 otherwise."
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    progress: bool = Field(True, description="Live progress bar on the console.")
+
+
+class ModelConfig(_Strict):
+    path: str = Field(description="Local folder or Hugging Face hub id.")
+    trust_remote_code: bool = False
+
+
+class StudentConfig(ModelConfig):
+    pass
+
+
+class TeacherConfig(ModelConfig):
+    temperature: float = Field(1.0, gt=0, description="Temperature of the teacher's log-probs.")
+
+
+class DataConfig(_Strict):
+    train: str = Field(description="JSONL: rows with a `prompt` string or chat `messages`.")
+    eval: str | None = Field(None, description="Held-out JSONL in the same format.")
+    max_prompt_tokens: int = Field(
+        512, ge=1, description="Longer prompts are skipped, and the number skipped is reported."
+    )
+    eval_max_prompts: int = Field(256, ge=1)
+    shuffle: bool = True
+
+
+class RolloutConfig(_Strict):
+    samples_per_prompt: int = Field(4, ge=1)
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature; ℓˢ is taken under it.")
+    top_k: int = Field(0, ge=0, description="0 disables top-k truncation.")
+    top_p: float = Field(1.0, gt=0, le=1, description="1 disables nucleus truncation.")
+    eval_samples_per_prompt: int = Field(1, ge=1)
+
+
+class LossConfig(_Strict):
+    kind: Literal["reverse_kl_pg", "forward_kl", "reverse_kl", "jsd"] = "reverse_kl_pg"
+    kl_coef: float = Field(1.0, description="c in A_t = -c * sum_j gamma^(j-t) k_j.")
+    discount: float = Field(0.0, ge=0, le=1, description="gamma; 0 makes A_t = -c * k_t.")
+    ratio_clip: float | None = Field(
+        None, gt=1, description="Truncate the importance ratio rho at this value (None: no truncation)."
+    )
+    jsd_beta: float = Field(0.5, ge=0, le=1, description="Mixture weight of the teacher in jsd.")
+    chunk_size: int = Field(256, ge=1, description="Positions per chunk of full-vocabulary logits.")
+
+
+class BatchConfig(_Strict):
+    prompts_per_step: int = Field(8, ge=1)
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per backward pass.")
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine floor as a fraction of lr.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm (None: off).")
+
+
+class Config(_Strict):
+    run: RunConfig
+    student: StudentConfig
+    teacher: TeacherConfig
+    data: DataConfig
+    rollout: RolloutConfig = RolloutConfig()
+    loss: LossConfig = LossConfig()
+    batch: BatchConfig = BatchConfig()
+    optim: OptimConfig = OptimConfig()
+
+    @model_validator(mode="after")
+    def _check_batch(self) -> "Config":
+        rollouts = self.batch.prompts_per_step * self.rollout.samples_per_prompt
+        if self.batch.micro_batch_size > rollouts:
+            raise ValueError(
+                f"batch.micro_batch_size={self.batch.micro_batch_size} exceeds the "
+                f"{rollouts} rollouts of a step (batch.prompts_per_step={self.batch.prompts_per_step}"
+                f" x rollout.samples_per_prompt={self.rollout.samples_per_prompt})"
+            )
+        return self
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(_known_keys(annotation, prefix + name + "."))
+    return keys
+
+
+def _describe(error: dict[str, Any]) -> str:
+    path = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        hint = difflib.get_close_matches(path, _known_keys(Config), n=1, cutoff=0.6)
+        hint_text = f" (did you mean '{hint[0]}'?)" if hint else ""
+        return f"{path}: unknown key{hint_text}"
+    if not path:
+        return error["msg"].removeprefix("Value error, ")
+    return f"{path}: {error['msg']} (got {error.get('input')!r})"
+
+
+def validate(raw: dict[str, Any], source: str = "config") -> Config:
+    """Validate a nested dict into a Config; raises ConfigError listing every problem at once."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_describe(error) for error in exc.errors()]
+        raise ConfigError(f"{source}: " + "; ".join(problems)) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'optim.lr=3e-4' -> (['optim', 'lr'], 3e-4); the value is parsed as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. optim.lr=1e-5")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read YAML, apply `--set` overrides, validate. Reads only the one file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return validate(apply_overrides(raw, overrides or []), source=str(path))
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

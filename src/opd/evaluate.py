@@ -1,0 +1,84 @@
+"""Held-out evaluation: the training metrics under `eval/`, plus accuracy where answers are checkable.
+
+Eval samples at the training temperature (rollout.temperature, with its top-k/top-p), so eval/*
+figures measure the same distribution the trainer optimizes. Its sampler generator is re-seeded from a
+fixed seed at every evaluation, so before/after comparisons see the same random numbers. Accuracy is
+the mean over eval.samples_per_prompt samples, i.e. pass@1 at that temperature.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from opd.data import PromptSet
+from opd.metrics import masked_mean, rollout_metrics
+from opd.rollout import Rollouts, Sampler
+from opd.tasks.gsm8k import is_correct
+from opd.teacher import Teacher
+
+
+def decode_completions(rollouts: Rollouts, tokenizer) -> list[str]:
+    texts = []
+    for ids, mask in zip(rollouts.completion_ids.tolist(), rollouts.completion_mask.tolist()):
+        texts.append(tokenizer.decode([token for token, keep in zip(ids, mask) if keep], skip_special_tokens=True))
+    return texts
+
+
+def evaluate(
+    sampler: Sampler,
+    teacher: Teacher | None,
+    prompts: PromptSet,
+    tokenizer,
+    samples_per_prompt: int,
+    batch_prompts: int,
+    generator: torch.Generator,
+    max_prompts: int | None = None,
+) -> dict[str, float]:
+    """Returns eval/ metrics averaged over completion tokens of all held-out rollouts.
+
+    `generator` should be freshly seeded by the caller so every evaluation draws the same numbers.
+    """
+    count = min(len(prompts), max_prompts or len(prompts))
+    token_weights: list[tuple[dict[str, float], int, int]] = []
+    correct, checked = 0, 0
+    for start in range(0, count, batch_prompts):
+        indices = list(range(start, min(start + batch_prompts, count)))
+        rollouts = sampler.sample([prompts.token_ids[i] for i in indices], samples_per_prompt, generator)
+        if teacher is not None:
+            batch_metrics = rollout_metrics(rollouts, teacher.score(rollouts).logprobs)
+        else:
+            batch_metrics = {
+                "logprob/student": masked_mean(rollouts.sampler_logprobs, rollouts.completion_mask),
+                "generation/avg_length": float(rollouts.completion_mask.sum(1).float().mean()),
+                "generation/eos_fraction": float(rollouts.finished.float().mean()),
+            }
+        token_weights.append((batch_metrics, rollouts.num_tokens, len(rollouts)))
+        for text, prompt_row in zip(decode_completions(rollouts, tokenizer), rollouts.prompt_index.tolist()):
+            answer = prompts.answers[indices[prompt_row]]
+            verdict = is_correct(text, answer) if answer is not None else None
+            if verdict is not None:
+                checked += 1
+                correct += int(verdict)
+    totals = _combine(token_weights)
+    if checked:
+        totals["accuracy"] = correct / checked
+    return {f"eval/{key}": value for key, value in totals.items()}
+
+
+def _combine(parts: list[tuple[dict[str, float], int, int]]) -> dict[str, float]:
+    """Token-weighted means for per-token figures, rollout-weighted for per-sequence ones."""
+    per_sequence = ("generation/avg_length", "generation/eos_fraction")
+    combined = {}
+    for key in parts[0][0]:
+        if key.startswith("perplexity/"):
+            continue
+        weight_index = 2 if key in per_sequence else 1
+        total_weight = sum(part[weight_index] for part in parts)
+        combined[key] = sum(part[0][key] * part[weight_index] for part in parts) / max(total_weight, 1)
+    for who in ("student", "teacher"):
+        if f"logprob/{who}" in combined:
+            combined[f"perplexity/{who}"] = math.exp(-combined[f"logprob/{who}"])
+    return combined
+

@@ -1,0 +1,144 @@
+"""Pure loss functions of tensors: no model, no config.
+
+Shape convention throughout opd: B rollouts, T completion positions, V vocabulary entries, written
+as `# (B, T)` comments. Every function here returns per-token values; reduction to a scalar happens in
+exactly one place, `reduce_tokens`, which divides by the token count of the whole optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def process_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The distribution that draws a token: temperature, then top-k and top-p truncation.
+
+    logits: (..., V) -> (..., V), with truncated entries set to -inf. Used by the sampler and by
+    the trainer's scorer, so ℓˢ is always taken under exactly the distribution that drew the token.
+    """
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth_value = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth_value, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
+        # Drop a token when the mass strictly before it already reaches top_p; the first always stays.
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs
+        drop_sorted = mass_before >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] without keeping a full-vocabulary log-softmax.
+
+    logits: (..., V), tokens: (...) -> (...). A -inf logit at the token gives -inf, never NaN.
+    """
+    logits = logits.float()
+    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def discounted_advantages(
+    student_logprobs: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    coef: float = 1.0,
+    discount: float = 0.0,
+) -> torch.Tensor:
+    """A_t = -coef * sum_{j>=t} discount^(j-t) * k_j with k = ℓˢ - ℓᵀ, zero outside the mask.
+
+    All inputs (B, T); returns (B, T). Masked positions contribute nothing to the sum, so tokens
+    after EOS never leak reward backwards.
+    """
+    per_token_kl = torch.where(mask.bool(), student_logprobs - teacher_logprobs, 0.0)
+    if discount == 0.0:
+        return -coef * per_token_kl
+    returns = torch.zeros_like(per_token_kl)
+    running = torch.zeros_like(per_token_kl[:, 0])
+    for t in range(per_token_kl.shape[1] - 1, -1, -1):
+        running = per_token_kl[:, t] + discount * running
+        returns[:, t] = running
+    return -coef * returns * mask
+
+
+def reverse_kl_pg(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    ratio_clip: float | None = None,
+) -> torch.Tensor:
+    """Importance-sampled policy-gradient loss per token: -rho_t * A_t.
+
+    logprobs: (B, T) log pi_theta(y_t), with grad. old_logprobs, advantages: (B, T), detached here.
+    rho = exp(logprobs - old_logprobs); with ratio_clip, rho is truncated from above (its value,
+    so the gradient of a clipped token is zero). With rho = 1 this is REINFORCE.
+    """
+    ratio = torch.exp(logprobs - old_logprobs.detach())
+    if ratio_clip is not None:
+        ratio = torch.clamp(ratio, max=ratio_clip)
+    return -ratio * advantages.detach()
+
+
+def _kl(target_logp: torch.Tensor, input_logp: torch.Tensor) -> torch.Tensor:
+    """KL(target || input) over the last axis from log-probs, with 0 * log 0 = 0.
+
+    Entries where the target has zero probability (a -inf logit, e.g. a truncated or masked token)
+    are selected away before the subtraction, so neither the value nor the gradient becomes NaN.
+    """
+    target_p = target_logp.exp()
+    support = target_p > 0
+    log_ratio = torch.where(support, target_logp - torch.where(support, input_logp, 0.0), 0.0)
+    return (target_p * log_ratio).sum(-1)
+
+
+def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(pi_T || pi_theta) at each position. (..., V), (..., V) -> (...)."""
+    return _kl(F.log_softmax(teacher_logits.float(), dim=-1), F.log_softmax(student_logits.float(), dim=-1))
+
+
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(pi_theta || pi_T) at each position. (..., V), (..., V) -> (...)."""
+    return _kl(F.log_softmax(student_logits.float(), dim=-1), F.log_softmax(teacher_logits.float(), dim=-1))
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float) -> torch.Tensor:
+    """Generalized JSD_beta with M = beta*pi_T + (1-beta)*pi_theta, per position. (..., V) -> (...).
+
+    JSD_beta = beta * KL(pi_T || M) + (1 - beta) * KL(pi_theta || M), which tends to 0 at both ends.
+    By GKD's convention the endpoints are the exact KLs instead: beta = 0 gives forward
+    KL(pi_T || pi_theta), beta = 1 gives reverse KL(pi_theta || pi_T).
+    """
+    if beta == 0.0:
+        return forward_kl(student_logits, teacher_logits)
+    if beta == 1.0:
+        return reverse_kl(student_logits, teacher_logits)
+    student_logp = F.log_softmax(student_logits.float(), dim=-1)
+    teacher_logp = F.log_softmax(teacher_logits.float(), dim=-1)
+    mixture_logp = torch.logaddexp(teacher_logp + math.log(beta), student_logp + math.log(1 - beta))
+    return beta * _kl(teacher_logp, mixture_logp) + (1 - beta) * _kl(student_logp, mixture_logp)
+
+
+def divergence(kind: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float) -> torch.Tensor:
+    """Dispatch for the full-vocabulary losses by their config name."""
+    if kind == "forward_kl":
+        return forward_kl(student_logits, teacher_logits)
+    if kind == "reverse_kl":
+        return reverse_kl(student_logits, teacher_logits)
+    if kind == "jsd":
+        return generalized_jsd(student_logits, teacher_logits, beta)
+    raise ValueError(f"unknown divergence {kind!r}")
+
+
+def reduce_tokens(per_token: torch.Tensor, mask: torch.Tensor, num_tokens: int | torch.Tensor) -> torch.Tensor:
+    """Sum over masked tokens divided by num_tokens, the completion tokens of the whole step.
+
+    Dividing every micro-batch by the same global count makes gradient accumulation exact: the sum of
+    the micro-batch losses equals the loss of the whole step, whatever the micro-batch size.
+    """
+    return torch.where(mask.bool(), per_token, 0.0).sum() / num_tokens

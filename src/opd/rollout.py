@@ -1,0 +1,170 @@
+"""Sampling: the student turns a batch of prompts into Rollouts.
+
+One batched call samples every rollout of a step (prompts x samples) with a KV cache. Each sampled
+token's log-probability ℓˢ is recorded under exactly the distribution that drew it (temperature,
+top-k, top-p: `losses.process_logits`), so nothing needs recomputing before the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Protocol
+
+import torch
+from transformers import DynamicCache
+
+from opd.errors import TrainingDiverged
+from opd.losses import process_logits
+from opd.models import LoadedModel, cache_keyword, position_ids_from_mask
+
+
+@dataclass
+class Rollouts:
+    """A batch of sampled completions. B rollouts, P prompt columns, T completion columns.
+
+    prompt_ids:        (B, P) left-padded prompts.
+    prompt_mask:       (B, P) 1 on real prompt tokens.
+    completion_ids:    (B, T) sampled tokens; pad after EOS.
+    completion_mask:   (B, T) 1 on sampled tokens up to and including EOS, 0 after it.
+    sampler_logprobs:  (B, T) ℓˢ under the sampling distribution; 0 where the mask is 0.
+    finished:          (B,) True where the completion ended with EOS.
+    prompt_index:      (B,) index of each rollout's prompt in the batch of prompts.
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    sampler_logprobs: torch.Tensor
+    finished: torch.Tensor
+    prompt_index: torch.Tensor
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)  # (B, P + T)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)  # (B, P + T)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.completion_mask.sum())
+
+    def __len__(self) -> int:
+        return self.completion_ids.shape[0]
+
+    def select(self, rows: slice) -> "Rollouts":
+        """A micro-batch of rows, trimmed to the columns it uses."""
+        part = Rollouts(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+        return part.trimmed()
+
+    def trimmed(self) -> "Rollouts":
+        """Drop prompt columns that are padding in every row and completion columns past every EOS."""
+        first_prompt_col = int((self.prompt_mask.sum(0) > 0).nonzero().min()) if self.prompt_mask.any() else 0
+        used = self.completion_mask.sum(0).nonzero()
+        last_col = int(used.max()) + 1 if len(used) else 1
+        return Rollouts(
+            prompt_ids=self.prompt_ids[:, first_prompt_col:],
+            prompt_mask=self.prompt_mask[:, first_prompt_col:],
+            completion_ids=self.completion_ids[:, :last_col],
+            completion_mask=self.completion_mask[:, :last_col],
+            sampler_logprobs=self.sampler_logprobs[:, :last_col],
+            finished=self.finished,
+            prompt_index=self.prompt_index,
+        )
+
+
+class Sampler(Protocol):
+    def sample(self, prompts: list[list[int]], samples_per_prompt: int, generator: torch.Generator) -> Rollouts: ...
+
+
+def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids, mask), each (B, P_max), padded on the left so completions line up."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq) :] = torch.tensor(seq)
+            mask[row, width - len(seq) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+class HFSampler:
+    """Samples with a Hugging Face causal LM and its KV cache, recording ℓˢ as it goes."""
+
+    def __init__(
+        self,
+        student: LoadedModel,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        autocast_dtype: torch.dtype | None = None,
+    ):
+        self.student = student
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_k = top_k
+        self.top_p = top_p
+        self.autocast_dtype = autocast_dtype
+
+    @torch.no_grad()
+    def sample(self, prompts: list[list[int]], samples_per_prompt: int, generator: torch.Generator) -> Rollouts:
+        model, tokenizer = self.student.model, self.student.tokenizer
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_token_id, device)
+        prompt_ids = prompt_ids.repeat_interleave(samples_per_prompt, 0)  # (B, P)
+        prompt_mask = prompt_mask.repeat_interleave(samples_per_prompt, 0)  # (B, P)
+        batch = prompt_ids.shape[0]
+        eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+
+        tokens = torch.full((batch, self.max_new_tokens), pad_id, dtype=torch.long, device=device)  # (B, T)
+        logprobs = torch.zeros((batch, self.max_new_tokens), device=device)  # (B, T)
+        live = torch.zeros((batch, self.max_new_tokens), dtype=torch.long, device=device)  # (B, T)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,)
+
+        cache_kw = cache_keyword(model)
+        attention = prompt_mask
+        positions = position_ids_from_mask(prompt_mask)
+        step_input = prompt_ids
+        cache = DynamicCache(config=model.config)
+        for t in range(self.max_new_tokens):
+            with torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
+                out = model(
+                    input_ids=step_input,
+                    attention_mask=attention,
+                    position_ids=positions,
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **{cache_kw: cache},
+                )
+            logits = process_logits(
+                out.logits[:, -1, : self.student.vocab_size], self.temperature, self.top_k, self.top_p
+            )  # (B, V)
+            if bool(torch.isnan(logits).any()) or bool(torch.isposinf(logits).any()):
+                raise TrainingDiverged("the student's logits are not finite while sampling")
+            step_logprobs = torch.log_softmax(logits, dim=-1)
+            next_token = torch.multinomial(step_logprobs.exp(), 1, generator=generator).squeeze(-1)  # (B,)
+            live[:, t] = (~finished).long()
+            tokens[:, t] = torch.where(finished, pad_id, next_token)
+            logprobs[:, t] = torch.where(finished, 0.0, step_logprobs.gather(-1, next_token[:, None]).squeeze(-1))
+            finished |= next_token == eos_id
+            if bool(finished.all()):
+                break
+            step_input = tokens[:, t : t + 1]
+            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+            positions = positions[:, -1:] + 1
+        model.train(was_training)
+        return Rollouts(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            completion_ids=tokens,
+            completion_mask=live,
+            sampler_logprobs=logprobs,
+            finished=finished,
+            prompt_index=torch.arange(len(prompts), device=device).repeat_interleave(samples_per_prompt),
+        ).trimmed()

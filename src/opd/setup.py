@@ -1,0 +1,154 @@
+"""Everything before the first step: check inputs, load data and models, build the optimizer, resume.
+
+Inputs are checked cheapest first (paths, data, tokenizers) so bad input fails in seconds, before any
+weights load, and the run directory is only created once everything has been checked.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from opd.checkpoint import latest_checkpoint, load_trainer_state, restore_rng
+from opd.config import Config, dump_config
+from opd.data import PromptSet, PromptStream, load_prompts
+from opd.errors import ConfigError
+from opd.models import LoadedModel, check_same_vocabulary, check_source, load_model, load_tokenizer
+from opd.rollout import HFSampler
+from opd.teacher import LocalTeacher
+
+
+@dataclass
+class Session:
+    output_dir: Path
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    student: LoadedModel
+    teacher: LocalTeacher
+    sampler: HFSampler
+    train_prompts: PromptSet
+    eval_prompts: PromptSet | None
+    stream: PromptStream
+    generator: torch.Generator
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    start_step: int
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device: 'cuda' was asked for but no CUDA device is available")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def resolve_autocast(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast (fp32 master weights) where the hardware does bf16 fast, else None (fp32)."""
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        supported = torch.cuda.is_bf16_supported()
+    else:
+        supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if precision == "bf16" and not supported:
+        raise ConfigError(f"run.precision: bf16 is not supported on this {device.type} device")
+    return torch.bfloat16 if supported else None
+
+
+def lr_schedule(config: Config):
+    """Linear warmup, then cosine decay to min_lr_ratio * lr, or constant. Returns step -> factor."""
+    optim, total = config.optim, config.run.max_steps
+
+    def factor(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / (optim.warmup_steps + 1)
+        if optim.schedule == "constant":
+            return 1.0
+        progress = (step - optim.warmup_steps) / max(1, total - optim.warmup_steps)
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def _check_output_dir(output_dir: Path, resume: bool) -> None:
+    holds_run = (output_dir / "metrics.jsonl").exists() or (output_dir / "checkpoints").exists()
+    if holds_run and not resume:
+        raise ConfigError(
+            f"run.output_dir: '{output_dir}' already holds a run; pass --resume to continue it or choose another directory"
+        )
+
+
+def _check_context(model: LoadedModel, key: str, config: Config) -> None:
+    limit = getattr(model.model.config, "max_position_embeddings", None)
+    needed = config.data.max_prompt_tokens + config.rollout.max_new_tokens
+    if limit is not None and needed > limit:
+        raise ConfigError(
+            f"data.max_prompt_tokens + rollout.max_new_tokens = {needed} exceeds {key}'s context of {limit} tokens"
+        )
+
+
+def prepare(config: Config, resume: bool, log=print) -> Session:
+    output_dir = Path(config.run.output_dir)
+    _check_output_dir(output_dir, resume)
+    device = resolve_device(config.run.device)
+    autocast_dtype = resolve_autocast(config.run.precision, device)
+    check_source(config.student.path, "student.path")
+    check_source(config.teacher.path, "teacher.path")
+    tokenizer = load_tokenizer(config.student.path, "student.path", config.student.trust_remote_code)
+    train_prompts = load_prompts(config.data.train, "data.train", tokenizer, config.data.max_prompt_tokens)
+    eval_prompts = (
+        load_prompts(config.data.eval, "data.eval", tokenizer, config.data.max_prompt_tokens) if config.data.eval else None
+    )
+    for prompts in filter(None, (train_prompts, eval_prompts)):
+        if prompts.skipped_too_long:
+            log(f"warning: skipped {prompts.skipped_too_long} prompts of '{prompts.source}' longer than "
+                f"data.max_prompt_tokens={config.data.max_prompt_tokens}; {len(prompts)} remain")
+
+    random.seed(config.run.seed)
+    torch.manual_seed(config.run.seed)
+    checkpoint = latest_checkpoint(output_dir) if resume else None
+    student_source = (str(checkpoint), "resumed checkpoint") if checkpoint else (config.student.path, "student.path")
+    student = load_model(*student_source, device, config.student.trust_remote_code)
+    teacher_model = load_model(config.teacher.path, "teacher.path", device, config.teacher.trust_remote_code)
+    check_same_vocabulary(student.tokenizer, teacher_model.tokenizer)
+    _check_context(student, "student.path", config)
+    _check_context(teacher_model, "teacher.path", config)
+    if config.loss.kind != "reverse_kl_pg" and (config.rollout.top_k or config.rollout.top_p < 1):
+        raise ConfigError(f"loss.kind={config.loss.kind} compares full distributions; it needs rollout.top_k=0 and rollout.top_p=1")
+
+    student.model.train()
+    optimizer = torch.optim.AdamW(
+        student.model.parameters(), lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps,
+        weight_decay=config.optim.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config))
+    generator = torch.Generator(device=device).manual_seed(config.run.seed)
+    stream = PromptStream(len(train_prompts), config.run.seed, config.data.shuffle)
+
+    start_step = 0
+    if checkpoint is not None:
+        state = load_trainer_state(checkpoint)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        restore_rng(state["rng"], generator)
+        stream.consumed = state["prompts_consumed"]
+        start_step = state["step"]
+        log(f"resuming from {checkpoint} (step {start_step})")
+    elif resume:
+        log(f"no complete checkpoint in '{output_dir}'; starting from step 0")
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(dump_config(config))
+    rollout = config.rollout
+    return Session(
+        output_dir=output_dir, device=device, autocast_dtype=autocast_dtype, student=student,
+        teacher=LocalTeacher(teacher_model, config.teacher.temperature, config.loss.chunk_size, autocast_dtype),
+        sampler=HFSampler(student, rollout.max_new_tokens, rollout.temperature, rollout.top_k, rollout.top_p, autocast_dtype),
+        train_prompts=train_prompts, eval_prompts=eval_prompts, stream=stream, generator=generator,
+        optimizer=optimizer, scheduler=scheduler, start_step=start_step,
+    )

@@ -1,0 +1,75 @@
+"""Teacher scoring: per-token log-probs of exactly the tokens the student sampled."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from opd.losses import token_logprobs
+from opd.models import LoadedModel, completion_hidden_states, logits_from_hidden
+from opd.rollout import Rollouts
+
+
+@dataclass
+class TeacherScores:
+    """logprobs: (B, T) ℓᵀ of the sampled tokens, 0 outside the completion mask.
+    hidden: (B, T, H) final hidden states, kept only when a full-vocabulary loss needs them."""
+
+    logprobs: torch.Tensor
+    hidden: torch.Tensor | None = None
+
+
+class Teacher(Protocol):
+    def score(self, rollouts: Rollouts, keep_hidden: bool = False) -> TeacherScores: ...
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+
+class LocalTeacher:
+    """A Hugging Face model in this process, run without gradients.
+
+    One forward over (prompt, completion) yields hidden states of the completion positions only;
+    the LM head then runs chunk by chunk, so the teacher's [B x T x V] logits never exist at once.
+    """
+
+    def __init__(
+        self,
+        teacher: LoadedModel,
+        temperature: float = 1.0,
+        chunk_size: int = 256,
+        autocast_dtype: torch.dtype | None = None,
+    ):
+        self.teacher = teacher
+        self.temperature = temperature
+        self.chunk_size = chunk_size
+        self.autocast_dtype = autocast_dtype
+        teacher.model.eval()
+        teacher.model.requires_grad_(False)
+
+    def _autocast(self):
+        device_type = next(self.teacher.model.parameters()).device.type
+        return torch.autocast(device_type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None)
+
+    @torch.no_grad()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> (..., V) at the teacher's temperature."""
+        with self._autocast():
+            raw = logits_from_hidden(self.teacher.model, hidden, self.teacher.vocab_size)
+        return raw.float() / self.temperature
+
+    @torch.no_grad()
+    def score(self, rollouts: Rollouts, keep_hidden: bool = False) -> TeacherScores:
+        num_completion = rollouts.completion_ids.shape[1]
+        with self._autocast():
+            hidden = completion_hidden_states(
+                self.teacher.model, rollouts.input_ids, rollouts.attention_mask, num_completion
+            )  # (B, T, H)
+        logprobs = torch.zeros(rollouts.completion_ids.shape, device=hidden.device)  # (B, T)
+        for start in range(0, num_completion, self.chunk_size):
+            end = start + self.chunk_size
+            chunk_logits = self.logits(hidden[:, start:end])  # (B, c, V)
+            logprobs[:, start:end] = token_logprobs(chunk_logits, rollouts.completion_ids[:, start:end])
+        logprobs = torch.where(rollouts.completion_mask.bool(), logprobs, 0.0)
+        return TeacherScores(logprobs=logprobs, hidden=hidden if keep_hidden else None)

@@ -1,0 +1,125 @@
+"""The on-policy distillation loop.
+
+Each optimizer step: take prompts -> the student samples completions (one batched call, KV cache)
+-> the teacher scores every sampled token (one no-grad forward) -> advantages and the loss, backward
+over micro-batches -> clip, AdamW step. What this simplifies: one process, one optimizer step per
+batch of rollouts (so the importance ratio is 1 up to sampling numerics), no value model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from opd import losses
+from opd.checkpoint import latest_checkpoint, save_checkpoint, save_model
+from opd.config import Config
+from opd.errors import TrainingDiverged
+from opd.evaluate import evaluate
+from opd.metrics import MetricsLog, ProgressBar, rollout_metrics
+from opd.objective import LossSettings, backward_micro_batch
+from opd.rollout import Rollouts
+from opd.setup import Session, prepare
+from opd.teacher import TeacherScores
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    first_eval: dict[str, float]
+    last_eval: dict[str, float]
+    steps_run: int
+
+
+def train(config: Config, resume: bool = False, log=print) -> TrainResult:
+    session = prepare(config, resume=resume, log=log)
+    run, batch = config.run, config.batch
+    start_step = session.start_step
+    log_file = MetricsLog(session.output_dir / "metrics.jsonl", resume_after_step=start_step if resume else None)
+    first_eval = last_eval = {}
+    if start_step == 0 and session.eval_prompts is not None:
+        first_eval = last_eval = run_eval(session, config)
+        log_file.write(0, first_eval)
+    progress = ProgressBar(run.max_steps, start_step, enabled=run.progress)
+    step = start_step
+    try:
+        for step in range(start_step + 1, run.max_steps + 1):
+            started = time.perf_counter()
+            prompts = [session.train_prompts.token_ids[i] for i in session.stream.take(batch.prompts_per_step)]
+            rollouts = session.sampler.sample(prompts, config.rollout.samples_per_prompt, session.generator)
+            sampled = time.perf_counter()
+            scores = session.teacher.score(rollouts, keep_hidden=config.loss.kind != "reverse_kl_pg")
+            scored = time.perf_counter()
+            loss, grad_norm, lr = update_student(session, config, rollouts, scores)
+            finished = time.perf_counter()
+
+            metrics = {
+                "loss": loss, **rollout_metrics(rollouts, scores.logprobs), "grad_norm": grad_norm, "lr": lr,
+                "timing/rollout_s": sampled - started, "timing/teacher_s": scored - sampled,
+                "timing/update_s": finished - scored, "throughput/tokens_per_s": rollouts.num_tokens / (finished - started),
+            }
+            if session.eval_prompts is not None and ((run.eval_every and step % run.eval_every == 0) or step == run.max_steps):
+                last_eval = run_eval(session, config)
+                metrics.update(last_eval)
+            if step % run.log_every == 0 or step == run.max_steps or "eval/distill/reverse_kl" in metrics:
+                log_file.write(step, metrics)
+            progress.update(step, metrics)
+            if run.save_every and step % run.save_every == 0:
+                save_checkpoint(session.output_dir, step, session.student, session.optimizer, session.scheduler,
+                                session.generator, session.stream.consumed)
+    except TrainingDiverged as exc:
+        last_good = latest_checkpoint(session.output_dir)
+        raise TrainingDiverged(f"step {step}: {exc} (last good checkpoint: {last_good or 'none'})") from None
+    finally:
+        progress.close()
+    save_model(session.student, session.output_dir / "final")
+    return TrainResult(session.output_dir, first_eval, last_eval, run.max_steps - start_step)
+
+
+def update_student(session: Session, config: Config, rollouts: Rollouts, scores: TeacherScores) -> tuple[float, float, float]:
+    """Advantages, loss and backward over micro-batches, clipping, one AdamW step. Returns (loss, grad_norm, lr).
+
+    Raises TrainingDiverged, before touching the weights, when the loss or gradient is not finite.
+    """
+    settings = LossSettings(
+        kind=config.loss.kind, temperature=config.rollout.temperature, top_k=config.rollout.top_k,
+        top_p=config.rollout.top_p, ratio_clip=config.loss.ratio_clip, jsd_beta=config.loss.jsd_beta,
+        chunk_size=config.loss.chunk_size,
+    )
+    advantages = losses.discounted_advantages(
+        rollouts.sampler_logprobs, scores.logprobs, rollouts.completion_mask, config.loss.kl_coef, config.loss.discount
+    )  # (B, T)
+    session.optimizer.zero_grad(set_to_none=True)
+    micro = config.batch.micro_batch_size
+    loss = sum(
+        backward_micro_batch(session.student, session.teacher, rollouts, scores, advantages, slice(row, row + micro),
+                             rollouts.num_tokens, settings, session.autocast_dtype)
+        for row in range(0, len(rollouts), micro)
+    )
+    parameters = session.student.model.parameters()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, config.optim.max_grad_norm or math.inf))
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise TrainingDiverged(f"loss={loss} grad_norm={grad_norm} is not finite; stopped without applying the update")
+    lr = session.scheduler.get_last_lr()[0]
+    session.optimizer.step()
+    session.scheduler.step()
+    return loss, grad_norm, lr
+
+
+def run_eval(session: Session, config: Config) -> dict[str, float]:
+    generator = torch.Generator(device=session.device).manual_seed(config.run.seed + 1)
+    return evaluate(
+        session.sampler, session.teacher, session.eval_prompts, session.student.tokenizer,
+        samples_per_prompt=config.rollout.eval_samples_per_prompt,
+        # As many rollouts per sampling call as a training step makes.
+        batch_prompts=max(1, rollouts_per_step(config) // config.rollout.eval_samples_per_prompt),
+        generator=generator, max_prompts=config.data.eval_max_prompts,
+    )
+
+
+def rollouts_per_step(config: Config) -> int:
+    return config.batch.prompts_per_step * config.rollout.samples_per_prompt

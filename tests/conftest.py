@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny Qwen3 models and data written to temporary folders; nothing downloaded."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from opd.demo.task import make_problem
+from opd.demo.tokenizer import build_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_tiny_model(folder: Path, hidden: int = 32, layers: int = 2, seed: int = 0, extra_vocab_rows: int = 0,
+                    tokenizer=None) -> Path:
+    """A randomly initialised Qwen3 and the demo tokenizer (pad == eos), saved as an HF folder."""
+    tokenizer = tokenizer or build_tokenizer()
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer) + extra_vocab_rows, hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+        max_position_embeddings=256, tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = Qwen3ForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_problems(path: Path, count: int, seed: int) -> Path:
+    rng = random.Random(seed)
+    path.write_text("".join(json.dumps(make_problem(rng)) + "\n" for _ in range(count)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "student": make_tiny_model(root / "student", hidden=32, layers=1, seed=1),
+        "teacher": make_tiny_model(root / "teacher", hidden=48, layers=2, seed=2, extra_vocab_rows=7),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("data")
+    return {"train": write_problems(root / "train.jsonl", 64, seed=1), "eval": write_problems(root / "eval.jsonl", 8, seed=2)}
+
+
+@pytest.fixture
+def tiny_config(tiny_models, tiny_data, tmp_path) -> dict:
+    """A complete raw config for a fast run on the tiny models; tests edit it before validating."""
+    return {
+        "run": {"output_dir": str(tmp_path / "run"), "seed": 0, "max_steps": 2, "precision": "fp32", "progress": False},
+        "student": {"path": str(tiny_models["student"])},
+        "teacher": {"path": str(tiny_models["teacher"])},
+        "data": {"train": str(tiny_data["train"]), "eval": str(tiny_data["eval"]), "max_prompt_tokens": 64},
+        "rollout": {"samples_per_prompt": 2, "max_new_tokens": 8},
+        "batch": {"prompts_per_step": 2, "micro_batch_size": 4},
+        "optim": {"lr": 1e-3},
+    }
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300):
+    """Run `python -m opd ARGS` in a subprocess; returns the CompletedProcess."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "opd", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)

@@ -1,0 +1,193 @@
+"""The sampler, the teacher and the traps of DESIGN.md §3 that live between them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from opd import losses
+from opd.errors import ModelError
+from opd.metrics import masked_mean, rollout_metrics
+from opd.models import check_same_vocabulary, completion_hidden_states, load_model, logits_from_hidden
+from opd.objective import LossSettings, backward_micro_batch
+from opd.rollout import HFSampler, Rollouts
+from opd.teacher import LocalTeacher
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models):
+    return {name: load_model(str(path), name, CPU) for name, path in tiny_models.items()}
+
+
+def prompts(tokenizer):
+    return [tokenizer("Question : Mia has 3 apples . \n Answer :")["input_ids"], tokenizer("Question : Tom ?")["input_ids"]]
+
+
+def recompute_logprobs(model, rollouts: Rollouts, temperature: float, top_k: int = 0, top_p: float = 1.0):
+    """Reference: one full fp32 forward over each row alone, no cache, no padding."""
+    rows = []
+    for row in range(len(rollouts)):
+        prompt = rollouts.prompt_ids[row][rollouts.prompt_mask[row].bool()]
+        length = int(rollouts.completion_mask[row].sum())
+        ids = torch.cat([prompt, rollouts.completion_ids[row, :length]])[None]
+        with torch.no_grad():
+            logits = model.model(input_ids=ids).logits[0, len(prompt) - 1 : -1, : model.vocab_size]
+        processed = losses.process_logits(logits, temperature, top_k, top_p)
+        values = torch.zeros(rollouts.completion_ids.shape[1])
+        values[:length] = losses.token_logprobs(processed, ids[0, len(prompt):])
+        rows.append(values)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.0, 0, 1.0), (0.7, 20, 0.9)])
+def test_sampler_logprobs_are_those_of_the_sampling_distribution(models, temperature, top_k, top_p):
+    student = models["student"]
+    sampler = HFSampler(student, max_new_tokens=12, temperature=temperature, top_k=top_k, top_p=top_p)
+    rollouts = sampler.sample(prompts(student.tokenizer), 3, torch.Generator().manual_seed(0))
+    reference = recompute_logprobs(student, rollouts, temperature, top_k, top_p)
+    torch.testing.assert_close(rollouts.sampler_logprobs, reference * rollouts.completion_mask, atol=2e-5, rtol=0)
+    if temperature != 1.0:  # scoring at 1.0 instead would describe another distribution (ArcticTraining #344)
+        at_one = recompute_logprobs(student, rollouts, 1.0)
+        assert (rollouts.sampler_logprobs - at_one * rollouts.completion_mask).abs().max() > 1e-2
+
+
+def sample_with_early_eos(models):
+    """Rollouts of which some stop early: a forward hook adds a constant to the EOS logit."""
+    student = models["student"]
+    eos = student.tokenizer.eos_token_id
+    assert student.tokenizer.pad_token_id == eos
+    head = student.model.get_output_embeddings()
+
+    def favour_eos(module, inputs, output):
+        output = output.clone()
+        output[..., eos] += 3.5
+        return output
+
+    handle = head.register_forward_hook(favour_eos)
+    try:
+        return HFSampler(student, max_new_tokens=12).sample(prompts(student.tokenizer), 8, torch.Generator().manual_seed(3))
+    finally:
+        handle.remove()
+
+
+def test_eos_stays_in_the_mask_when_pad_is_eos_and_nothing_after_it(models):
+    rollouts = sample_with_early_eos(models)
+    eos = models["student"].tokenizer.eos_token_id
+    early = [row for row in range(len(rollouts)) if rollouts.finished[row] and rollouts.completion_mask[row].sum() < rollouts.completion_ids.shape[1]]
+    assert early, "test needs rollouts that stop before the last column"
+    for row in early:
+        eos_at = int((rollouts.completion_ids[row] == eos).nonzero()[0])
+        assert rollouts.completion_mask[row, : eos_at + 1].all()  # EOS itself is trained on
+        assert not rollouts.completion_mask[row, eos_at + 1 :].any()  # pad (== eos) after it is not
+        assert rollouts.sampler_logprobs[row, eos_at] < 0
+        assert (rollouts.sampler_logprobs[row, eos_at + 1 :] == 0).all()
+
+
+def test_tokens_after_eos_change_neither_loss_nor_gradient_nor_metrics(models):
+    student, teacher_model = models["student"], models["teacher"]
+    teacher = LocalTeacher(teacher_model)
+    rollouts = sample_with_early_eos(models)
+    assert (rollouts.completion_mask == 0).any()
+    garbage = rollouts.completion_ids.clone()
+    garbage[rollouts.completion_mask == 0] = 17
+    polluted = Rollouts(**{**rollouts.__dict__, "completion_ids": garbage})
+    settings = LossSettings(kind="reverse_kl_pg", temperature=1.0, chunk_size=5)
+
+    def step(batch):
+        student.model.zero_grad(set_to_none=True)
+        scores = teacher.score(batch)
+        advantages = losses.discounted_advantages(batch.sampler_logprobs, scores.logprobs, batch.completion_mask, 1.0, 0.5)
+        loss = backward_micro_batch(student, teacher, batch, scores, advantages, slice(0, len(batch)), batch.num_tokens, settings, None)
+        grads = torch.cat([p.grad.flatten() for p in student.model.parameters()])
+        return loss, grads, rollout_metrics(batch, scores.logprobs)
+
+    loss_a, grads_a, metrics_a = step(rollouts)
+    loss_b, grads_b, metrics_b = step(polluted)
+    assert loss_a == pytest.approx(loss_b, abs=1e-6)
+    torch.testing.assert_close(grads_a, grads_b, atol=1e-6, rtol=1e-5)
+    assert metrics_a == pytest.approx(metrics_b, abs=1e-6)
+    assert metrics_a["generation/avg_length"] == pytest.approx(float(rollouts.completion_mask.sum(1).float().mean()))
+
+
+def test_eos_token_receives_gradient(models):
+    rollouts = sample_with_early_eos(models)
+    student = models["student"]
+    eos = student.tokenizer.eos_token_id
+    row = int(next(r for r in range(len(rollouts)) if rollouts.finished[r]))
+    eos_at = int((rollouts.completion_ids[row] == eos).nonzero()[0])
+    advantages = torch.zeros_like(rollouts.sampler_logprobs)
+    advantages[row, eos_at] = 1.0  # only the EOS position carries reward
+    student.model.zero_grad(set_to_none=True)
+    settings = LossSettings(kind="reverse_kl_pg", temperature=1.0)
+    backward_micro_batch(student, None, rollouts, None, advantages, slice(0, len(rollouts)), rollouts.num_tokens, settings, None)
+    eos_row_grad = student.model.get_output_embeddings().weight.grad[eos]
+    assert eos_row_grad.abs().sum() > 0
+
+
+def test_left_padding_keeps_positions(models):
+    """A prompt scored alone and scored beside a longer, left-padded prompt gives the same log-probs."""
+    teacher = LocalTeacher(models["teacher"])
+    student = models["student"]
+    sampler = HFSampler(student, max_new_tokens=6)
+    short, long = prompts(student.tokenizer)[1], prompts(student.tokenizer)[0]
+    assert len(long) > len(short)
+    together = sampler.sample([long, short], 1, torch.Generator().manual_seed(0))
+    alone = sampler.sample([short], 1, torch.Generator().manual_seed(0))
+    # Same completion tokens for the short prompt, scored alone and padded:
+    forced = Rollouts(
+        prompt_ids=alone.prompt_ids, prompt_mask=alone.prompt_mask,
+        completion_ids=together.completion_ids[1:], completion_mask=together.completion_mask[1:],
+        sampler_logprobs=together.sampler_logprobs[1:], finished=together.finished[1:], prompt_index=alone.prompt_index,
+    )
+    torch.testing.assert_close(teacher.score(together).logprobs[1], teacher.score(forced).logprobs[0], atol=1e-5, rtol=0)
+    reference = recompute_logprobs(student, forced, 1.0)[0]
+    torch.testing.assert_close(together.sampler_logprobs[1], reference * together.completion_mask[1], atol=2e-5, rtol=0)
+
+
+def test_padding_rows_of_the_embedding_are_ignored(models):
+    """Teacher with 7 extra embedding rows (Qwen: 151,936 rows, 151,669 tokens) scores over the tokenizer's vocab."""
+    teacher = models["teacher"]
+    assert teacher.model.config.vocab_size == len(teacher.tokenizer) + 7
+    check_same_vocabulary(models["student"].tokenizer, teacher.tokenizer)
+    hidden = torch.randn(2, 3, teacher.model.config.hidden_size)
+    assert logits_from_hidden(teacher.model, hidden, teacher.vocab_size).shape[-1] == len(teacher.tokenizer)
+    # Even a hugely favoured padding row is never sampled.
+    head = teacher.model.get_output_embeddings()
+    with torch.no_grad():
+        saved = head.weight[-1].clone()
+        head.weight[-1] = 50 * head.weight.abs().max()
+    try:
+        rollouts = HFSampler(teacher, max_new_tokens=6).sample(prompts(teacher.tokenizer), 4, torch.Generator().manual_seed(0))
+    finally:
+        with torch.no_grad():
+            head.weight[-1] = saved
+    assert int(rollouts.completion_ids.max()) < len(teacher.tokenizer)
+
+
+def test_different_tokenizers_are_refused(models):
+    from tokenizers import Tokenizer, models as tk_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(tk_models.WordLevel({"<eos>": 0, "<unk>": 1, "hello": 2}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    other = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<eos>", unk_token="<unk>")
+    with pytest.raises(ModelError, match="tokenizers differ"):
+        check_same_vocabulary(models["student"].tokenizer, other)
+
+
+def test_metrics_ignore_minus_inf_outside_the_mask():
+    values = torch.tensor([[-1.0, -3.0, float("-inf")]])
+    mask = torch.tensor([[1, 1, 0]])
+    assert masked_mean(values, mask) == pytest.approx(-2.0)
+
+
+def test_teacher_hidden_states_cover_only_completion(models):
+    teacher = models["teacher"]
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    mask = torch.ones_like(ids)
+    hidden = completion_hidden_states(teacher.model, ids, mask, 2)
+    with torch.no_grad():
+        full = teacher.model(input_ids=ids).logits[:, 2:4, : teacher.vocab_size]
+    torch.testing.assert_close(logits_from_hidden(teacher.model, hidden, teacher.vocab_size), full, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,157 @@
+"""Invariances of the training loop: micro-batching, chunking, resume after SIGKILL, atomic saves."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from opd import checkpoint as checkpoint_module
+from opd.checkpoint import latest_checkpoint
+from opd.config import validate
+from opd.errors import TrainingDiverged
+from opd.metrics import read_metrics
+from opd.trainer import train
+
+
+def final_weights(output_dir) -> dict[str, torch.Tensor]:
+    return load_file(Path(output_dir) / "final" / "model.safetensors")
+
+
+def assert_same_weights(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
+
+
+def one_step(raw: dict, tmp_path: Path, name: str, **sections) -> dict[str, torch.Tensor]:
+    raw = {key: dict(value) for key, value in raw.items()}
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    raw["run"].update(output_dir=str(tmp_path / name), max_steps=1)
+    raw["data"]["eval"] = None
+    train(validate(raw), log=lambda *_: None)
+    return final_weights(tmp_path / name)
+
+
+@pytest.mark.parametrize("kind", ["reverse_kl_pg", "jsd"])
+def test_micro_batch_size_does_not_change_the_update(tiny_config, tmp_path, kind):
+    """One step with micro_batch_size B and with B/4 gives the same weights (TRL #4719)."""
+    base = {**tiny_config, "batch": {"prompts_per_step": 4, "micro_batch_size": 8}, "loss": {"kind": kind, "discount": 0.9 if kind == "reverse_kl_pg" else 0.0}}
+    # Adam's first step is lr * g / (|g| + eps): about sign(g) for gradients near zero, where float
+    # noise of 1e-9 would flip whole steps. A larger eps keeps the update a smooth function of g.
+    base["optim"] = {"lr": 1e-2, "max_grad_norm": None, "eps": 1e-3}
+    whole = one_step(base, tmp_path, "whole")
+    split = one_step(base, tmp_path, "split", batch={"micro_batch_size": 2})
+    start = load_file(Path(tiny_config["student"]["path"]) / "model.safetensors")
+    moved = max(float((whole[k] - start[k]).abs().max()) for k in whole)
+    assert moved > 1e-4  # the step really changed the weights
+    assert_same_weights(whole, split, atol=1e-6)
+
+
+def test_chunk_size_does_not_change_the_update(tiny_config, tmp_path):
+    base = {**tiny_config, "optim": {"lr": 1e-2, "eps": 1e-3}, "loss": {"kind": "forward_kl", "chunk_size": 256}}
+    assert_same_weights(one_step(base, tmp_path, "one-chunk"), one_step(base, tmp_path, "chunks", loss={"chunk_size": 3}), atol=1e-6)
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tiny_config, tmp_path):
+    raw = {**tiny_config}
+    raw["run"] = {**raw["run"], "max_steps": 40, "save_every": 1, "eval_every": 0}
+    raw["data"] = {**raw["data"], "eval": None}
+    raw["optim"] = {"lr": 1e-2}
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+
+    def run(*extra):
+        return subprocess.run([sys.executable, "-m", "opd", "train", str(config_path), *extra], capture_output=True, text=True, timeout=300)
+
+    uninterrupted = run("--set", f"run.output_dir={tmp_path / 'uninterrupted'}")
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+
+    killed_dir = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "opd", "train", str(config_path), "--set", f"run.output_dir={killed_dir}"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed_dir / "checkpoints" / "step-3").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (killed_dir / "final").exists()
+    killed_at = int(latest_checkpoint(killed_dir).name.split("-")[1])
+    assert killed_at < 40
+
+    resumed = run("--set", f"run.output_dir={killed_dir}", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from" in resumed.stdout
+    assert_same_weights(final_weights(tmp_path / "uninterrupted"), final_weights(killed_dir), atol=0)
+    steps = [row["step"] for row in read_metrics(killed_dir / "metrics.jsonl")]
+    assert steps == list(range(1, 41))  # no step logged twice, none missing
+
+
+def test_crash_mid_save_leaves_no_complete_looking_checkpoint(tiny_config, tmp_path, monkeypatch):
+    raw = {**tiny_config, "run": {**tiny_config["run"], "max_steps": 3, "save_every": 1}}
+    real_save = torch.save
+    calls = {"count": 0}
+
+    def crash_on_second(obj, path, *args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == 2:
+            raise OSError("disk full")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", crash_on_second)
+    with pytest.raises(OSError):
+        train(validate(raw), log=lambda *_: None)
+    output_dir = Path(raw["run"]["output_dir"])
+    complete = sorted(path.name for path in (output_dir / "checkpoints").iterdir() if not path.name.startswith("."))
+    assert complete == ["step-1"]
+    assert latest_checkpoint(output_dir).name == "step-1"
+    assert not (output_dir / "final").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path, monkeypatch):
+    """Divergence at step 3 raises before the update; step-2 stays the latest checkpoint, no final/."""
+    from opd import trainer as trainer_module
+
+    real = trainer_module.losses.discounted_advantages
+    calls = {"count": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["count"] += 1
+        advantages = real(*args, **kwargs)
+        return advantages * float("nan") if calls["count"] == 3 else advantages
+
+    monkeypatch.setattr(trainer_module.losses, "discounted_advantages", poisoned)
+    raw = {**tiny_config, "run": {**tiny_config["run"], "max_steps": 5, "save_every": 1}}
+    with pytest.raises(TrainingDiverged, match="step 3.*not finite.*step-2"):
+        train(validate(raw), log=lambda *_: None)
+    output_dir = Path(raw["run"]["output_dir"])
+    assert latest_checkpoint(output_dir).name == "step-2"
+    assert not (output_dir / "checkpoints" / "step-3").exists()
+    assert not (output_dir / "final").exists()
+
+
+def test_metrics_file_has_every_named_figure(tiny_config):
+    raw = {**tiny_config, "run": {**tiny_config["run"], "max_steps": 2, "eval_every": 1}}
+    train(validate(raw), log=lambda *_: None)
+    rows = read_metrics(Path(raw["run"]["output_dir"]) / "metrics.jsonl")
+    names = ["loss", "logprob/student", "logprob/teacher", "perplexity/student", "perplexity/teacher",
+             "distill/reverse_kl", "generation/avg_length", "generation/eos_fraction", "grad_norm", "lr",
+             "timing/rollout_s", "timing/teacher_s", "timing/update_s", "throughput/tokens_per_s"]
+    assert [row["step"] for row in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        assert set(names) <= row.keys()
+        assert row["perplexity/teacher"] == pytest.approx(torch.tensor(-row["logprob/teacher"]).exp().item(), rel=1e-6)
+    for row in rows:
+        for name in names[1:8]:
+            assert f"eval/{name}" in row
+        assert 0.0 <= row["eval/accuracy"] <= 1.0
