@@ -298,6 +298,7 @@ def test_dump_then_load_round_trips(tmp_path):
             "optim.max_grad_norm": None,
             "optim.schedule": "constant",
             "rollout.top_k": 20,
+            "loss.kind": "reverse_kl_pg",  # truncated sampling needs the policy-gradient loss
             "run.precision": "fp32",
             "teacher.temperature": 0.9,
         },
@@ -308,3 +309,10 @@ def test_dump_then_load_round_trips(tmp_path):
     assert load_config(path) == config
     # The dump is plain YAML: it reads back without opd's help.
     assert validate(yaml.safe_load(path.read_text())) == config
+
+
+def test_full_vocabulary_loss_with_truncated_sampling_is_rejected(tmp_path):
+    """forward_kl/reverse_kl/jsd compare whole distributions; top-k/top-p sampling would make them NaN or wrong."""
+    raw = with_keys(minimal_raw(str(tmp_path)), {"loss.kind": "jsd", "rollout.top_p": 0.9})
+    with pytest.raises(ConfigError, match=r"loss.kind=jsd.*top_p=1.*0.9"):
+        validate(raw)

@@ -191,3 +191,29 @@ def test_teacher_hidden_states_cover_only_completion(models):
     with torch.no_grad():
         full = teacher.model(input_ids=ids).logits[:, 2:4, : teacher.vocab_size]
     torch.testing.assert_close(logits_from_hidden(teacher.model, hidden, teacher.vocab_size), full, atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_stops_at_every_stop_token_of_the_generation_config(models):
+    """Llama 3 / Qwen chat models end turns with a token other than the tokenizer's EOS."""
+    student = models["student"]
+    stop = student.tokenizer.convert_tokens_to_ids(".")
+    original = student.model.generation_config.eos_token_id
+    student.model.generation_config.eos_token_id = [student.tokenizer.eos_token_id, stop]
+
+    def favour_stop(module, inputs, output):
+        output = output.clone()
+        output[..., stop] += 4.0
+        return output
+
+    handle = student.model.get_output_embeddings().register_forward_hook(favour_stop)
+    try:
+        rollouts = HFSampler(student, max_new_tokens=12).sample(prompts(student.tokenizer), 6, torch.Generator().manual_seed(0))
+    finally:
+        handle.remove()
+        student.model.generation_config.eos_token_id = original
+    stopped = [row for row in range(len(rollouts)) if rollouts.finished[row]]
+    assert stopped
+    for row in stopped:
+        length = int(rollouts.completion_mask[row].sum())
+        assert int(rollouts.completion_ids[row, length - 1]) in (stop, student.tokenizer.eos_token_id)
+        assert (rollouts.completion_ids[row, :length - 1] != stop).all()

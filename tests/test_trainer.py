@@ -155,3 +155,53 @@ def test_metrics_file_has_every_named_figure(tiny_config):
         for name in names[1:8]:
             assert f"eval/{name}" in row
         assert 0.0 <= row["eval/accuracy"] <= 1.0
+
+
+def test_resume_refuses_a_changed_config_but_allows_more_steps(tiny_config):
+    from opd.errors import ConfigError
+
+    raw = {**tiny_config, "run": {**tiny_config["run"], "max_steps": 2, "save_every": 1}, "data": {**tiny_config["data"], "eval": None}}
+    train(validate(raw), log=lambda *_: None)
+    changed = {**raw, "optim": {"lr": 5e-3}}
+    with pytest.raises(ConfigError, match=r"optim.lr: 0.001 -> 0.005"):
+        train(validate(changed), resume=True, log=lambda *_: None)
+    longer = {**raw, "run": {**raw["run"], "max_steps": 3}}
+    result = train(validate(longer), resume=True, log=lambda *_: None)
+    assert result.steps_run == 1
+    assert [row["step"] for row in read_metrics(Path(raw["run"]["output_dir"]) / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_resume_without_checkpoint_restarts_cleanly(tiny_config):
+    """A run killed before its first checkpoint restarts from 0: no duplicated rows, no stale final/."""
+    raw = {**tiny_config, "run": {**tiny_config["run"], "max_steps": 2}}
+    train(validate(raw), log=lambda *_: None)
+    output_dir = Path(raw["run"]["output_dir"])
+    assert (output_dir / "final").is_dir() and latest_checkpoint(output_dir) is None
+    messages = []
+    train(validate(raw), resume=True, log=messages.append)
+    assert any("starting from step 0" in str(message) for message in messages)
+    assert [row["step"] for row in read_metrics(output_dir / "metrics.jsonl")] == [0, 1, 2]
+
+
+def test_first_update_is_on_policy_even_with_dropout(tiny_models, tiny_config, tmp_path):
+    """The loss's log pi_theta equals the sampler's ℓˢ on the first pass (rho = 1), dropout configured or not."""
+    from transformers import AutoConfig
+
+    from opd import losses
+    from opd.models import completion_hidden_states, logits_from_hidden
+    from opd.setup import prepare
+
+    student_dir = tmp_path / "dropout-student"
+    import shutil
+
+    shutil.copytree(tiny_models["student"], student_dir)
+    model_config = AutoConfig.from_pretrained(student_dir)
+    model_config.attention_dropout = 0.5
+    model_config.save_pretrained(student_dir)
+    raw = {**tiny_config, "student": {"path": str(student_dir)}, "rollout": {"samples_per_prompt": 2, "max_new_tokens": 8, "temperature": 0.7}}
+    session = prepare(validate(raw), resume=False, log=lambda *_: None)
+    rollouts = session.sampler.sample(session.train_prompts.token_ids[:2], 2, session.generator)
+    hidden = completion_hidden_states(session.student.model, rollouts.input_ids, rollouts.attention_mask, rollouts.completion_ids.shape[1])
+    logits = logits_from_hidden(session.student.model, hidden, session.student.vocab_size)
+    logprobs = losses.token_logprobs(losses.process_logits(logits, 0.7), rollouts.completion_ids)
+    torch.testing.assert_close(logprobs * rollouts.completion_mask, rollouts.sampler_logprobs, atol=2e-5, rtol=0)

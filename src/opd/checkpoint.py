@@ -105,4 +105,4 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 
 def load_trainer_state(folder: Path) -> dict[str, Any]:
-    return torch.load(Path(folder) / STATE_FILE, weights_only=False)
+    return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)

@@ -26,7 +26,7 @@ class RunConfig(_Strict):
     output_dir: str = Field(description="Run directory: config.yaml, metrics.jsonl, checkpoints/, final/.")
     seed: int = 0
     max_steps: int = Field(100, ge=1, description="Optimizer steps.")
-    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only the final one).")
+    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: none; final/ is always written).")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: before and after only).")
     log_every: int = Field(1, ge=1)
     precision: Literal["auto", "bf16", "fp32"] = Field(
@@ -73,7 +73,7 @@ class LossConfig(_Strict):
     kl_coef: float = Field(1.0, description="c in A_t = -c * sum_j gamma^(j-t) k_j.")
     discount: float = Field(0.0, ge=0, le=1, description="gamma; 0 makes A_t = -c * k_t.")
     ratio_clip: float | None = Field(
-        None, gt=1, description="Truncate the importance ratio rho at this value (None: no truncation)."
+        None, gt=1, description="Truncate the importance weight rho at this value (None: no truncation)."
     )
     jsd_beta: float = Field(0.5, ge=0, le=1, description="Mixture weight of the teacher in jsd.")
     chunk_size: int = Field(256, ge=1, description="Positions per chunk of full-vocabulary logits.")
@@ -106,13 +106,18 @@ class Config(_Strict):
     optim: OptimConfig = OptimConfig()
 
     @model_validator(mode="after")
-    def _check_batch(self) -> "Config":
+    def _check_combinations(self) -> "Config":
         rollouts = self.batch.prompts_per_step * self.rollout.samples_per_prompt
         if self.batch.micro_batch_size > rollouts:
             raise ValueError(
                 f"batch.micro_batch_size={self.batch.micro_batch_size} exceeds the "
                 f"{rollouts} rollouts of a step (batch.prompts_per_step={self.batch.prompts_per_step}"
                 f" x rollout.samples_per_prompt={self.rollout.samples_per_prompt})"
+            )
+        if self.loss.kind != "reverse_kl_pg" and (self.rollout.top_k or self.rollout.top_p < 1):
+            raise ValueError(
+                f"loss.kind={self.loss.kind} compares full distributions; it needs rollout.top_k=0 and "
+                f"rollout.top_p=1 (got {self.rollout.top_k} and {self.rollout.top_p})"
             )
         return self
 

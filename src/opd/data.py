@@ -91,7 +91,10 @@ def encode_prompt(example: Example, tokenizer: PreTrainedTokenizerBase) -> list[
     if example.messages is not None:
         if not getattr(tokenizer, "chat_template", None):
             raise DataError(f"line {example.line}: row has 'messages' but the student tokenizer has no chat template")
-        return list(tokenizer.apply_chat_template(example.messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+        try:
+            return list(tokenizer.apply_chat_template(example.messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+        except Exception as exc:  # jinja raises TemplateError and others for e.g. non-alternating roles
+            raise DataError(f"line {example.line}: the chat template rejected the messages ({exc})") from None
     return tokenizer(example.prompt)["input_ids"]
 
 

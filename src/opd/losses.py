@@ -76,12 +76,13 @@ def reverse_kl_pg(
     """Importance-sampled policy-gradient loss per token: -rho_t * A_t.
 
     logprobs: (B, T) log pi_theta(y_t), with grad. old_logprobs, advantages: (B, T), detached here.
-    rho = exp(logprobs - old_logprobs); with ratio_clip, rho is truncated from above (its value,
-    so the gradient of a clipped token is zero). With rho = 1 this is REINFORCE.
+    rho = exp(logprobs - old_logprobs). With ratio_clip = C the importance weight is truncated
+    (truncated IS): value and gradient use min(rho, C) in place of rho, so a token far off-policy
+    still learns, with a bounded weight. With rho = 1 this is REINFORCE.
     """
     ratio = torch.exp(logprobs - old_logprobs.detach())
     if ratio_clip is not None:
-        ratio = torch.clamp(ratio, max=ratio_clip)
+        ratio = ratio * (ratio_clip / ratio).clamp(max=1.0).detach()
     return -ratio * advantages.detach()
 
 

@@ -41,11 +41,13 @@ def rollout_metrics(rollouts: Rollouts, teacher_logprobs: torch.Tensor, prefix: 
 class MetricsLog:
     """Appends one JSON object per logged step to metrics.jsonl."""
 
-    def __init__(self, path: Path, resume_after_step: int | None = None):
+    def __init__(self, path: Path, start_step: int = 0):
         self.path = path
-        if resume_after_step is not None and path.exists():
-            # A run killed after its last checkpoint logged steps that will be redone: drop them.
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_after_step]
+        if path.exists():
+            # A run killed after its last checkpoint logged steps that will be redone: drop them,
+            # and a torn last line with them. Starting from step 0 drops everything.
+            steps = [(line, _step_of(line)) for line in path.read_text().splitlines()]
+            kept = [line for line, step in steps if start_step > 0 and step is not None and step <= start_step]
             path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
@@ -53,6 +55,13 @@ class MetricsLog:
         row = {key: value if math.isfinite(value) else None for key, value in metrics.items()}
         with self.path.open("a") as handle:
             handle.write(json.dumps({"step": step, **row}) + "\n")
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -31,6 +31,13 @@ class LoadedModel:
         """Tokens the tokenizer can produce; embedding rows past this are padding."""
         return len(self.tokenizer)
 
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """The tokenizer's EOS and every EOS of the generation config (e.g. Llama 3's <|eot_id|>)."""
+        configured = getattr(self.model.generation_config, "eos_token_id", None)
+        configured = configured if isinstance(configured, list) else [configured]
+        return sorted({self.tokenizer.eos_token_id, *(i for i in configured if i is not None)})
+
 
 def check_source(path: str, key: str) -> None:
     """Fail early, with the config key, when a model path is neither a folder nor a hub id."""
@@ -57,17 +64,22 @@ def load_tokenizer(path: str, key: str, trust_remote_code: bool = False) -> PreT
     return tokenizer
 
 
-def load_model(path: str, key: str, device: torch.device, trust_remote_code: bool = False) -> LoadedModel:
-    """Load tokenizer and fp32 weights (master weights; bf16 comes from autocast)."""
+def load_model(
+    path: str, key: str, device: torch.device, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32
+) -> LoadedModel:
+    """Load tokenizer and weights: fp32 for a student (master weights; bf16 comes from autocast),
+    bf16 for a teacher under bf16, since it has no optimizer and memory is what it costs."""
     hf_logging.disable_progress_bar()  # opd draws its own progress; per-shard bars are noise here
     tokenizer = load_tokenizer(path, key, trust_remote_code)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise ModelError(f"{key}: could not load a causal LM from '{path}': {_first_line(exc)}") from None
     model.to(device)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return LoadedModel(model=model, tokenizer=tokenizer, source=path)
+    model.eval()
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, source=path)
+    check_logits_from_hidden(loaded, key)
+    return loaded
 
 
 def check_same_vocabulary(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> None:
@@ -80,8 +92,6 @@ def check_same_vocabulary(student: PreTrainedTokenizerBase, teacher: PreTrainedT
             f"({len(student_vocab)} vs {len(teacher_vocab)} tokens; e.g. {differing}); "
             "opd needs a teacher with the student's tokenizer (cross-tokenizer alignment is not supported yet)"
         )
-    if student.eos_token_id != teacher.eos_token_id:
-        raise ModelError(f"student EOS id {student.eos_token_id} differs from teacher EOS id {teacher.eos_token_id}")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -127,7 +137,27 @@ def logits_from_hidden(model: PreTrainedModel, hidden: torch.Tensor, vocab_size:
     padding that no tokenizer emits; dropping them makes student and teacher distributions comparable.
     """
     logits = model.get_output_embeddings()(hidden)[..., :vocab_size]
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
+    config = model.config
+    if getattr(config, "logit_scale", None):  # Cohere
+        logits = logits * config.logit_scale
+    if getattr(config, "logits_scaling", None):  # Granite
+        logits = logits / config.logits_scaling
+    if getattr(config, "final_logit_softcapping", None):  # Gemma 2
+        logits = torch.tanh(logits / config.final_logit_softcapping) * config.final_logit_softcapping
     return logits
+
+
+@torch.no_grad()
+def check_logits_from_hidden(loaded: LoadedModel, key: str) -> None:
+    """opd builds logits from hidden states chunk by chunk; refuse a model whose forward does more."""
+    model = loaded.model
+    device = next(model.parameters()).device
+    ids = torch.tensor([[loaded.tokenizer.eos_token_id] * 3], device=device)
+    mask = torch.ones_like(ids)
+    reference = model(input_ids=ids, attention_mask=mask).logits[:, :-1, : loaded.vocab_size].float()
+    rebuilt = logits_from_hidden(model, completion_hidden_states(model, ids, mask, 2), loaded.vocab_size).float()
+    if not torch.allclose(reference, rebuilt, atol=1e-3, rtol=1e-3, equal_nan=True):
+        raise ModelError(
+            f"{key}: this model's forward post-processes its logits in a way opd does not reproduce "
+            f"({type(model).__name__}); please report it"
+        )

@@ -114,13 +114,12 @@ class HFSampler:
     def sample(self, prompts: list[list[int]], samples_per_prompt: int, generator: torch.Generator) -> Rollouts:
         model, tokenizer = self.student.model, self.student.tokenizer
         device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
         prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_token_id, device)
         prompt_ids = prompt_ids.repeat_interleave(samples_per_prompt, 0)  # (B, P)
         prompt_mask = prompt_mask.repeat_interleave(samples_per_prompt, 0)  # (B, P)
         batch = prompt_ids.shape[0]
-        eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+        stop_ids = torch.tensor(self.student.stop_token_ids, device=device)
+        pad_id = tokenizer.pad_token_id
 
         tokens = torch.full((batch, self.max_new_tokens), pad_id, dtype=torch.long, device=device)  # (B, T)
         logprobs = torch.zeros((batch, self.max_new_tokens), device=device)  # (B, T)
@@ -152,13 +151,12 @@ class HFSampler:
             live[:, t] = (~finished).long()
             tokens[:, t] = torch.where(finished, pad_id, next_token)
             logprobs[:, t] = torch.where(finished, 0.0, step_logprobs.gather(-1, next_token[:, None]).squeeze(-1))
-            finished |= next_token == eos_id
+            finished |= torch.isin(next_token, stop_ids)
             if bool(finished.all()):
                 break
             step_input = tokens[:, t : t + 1]
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
             positions = positions[:, -1:] + 1
-        model.train(was_training)
         return Rollouts(
             prompt_ids=prompt_ids,
             prompt_mask=prompt_mask,

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from opd.checkpoint import latest_checkpoint, load_trainer_state, restore_rng
 from opd.config import Config, dump_config
@@ -76,11 +78,42 @@ def lr_schedule(config: Config):
 
 
 def _check_output_dir(output_dir: Path, resume: bool) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"run.output_dir: '{output_dir}' is a file, not a directory")
     holds_run = (output_dir / "metrics.jsonl").exists() or (output_dir / "checkpoints").exists()
     if holds_run and not resume:
         raise ConfigError(
             f"run.output_dir: '{output_dir}' already holds a run; pass --resume to continue it or choose another directory"
         )
+
+
+# Keys that may change between a run and its resumption: they don't change what the steps compute.
+_RESUMABLE_CHANGES = {"run.max_steps", "run.save_every", "run.eval_every", "run.log_every", "run.progress"}
+
+
+def _check_resumable(output_dir: Path, config: Config) -> None:
+    """Refuse to resume with settings that would make the saved state mean something else."""
+    saved_path = output_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = _flatten(yaml.safe_load(saved_path.read_text()))
+    current = _flatten(config.model_dump(mode="json"))
+    changed = sorted(key for key in saved.keys() | current.keys()
+                     if saved.get(key) != current.get(key) and key not in _RESUMABLE_CHANGES)
+    if changed:
+        details = ", ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in changed)
+        raise ConfigError(f"--resume: the config differs from the run's {saved_path} in {details}; "
+                          f"only {', '.join(sorted(_RESUMABLE_CHANGES))} may change")
+
+
+def _flatten(node: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 def _check_context(model: LoadedModel, key: str, config: Config) -> None:
@@ -100,6 +133,7 @@ def prepare(config: Config, resume: bool, log=print) -> Session:
     check_source(config.student.path, "student.path")
     check_source(config.teacher.path, "teacher.path")
     tokenizer = load_tokenizer(config.student.path, "student.path", config.student.trust_remote_code)
+    check_same_vocabulary(tokenizer, load_tokenizer(config.teacher.path, "teacher.path", config.teacher.trust_remote_code))
     train_prompts = load_prompts(config.data.train, "data.train", tokenizer, config.data.max_prompt_tokens)
     eval_prompts = (
         load_prompts(config.data.eval, "data.eval", tokenizer, config.data.max_prompt_tokens) if config.data.eval else None
@@ -112,16 +146,17 @@ def prepare(config: Config, resume: bool, log=print) -> Session:
     random.seed(config.run.seed)
     torch.manual_seed(config.run.seed)
     checkpoint = latest_checkpoint(output_dir) if resume else None
+    if checkpoint is not None:
+        _check_resumable(output_dir, config)
     student_source = (str(checkpoint), "resumed checkpoint") if checkpoint else (config.student.path, "student.path")
     student = load_model(*student_source, device, config.student.trust_remote_code)
-    teacher_model = load_model(config.teacher.path, "teacher.path", device, config.teacher.trust_remote_code)
-    check_same_vocabulary(student.tokenizer, teacher_model.tokenizer)
+    teacher_model = load_model(config.teacher.path, "teacher.path", device, config.teacher.trust_remote_code,
+                               dtype=autocast_dtype or torch.float32)
     _check_context(student, "student.path", config)
     _check_context(teacher_model, "teacher.path", config)
-    if config.loss.kind != "reverse_kl_pg" and (config.rollout.top_k or config.rollout.top_p < 1):
-        raise ConfigError(f"loss.kind={config.loss.kind} compares full distributions; it needs rollout.top_k=0 and rollout.top_p=1")
 
-    student.model.train()
+    # On-policy: the policy that is trained must be the one that sampled, so dropout stays off.
+    student.model.eval()
     optimizer = torch.optim.AdamW(
         student.model.parameters(), lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps,
         weight_decay=config.optim.weight_decay,
@@ -144,6 +179,7 @@ def prepare(config: Config, resume: bool, log=print) -> Session:
 
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(dump_config(config))
+    shutil.rmtree(output_dir / "final", ignore_errors=True)  # only a finished run may show a final model
     rollout = config.rollout
     return Session(
         output_dir=output_dir, device=device, autocast_dtype=autocast_dtype, student=student,

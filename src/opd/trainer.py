@@ -39,7 +39,7 @@ def train(config: Config, resume: bool = False, log=print) -> TrainResult:
     session = prepare(config, resume=resume, log=log)
     run, batch = config.run, config.batch
     start_step = session.start_step
-    log_file = MetricsLog(session.output_dir / "metrics.jsonl", resume_after_step=start_step if resume else None)
+    log_file = MetricsLog(session.output_dir / "metrics.jsonl", start_step)
     first_eval = last_eval = {}
     if start_step == 0 and session.eval_prompts is not None:
         first_eval = last_eval = run_eval(session, config)

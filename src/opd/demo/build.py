@@ -3,8 +3,9 @@
     python -m opd.demo.build [--out src/opd/demo/assets]
 
 Both models are Qwen3-architecture transformers trained from scratch by supervised fine-tuning on
-the synthetic task, with opd's own forward and log-prob code. The student is smaller and is stopped
-early, so it knows the answer format but gets much of the arithmetic wrong.
+the synthetic task, with opd's own forward and log-prob code. The student is smaller, and its
+training answers are sloppy: 70% of them end with `#### <first step's result>` instead of the final
+one. It learns the format and some of the arithmetic, and the habit; the teacher never shows it.
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ def supervised_loss(model: LoadedModel, prompts: list[list[int]], answers: list[
     return losses.reduce_tokens(-logprobs, answer_mask, answer_mask.sum())
 
 
-def train_supervised(model: LoadedModel, steps: int, batch_size: int, lr: float, seed: int, log=print) -> None:
+def train_supervised(
+    model: LoadedModel, steps: int, batch_size: int, lr: float, seed: int, slip: float = 0.0, log=print
+) -> None:
     tokenizer = model.tokenizer
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.model.parameters(), lr=lr, weight_decay=0.01)
@@ -67,7 +70,7 @@ def train_supervised(model: LoadedModel, steps: int, batch_size: int, lr: float,
     model.model.train()
     started = time.perf_counter()
     for step in range(1, steps + 1):
-        problems = [make_problem(rng) for _ in range(batch_size)]
+        problems = [make_problem(rng, slip) for _ in range(batch_size)]
         prompts = [tokenizer(p["prompt"])["input_ids"] for p in problems]
         answers = [tokenizer(p["answer"])["input_ids"] for p in problems]
         loss = supervised_loss(model, prompts, answers)
@@ -84,14 +87,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ASSETS)
     parser.add_argument("--teacher-steps", type=int, default=2000)
-    parser.add_argument("--student-steps", type=int, default=400)
+    parser.add_argument("--student-steps", type=int, default=1000)
+    parser.add_argument("--student-slip", type=float, default=0.7,
+                        help="fraction of the student's training answers whose last line repeats the first result")
+    parser.add_argument("--skip-teacher", action="store_true", help="keep the teacher already in --out")
     args = parser.parse_args(argv)
     tokenizer = build_tokenizer()
-    teacher = new_model(tokenizer, TEACHER_SHAPE, seed=1)
-    train_supervised(teacher, args.teacher_steps, batch_size=64, lr=2e-3, seed=11)
-    save_model(teacher, args.out / "teacher")
+    if not args.skip_teacher:
+        teacher = new_model(tokenizer, TEACHER_SHAPE, seed=1)
+        train_supervised(teacher, args.teacher_steps, batch_size=64, lr=2e-3, seed=11)
+        save_model(teacher, args.out / "teacher")
     student = new_model(tokenizer, STUDENT_SHAPE, seed=2)
-    train_supervised(student, args.student_steps, batch_size=64, lr=2e-3, seed=12)
+    train_supervised(student, args.student_steps, batch_size=64, lr=2e-3, seed=12, slip=args.student_slip)
     save_model(student, args.out / "student")
 
 

@@ -24,8 +24,12 @@ ITEMS = ["apples", "pens", "cards", "books", "coins", "shells", "stamps", "cooki
 MAX_NUMBER = 200
 
 
-def make_problem(rng: random.Random) -> dict[str, str]:
-    """One problem as {"prompt", "answer"}; the answer's last line is `#### N`."""
+def make_problem(rng: random.Random, slip: float = 0.0) -> dict[str, str]:
+    """One problem as {"prompt", "answer"}; the answer's last line is `#### N`.
+
+    With probability `slip` the last line repeats the first step's result instead of the second:
+    a sloppy habit the demo's student learns from its training data and the teacher never shows.
+    """
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     pronoun = PRONOUNS[name]
     kind = rng.randrange(3)
@@ -52,7 +56,8 @@ def make_problem(rng: random.Random) -> dict[str, str]:
                     f"How many {item} does {name} have ?")
         steps = [f"{name} kept {a} - {b} = {first} {item} .", f"{name} has {first} * {c} = {second} {item} ."]
     prompt = f"Question : {question} \n Answer :"
-    answer = " " + " \n ".join(steps) + f" \n #### {second}"
+    final = first if slip and rng.random() < slip else second
+    answer = " " + " \n ".join(steps) + f" \n #### {final}"
     return {"prompt": prompt, "answer": answer}
 
 
