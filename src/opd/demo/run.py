@@ -6,6 +6,7 @@ points at them, and `opd train DIR/config.yaml --set run.output_dir=NEW` repeats
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -79,6 +80,7 @@ def run_demo(out: str | Path) -> dict[str, float]:
         "reverse_kl_after": result.last_eval["eval/distill/reverse_kl"],
         "wall_time_s": time.perf_counter() - started,
     }
+    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     console.print(_table(summary))
     console.print(f"Run directory: {out} (metrics.jsonl, checkpoints/, final/, config.yaml)")
     return summary
