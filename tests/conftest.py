@@ -55,11 +55,10 @@ def tiny_data(tmp_path_factory) -> dict[str, Path]:
     return {"train": write_problems(root / "train.jsonl", 64, seed=1), "eval": write_problems(root / "eval.jsonl", 8, seed=2)}
 
 
-@pytest.fixture
-def tiny_config(tiny_models, tiny_data, tmp_path) -> dict:
+def tiny_raw_config(output_dir: Path, tiny_models: dict, tiny_data: dict) -> dict:
     """A complete raw config for a fast run on the tiny models; tests edit it before validating."""
     return {
-        "run": {"output_dir": str(tmp_path / "run"), "seed": 0, "max_steps": 2, "precision": "fp32", "progress": False},
+        "run": {"output_dir": str(output_dir), "seed": 0, "max_steps": 2, "precision": "fp32", "progress": False},
         "student": {"path": str(tiny_models["student"])},
         "teacher": {"path": str(tiny_models["teacher"])},
         "data": {"train": str(tiny_data["train"]), "eval": str(tiny_data["eval"]), "max_prompt_tokens": 64},
@@ -67,6 +66,11 @@ def tiny_config(tiny_models, tiny_data, tmp_path) -> dict:
         "batch": {"prompts_per_step": 2, "micro_batch_size": 4},
         "optim": {"lr": 1e-3},
     }
+
+
+@pytest.fixture
+def tiny_config(tiny_models, tiny_data, tmp_path) -> dict:
+    return tiny_raw_config(tmp_path / "run", tiny_models, tiny_data)
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300):

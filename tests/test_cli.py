@@ -22,7 +22,7 @@ from typing import Callable
 import pytest
 import torch
 import yaml
-from conftest import make_tiny_model, run_cli
+from conftest import make_tiny_model, run_cli, tiny_raw_config
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -67,16 +67,8 @@ def uses(*names: str):
 
 
 def base_config(root: Path, tiny_models: dict, tiny_data: dict) -> dict:
-    """The values of conftest's tiny_config, with the run directory under `root`."""
-    return {
-        "run": {"output_dir": str(root / "run"), "seed": 0, "max_steps": 2, "precision": "fp32", "progress": False},
-        "student": {"path": str(tiny_models["student"])},
-        "teacher": {"path": str(tiny_models["teacher"])},
-        "data": {"train": str(tiny_data["train"]), "eval": str(tiny_data["eval"]), "max_prompt_tokens": 64},
-        "rollout": {"samples_per_prompt": 2, "max_new_tokens": 8},
-        "batch": {"prompts_per_step": 2, "micro_batch_size": 4},
-        "optim": {"lr": 1e-3},
-    }
+    """conftest's tiny config, with the run directory under `root`."""
+    return tiny_raw_config(root / "run", tiny_models, tiny_data)
 
 
 def train_args(root: Path, config: dict, *overrides: str) -> Scenario:
