@@ -11,6 +11,7 @@ one. It learns the format and some of the arithmetic, and the habit; the teacher
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import time
 from pathlib import Path
@@ -41,6 +42,15 @@ def new_model(tokenizer, shape: dict, seed: int) -> LoadedModel:
         pad_token_id=tokenizer.pad_token_id, **shape,
     )
     return LoadedModel(Qwen3ForCausalLM(config), tokenizer, source="new")
+
+
+def save_portable(model: LoadedModel, folder: Path) -> None:
+    """Save, naming the tokenizer class that transformers 4.x and 5.x both know."""
+    save_model(model, folder)
+    config_path = folder / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_path.read_text())
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
 
 def supervised_loss(model: LoadedModel, prompts: list[list[int]], answers: list[list[int]]) -> torch.Tensor:
@@ -96,10 +106,10 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_teacher:
         teacher = new_model(tokenizer, TEACHER_SHAPE, seed=1)
         train_supervised(teacher, args.teacher_steps, batch_size=64, lr=2e-3, seed=11)
-        save_model(teacher, args.out / "teacher")
+        save_portable(teacher, args.out / "teacher")
     student = new_model(tokenizer, STUDENT_SHAPE, seed=2)
     train_supervised(student, args.student_steps, batch_size=64, lr=2e-3, seed=12, slip=args.student_slip)
-    save_model(student, args.out / "student")
+    save_portable(student, args.out / "student")
 
 
 if __name__ == "__main__":
