@@ -136,7 +136,7 @@ def malformed_jsonl(root, tiny_models, tiny_data):
 @scenario
 def row_without_prompt(root, tiny_models, tiny_data):
     path = root / "rows.jsonl"
-    rows = good_rows(tiny_data, 3) + [json.dumps({"question": "What is 2 + 2 ?", "answer": "4"})]
+    rows = good_rows(tiny_data, 3) + [json.dumps({"text": "What is 2 + 2 ?", "answer": "4"})]
     path.write_text("\n".join(rows) + "\n")
     config = base_config(root, tiny_models, tiny_data)
     config["data"]["train"] = str(path)
@@ -320,7 +320,7 @@ def test_malformed_jsonl_names_file_and_line(cli_runs):
 
 @uses("row_without_prompt")
 def test_row_without_prompt_names_its_line(cli_runs):
-    assert_error_before_training(cli_runs["row_without_prompt"], "rows.jsonl:4", "prompt", "messages")
+    assert_error_before_training(cli_runs["row_without_prompt"], "rows.jsonl:4", "prompt", "messages", "question")
 
 
 @uses("empty_data")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import yaml
 
 from opd.config import Config, _known_keys, load_config
-from conftest import ROOT
+from conftest import ROOT, run_cli
 
 REFERENCE = ROOT / "examples" / "reference.yaml"
 
@@ -30,4 +30,29 @@ def test_reference_config_lists_every_key_with_its_default():
             if field.is_required():
                 continue
             value = getattr(getattr(config, section), key)
-            assert value == field.default, f"{section}.{key}: reference.yaml says {value!r}, code default is {field.default!r}"
+            default = field.get_default(call_default_factory=True)
+            assert value == default, f"{section}.{key}: reference.yaml says {value!r}, code default is {default!r}"
+
+
+def test_every_example_recipe_validates():
+    recipes = sorted(ROOT.glob("examples/*.yaml"))
+    assert {path.name for path in recipes} >= {"reference.yaml", "gsm8k_qwen3.yaml"}
+    for path in recipes:
+        load_config(path)
+
+
+def test_dry_run_validates_the_gpu_recipe_without_weights_or_network(tmp_path):
+    recipe = ROOT / "examples" / "gsm8k_qwen3.yaml"
+    config = load_config(recipe)
+    assert (config.student.path, config.teacher.path) == ("Qwen/Qwen3-1.7B", "Qwen/Qwen3-8B")
+    assert (config.rollout.samples_per_prompt, config.rollout.max_new_tokens, config.rollout.temperature) == (8, 128, 0.7)
+    assert (config.optim.lr, config.optim.schedule, config.run.precision) == (1e-5, "cosine", "bf16")
+    output_dir = tmp_path / "run"
+    local_data = ROOT.parent / "shared" / "data" / "gsm8k"
+    result = run_cli("train", "--dry-run", str(recipe), "--set", f"run.output_dir={output_dir}",
+                     f"data.train={local_data / 'train.jsonl'}", f"data.eval={local_data / 'test.jsonl'}")
+    assert result.returncode == 0, result.stderr
+    assert "config OK" in result.stdout and "7473 rows" in result.stdout and "1319 rows" in result.stdout
+    assert not output_dir.exists()
+    broken = run_cli("train", "--dry-run", str(recipe), "--set", f"data.train={tmp_path / 'absent.jsonl'}")
+    assert broken.returncode == 2 and "data.train: no such file" in broken.stderr

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from opd.errors import OpdError
+from opd.errors import ConfigError, OpdError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,10 +20,68 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
                        help="override config keys, e.g. --set optim.lr=1e-5 run.max_steps=50")
     train.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    train.add_argument("--dry-run", action="store_true",
+                       help="validate the config and its local paths, load no weights, touch no network")
+
+    evaluation = commands.add_parser("eval", help="accuracy (pass@1, pass@K) of a model, and with a teacher the distillation metrics")
+    evaluation.add_argument("--model", required=True, help="model folder or hub id")
+    evaluation.add_argument("--data", required=True, help="JSONL path or hf:NAME[:CONFIG]:SPLIT")
+    evaluation.add_argument("--samples", type=int, default=1, metavar="K", help="samples per prompt (pass@K); default 1")
+    evaluation.add_argument("--teacher", help="teacher model: adds logprob/*, perplexity/* and distill/reverse_kl")
+    evaluation.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    evaluation.add_argument("--max-new-tokens", type=int, default=256)
+    evaluation.add_argument("--max-prompts", type=int, help="evaluate only the first N prompts")
+    evaluation.add_argument("--system-prompt", help="system turn for chat and question rows")
+    evaluation.add_argument("--json", help="also write the metrics to this JSON file")
 
     demo = commands.add_parser("demo", help="distill a tiny model on a synthetic task; no network needed")
     demo.add_argument("--out", default="opd-demo", help="run directory to create (default: ./opd-demo)")
     return parser
+
+
+def _dry_run(config) -> None:
+    """Check what can be checked without weights or network: the config, local paths, local data."""
+    from pathlib import Path
+
+    from opd.data import read_jsonl
+    from opd.models import check_source
+
+    check_source(config.student.path, "student.path")
+    check_source(config.teacher.path, "teacher.path")
+    counts = {}
+    for key, source in (("data.train", config.data.train), ("data.eval", config.data.eval)):
+        if source and not source.startswith("hf:"):
+            counts[key] = f"{len(read_jsonl(source, key))} rows"
+        elif source:
+            counts[key] = "hub data set (not fetched)"
+    output_dir = Path(config.run.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"run.output_dir: '{output_dir}' is a file, not a directory")
+    rollouts = config.batch.prompts_per_step * config.rollout.samples_per_prompt
+    print(f"config OK: {config.run.max_steps} steps of {config.batch.prompts_per_step} prompts x "
+          f"{config.rollout.samples_per_prompt} samples = {rollouts} rollouts, loss {config.loss.kind}; "
+          + "; ".join(f"{key}: {value}" for key, value in counts.items()))
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    import json
+
+    from opd.evaluate import evaluate_model
+
+    for name in ("samples", "max_new_tokens", "max_prompts"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+    if args.temperature <= 0:
+        raise ConfigError(f"--temperature must be positive (got {args.temperature})")
+    metrics = evaluate_model(args.model, args.data, args.samples, args.teacher, args.temperature,
+                             args.max_new_tokens, args.max_prompts, args.system_prompt)
+    width = max(map(len, metrics))
+    for name, value in metrics.items():
+        print(f"{name:<{width}}  {value:.4f}" if isinstance(value, float) else f"{name:<{width}}  {value}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(metrics, handle, indent=2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,10 +91,15 @@ def main(argv: list[str] | None = None) -> int:
             from opd.config import load_config
 
             config = load_config(args.config, args.overrides)  # before the heavy imports: typos fail fast
+            if args.dry_run:
+                _dry_run(config)
+                return 0
             from opd.trainer import train
 
             result = train(config, resume=args.resume)
             print(f"done: {result.steps_run} steps; final student in {result.output_dir / 'final'}")
+        elif args.command == "eval":
+            _evaluate(args)
         elif args.command == "demo":
             from opd.demo.run import run_demo
 

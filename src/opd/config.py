@@ -50,8 +50,14 @@ class TeacherConfig(ModelConfig):
 
 
 class DataConfig(_Strict):
-    train: str = Field(description="JSONL: rows with a `prompt` string or chat `messages`.")
-    eval: str | None = Field(None, description="Held-out JSONL in the same format.")
+    train: str = Field(
+        description="JSONL path, or hf:NAME[:CONFIG]:SPLIT; rows with a `prompt` string, chat `messages` or a `question`."
+    )
+    eval: str | None = Field(None, description="Held-out data in the same forms.")
+    system_prompt: str | None = Field(None, description="Prepended as a system turn to chat and question rows.")
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra chat-template variables, e.g. {enable_thinking: false} for Qwen3."
+    )
     max_prompt_tokens: int = Field(
         512, ge=1, description="Longer prompts are skipped, and the number skipped is reported."
     )

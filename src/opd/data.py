@@ -1,4 +1,6 @@
-"""Prompt data: JSONL rows with a `prompt` string or chat `messages`, and an optional `answer`.
+"""Prompt data: rows with a `prompt` string, chat `messages`, or a GSM8K-style `question`, and an
+optional `answer`, from a local JSONL file or from the Hugging Face hub (`hf:NAME[:CONFIG]:SPLIT`,
+through the optional `datasets` package).
 
 Rows are read and checked up front, so a malformed line fails with its line number before any
 weight loads. Prompts longer than `data.max_prompt_tokens` are skipped, and the count is reported.
@@ -19,12 +21,14 @@ from opd.errors import DataError
 
 @dataclass
 class Example:
-    """One prompt. `messages` is set for chat rows; `answer` when the row carries a checkable one."""
+    """One prompt: exactly one of `prompt`, `messages`, `question` is set. `answer` when the row has
+    one; `line` is the JSONL line (or the hub row number, from 1)."""
 
     prompt: str | None
     messages: list[dict[str, str]] | None
     answer: str | None
     line: int
+    question: str | None = None
 
 
 @dataclass
@@ -68,11 +72,12 @@ def _example_from_row(row: Any, path: Path, line_number: int) -> Example:
     where = f"{path}:{line_number}"
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    prompt, messages = row.get("prompt"), row.get("messages")
-    if prompt is None and messages is None:
-        raise DataError(f"{where}: row needs a 'prompt' string or a 'messages' list (keys: {sorted(row)})")
-    if prompt is not None and not isinstance(prompt, str):
-        raise DataError(f"{where}: 'prompt' must be a string")
+    prompt, messages, question = row.get("prompt"), row.get("messages"), row.get("question")
+    if prompt is None and messages is None and question is None:
+        raise DataError(f"{where}: row needs a 'prompt' string, a 'messages' list or a 'question' (keys: {sorted(row)})")
+    for name, value in (("prompt", prompt), ("question", question)):
+        if value is not None and not isinstance(value, str):
+            raise DataError(f"{where}: '{name}' must be a string")
     if messages is not None:
         if not isinstance(messages, list) or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
@@ -82,28 +87,81 @@ def _example_from_row(row: Any, path: Path, line_number: int) -> Example:
     answer = row.get("answer")
     if answer is not None and not isinstance(answer, str):
         answer = str(answer)
+    if prompt is None and messages is None:
+        return Example(prompt=None, messages=None, answer=answer, line=line_number, question=question)
     return Example(prompt=prompt, messages=messages, answer=answer, line=line_number)
 
 
-def encode_prompt(example: Example, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Chat rows go through the tokenizer's chat template (with the generation prompt); plain
-    prompts are tokenized as text, with the tokenizer's own special-token convention."""
+def read_hub(source: str, key: str) -> list[Example]:
+    """Rows of a hub data set named `hf:NAME[:CONFIG]:SPLIT`, e.g. `hf:openai/gsm8k:main:test`."""
+    parts = source.removeprefix("hf:").split(":")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise DataError(f"{key}: '{source}' should read hf:NAME[:CONFIG]:SPLIT, e.g. hf:openai/gsm8k:main:train")
+    name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{key}: '{source}' needs the `datasets` package: pip install 'opd[hub]'") from None
+    try:
+        rows = datasets.load_dataset(name, config, split=split)
+    except Exception as exc:  # offline, unknown name or split: the user needs one line
+        raise DataError(f"{key}: could not load '{source}' from the hub: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    examples = [_example_from_row(dict(row), Path(source), index) for index, row in enumerate(rows, start=1)]
+    if not examples:
+        raise DataError(f"{key}: '{source}' holds no rows")
+    return examples
+
+
+def read_rows(source: str, key: str) -> list[Example]:
+    return read_hub(source, key) if source.startswith("hf:") else read_jsonl(source, key)
+
+
+def encode_prompt(
+    example: Example, tokenizer: PreTrainedTokenizerBase, system_prompt: str | None = None, template_kwargs: dict | None = None
+) -> list[int]:
+    """Token ids of a row's prompt.
+
+    - `messages`: the chat template, with the generation prompt (and `system_prompt` first, unless
+      the row has its own system message).
+    - `question` (GSM8K): a user turn through the chat template when the tokenizer has one, else
+      plain text "Question: ...\nAnswer:".
+    - `prompt`: plain text, with the tokenizer's own special-token convention; no template.
+    """
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    if example.question is not None:
+        if getattr(tokenizer, "chat_template", None):
+            example = Example(None, [*system, {"role": "user", "content": example.question}], example.answer, example.line)
+        else:
+            header = f"{system_prompt}\n\n" if system_prompt else ""
+            return tokenizer(f"{header}Question: {example.question}\nAnswer:")["input_ids"]
     if example.messages is not None:
+        messages = example.messages
+        if system and not (messages and messages[0]["role"] == "system"):
+            messages = [*system, *messages]
         if not getattr(tokenizer, "chat_template", None):
             raise DataError(f"line {example.line}: row has 'messages' but the student tokenizer has no chat template")
         try:
-            return list(tokenizer.apply_chat_template(example.messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+            return list(tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False, **(template_kwargs or {})
+            ))
         except Exception as exc:  # jinja raises TemplateError and others for e.g. non-alternating roles
             raise DataError(f"line {example.line}: the chat template rejected the messages ({exc})") from None
     return tokenizer(example.prompt)["input_ids"]
 
 
-def load_prompts(path: str, key: str, tokenizer: PreTrainedTokenizerBase, max_prompt_tokens: int) -> PromptSet:
-    examples = read_jsonl(path, key)
+def load_prompts(
+    path: str,
+    key: str,
+    tokenizer: PreTrainedTokenizerBase,
+    max_prompt_tokens: int,
+    system_prompt: str | None = None,
+    template_kwargs: dict | None = None,
+) -> PromptSet:
+    examples = read_rows(path, key)
     token_ids, answers, skipped = [], [], 0
     for example in examples:
         try:
-            ids = encode_prompt(example, tokenizer)
+            ids = encode_prompt(example, tokenizer, system_prompt, template_kwargs)
         except DataError as exc:
             raise DataError(f"{path}:{str(exc).removeprefix('line ')}") from None
         if len(ids) > max_prompt_tokens:

@@ -134,10 +134,10 @@ def prepare(config: Config, resume: bool, log=print) -> Session:
     check_source(config.teacher.path, "teacher.path")
     tokenizer = load_tokenizer(config.student.path, "student.path", config.student.trust_remote_code)
     check_same_vocabulary(tokenizer, load_tokenizer(config.teacher.path, "teacher.path", config.teacher.trust_remote_code))
-    train_prompts = load_prompts(config.data.train, "data.train", tokenizer, config.data.max_prompt_tokens)
-    eval_prompts = (
-        load_prompts(config.data.eval, "data.eval", tokenizer, config.data.max_prompt_tokens) if config.data.eval else None
-    )
+    data = config.data
+    prompt_options = (tokenizer, data.max_prompt_tokens, data.system_prompt, data.chat_template_kwargs)
+    train_prompts = load_prompts(data.train, "data.train", *prompt_options)
+    eval_prompts = load_prompts(data.eval, "data.eval", *prompt_options) if data.eval else None
     for prompts in filter(None, (train_prompts, eval_prompts)):
         if prompts.skipped_too_long:
             log(f"warning: skipped {prompts.skipped_too_long} prompts of '{prompts.source}' longer than "
