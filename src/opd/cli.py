@@ -34,6 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--system-prompt", help="system turn for chat and question rows")
     evaluation.add_argument("--json", help="also write the metrics to this JSON file")
 
+    report = commands.add_parser("report", help="plot runs' curves to report.png and a self-contained report.html")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    report.add_argument("--out", help="folder for report.png and report.html (default: the first RUN_DIR)")
+
     demo = commands.add_parser("demo", help="distill a tiny model on a synthetic task; no network needed")
     demo.add_argument("--out", default="opd-demo", help="run directory to create (default: ./opd-demo)")
     return parser
@@ -100,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"done: {result.steps_run} steps; final student in {result.output_dir / 'final'}")
         elif args.command == "eval":
             _evaluate(args)
+        elif args.command == "report":
+            from opd.report import write_report
+
+            png, page = write_report(args.run_dirs, args.out)
+            print(f"wrote {png} and {page}")
         elif args.command == "demo":
             from opd.demo.run import run_demo
 

@@ -23,6 +23,7 @@ from opd.demo.task import write_split
 from opd.errors import ConfigError
 from opd.evaluate import evaluate
 from opd.models import load_model
+from opd.report import write_report
 from opd.rollout import HFSampler
 from opd.trainer import train
 
@@ -81,8 +82,9 @@ def run_demo(out: str | Path) -> dict[str, float]:
         "wall_time_s": time.perf_counter() - started,
     }
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_report([out])
     console.print(_table(summary))
-    console.print(f"Run directory: {out} (metrics.jsonl, checkpoints/, final/, config.yaml)")
+    console.print(f"Run directory: {out} (metrics.jsonl, checkpoints/, final/, config.yaml, report.html, report.png)")
     return summary
 
 
