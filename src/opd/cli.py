@@ -16,12 +16,16 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="distill a teacher into a student from a YAML config")
-    train.add_argument("config", help="YAML config file")
-    train.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
-                       help="override config keys, e.g. --set optim.lr=1e-5 run.max_steps=50")
-    train.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
-    train.add_argument("--dry-run", action="store_true",
-                       help="validate the config and its local paths, load no weights, touch no network")
+    sft = commands.add_parser(
+        "sft", help="supervised fine-tuning on the data's answers (default) or on teacher samples (rollout.source=teacher)"
+    )
+    for command in (train, sft):
+        command.add_argument("config", help="YAML config file")
+        command.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+                             help="override config keys, e.g. --set optim.lr=1e-5 run.max_steps=50")
+        command.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+        command.add_argument("--dry-run", action="store_true",
+                             help="validate the config and its local paths, load no weights, touch no network")
 
     evaluation = commands.add_parser("eval", help="accuracy (pass@1, pass@K) of a model, and with a teacher the distillation metrics")
     evaluation.add_argument("--model", required=True, help="model folder or hub id")
@@ -91,10 +95,12 @@ def _evaluate(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "train":
+        if args.command in ("train", "sft"):
             from opd.config import load_config
 
-            config = load_config(args.config, args.overrides)  # before the heavy imports: typos fail fast
+            # `opd sft` is the same loop with another loss and rollout source, where the file is silent.
+            defaults = {"loss.kind": "sft", "rollout.source": "dataset"} if args.command == "sft" else {}
+            config = load_config(args.config, args.overrides, defaults)  # before the heavy imports: typos fail fast
             if args.dry_run:
                 _dry_run(config)
                 return 0

@@ -66,6 +66,9 @@ class DataConfig(_Strict):
 
 
 class RolloutConfig(_Strict):
+    source: Literal["student", "teacher", "dataset"] = Field(
+        "student", description="Who writes the completions: the student (on-policy), the teacher, or the data's answers."
+    )
     samples_per_prompt: int = Field(4, ge=1)
     max_new_tokens: int = Field(128, ge=1)
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; ℓˢ is taken under it.")
@@ -75,7 +78,7 @@ class RolloutConfig(_Strict):
 
 
 class LossConfig(_Strict):
-    kind: Literal["reverse_kl_pg", "forward_kl", "reverse_kl", "jsd"] = "reverse_kl_pg"
+    kind: Literal["reverse_kl_pg", "forward_kl", "reverse_kl", "jsd", "sft"] = "reverse_kl_pg"
     kl_coef: float = Field(1.0, description="c in A_t = -c * sum_j gamma^(j-t) k_j.")
     discount: float = Field(0.0, ge=0, le=1, description="gamma; 0 makes A_t = -c * k_t.")
     ratio_clip: float | None = Field(
@@ -120,7 +123,13 @@ class Config(_Strict):
                 f"{rollouts} rollouts of a step (batch.prompts_per_step={self.batch.prompts_per_step}"
                 f" x rollout.samples_per_prompt={self.rollout.samples_per_prompt})"
             )
-        if self.loss.kind != "reverse_kl_pg" and (self.rollout.top_k or self.rollout.top_p < 1):
+        on_policy = self.rollout.source == "student"
+        if on_policy == (self.loss.kind == "sft"):
+            raise ValueError(
+                f"loss.kind={self.loss.kind} with rollout.source={self.rollout.source}: distillation losses need the "
+                "student's own samples (source student); sft needs someone else's (source teacher or dataset)"
+            )
+        if self.loss.kind in ("forward_kl", "reverse_kl", "jsd") and (self.rollout.top_k or self.rollout.top_p < 1):
             raise ValueError(
                 f"loss.kind={self.loss.kind} compares full distributions; it needs rollout.top_k=0 and "
                 f"rollout.top_p=1 (got {self.rollout.top_k} and {self.rollout.top_p})"
@@ -183,8 +192,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read YAML, apply `--set` overrides, validate. Reads only the one file."""
+def load_config(path: str | Path, overrides: list[str] | None = None, defaults: dict[str, Any] | None = None) -> Config:
+    """Read YAML, fill `defaults` (dotted keys) where the file is silent, apply `--set` overrides,
+    validate. Reads only the one file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -198,6 +208,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for dotted, value in (defaults or {}).items():
+        section, key = dotted.split(".")
+        if not isinstance(raw.get(section, {}), dict):
+            continue  # validation reports the malformed section
+        raw.setdefault(section, {}).setdefault(key, value)
     return validate(apply_overrides(raw, overrides or []), source=str(path))
 
 

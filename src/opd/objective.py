@@ -39,11 +39,13 @@ def backward_micro_batch(
     num_tokens: int,
     settings: LossSettings,
     autocast_dtype: torch.dtype | None,
-) -> float:
-    """Accumulate gradients of one micro-batch's share of the step loss; returns that share.
+) -> tuple[float, float]:
+    """Accumulate gradients of one micro-batch's share of the step loss.
 
     advantages: (B, T) for the whole step; `rows` picks the micro-batch. The loss is normalized by
     num_tokens, the completion tokens of the whole step, so shares add up to the step loss.
+    Returns (loss share, sum of the student's log-probs of the micro-batch's tokens); the second
+    gives `opd sft` its logprob/student, since no student sampled those tokens.
     """
     part = rollouts.select(rows)
     width = part.completion_ids.shape[1]
@@ -52,7 +54,7 @@ def backward_micro_batch(
     with autocast:
         hidden = completion_hidden_states(student.model, part.input_ids, part.attention_mask, width)  # (b, T, H)
     hidden_leaf = hidden.detach().requires_grad_()
-    total = 0.0
+    total, logprob_sum = 0.0, 0.0
     for start in range(0, width, settings.chunk_size):
         cols = slice(start, min(start + settings.chunk_size, width))
         with autocast:
@@ -64,13 +66,18 @@ def backward_micro_batch(
             per_token = losses.reverse_kl_pg(
                 logprobs, part.sampler_logprobs[:, cols], advantages[rows, cols], settings.ratio_clip
             )
+        elif settings.kind == "sft":
+            logprobs = losses.token_logprobs(logits, part.completion_ids[:, cols])  # (b, c), temperature 1
+            per_token = -logprobs
         else:
             teacher_logits = teacher.logits(scores.hidden[rows, cols])  # (b, c, V)
             per_token = losses.divergence(
                 settings.kind, logits.float() / settings.temperature, teacher_logits, settings.jsd_beta
             )
+            logprobs = losses.token_logprobs(logits.float() / settings.temperature, part.completion_ids[:, cols])
         chunk_loss = losses.reduce_tokens(per_token, mask, num_tokens)
         chunk_loss.backward()
         total += chunk_loss.item()
+        logprob_sum += float(torch.where(mask.bool(), logprobs.detach(), 0.0).sum())
     hidden.backward(hidden_leaf.grad)
-    return total
+    return total, logprob_sum

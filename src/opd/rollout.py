@@ -13,7 +13,8 @@ from typing import Protocol
 import torch
 from transformers import DynamicCache
 
-from opd.errors import TrainingDiverged
+from opd.data import PromptSet
+from opd.errors import DataError, TrainingDiverged
 from opd.losses import process_logits
 from opd.models import LoadedModel, cache_keyword, position_ids_from_mask
 
@@ -166,3 +167,39 @@ class HFSampler:
             finished=finished,
             prompt_index=torch.arange(len(prompts), device=device).repeat_interleave(samples_per_prompt),
         ).trimmed()
+
+
+class ReferenceSampler:
+    """Rollouts whose completions are the data set's reference answers (for `opd sft`).
+
+    Each prompt's answer is looked up by its token ids, tokenized, cut to max_new_tokens and closed
+    with EOS. sampler_logprobs are 0: no model drew these tokens.
+    """
+
+    def __init__(self, prompts: PromptSet, tokenizer, max_new_tokens: int, device: torch.device):
+        self.max_new_tokens, self.device, self.pad_id = max_new_tokens, device, tokenizer.pad_token_id
+        self.answers: dict[tuple[int, ...], list[int]] = {}
+        for token_ids, answer in zip(prompts.token_ids, prompts.answers):
+            if answer is None:
+                raise DataError(f"{prompts.source}: rollout.source=dataset needs an 'answer' on every row")
+            # A plain-text prompt ends in "Answer:"; the answer then starts after a space.
+            text = answer if answer[:1].isspace() or getattr(tokenizer, "chat_template", None) else " " + answer
+            self.answers[tuple(token_ids)] = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+    def sample(self, prompts: list[list[int]], samples_per_prompt: int, generator: torch.Generator) -> Rollouts:
+        answers = [self.answers[tuple(prompt)][: self.max_new_tokens] for prompt in prompts for _ in range(samples_per_prompt)]
+        full = [len(self.answers[tuple(prompt)]) <= self.max_new_tokens for prompt in prompts for _ in range(samples_per_prompt)]
+        prompt_ids, prompt_mask = left_pad([p for p in prompts for _ in range(samples_per_prompt)], self.pad_id, self.device)
+        width = max(map(len, answers))
+        completion_ids = torch.full((len(answers), width), self.pad_id, dtype=torch.long)  # (B, T)
+        completion_mask = torch.zeros_like(completion_ids)  # (B, T)
+        for row, answer in enumerate(answers):
+            completion_ids[row, : len(answer)] = torch.tensor(answer)
+            completion_mask[row, : len(answer)] = 1
+        return Rollouts(
+            prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids.to(self.device),
+            completion_mask=completion_mask.to(self.device),
+            sampler_logprobs=torch.zeros(completion_ids.shape, device=self.device),
+            finished=torch.tensor(full, device=self.device),
+            prompt_index=torch.arange(len(prompts), device=self.device).repeat_interleave(samples_per_prompt),
+        )

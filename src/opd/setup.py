@@ -20,7 +20,7 @@ from opd.config import Config, dump_config
 from opd.data import PromptSet, PromptStream, load_prompts
 from opd.errors import ConfigError
 from opd.models import LoadedModel, check_same_vocabulary, check_source, load_model, load_tokenizer
-from opd.rollout import HFSampler
+from opd.rollout import HFSampler, ReferenceSampler, Sampler
 from opd.teacher import LocalTeacher
 
 
@@ -31,7 +31,8 @@ class Session:
     autocast_dtype: torch.dtype | None
     student: LoadedModel
     teacher: LocalTeacher
-    sampler: HFSampler
+    sampler: Sampler  # writes the training rollouts: the student, or for sft the teacher or the data
+    student_sampler: HFSampler  # the student's own samples, for evaluation
     train_prompts: PromptSet
     eval_prompts: PromptSet | None
     stream: PromptStream
@@ -138,6 +139,9 @@ def prepare(config: Config, resume: bool, log=print) -> Session:
     prompt_options = (tokenizer, data.max_prompt_tokens, data.system_prompt, data.chat_template_kwargs)
     train_prompts = load_prompts(data.train, "data.train", *prompt_options)
     eval_prompts = load_prompts(data.eval, "data.eval", *prompt_options) if data.eval else None
+    reference_sampler = None
+    if config.rollout.source == "dataset":  # checks that every row has an answer, before weights load
+        reference_sampler = ReferenceSampler(train_prompts, tokenizer, config.rollout.max_new_tokens, device)
     for prompts in filter(None, (train_prompts, eval_prompts)):
         if prompts.skipped_too_long:
             log(f"warning: skipped {prompts.skipped_too_long} prompts of '{prompts.source}' longer than "
@@ -181,10 +185,17 @@ def prepare(config: Config, resume: bool, log=print) -> Session:
     (output_dir / "config.yaml").write_text(dump_config(config))
     shutil.rmtree(output_dir / "final", ignore_errors=True)  # only a finished run may show a final model
     rollout = config.rollout
+    sampling = (rollout.max_new_tokens, rollout.temperature, rollout.top_k, rollout.top_p, autocast_dtype)
+    student_sampler = HFSampler(student, *sampling)
+    samplers = {
+        "student": lambda: student_sampler,
+        "teacher": lambda: HFSampler(teacher_model, *sampling),
+        "dataset": lambda: reference_sampler,
+    }
     return Session(
         output_dir=output_dir, device=device, autocast_dtype=autocast_dtype, student=student,
         teacher=LocalTeacher(teacher_model, config.teacher.temperature, config.loss.chunk_size, autocast_dtype),
-        sampler=HFSampler(student, rollout.max_new_tokens, rollout.temperature, rollout.top_k, rollout.top_p, autocast_dtype),
+        sampler=samplers[rollout.source](), student_sampler=student_sampler,
         train_prompts=train_prompts, eval_prompts=eval_prompts, stream=stream, generator=generator,
         optimizer=optimizer, scheduler=scheduler, start_step=start_step,
     )

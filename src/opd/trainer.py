@@ -54,14 +54,18 @@ def train(config: Config, resume: bool = False, log=print) -> TrainResult:
             sampled = time.perf_counter()
             scores = session.teacher.score(rollouts, keep_hidden=config.loss.kind != "reverse_kl_pg")
             scored = time.perf_counter()
-            loss, grad_norm, lr = update_student(session, config, rollouts, scores)
+            update = update_student(session, config, rollouts, scores)
             finished = time.perf_counter()
 
             metrics = {
-                "loss": loss, **rollout_metrics(rollouts, scores.logprobs), "grad_norm": grad_norm, "lr": lr,
-                "timing/rollout_s": sampled - started, "timing/teacher_s": scored - sampled,
+                "loss": update["loss"], **rollout_metrics(rollouts, scores.logprobs), "grad_norm": update["grad_norm"],
+                "lr": update["lr"], "timing/rollout_s": sampled - started, "timing/teacher_s": scored - sampled,
                 "timing/update_s": finished - scored, "throughput/tokens_per_s": rollouts.num_tokens / (finished - started),
             }
+            if config.rollout.source != "student":  # off-policy tokens: no ℓˢ, and no reverse-KL estimate
+                metrics.pop("distill/reverse_kl")
+                metrics["logprob/student"] = update["student_logprob"]
+                metrics["perplexity/student"] = math.exp(-update["student_logprob"])
             if session.eval_prompts is not None and ((run.eval_every and step % run.eval_every == 0) or step == run.max_steps):
                 last_eval = run_eval(session, config)
                 metrics.update(last_eval)
@@ -80,9 +84,10 @@ def train(config: Config, resume: bool = False, log=print) -> TrainResult:
     return TrainResult(session.output_dir, first_eval, last_eval, run.max_steps - start_step)
 
 
-def update_student(session: Session, config: Config, rollouts: Rollouts, scores: TeacherScores) -> tuple[float, float, float]:
-    """Advantages, loss and backward over micro-batches, clipping, one AdamW step. Returns (loss, grad_norm, lr).
+def update_student(session: Session, config: Config, rollouts: Rollouts, scores: TeacherScores) -> dict[str, float]:
+    """Advantages, loss and backward over micro-batches, clipping, one AdamW step.
 
+    Returns loss, grad_norm, lr and the student's mean log-prob of the batch's tokens.
     Raises TrainingDiverged, before touching the weights, when the loss or gradient is not finite.
     """
     settings = LossSettings(
@@ -95,11 +100,12 @@ def update_student(session: Session, config: Config, rollouts: Rollouts, scores:
     )  # (B, T)
     session.optimizer.zero_grad(set_to_none=True)
     micro = config.batch.micro_batch_size
-    loss = sum(
+    shares = [
         backward_micro_batch(session.student, session.teacher, rollouts, scores, advantages, slice(row, row + micro),
                              rollouts.num_tokens, settings, session.autocast_dtype)
         for row in range(0, len(rollouts), micro)
-    )
+    ]
+    loss = sum(share for share, _ in shares)
     parameters = session.student.model.parameters()
     grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, config.optim.max_grad_norm or math.inf))
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -107,13 +113,14 @@ def update_student(session: Session, config: Config, rollouts: Rollouts, scores:
     lr = session.scheduler.get_last_lr()[0]
     session.optimizer.step()
     session.scheduler.step()
-    return loss, grad_norm, lr
+    student_logprob = sum(logprob_sum for _, logprob_sum in shares) / max(rollouts.num_tokens, 1)
+    return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "student_logprob": student_logprob}
 
 
 def run_eval(session: Session, config: Config) -> dict[str, float]:
     generator = torch.Generator(device=session.device).manual_seed(config.run.seed + 1)
     return evaluate(
-        session.sampler, session.teacher, session.eval_prompts, session.student.tokenizer,
+        session.student_sampler, session.teacher, session.eval_prompts, session.student.tokenizer,
         samples_per_prompt=config.rollout.eval_samples_per_prompt,
         # As many rollouts per sampling call as a training step makes.
         batch_prompts=max(1, rollouts_per_step(config) // config.rollout.eval_samples_per_prompt),
