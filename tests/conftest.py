@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from opd import losses
 from opd.demo.task import make_problem
 from opd.demo.tokenizer import build_tokenizer
 
@@ -78,3 +79,19 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300):
     import subprocess
 
     return subprocess.run([sys.executable, "-m", "opd", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+def recompute_logprobs(model, rollouts: Rollouts, temperature: float, top_k: int = 0, top_p: float = 1.0):
+    """Reference: one full fp32 forward over each row alone, no cache, no padding."""
+    rows = []
+    for row in range(len(rollouts)):
+        prompt = rollouts.prompt_ids[row][rollouts.prompt_mask[row].bool()]
+        length = int(rollouts.completion_mask[row].sum())
+        ids = torch.cat([prompt, rollouts.completion_ids[row, :length]])[None]
+        with torch.no_grad():
+            logits = model.model(input_ids=ids).logits[0, len(prompt) - 1 : -1, : model.vocab_size]
+        processed = losses.process_logits(logits, temperature, top_k, top_p)
+        values = torch.zeros(rollouts.completion_ids.shape[1])
+        values[:length] = losses.token_logprobs(processed, ids[0, len(prompt):])
+        rows.append(values)
+    return torch.stack(rows)

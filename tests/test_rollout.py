@@ -13,6 +13,8 @@ from opd.objective import LossSettings, backward_micro_batch
 from opd.rollout import HFSampler, Rollouts
 from opd.teacher import LocalTeacher
 
+from conftest import recompute_logprobs
+
 CPU = torch.device("cpu")
 
 
@@ -23,22 +25,6 @@ def models(tiny_models):
 
 def prompts(tokenizer):
     return [tokenizer("Question : Mia has 3 apples . \n Answer :")["input_ids"], tokenizer("Question : Tom ?")["input_ids"]]
-
-
-def recompute_logprobs(model, rollouts: Rollouts, temperature: float, top_k: int = 0, top_p: float = 1.0):
-    """Reference: one full fp32 forward over each row alone, no cache, no padding."""
-    rows = []
-    for row in range(len(rollouts)):
-        prompt = rollouts.prompt_ids[row][rollouts.prompt_mask[row].bool()]
-        length = int(rollouts.completion_mask[row].sum())
-        ids = torch.cat([prompt, rollouts.completion_ids[row, :length]])[None]
-        with torch.no_grad():
-            logits = model.model(input_ids=ids).logits[0, len(prompt) - 1 : -1, : model.vocab_size]
-        processed = losses.process_logits(logits, temperature, top_k, top_p)
-        values = torch.zeros(rollouts.completion_ids.shape[1])
-        values[:length] = losses.token_logprobs(processed, ids[0, len(prompt):])
-        rows.append(values)
-    return torch.stack(rows)
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.0, 0, 1.0), (0.7, 20, 0.9)])

@@ -9,8 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import run_cli
-from opd import losses
+from conftest import recompute_logprobs, run_cli
 from opd.config import load_config, validate
 from opd.errors import ConfigError, DataError
 from opd.metrics import read_metrics
@@ -24,16 +23,7 @@ def sft_config(tiny_config, **rollout) -> dict:
 
 def reference_nll(model, rollouts) -> float:
     """Mean -log p(answer token) from one plain full forward per row, no padding, no chunks."""
-    total, count = 0.0, 0
-    for row in range(len(rollouts)):
-        prompt = rollouts.prompt_ids[row][rollouts.prompt_mask[row].bool()]
-        length = int(rollouts.completion_mask[row].sum())
-        ids = torch.cat([prompt, rollouts.completion_ids[row, :length]])[None]
-        with torch.no_grad():
-            logits = model.model(input_ids=ids).logits[0, len(prompt) - 1 : -1, : model.vocab_size]
-        total += float(-torch.log_softmax(logits.double(), -1).gather(-1, ids[0, len(prompt):, None]).sum())
-        count += length
-    return total / count
+    return float(-recompute_logprobs(model, rollouts, 1.0).sum() / rollouts.completion_mask.sum())
 
 
 def test_dataset_rollouts_are_the_answers_and_the_loss_is_their_nll(tiny_config):
