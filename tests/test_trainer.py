@@ -93,8 +93,10 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_config, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from" in resumed.stdout
     assert_same_weights(final_weights(tmp_path / "uninterrupted"), final_weights(killed_dir), atol=0)
-    steps = [row["step"] for row in read_metrics(killed_dir / "metrics.jsonl")]
-    assert steps == list(range(1, 41))  # no step logged twice, none missing
+    rows = read_metrics(killed_dir / "metrics.jsonl")
+    assert [row["step"] for row in rows] == list(range(1, 41))  # no step logged twice, none missing
+    # Cumulative compute carries over the kill: the same total as the uninterrupted run.
+    assert rows[-1]["compute/flops"] == read_metrics(tmp_path / "uninterrupted" / "metrics.jsonl")[-1]["compute/flops"]
 
 
 def test_crash_mid_save_leaves_no_complete_looking_checkpoint(tiny_config, tmp_path, monkeypatch):

@@ -75,6 +75,7 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     sampler_generator: torch.Generator,
     prompts_consumed: int,
+    flops: float = 0.0,
 ) -> Path:
     state = {
         "step": step,
@@ -82,6 +83,7 @@ def save_checkpoint(
         "scheduler": scheduler.state_dict(),
         "rng": rng_state(sampler_generator),
         "prompts_consumed": prompts_consumed,
+        "flops": flops,
     }
 
     def write(temporary: Path) -> None:

@@ -40,6 +40,7 @@ class Session:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     start_step: int
+    start_flops: float  # training FLOPs spent before start_step (see opd.flops)
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -169,13 +170,14 @@ def prepare(config: Config, resume: bool, log=print) -> Session:
     generator = torch.Generator(device=device).manual_seed(config.run.seed)
     stream = PromptStream(len(train_prompts), config.run.seed, config.data.shuffle)
 
-    start_step = 0
+    start_step, start_flops = 0, 0.0
     if checkpoint is not None:
         state = load_trainer_state(checkpoint)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         restore_rng(state["rng"], generator)
         stream.consumed = state["prompts_consumed"]
+        start_flops = state.get("flops", 0.0)
         start_step = state["step"]
         log(f"resuming from {checkpoint} (step {start_step})")
     elif resume:
@@ -197,5 +199,5 @@ def prepare(config: Config, resume: bool, log=print) -> Session:
         teacher=LocalTeacher(teacher_model, config.teacher.temperature, config.loss.chunk_size, autocast_dtype),
         sampler=samplers[rollout.source](), student_sampler=student_sampler,
         train_prompts=train_prompts, eval_prompts=eval_prompts, stream=stream, generator=generator,
-        optimizer=optimizer, scheduler=scheduler, start_step=start_step,
+        optimizer=optimizer, scheduler=scheduler, start_step=start_step, start_flops=start_flops,
     )

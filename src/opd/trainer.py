@@ -20,6 +20,7 @@ from opd.checkpoint import latest_checkpoint, save_checkpoint, save_model
 from opd.config import Config
 from opd.errors import TrainingDiverged
 from opd.evaluate import evaluate
+from opd.flops import matmul_parameters, step_flops
 from opd.metrics import MetricsLog, ProgressBar, rollout_metrics
 from opd.objective import LossSettings, backward_micro_batch
 from opd.rollout import Rollouts
@@ -45,7 +46,8 @@ def train(config: Config, resume: bool = False, log=print) -> TrainResult:
         first_eval = last_eval = run_eval(session, config)
         log_file.write(0, first_eval)
     progress = ProgressBar(run.max_steps, start_step, enabled=run.progress)
-    step = start_step
+    step, flops = start_step, session.start_flops
+    flop_counts = (matmul_parameters(session.student.model), matmul_parameters(session.teacher.teacher.model))
     try:
         for step in range(start_step + 1, run.max_steps + 1):
             started = time.perf_counter()
@@ -62,6 +64,9 @@ def train(config: Config, resume: bool = False, log=print) -> TrainResult:
                 "lr": update["lr"], "timing/rollout_s": sampled - started, "timing/teacher_s": scored - sampled,
                 "timing/update_s": finished - scored, "throughput/tokens_per_s": rollouts.num_tokens / (finished - started),
             }
+            costs = step_flops(rollouts, *flop_counts, config.rollout.source)
+            flops += sum(costs.values())
+            metrics.update(costs, **{"compute/flops": flops})
             if config.rollout.source != "student":  # off-policy tokens: no ℓˢ, and no reverse-KL estimate
                 metrics.pop("distill/reverse_kl")
                 metrics["logprob/student"] = update["student_logprob"]
@@ -74,7 +79,7 @@ def train(config: Config, resume: bool = False, log=print) -> TrainResult:
             progress.update(step, metrics)
             if run.save_every and step % run.save_every == 0:
                 save_checkpoint(session.output_dir, step, session.student, session.optimizer, session.scheduler,
-                                session.generator, session.stream.consumed)
+                                session.generator, session.stream.consumed, flops)
     except TrainingDiverged as exc:
         last_good = latest_checkpoint(session.output_dir)
         raise TrainingDiverged(f"step {step}: {exc} (last good checkpoint: {last_good or 'none'})") from None
