@@ -52,6 +52,10 @@ class LocalTeacher:
         device_type = next(self.teacher.model.parameters()).device.type
         return torch.autocast(device_type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None)
 
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.teacher.model
+
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., V) at the teacher's temperature."""

@@ -47,7 +47,7 @@ def train(config: Config, resume: bool = False, log=print) -> TrainResult:
         log_file.write(0, first_eval)
     progress = ProgressBar(run.max_steps, start_step, enabled=run.progress)
     step, flops = start_step, session.start_flops
-    flop_counts = (matmul_parameters(session.student.model), matmul_parameters(session.teacher.teacher.model))
+    flop_counts = (matmul_parameters(session.student.model), matmul_parameters(session.teacher.model))
     try:
         for step in range(start_step + 1, run.max_steps + 1):
             started = time.perf_counter()
@@ -59,18 +59,10 @@ def train(config: Config, resume: bool = False, log=print) -> TrainResult:
             update = update_student(session, config, rollouts, scores)
             finished = time.perf_counter()
 
-            metrics = {
-                "loss": update["loss"], **rollout_metrics(rollouts, scores.logprobs), "grad_norm": update["grad_norm"],
-                "lr": update["lr"], "timing/rollout_s": sampled - started, "timing/teacher_s": scored - sampled,
-                "timing/update_s": finished - scored, "throughput/tokens_per_s": rollouts.num_tokens / (finished - started),
-            }
             costs = step_flops(rollouts, *flop_counts, config.rollout.source)
             flops += sum(costs.values())
-            metrics.update(costs, **{"compute/flops": flops})
-            if config.rollout.source != "student":  # off-policy tokens: no ℓˢ, and no reverse-KL estimate
-                metrics.pop("distill/reverse_kl")
-                metrics["logprob/student"] = update["student_logprob"]
-                metrics["perplexity/student"] = math.exp(-update["student_logprob"])
+            metrics = {**step_metrics(config, rollouts, scores, update, (started, sampled, scored, finished)),
+                       **costs, "compute/flops": flops}
             if session.eval_prompts is not None and ((run.eval_every and step % run.eval_every == 0) or step == run.max_steps):
                 last_eval = run_eval(session, config)
                 metrics.update(last_eval)
@@ -87,6 +79,22 @@ def train(config: Config, resume: bool = False, log=print) -> TrainResult:
         progress.close()
     save_model(session.student, session.output_dir / "final")
     return TrainResult(session.output_dir, first_eval, last_eval, run.max_steps - start_step)
+
+
+def step_metrics(config: Config, rollouts: Rollouts, scores: TeacherScores, update: dict[str, float],
+                 times: tuple[float, float, float, float]) -> dict[str, float]:
+    """The metrics of one training step, named as in DESIGN.md §1. times: (start, sampled, scored, updated)."""
+    started, sampled, scored, finished = times
+    metrics = {
+        "loss": update["loss"], **rollout_metrics(rollouts, scores.logprobs), "grad_norm": update["grad_norm"],
+        "lr": update["lr"], "timing/rollout_s": sampled - started, "timing/teacher_s": scored - sampled,
+        "timing/update_s": finished - scored, "throughput/tokens_per_s": rollouts.num_tokens / (finished - started),
+    }
+    if config.rollout.source != "student":  # someone else's tokens: no ℓˢ, and no reverse-KL estimate
+        metrics.pop("distill/reverse_kl")
+        metrics["logprob/student"] = update["student_logprob"]
+        metrics["perplexity/student"] = math.exp(-update["student_logprob"])
+    return metrics
 
 
 def update_student(session: Session, config: Config, rollouts: Rollouts, scores: TeacherScores) -> dict[str, float]:
