@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -16,6 +17,18 @@ from opd.demo.task import make_problem
 from opd.demo.tokenizer import build_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
+# The real GSM8K files live beside the project, in ../shared/data/gsm8k (never copied in here).
+GSM8K = Path(os.environ.get("OPD_GSM8K_DIR", ROOT.parent / "shared" / "data" / "gsm8k"))
+
+
+@pytest.fixture
+def gsm8k_dir() -> Path:
+    if not (GSM8K / "test.jsonl").is_file():
+        message = f"GSM8K data not found at {GSM8K} (set OPD_GSM8K_DIR)"
+        if os.environ.get("CI"):  # CI lays shared/ beside the clone: missing data there is a failure
+            pytest.fail(message)
+        pytest.skip(message)
+    return GSM8K
 
 
 def make_tiny_model(folder: Path, hidden: int = 32, layers: int = 2, seed: int = 0, extra_vocab_rows: int = 0,

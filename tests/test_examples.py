@@ -41,14 +41,14 @@ def test_every_example_recipe_validates():
         load_config(path)
 
 
-def test_dry_run_validates_the_gpu_recipe_without_weights_or_network(tmp_path):
+def test_dry_run_validates_the_gpu_recipe_without_weights_or_network(tmp_path, gsm8k_dir):
     recipe = ROOT / "examples" / "gsm8k_qwen3.yaml"
     config = load_config(recipe)
     assert (config.student.path, config.teacher.path) == ("Qwen/Qwen3-1.7B", "Qwen/Qwen3-8B")
     assert (config.rollout.samples_per_prompt, config.rollout.max_new_tokens, config.rollout.temperature) == (8, 128, 0.7)
     assert (config.optim.lr, config.optim.schedule, config.run.precision) == (1e-5, "cosine", "bf16")
     output_dir = tmp_path / "run"
-    local_data = ROOT.parent / "shared" / "data" / "gsm8k"
+    local_data = gsm8k_dir
     result = run_cli("train", "--dry-run", str(recipe), "--set", f"run.output_dir={output_dir}",
                      f"data.train={local_data / 'train.jsonl'}", f"data.eval={local_data / 'test.jsonl'}")
     assert result.returncode == 0, result.stderr

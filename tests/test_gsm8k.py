@@ -7,11 +7,8 @@ from fractions import Fraction
 
 import pytest
 
-from conftest import ROOT
 from opd.demo.tokenizer import build_tokenizer
 from opd.tasks.gsm8k import extract_answer, gold_answer, is_correct
-
-GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
 
 
 @pytest.mark.parametrize(
@@ -44,8 +41,8 @@ def test_wrong_and_uncheckable_answers():
     assert is_correct("#### 5", "a reference without a final line") is None
 
 
-def test_every_gsm8k_test_gold_answer_parses_to_its_number():
-    rows = [json.loads(line) for line in (GSM8K / "test.jsonl").read_text().splitlines()]
+def test_every_gsm8k_test_gold_answer_parses_to_its_number(gsm8k_dir):
+    rows = [json.loads(line) for line in (gsm8k_dir / "test.jsonl").read_text().splitlines()]
     assert len(rows) == 1319
     for row in rows:
         final_line = row["answer"].strip().splitlines()[-1]
@@ -80,10 +77,10 @@ def test_gsm8k_rows_go_through_the_chat_template_with_the_system_prompt(tmp_path
     assert plain_tokenizer.decode(plain.token_ids[0]).startswith("<unk> Mia has 3 apples")
 
 
-def test_real_gsm8k_file_loads_as_prompts():
+def test_real_gsm8k_file_loads_as_prompts(gsm8k_dir):
     from opd.data import load_prompts
 
-    prompts = load_prompts(str(GSM8K / "test.jsonl"), "data.eval", _chat_tokenizer(), 100_000)
+    prompts = load_prompts(str(gsm8k_dir / "test.jsonl"), "data.eval", _chat_tokenizer(), 100_000)
     assert len(prompts) == 1319 and all(gold_answer(answer) is not None for answer in prompts.answers)
 
 
