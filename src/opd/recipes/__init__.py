@@ -1,0 +1,1 @@
+"""Helpers that prepare the inputs of the example recipes in examples/."""
