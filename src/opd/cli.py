@@ -53,6 +53,7 @@ def _dry_run(config) -> None:
 
     from opd.data import read_jsonl
     from opd.models import check_source
+    from opd.setup import check_output_dir
 
     check_source(config.student.path, "student.path")
     check_source(config.teacher.path, "teacher.path")
@@ -62,9 +63,7 @@ def _dry_run(config) -> None:
             counts[key] = f"{len(read_jsonl(source, key))} rows"
         elif source:
             counts[key] = "hub data set (not fetched)"
-    output_dir = Path(config.run.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConfigError(f"run.output_dir: '{output_dir}' is a file, not a directory")
+    check_output_dir(Path(config.run.output_dir), resume=True)  # checks the path is usable; writes nothing
     rollouts = config.batch.prompts_per_step * config.rollout.samples_per_prompt
     print(f"config OK: {config.run.max_steps} steps of {config.batch.prompts_per_step} prompts x "
           f"{config.rollout.samples_per_prompt} samples = {rollouts} rollouts, loss {config.loss.kind}; "

@@ -92,6 +92,17 @@ def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> t
     return ids.to(device), mask.to(device)
 
 
+def right_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids, mask), each (B, T_max), padded on the right, as completions are."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids.to(device), mask.to(device)
+
+
 class HFSampler:
     """Samples with a Hugging Face causal LM and its KV cache, recording ℓˢ as it goes."""
 
@@ -190,16 +201,10 @@ class ReferenceSampler:
         answers = [self.answers[tuple(prompt)][: self.max_new_tokens] for prompt in prompts for _ in range(samples_per_prompt)]
         full = [len(self.answers[tuple(prompt)]) <= self.max_new_tokens for prompt in prompts for _ in range(samples_per_prompt)]
         prompt_ids, prompt_mask = left_pad([p for p in prompts for _ in range(samples_per_prompt)], self.pad_id, self.device)
-        width = max(map(len, answers))
-        completion_ids = torch.full((len(answers), width), self.pad_id, dtype=torch.long)  # (B, T)
-        completion_mask = torch.zeros_like(completion_ids)  # (B, T)
-        for row, answer in enumerate(answers):
-            completion_ids[row, : len(answer)] = torch.tensor(answer)
-            completion_mask[row, : len(answer)] = 1
+        completion_ids, completion_mask = right_pad(answers, self.pad_id, self.device)  # (B, T) each
         return Rollouts(
-            prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids.to(self.device),
-            completion_mask=completion_mask.to(self.device),
-            sampler_logprobs=torch.zeros(completion_ids.shape, device=self.device),
+            prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+            completion_mask=completion_mask, sampler_logprobs=torch.zeros(completion_ids.shape, device=self.device),
             finished=torch.tensor(full, device=self.device),
             prompt_index=torch.arange(len(prompts), device=self.device).repeat_interleave(samples_per_prompt),
         )

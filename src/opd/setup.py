@@ -79,7 +79,7 @@ def lr_schedule(config: Config):
     return factor
 
 
-def _check_output_dir(output_dir: Path, resume: bool) -> None:
+def check_output_dir(output_dir: Path, resume: bool) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"run.output_dir: '{output_dir}' is a file, not a directory")
     holds_run = (output_dir / "metrics.jsonl").exists() or (output_dir / "checkpoints").exists()
@@ -129,7 +129,7 @@ def _check_context(model: LoadedModel, key: str, config: Config) -> None:
 
 def prepare(config: Config, resume: bool, log=print) -> Session:
     output_dir = Path(config.run.output_dir)
-    _check_output_dir(output_dir, resume)
+    check_output_dir(output_dir, resume)
     device = resolve_device(config.run.device)
     autocast_dtype = resolve_autocast(config.run.precision, device)
     check_source(config.student.path, "student.path")

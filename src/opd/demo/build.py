@@ -24,7 +24,7 @@ from opd.checkpoint import save_model
 from opd.demo.task import make_problem
 from opd.demo.tokenizer import build_tokenizer
 from opd.models import LoadedModel, completion_hidden_states, logits_from_hidden
-from opd.rollout import left_pad
+from opd.rollout import left_pad, right_pad
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -57,15 +57,10 @@ def supervised_loss(model: LoadedModel, prompts: list[list[int]], answers: list[
     """Mean negative log-likelihood of the answer tokens (EOS included) given their prompts."""
     eos = model.tokenizer.eos_token_id
     prompt_ids, prompt_mask = left_pad(prompts, eos, torch.device("cpu"))  # (B, P)
-    width = max(len(answer) for answer in answers) + 1
-    answer_ids = torch.full((len(answers), width), eos, dtype=torch.long)  # (B, T)
-    answer_mask = torch.zeros_like(answer_ids)  # (B, T)
-    for row, answer in enumerate(answers):
-        answer_ids[row, : len(answer)] = torch.tensor(answer)
-        answer_mask[row, : len(answer) + 1] = 1
+    answer_ids, answer_mask = right_pad([answer + [eos] for answer in answers], eos, torch.device("cpu"))  # (B, T)
     input_ids = torch.cat([prompt_ids, answer_ids], 1)
     attention = torch.cat([prompt_mask, answer_mask], 1)
-    hidden = completion_hidden_states(model.model, input_ids, attention, width)  # (B, T, H)
+    hidden = completion_hidden_states(model.model, input_ids, attention, answer_ids.shape[1])  # (B, T, H)
     logprobs = losses.token_logprobs(logits_from_hidden(model.model, hidden, model.vocab_size), answer_ids)
     return losses.reduce_tokens(-logprobs, answer_mask, answer_mask.sum())
 
