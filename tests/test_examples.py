@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import yaml
 
 from opd.config import Config, _known_keys, load_config
@@ -25,7 +27,8 @@ def test_reference_config_lists_every_key_with_its_default():
     config = load_config(REFERENCE)
     documented = _flatten(yaml.safe_load(REFERENCE.read_text()))
     assert sorted(documented) == sorted(_known_keys(Config))
-    for section, model in ((name, field.annotation) for name, field in Config.model_fields.items()):
+    for section, annotation in ((name, field.annotation) for name, field in Config.model_fields.items()):
+        model = next(a for a in (annotation, *get_args(annotation)) if isinstance(a, type))  # X | None -> X
         for key, field in model.model_fields.items():
             if field.is_required():
                 continue

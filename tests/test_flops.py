@@ -27,8 +27,9 @@ def test_step_flops_follow_2n_2nt_6n_per_token():
         sampler_logprobs=torch.zeros(2, 4), finished=torch.tensor([True, False]), prompt_index=torch.tensor([0, 1]),
     )
     tokens = 5 + 6
-    on_policy = step_flops(rollouts, student_params=10, teacher_params=100, source="student")
+    on_policy = step_flops(rollouts, sampler_params=10, scorer_params=100, student_params=10)
     assert on_policy == {"compute/rollout_flops": 2 * 10 * tokens, "compute/teacher_flops": 2 * 100 * tokens,
                          "compute/update_flops": 6 * 10 * tokens}
-    assert step_flops(rollouts, 10, 100, "teacher")["compute/rollout_flops"] == 2 * 100 * tokens
-    assert step_flops(rollouts, 10, 100, "dataset")["compute/rollout_flops"] == 0
+    off_policy = step_flops(rollouts, sampler_params=100, scorer_params=0, student_params=10)
+    assert off_policy == {"compute/rollout_flops": 2 * 100 * tokens, "compute/teacher_flops": 0,
+                          "compute/update_flops": 6 * 10 * tokens}

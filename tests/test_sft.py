@@ -14,7 +14,7 @@ from opd.config import load_config, validate
 from opd.errors import ConfigError, DataError
 from opd.metrics import read_metrics
 from opd.setup import prepare
-from opd.trainer import update_student
+from opd.trainer import score, train, update_student
 
 
 def sft_config(tiny_config, **rollout) -> dict:
@@ -93,3 +93,47 @@ def test_opd_sft_command_fills_loss_and_source_and_trains(tiny_config, tmp_path)
         assert row["loss"] == pytest.approx(-row["logprob/student"], rel=1e-5)
     assert train_rows[-1]["loss"] < train_rows[0]["loss"]  # the same answers get likelier
     assert "eval/distill/reverse_kl" in rows[0] and "eval/distill/reverse_kl" in rows[-1]  # eval stays on-policy
+
+
+def test_dataset_sft_runs_without_a_teacher_and_reports_no_teacher_figures(tiny_config):
+    raw = sft_config(tiny_config)
+    raw["run"] = {**raw["run"], "max_steps": 2}
+    del raw["teacher"]
+    result = train(validate(raw), log=lambda *_: None)
+    rows = read_metrics(result.output_dir / "metrics.jsonl")
+    train_rows = [row for row in rows if "loss" in row]
+    assert len(train_rows) == 2
+    for row in rows:
+        assert not any("teacher" in key or "reverse_kl" in key for key in row if not key.startswith(("compute/", "timing/")))
+    for row in train_rows:
+        assert row["compute/teacher_flops"] == 0 and row["compute/rollout_flops"] == 0
+        assert row["loss"] == pytest.approx(-row["logprob/student"], rel=1e-5)
+    assert "eval/accuracy" in rows[-1]
+
+
+@pytest.mark.parametrize("source", ["student", "teacher"])
+def test_every_other_run_needs_a_teacher(tiny_config, source):
+    raw = {**tiny_config, "loss": {"kind": "sft" if source == "teacher" else "reverse_kl_pg"},
+           "rollout": {"source": source}}
+    del raw["teacher"]
+    with pytest.raises(ConfigError, match=f"teacher.path: required for .* rollout.source={source}"):
+        validate(raw)
+
+
+@pytest.mark.parametrize("teacher_temperature", [1.0, 0.5])
+def test_teacher_samples_are_scored_again_only_under_another_distribution(tiny_config, teacher_temperature, monkeypatch):
+    raw = sft_config(tiny_config, source="teacher")
+    raw["teacher"] = {**raw["teacher"], "temperature": teacher_temperature}
+    config = validate(raw)
+    session = prepare(config, resume=False, log=lambda *_: None)
+    rollouts = session.sampler.sample(session.train_prompts.token_ids[:2], 2, session.generator)
+    forwards = []
+    original = session.teacher.score
+    monkeypatch.setattr(session.teacher, "score", lambda *a, **k: forwards.append(1) or original(*a, **k))
+    scores = score(session, config, rollouts)
+    if teacher_temperature == config.rollout.temperature:  # the sampling pass already gave ℓᵀ: reuse it
+        assert not forwards and scores.logprobs is rollouts.sampler_logprobs
+    else:
+        assert forwards
+        torch.testing.assert_close(scores.logprobs, original(rollouts).logprobs)
+        assert not torch.allclose(scores.logprobs, rollouts.sampler_logprobs, atol=1e-3)

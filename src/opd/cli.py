@@ -56,7 +56,8 @@ def _dry_run(config) -> None:
     from opd.setup import check_output_dir
 
     check_source(config.student.path, "student.path")
-    check_source(config.teacher.path, "teacher.path")
+    if config.teacher is not None:
+        check_source(config.teacher.path, "teacher.path")
     counts = {}
     for key, source in (("data.train", config.data.train), ("data.eval", config.data.eval)):
         if source and not source.startswith("hf:"):

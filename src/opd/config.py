@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -107,7 +107,9 @@ class OptimConfig(_Strict):
 class Config(_Strict):
     run: RunConfig
     student: StudentConfig
-    teacher: TeacherConfig
+    teacher: TeacherConfig | None = Field(
+        None, description="Needed by every run except SFT on the data set's answers, where it only adds metrics."
+    )
     data: DataConfig
     rollout: RolloutConfig = RolloutConfig()
     loss: LossConfig = LossConfig()
@@ -122,6 +124,11 @@ class Config(_Strict):
                 f"batch.micro_batch_size={self.batch.micro_batch_size} exceeds the "
                 f"{rollouts} rollouts of a step (batch.prompts_per_step={self.batch.prompts_per_step}"
                 f" x rollout.samples_per_prompt={self.rollout.samples_per_prompt})"
+            )
+        if self.teacher is None and not (self.loss.kind == "sft" and self.rollout.source == "dataset"):
+            raise ValueError(
+                f"teacher.path: required for loss.kind={self.loss.kind} with rollout.source={self.rollout.source}; "
+                "only SFT on the data set's answers (source dataset) runs without a teacher"
             )
         on_policy = self.rollout.source == "student"
         if on_policy == (self.loss.kind == "sft"):
@@ -141,9 +148,9 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     keys = []
     for name, field in model.model_fields.items():
         keys.append(prefix + name)
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            keys.extend(_known_keys(annotation, prefix + name + "."))
+        for annotation in (field.annotation, *get_args(field.annotation)):  # X and X | None alike
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                keys.extend(_known_keys(annotation, prefix + name + "."))
     return keys
 
 

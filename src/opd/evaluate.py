@@ -14,7 +14,7 @@ import math
 import torch
 
 from opd.data import PromptSet
-from opd.metrics import masked_mean, rollout_metrics
+from opd.metrics import rollout_metrics
 from opd.rollout import Rollouts, Sampler
 from opd.tasks.gsm8k import is_correct
 from opd.teacher import Teacher
@@ -47,14 +47,7 @@ def evaluate(
     for start in range(0, count, batch_prompts):
         indices = list(range(start, min(start + batch_prompts, count)))
         rollouts = sampler.sample([prompts.token_ids[i] for i in indices], samples_per_prompt, generator)
-        if teacher is not None:
-            batch_metrics = rollout_metrics(rollouts, teacher.score(rollouts).logprobs)
-        else:
-            batch_metrics = {
-                "logprob/student": masked_mean(rollouts.sampler_logprobs, rollouts.completion_mask),
-                "generation/avg_length": float(rollouts.completion_mask.sum(1).float().mean()),
-                "generation/eos_fraction": float(rollouts.finished.float().mean()),
-            }
+        batch_metrics = rollout_metrics(rollouts, teacher.score(rollouts).logprobs if teacher is not None else None)
         token_weights.append((batch_metrics, rollouts.num_tokens, len(rollouts)))
         for text, prompt_row in zip(decode_completions(rollouts, tokenizer), rollouts.prompt_index.tolist()):
             answer = prompts.answers[indices[prompt_row]]

@@ -21,16 +21,17 @@ def matmul_parameters(model: torch.nn.Module) -> int:
     return total - embedding.numel() + (head.numel() if tied else 0)
 
 
-def step_flops(rollouts: Rollouts, student_params: int, teacher_params: int, source: str) -> dict[str, float]:
-    """FLOPs of one step: sampling (by whoever wrote the rollouts), teacher scoring, student update.
+def step_flops(rollouts: Rollouts, sampler_params: int, scorer_params: int, student_params: int) -> dict[str, float]:
+    """FLOPs of one step: sampling, teacher scoring and the student update.
 
-    Every stage processes each real prompt token once and each completion token once (sampling with
-    a KV cache, scoring and the update each run over the whole sequence).
+    sampler_params: N of whoever sampled (0 for the data set's answers); scorer_params: N_T when a
+    teacher scoring pass ran, else 0. Every stage processes each real prompt token once and each
+    completion token once (sampling with a KV cache, scoring and the update each run over the whole
+    sequence).
     """
     tokens = float(rollouts.prompt_mask.sum() + rollouts.completion_mask.sum())
-    sampler_params = {"student": student_params, "teacher": teacher_params, "dataset": 0}[source]
     return {
         "compute/rollout_flops": 2 * sampler_params * tokens,
-        "compute/teacher_flops": 2 * teacher_params * tokens,
+        "compute/teacher_flops": 2 * scorer_params * tokens,
         "compute/update_flops": 6 * student_params * tokens,
     }

@@ -22,17 +22,21 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
     return float(torch.where(mask.bool(), values, 0.0).sum() / count) if count > 0 else float("nan")
 
 
-def rollout_metrics(rollouts: Rollouts, teacher_logprobs: torch.Tensor, prefix: str = "") -> dict[str, float]:
-    """The distillation figures of DESIGN.md §1 for one batch. teacher_logprobs: (B, T)."""
+def rollout_metrics(rollouts: Rollouts, teacher_logprobs: torch.Tensor | None, prefix: str = "") -> dict[str, float]:
+    """The distillation figures of DESIGN.md §1 for one batch. teacher_logprobs: (B, T), or None
+    without a teacher (then only the student's and the length figures)."""
     mask = rollouts.completion_mask
     student_lp = masked_mean(rollouts.sampler_logprobs, mask)
-    teacher_lp = masked_mean(teacher_logprobs, mask)
+    metrics = {f"{prefix}logprob/student": student_lp, f"{prefix}perplexity/student": math.exp(-student_lp)}
+    if teacher_logprobs is not None:
+        teacher_lp = masked_mean(teacher_logprobs, mask)
+        metrics.update({
+            f"{prefix}logprob/teacher": teacher_lp,
+            f"{prefix}perplexity/teacher": math.exp(-teacher_lp),
+            f"{prefix}distill/reverse_kl": masked_mean(rollouts.sampler_logprobs - teacher_logprobs, mask),
+        })
     return {
-        f"{prefix}logprob/student": student_lp,
-        f"{prefix}logprob/teacher": teacher_lp,
-        f"{prefix}perplexity/student": math.exp(-student_lp),
-        f"{prefix}perplexity/teacher": math.exp(-teacher_lp),
-        f"{prefix}distill/reverse_kl": masked_mean(rollouts.sampler_logprobs - teacher_logprobs, mask),
+        **metrics,
         f"{prefix}generation/avg_length": float(mask.sum(1).float().mean()),
         f"{prefix}generation/eos_fraction": float(rollouts.finished.float().mean()),
     }

@@ -31,10 +31,10 @@ class LossSettings:
 
 def backward_micro_batch(
     student: LoadedModel,
-    teacher: Teacher,
+    teacher: Teacher | None,
     rollouts: Rollouts,
-    scores: TeacherScores,
-    advantages: torch.Tensor,
+    scores: TeacherScores | None,
+    advantages: torch.Tensor | None,
     rows: slice,
     num_tokens: int,
     settings: LossSettings,
@@ -42,7 +42,8 @@ def backward_micro_batch(
 ) -> tuple[float, float]:
     """Accumulate gradients of one micro-batch's share of the step loss.
 
-    advantages: (B, T) for the whole step; `rows` picks the micro-batch. The loss is normalized by
+    advantages: (B, T) for the whole step, needed by reverse_kl_pg only; `rows` picks the micro-batch.
+    teacher and scores may be None for sft. The loss is normalized by
     num_tokens, the completion tokens of the whole step, so shares add up to the step loss.
     Returns (loss share, sum of the student's log-probs of the micro-batch's tokens); the second
     gives `opd sft` its logprob/student, since no student sampled those tokens.

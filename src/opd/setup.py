@@ -30,7 +30,7 @@ class Session:
     device: torch.device
     autocast_dtype: torch.dtype | None
     student: LoadedModel
-    teacher: LocalTeacher
+    teacher: LocalTeacher | None  # None only in SFT on the data set's answers without a teacher
     sampler: Sampler  # writes the training rollouts: the student, or for sft the teacher or the data
     student_sampler: HFSampler  # the student's own samples, for evaluation
     train_prompts: PromptSet
@@ -133,9 +133,12 @@ def prepare(config: Config, resume: bool, log=print) -> Session:
     device = resolve_device(config.run.device)
     autocast_dtype = resolve_autocast(config.run.precision, device)
     check_source(config.student.path, "student.path")
-    check_source(config.teacher.path, "teacher.path")
+    teacher_config = config.teacher
+    if teacher_config is not None:
+        check_source(teacher_config.path, "teacher.path")
     tokenizer = load_tokenizer(config.student.path, "student.path", config.student.trust_remote_code)
-    check_same_vocabulary(tokenizer, load_tokenizer(config.teacher.path, "teacher.path", config.teacher.trust_remote_code))
+    if teacher_config is not None:
+        check_same_vocabulary(tokenizer, load_tokenizer(teacher_config.path, "teacher.path", teacher_config.trust_remote_code))
     data = config.data
     prompt_options = (tokenizer, data.max_prompt_tokens, data.system_prompt, data.chat_template_kwargs)
     train_prompts = load_prompts(data.train, "data.train", *prompt_options)
@@ -155,10 +158,13 @@ def prepare(config: Config, resume: bool, log=print) -> Session:
         _check_resumable(output_dir, config)
     student_source = (str(checkpoint), "resumed checkpoint") if checkpoint else (config.student.path, "student.path")
     student = load_model(*student_source, device, config.student.trust_remote_code)
-    teacher_model = load_model(config.teacher.path, "teacher.path", device, config.teacher.trust_remote_code,
-                               dtype=autocast_dtype or torch.float32)
     _check_context(student, "student.path", config)
-    _check_context(teacher_model, "teacher.path", config)
+    teacher = None
+    if teacher_config is not None:
+        teacher_model = load_model(teacher_config.path, "teacher.path", device, teacher_config.trust_remote_code,
+                                   dtype=autocast_dtype or torch.float32)
+        _check_context(teacher_model, "teacher.path", config)
+        teacher = LocalTeacher(teacher_model, teacher_config.temperature, config.loss.chunk_size, autocast_dtype)
 
     # On-policy: the policy that is trained must be the one that sampled, so dropout stays off.
     student.model.eval()
@@ -191,12 +197,12 @@ def prepare(config: Config, resume: bool, log=print) -> Session:
     student_sampler = HFSampler(student, *sampling)
     samplers = {
         "student": lambda: student_sampler,
-        "teacher": lambda: HFSampler(teacher_model, *sampling),
+        "teacher": lambda: HFSampler(teacher.teacher, *sampling),
         "dataset": lambda: reference_sampler,
     }
     return Session(
         output_dir=output_dir, device=device, autocast_dtype=autocast_dtype, student=student,
-        teacher=LocalTeacher(teacher_model, config.teacher.temperature, config.loss.chunk_size, autocast_dtype),
+        teacher=teacher,
         sampler=samplers[rollout.source](), student_sampler=student_sampler,
         train_prompts=train_prompts, eval_prompts=eval_prompts, stream=stream, generator=generator,
         optimizer=optimizer, scheduler=scheduler, start_step=start_step, start_flops=start_flops,

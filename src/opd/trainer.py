@@ -47,19 +47,22 @@ def train(config: Config, resume: bool = False, log=print) -> TrainResult:
         log_file.write(0, first_eval)
     progress = ProgressBar(run.max_steps, start_step, enabled=run.progress)
     step, flops = start_step, session.start_flops
-    flop_counts = (matmul_parameters(session.student.model), matmul_parameters(session.teacher.model))
+    student_params = matmul_parameters(session.student.model)
+    teacher_params = matmul_parameters(session.teacher.model) if session.teacher is not None else 0
+    sampler_params = {"student": student_params, "teacher": teacher_params, "dataset": 0}[config.rollout.source]
+    scorer_params = 0 if sampled_by_teacher_distribution(config) else teacher_params
     try:
         for step in range(start_step + 1, run.max_steps + 1):
             started = time.perf_counter()
             prompts = [session.train_prompts.token_ids[i] for i in session.stream.take(batch.prompts_per_step)]
             rollouts = session.sampler.sample(prompts, config.rollout.samples_per_prompt, session.generator)
             sampled = time.perf_counter()
-            scores = session.teacher.score(rollouts, keep_hidden=config.loss.kind != "reverse_kl_pg")
+            scores = score(session, config, rollouts)
             scored = time.perf_counter()
             update = update_student(session, config, rollouts, scores)
             finished = time.perf_counter()
 
-            costs = step_flops(rollouts, *flop_counts, config.rollout.source)
+            costs = step_flops(rollouts, sampler_params, scorer_params, student_params)
             flops += sum(costs.values())
             metrics = {**step_metrics(config, rollouts, scores, update, (started, sampled, scored, finished)),
                        **costs, "compute/flops": flops}
@@ -81,23 +84,40 @@ def train(config: Config, resume: bool = False, log=print) -> TrainResult:
     return TrainResult(session.output_dir, first_eval, last_eval, run.max_steps - start_step)
 
 
-def step_metrics(config: Config, rollouts: Rollouts, scores: TeacherScores, update: dict[str, float],
+def sampled_by_teacher_distribution(config: Config) -> bool:
+    """True when the teacher sampled the rollouts under exactly the distribution it scores with: the
+    sampler's log-probs are then ℓᵀ already, and a second teacher forward would only repeat them."""
+    rollout, teacher = config.rollout, config.teacher
+    return (rollout.source == "teacher" and teacher is not None and rollout.temperature == teacher.temperature
+            and rollout.top_k == 0 and rollout.top_p == 1)
+
+
+def score(session: Session, config: Config, rollouts: Rollouts) -> TeacherScores | None:
+    """ℓᵀ of the step's tokens (and the hidden states a full-vocabulary loss needs); None without a teacher."""
+    if session.teacher is None:
+        return None
+    if sampled_by_teacher_distribution(config):
+        return TeacherScores(logprobs=rollouts.sampler_logprobs)
+    return session.teacher.score(rollouts, keep_hidden=config.loss.kind in ("forward_kl", "reverse_kl", "jsd"))
+
+
+def step_metrics(config: Config, rollouts: Rollouts, scores: TeacherScores | None, update: dict[str, float],
                  times: tuple[float, float, float, float]) -> dict[str, float]:
     """The metrics of one training step, named as in DESIGN.md §1. times: (start, sampled, scored, updated)."""
     started, sampled, scored, finished = times
     metrics = {
-        "loss": update["loss"], **rollout_metrics(rollouts, scores.logprobs), "grad_norm": update["grad_norm"],
+        "loss": update["loss"], **rollout_metrics(rollouts, scores and scores.logprobs), "grad_norm": update["grad_norm"],
         "lr": update["lr"], "timing/rollout_s": sampled - started, "timing/teacher_s": scored - sampled,
         "timing/update_s": finished - scored, "throughput/tokens_per_s": rollouts.num_tokens / (finished - started),
     }
     if config.rollout.source != "student":  # someone else's tokens: no ℓˢ, and no reverse-KL estimate
-        metrics.pop("distill/reverse_kl")
+        metrics.pop("distill/reverse_kl", None)
         metrics["logprob/student"] = update["student_logprob"]
         metrics["perplexity/student"] = math.exp(-update["student_logprob"])
     return metrics
 
 
-def update_student(session: Session, config: Config, rollouts: Rollouts, scores: TeacherScores) -> dict[str, float]:
+def update_student(session: Session, config: Config, rollouts: Rollouts, scores: TeacherScores | None) -> dict[str, float]:
     """Advantages, loss and backward over micro-batches, clipping, one AdamW step.
 
     Returns loss, grad_norm, lr and the student's mean log-prob of the batch's tokens.
@@ -108,9 +128,12 @@ def update_student(session: Session, config: Config, rollouts: Rollouts, scores:
         top_p=config.rollout.top_p, ratio_clip=config.loss.ratio_clip, jsd_beta=config.loss.jsd_beta,
         chunk_size=config.loss.chunk_size,
     )
-    advantages = losses.discounted_advantages(
-        rollouts.sampler_logprobs, scores.logprobs, rollouts.completion_mask, config.loss.kl_coef, config.loss.discount
-    )  # (B, T)
+    advantages = None
+    if config.loss.kind == "reverse_kl_pg":
+        advantages = losses.discounted_advantages(
+            rollouts.sampler_logprobs, scores.logprobs, rollouts.completion_mask, config.loss.kl_coef,
+            config.loss.discount,
+        )  # (B, T)
     session.optimizer.zero_grad(set_to_none=True)
     micro = config.batch.micro_batch_size
     shares = [
