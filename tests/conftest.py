@@ -87,11 +87,13 @@ def tiny_config(tiny_models, tiny_data, tmp_path) -> dict:
     return tiny_raw_config(tmp_path / "run", tiny_models, tiny_data)
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300):
-    """Run `python -m opd ARGS` in a subprocess; returns the CompletedProcess."""
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None):
+    """Run `python -m opd ARGS` in a subprocess (env: variables added to ours); returns the CompletedProcess."""
+    import os
     import subprocess
 
-    return subprocess.run([sys.executable, "-m", "opd", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "opd", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def recompute_logprobs(model, rollouts: Rollouts, temperature: float, top_k: int = 0, top_p: float = 1.0):

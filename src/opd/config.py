@@ -34,6 +34,10 @@ class RunConfig(_Strict):
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     progress: bool = Field(True, description="Live progress bar on the console.")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="Also log metrics to TensorBoard and/or Weights & Biases (optional extras)."
+    )
+    wandb_project: str = Field("opd", description="W&B project, when report_to has wandb.")
 
 
 class ModelConfig(_Strict):

@@ -22,6 +22,7 @@ from opd.errors import ConfigError
 from opd.models import LoadedModel, check_same_vocabulary, check_source, load_model, load_tokenizer
 from opd.rollout import HFSampler, ReferenceSampler, Sampler
 from opd.teacher import LocalTeacher
+from opd.trackers import check_trackers
 
 
 @dataclass
@@ -90,7 +91,8 @@ def check_output_dir(output_dir: Path, resume: bool) -> None:
 
 
 # Keys that may change between a run and its resumption: they don't change what the steps compute.
-_RESUMABLE_CHANGES = {"run.max_steps", "run.save_every", "run.eval_every", "run.log_every", "run.progress"}
+_RESUMABLE_CHANGES = {"run.max_steps", "run.save_every", "run.eval_every", "run.log_every", "run.progress",
+                      "run.report_to", "run.wandb_project"}
 
 
 def _check_resumable(output_dir: Path, config: Config) -> None:
@@ -132,6 +134,7 @@ def prepare(config: Config, resume: bool, log=print) -> Session:
     check_output_dir(output_dir, resume)
     device = resolve_device(config.run.device)
     autocast_dtype = resolve_autocast(config.run.precision, device)
+    check_trackers(config.run.report_to)
     check_source(config.student.path, "student.path")
     teacher_config = config.teacher
     if teacher_config is not None:

@@ -21,11 +21,12 @@ from opd.config import Config
 from opd.errors import TrainingDiverged
 from opd.evaluate import evaluate
 from opd.flops import matmul_parameters, step_flops
-from opd.metrics import MetricsLog, ProgressBar, rollout_metrics
+from opd.metrics import ProgressBar, rollout_metrics
 from opd.objective import LossSettings, backward_micro_batch
 from opd.rollout import Rollouts
 from opd.setup import Session, prepare
 from opd.teacher import TeacherScores
+from opd.trackers import MetricSinks
 
 
 @dataclass
@@ -40,11 +41,11 @@ def train(config: Config, resume: bool = False, log=print) -> TrainResult:
     session = prepare(config, resume=resume, log=log)
     run, batch = config.run, config.batch
     start_step = session.start_step
-    log_file = MetricsLog(session.output_dir / "metrics.jsonl", start_step)
+    sinks = MetricSinks(config, session.output_dir, start_step)
     first_eval = last_eval = {}
     if start_step == 0 and session.eval_prompts is not None:
         first_eval = last_eval = run_eval(session, config)
-        log_file.write(0, first_eval)
+        sinks.write(0, first_eval)
     progress = ProgressBar(run.max_steps, start_step, enabled=run.progress)
     step, flops = start_step, session.start_flops
     student_params = matmul_parameters(session.student.model)
@@ -70,7 +71,7 @@ def train(config: Config, resume: bool = False, log=print) -> TrainResult:
                 last_eval = run_eval(session, config)
                 metrics.update(last_eval)
             if step % run.log_every == 0 or step == run.max_steps or "eval/distill/reverse_kl" in metrics:
-                log_file.write(step, metrics)
+                sinks.write(step, metrics)
             progress.update(step, metrics)
             if run.save_every and step % run.save_every == 0:
                 save_checkpoint(session.output_dir, step, session.student, session.optimizer, session.scheduler,
@@ -80,6 +81,7 @@ def train(config: Config, resume: bool = False, log=print) -> TrainResult:
         raise TrainingDiverged(f"step {step}: {exc} (last good checkpoint: {last_good or 'none'})") from None
     finally:
         progress.close()
+        sinks.close()
     save_model(session.student, session.output_dir / "final")
     return TrainResult(session.output_dir, first_eval, last_eval, run.max_steps - start_step)
 

@@ -1,0 +1,93 @@
+"""Where metrics go: metrics.jsonl always, and optionally TensorBoard and Weights & Biases.
+
+Both trackers are optional extras (`pip install 'opd[tensorboard]'`, `'opd[wandb]'`), off unless
+`run.report_to` names them. Their packages are imported before any weight loads, so a missing one
+fails in seconds with the install line rather than after the models load.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Protocol
+
+from opd.config import Config
+from opd.errors import ConfigError
+from opd.metrics import MetricsLog
+
+_PACKAGES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}
+
+
+class Tracker(Protocol):
+    def log(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def check_trackers(report_to: list[str]) -> None:
+    """Raise ConfigError naming the install line when a tracker's package can't be imported."""
+    for name in report_to:
+        try:
+            importlib.import_module(_PACKAGES[name])
+        except ImportError as exc:
+            raise ConfigError(
+                f"run.report_to: '{name}' needs its package ({exc}); install it with pip install 'opd[{name}]'"
+            ) from None
+
+
+class TensorBoardTracker:
+    """Scalars under OUTPUT_DIR/tensorboard. On resume, events past the checkpoint are purged, as
+    metrics.jsonl drops its rows past the checkpoint."""
+
+    def __init__(self, output_dir: Path, start_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbTracker:
+    """One W&B run per run directory: its id is kept in OUTPUT_DIR/wandb_run_id, so `--resume`
+    continues the same W&B run. (W&B ignores re-logged steps at or below its last one.)"""
+
+    def __init__(self, config: Config, output_dir: Path):
+        import wandb
+
+        id_file = output_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        id_file.write_text(run_id + "\n")
+        self.run = wandb.init(
+            project=config.run.wandb_project, name=output_dir.name, id=run_id, resume="allow",
+            dir=str(output_dir), config=config.model_dump(mode="json"),
+        )
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log(metrics, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MetricSinks:
+    """metrics.jsonl plus the trackers `run.report_to` names; write() sends one row to each."""
+
+    def __init__(self, config: Config, output_dir: Path, start_step: int):
+        self.jsonl = MetricsLog(output_dir / "metrics.jsonl", start_step)
+        makers = {"tensorboard": lambda: TensorBoardTracker(output_dir, start_step),
+                  "wandb": lambda: WandbTracker(config, output_dir)}
+        self.trackers: list[Tracker] = [makers[name]() for name in config.run.report_to]
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        self.jsonl.write(step, metrics)
+        for tracker in self.trackers:
+            tracker.log(step, metrics)
+
+    def close(self) -> None:
+        for tracker in self.trackers:
+            tracker.close()
