@@ -32,8 +32,9 @@ class FakeSummaryWriter:
 
 
 class FakeWandbRun:
-    def __init__(self, **kwargs):
-        self.init_kwargs, self.rows, self.finished = kwargs, [], False
+    def __init__(self, id: str | None, **kwargs):
+        self.init_kwargs, self.rows, self.finished = {"id": id, **kwargs}, [], False
+        self.id = id or "fresh-id"
 
     def log(self, metrics: dict, step: int) -> None:
         self.rows.append((step, dict(metrics)))
@@ -49,7 +50,6 @@ def fake_trackers(monkeypatch):
     tensorboard = types.ModuleType("torch.utils.tensorboard")
     tensorboard.SummaryWriter = FakeSummaryWriter
     wandb = types.ModuleType("wandb")
-    wandb.util = types.SimpleNamespace(generate_id=lambda: f"run{len(runs)}")
     wandb.init = lambda **kwargs: runs.append(FakeWandbRun(**kwargs)) or runs[-1]
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", tensorboard)
     monkeypatch.setitem(sys.modules, "wandb", wandb)
@@ -71,7 +71,8 @@ def test_both_trackers_get_every_metrics_row_and_are_closed(tiny_config, fake_tr
     assert sorted(writer.scalars) == sorted((step, key, value) for step, row in expected for key, value in row.items())
     assert writer.log_dir == str(result.output_dir / "tensorboard") and writer.purge_step is None
     assert writer.closed and run.finished
-    assert run.init_kwargs["id"] == "run0" and run.init_kwargs["resume"] == "allow"
+    assert run.init_kwargs["id"] is None and run.init_kwargs["resume"] == "allow"
+    assert (result.output_dir / "wandb_run_id").read_text() == "fresh-id\n"
     assert run.init_kwargs["project"] == "opd" and run.init_kwargs["name"] == result.output_dir.name
     assert run.init_kwargs["config"] == validate(reported(tiny_config, max_steps=3)).model_dump(mode="json")
 
@@ -81,7 +82,7 @@ def test_resume_continues_the_same_wandb_run_and_purges_tensorboard_past_the_che
     first = reported(tiny_config, max_steps=2, save_every=2)
     train(validate(first), log=lambda *_: None)
     train(validate(reported(tiny_config, max_steps=4, save_every=2)), resume=True, log=lambda *_: None)
-    assert runs[1].init_kwargs["id"] == runs[0].init_kwargs["id"] == "run0"
+    assert runs[0].init_kwargs["id"] is None and runs[1].init_kwargs["id"] == "fresh-id"
     assert writers[1].purge_step == 3  # events of steps after the step-2 checkpoint would be redone
     assert [step for step, _ in runs[1].rows] == [3, 4]
 
@@ -110,3 +111,15 @@ def test_cli_names_the_missing_tracker_in_one_line(tiny_config, tmp_path):
 def test_unknown_tracker_is_a_config_error(tiny_config):
     with pytest.raises(ConfigError, match="run.report_to.0"):
         validate({**tiny_config, "run": {**tiny_config["run"], "report_to": ["mlflow"]}})
+
+
+def test_a_tracker_that_fails_to_start_is_one_error_and_closes_the_others(tiny_config, fake_trackers, monkeypatch):
+    writers, _ = fake_trackers
+
+    def refuse(**_):
+        raise RuntimeError("api_key not configured (no-tty)")
+
+    monkeypatch.setattr(sys.modules["wandb"], "init", refuse)
+    with pytest.raises(ConfigError, match="run.report_to: wandb failed to start: RuntimeError: api_key not configured"):
+        train(validate(reported(tiny_config)), log=lambda *_: None)
+    assert writers[0].closed

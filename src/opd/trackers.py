@@ -60,12 +60,12 @@ class WandbTracker:
         import wandb
 
         id_file = output_dir / "wandb_run_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
-        id_file.write_text(run_id + "\n")
+        run_id = id_file.read_text().strip() if id_file.exists() else None  # None: W&B makes a new one
         self.run = wandb.init(
             project=config.run.wandb_project, name=output_dir.name, id=run_id, resume="allow",
             dir=str(output_dir), config=config.model_dump(mode="json"),
         )
+        id_file.write_text(self.run.id + "\n")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.run.log(metrics, step=step)
@@ -81,7 +81,13 @@ class MetricSinks:
         self.jsonl = MetricsLog(output_dir / "metrics.jsonl", start_step)
         makers = {"tensorboard": lambda: TensorBoardTracker(output_dir, start_step),
                   "wandb": lambda: WandbTracker(config, output_dir)}
-        self.trackers: list[Tracker] = [makers[name]() for name in config.run.report_to]
+        self.trackers: list[Tracker] = []
+        for name in config.run.report_to:
+            try:
+                self.trackers.append(makers[name]())
+            except Exception as exc:  # e.g. W&B online without a login: one line, not a traceback
+                self.close()
+                raise ConfigError(f"run.report_to: {name} failed to start: {type(exc).__name__}: {exc}") from None
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         self.jsonl.write(step, metrics)
