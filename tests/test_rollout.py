@@ -203,3 +203,23 @@ def test_sampling_stops_at_every_stop_token_of_the_generation_config(models):
         length = int(rollouts.completion_mask[row].sum())
         assert int(rollouts.completion_ids[row, length - 1]) in (stop, student.tokenizer.eos_token_id)
         assert (rollouts.completion_ids[row, :length - 1] != stop).all()
+
+
+def test_bf16_sampling_uses_a_copy_of_the_current_master_weights(tiny_models):
+    student = load_model(str(tiny_models["student"]), "student", CPU)  # fp32 master weights
+    sampler = HFSampler(student, max_new_tokens=12, autocast_dtype=torch.bfloat16)
+    rollouts = sampler.sample(prompts(student.tokenizer), 3, torch.Generator().manual_seed(0))
+    # ℓˢ is the bf16 model's: close to the fp32 recompute of the same tokens, within bf16 rounding.
+    reference = recompute_logprobs(student, rollouts, 1.0) * rollouts.completion_mask
+    difference = (rollouts.sampler_logprobs - reference).abs()
+    assert float(difference.max()) < 0.1 and float(masked_mean(difference, rollouts.completion_mask)) < 0.03
+    assert float(difference.max()) > 0  # it really sampled in bf16
+    copy = sampler._sampling_model()
+    assert all(p.dtype == torch.float32 for p in student.model.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in copy.parameters())
+    assert all(b.dtype == torch.float32 for b in copy.buffers() if b.is_floating_point())  # RoPE stays fp32
+    with torch.no_grad():  # an optimizer step on the master...
+        for parameter in student.model.parameters():
+            parameter.add_(0.01)
+    for mine, master in zip(sampler._sampling_model().parameters(), student.model.parameters()):
+        assert torch.equal(mine, master.to(torch.bfloat16))  # ...reaches the next call's copy

@@ -207,3 +207,11 @@ def test_first_update_is_on_policy_even_with_dropout(tiny_models, tiny_config, t
     logits = logits_from_hidden(session.student.model, hidden, session.student.vocab_size)
     logprobs = losses.token_logprobs(losses.process_logits(logits, 0.7), rollouts.completion_ids)
     torch.testing.assert_close(logprobs * rollouts.completion_mask, rollouts.sampler_logprobs, atol=2e-5, rtol=0)
+
+
+def test_time_limit_stops_after_the_step_it_passes_in_and_writes_final(tiny_config):
+    raw = {**tiny_config, "run": {**tiny_config["run"], "max_steps": 50}, "data": {**tiny_config["data"], "eval": None}}
+    result = train(validate(raw), log=lambda *_: None, time_limit_s=0.0)
+    assert result.steps_run == 1
+    assert [row["step"] for row in read_metrics(result.output_dir / "metrics.jsonl")] == [1]
+    assert (result.output_dir / "final" / "model.safetensors").exists()

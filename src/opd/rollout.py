@@ -7,6 +7,7 @@ top-k, top-p: `losses.process_logits`), so nothing needs recomputing before the 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, fields
 from typing import Protocol
 
@@ -104,7 +105,12 @@ def right_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> 
 
 
 class HFSampler:
-    """Samples with a Hugging Face causal LM and its KV cache, recording ℓˢ as it goes."""
+    """Samples with a Hugging Face causal LM and its KV cache, recording ℓˢ as it goes.
+
+    Each prompt is encoded once and its KV-cache rows are shared by its samples. Under bf16 an fp32
+    model samples from a bf16 copy of its weights, refreshed from the master weights at every call:
+    casting every weight once per call is cheaper than autocast casting it at every decoding step.
+    """
 
     def __init__(
         self,
@@ -121,41 +127,51 @@ class HFSampler:
         self.top_k = top_k
         self.top_p = top_p
         self.autocast_dtype = autocast_dtype
+        self._low_precision_copy: torch.nn.Module | None = None
+
+    def _sampling_model(self) -> torch.nn.Module:
+        """The model to sample with: the model itself, or its bf16 copy with the current weights."""
+        model = self.student.model
+        if self.autocast_dtype is None or next(model.parameters()).dtype == self.autocast_dtype:
+            return model
+        if self._low_precision_copy is None:
+            self._low_precision_copy = copy.deepcopy(model).requires_grad_(False)
+            for parameter in self._low_precision_copy.parameters():  # buffers (e.g. RoPE frequencies) stay fp32
+                parameter.data = parameter.data.to(self.autocast_dtype)
+        for target, source in zip(self._low_precision_copy.parameters(), model.parameters()):
+            target.copy_(source)
+        return self._low_precision_copy
 
     @torch.no_grad()
     def sample(self, prompts: list[list[int]], samples_per_prompt: int, generator: torch.Generator) -> Rollouts:
-        model, tokenizer = self.student.model, self.student.tokenizer
+        model, tokenizer = self._sampling_model(), self.student.tokenizer
         device = next(model.parameters()).device
-        prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_token_id, device)
-        prompt_ids = prompt_ids.repeat_interleave(samples_per_prompt, 0)  # (B, P)
-        prompt_mask = prompt_mask.repeat_interleave(samples_per_prompt, 0)  # (B, P)
+        pad_id = tokenizer.pad_token_id
+        unique_ids, unique_mask = left_pad(prompts, pad_id, device)  # (n, P)
+        cache = DynamicCache(config=model.config)
+        cache_kw = cache_keyword(model)
+
+        def next_logits(input_ids, attention_mask, position_ids):  # -> (rows, V), fp32
+            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=True, logits_to_keep=1, **{cache_kw: cache})
+            return out.logits[:, -1, : self.student.vocab_size].float()
+
+        logits = next_logits(unique_ids, unique_mask, position_ids_from_mask(unique_mask))
+        cache.batch_repeat_interleave(samples_per_prompt)  # (n, ...) -> (B, ...): samples share the prompt's keys
+        logits = logits.repeat_interleave(samples_per_prompt, 0)  # (B, V)
+        prompt_ids = unique_ids.repeat_interleave(samples_per_prompt, 0)  # (B, P)
+        prompt_mask = unique_mask.repeat_interleave(samples_per_prompt, 0)  # (B, P)
         batch = prompt_ids.shape[0]
         stop_ids = torch.tensor(self.student.stop_token_ids, device=device)
-        pad_id = tokenizer.pad_token_id
 
         tokens = torch.full((batch, self.max_new_tokens), pad_id, dtype=torch.long, device=device)  # (B, T)
         logprobs = torch.zeros((batch, self.max_new_tokens), device=device)  # (B, T)
         live = torch.zeros((batch, self.max_new_tokens), dtype=torch.long, device=device)  # (B, T)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,)
-
-        cache_kw = cache_keyword(model)
         attention = prompt_mask
-        positions = position_ids_from_mask(prompt_mask)
-        step_input = prompt_ids
-        cache = DynamicCache(config=model.config)
+        positions = position_ids_from_mask(prompt_mask)[:, -1:]
         for t in range(self.max_new_tokens):
-            with torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
-                out = model(
-                    input_ids=step_input,
-                    attention_mask=attention,
-                    position_ids=positions,
-                    use_cache=True,
-                    logits_to_keep=1,
-                    **{cache_kw: cache},
-                )
-            logits = process_logits(
-                out.logits[:, -1, : self.student.vocab_size], self.temperature, self.top_k, self.top_p
-            )  # (B, V)
+            logits = process_logits(logits, self.temperature, self.top_k, self.top_p)  # (B, V)
             if bool(torch.isnan(logits).any()) or bool(torch.isposinf(logits).any()):
                 raise TrainingDiverged("the student's logits are not finite while sampling")
             step_logprobs = torch.log_softmax(logits, dim=-1)
@@ -164,11 +180,11 @@ class HFSampler:
             tokens[:, t] = torch.where(finished, pad_id, next_token)
             logprobs[:, t] = torch.where(finished, 0.0, step_logprobs.gather(-1, next_token[:, None]).squeeze(-1))
             finished |= torch.isin(next_token, stop_ids)
-            if bool(finished.all()):
+            if bool(finished.all()) or t == self.max_new_tokens - 1:
                 break
-            step_input = tokens[:, t : t + 1]
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
-            positions = positions[:, -1:] + 1
+            positions = positions + 1
+            logits = next_logits(tokens[:, t : t + 1], attention, positions)
         return Rollouts(
             prompt_ids=prompt_ids,
             prompt_mask=prompt_mask,

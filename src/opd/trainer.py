@@ -37,7 +37,9 @@ class TrainResult:
     steps_run: int
 
 
-def train(config: Config, resume: bool = False, log=print) -> TrainResult:
+def train(config: Config, resume: bool = False, log=print, time_limit_s: float | None = None) -> TrainResult:
+    """Run (or with resume, continue) a run. time_limit_s: stop after the step during which that much
+    training time has passed, and write final/ as usual (for equal-time benchmarks)."""
     session = prepare(config, resume=resume, log=log)
     run, batch = config.run, config.batch
     start_step = session.start_step
@@ -52,6 +54,7 @@ def train(config: Config, resume: bool = False, log=print) -> TrainResult:
     teacher_params = matmul_parameters(session.teacher.model) if session.teacher is not None else 0
     sampler_params = {"student": student_params, "teacher": teacher_params, "dataset": 0}[config.rollout.source]
     scorer_params = 0 if sampled_by_teacher_distribution(config) else teacher_params
+    loop_started = time.perf_counter()
     try:
         for step in range(start_step + 1, run.max_steps + 1):
             started = time.perf_counter()
@@ -76,6 +79,8 @@ def train(config: Config, resume: bool = False, log=print) -> TrainResult:
             if run.save_every and step % run.save_every == 0:
                 save_checkpoint(session.output_dir, step, session.student, session.optimizer, session.scheduler,
                                 session.generator, session.stream.consumed, flops)
+            if time_limit_s is not None and time.perf_counter() - loop_started >= time_limit_s:
+                break
     except TrainingDiverged as exc:
         last_good = latest_checkpoint(session.output_dir)
         raise TrainingDiverged(f"step {step}: {exc} (last good checkpoint: {last_good or 'none'})") from None
@@ -83,7 +88,7 @@ def train(config: Config, resume: bool = False, log=print) -> TrainResult:
         progress.close()
         sinks.close()
     save_model(session.student, session.output_dir / "final")
-    return TrainResult(session.output_dir, first_eval, last_eval, run.max_steps - start_step)
+    return TrainResult(session.output_dir, first_eval, last_eval, step - start_step)
 
 
 def sampled_by_teacher_distribution(config: Config) -> bool:
