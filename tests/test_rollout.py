@@ -207,7 +207,7 @@ def test_sampling_stops_at_every_stop_token_of_the_generation_config(models):
 
 def test_bf16_sampling_uses_a_copy_of_the_current_master_weights(tiny_models):
     student = load_model(str(tiny_models["student"]), "student", CPU)  # fp32 master weights
-    sampler = HFSampler(student, max_new_tokens=12, autocast_dtype=torch.bfloat16)
+    sampler = HFSampler(student, max_new_tokens=12, autocast_dtype=torch.bfloat16, low_precision_copy=True)
     rollouts = sampler.sample(prompts(student.tokenizer), 3, torch.Generator().manual_seed(0))
     # ℓˢ is the bf16 model's: close to the fp32 recompute of the same tokens, within bf16 rounding.
     reference = recompute_logprobs(student, rollouts, 1.0) * rollouts.completion_mask
@@ -223,3 +223,8 @@ def test_bf16_sampling_uses_a_copy_of_the_current_master_weights(tiny_models):
             parameter.add_(0.01)
     for mine, master in zip(sampler._sampling_model().parameters(), student.model.parameters()):
         assert torch.equal(mine, master.to(torch.bfloat16))  # ...reaches the next call's copy
+
+
+def test_bf16_sampling_on_a_cpu_uses_the_fp32_weights_unless_asked(tiny_models):
+    student = load_model(str(tiny_models["student"]), "student", CPU)
+    assert HFSampler(student, 4, autocast_dtype=torch.bfloat16)._sampling_model() is student.model

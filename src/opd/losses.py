@@ -19,7 +19,7 @@ def process_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top
     logits: (..., V) -> (..., V), with truncated entries set to -inf. Used by the sampler and by
     the trainer's scorer, so ℓˢ is always taken under exactly the distribution that drew the token.
     """
-    logits = logits.float() / temperature
+    logits = logits.float() if temperature == 1.0 else logits.float() / temperature
     if top_k and top_k < logits.shape[-1]:
         kth_value = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth_value, float("-inf"))
@@ -93,6 +93,9 @@ def _kl(target_logp: torch.Tensor, input_logp: torch.Tensor) -> torch.Tensor:
     are selected away before the subtraction, so neither the value nor the gradient becomes NaN.
     """
     target_p = target_logp.exp()
+    plain = (target_p * (target_logp - input_logp)).sum(-1)
+    if bool(torch.isfinite(plain).all()):  # no -inf anywhere (the usual full-vocabulary case): done
+        return plain
     support = target_p > 0
     log_ratio = torch.where(support, target_logp - torch.where(support, input_logp, 0.0), 0.0)
     return (target_p * log_ratio).sum(-1)

@@ -1,9 +1,10 @@
-"""From scored rollouts to gradients: micro-batched, chunked over positions.
+"""From scored rollouts to gradients: micro-batched, chunked over completion tokens.
 
-The student's hidden states are computed with gradients once per micro-batch; the LM head, the
-log-probs and the loss then run over chunks of positions, each chunk backpropagating into a detached
-copy of the hidden states before the next is built. Only one chunk of [b x c x V] logits is alive at a
-time, for the student and the teacher alike.
+The student's hidden states are computed with gradients once per micro-batch. Only the completion
+tokens inside the mask are then gathered (no LM head on padding or after EOS), and the LM head, the
+log-probs and the loss run over chunks of `chunk_size` of those tokens, each chunk backpropagating
+into a detached copy of the hidden states before the next is built. At most one chunk of
+[chunk_size x V] logits is alive at a time, for the student and the teacher alike, whatever the batch.
 """
 
 from __future__ import annotations
@@ -55,30 +56,31 @@ def backward_micro_batch(
     with autocast:
         hidden = completion_hidden_states(student.model, part.input_ids, part.attention_mask, width)  # (b, T, H)
     hidden_leaf = hidden.detach().requires_grad_()
+    flat_index = part.completion_mask.flatten().nonzero().squeeze(-1)  # (n,) completion tokens, row-major
+    flat_hidden = hidden_leaf.flatten(0, 1)  # (b*T, H)
+    tokens = part.completion_ids.flatten()[flat_index]  # (n,)
     total, logprob_sum = 0.0, 0.0
-    for start in range(0, width, settings.chunk_size):
-        cols = slice(start, min(start + settings.chunk_size, width))
+    for start in range(0, flat_index.numel(), settings.chunk_size):
+        chunk = flat_index[start : start + settings.chunk_size]  # (c,)
         with autocast:
-            logits = logits_from_hidden(student.model, hidden_leaf[:, cols], student.vocab_size)  # (b, c, V)
-        mask = part.completion_mask[:, cols]
+            logits = logits_from_hidden(student.model, flat_hidden[chunk], student.vocab_size)  # (c, V)
         if settings.kind == "reverse_kl_pg":
             processed = losses.process_logits(logits, settings.temperature, settings.top_k, settings.top_p)
-            logprobs = losses.token_logprobs(processed, part.completion_ids[:, cols])  # (b, c)
-            per_token = losses.reverse_kl_pg(
-                logprobs, part.sampler_logprobs[:, cols], advantages[rows, cols], settings.ratio_clip
-            )
+            logprobs = losses.token_logprobs(processed, tokens[start : start + len(chunk)])  # (c,)
+            per_token = losses.reverse_kl_pg(logprobs, part.sampler_logprobs.flatten()[chunk],
+                                             advantages[rows].flatten()[chunk], settings.ratio_clip)
         elif settings.kind == "sft":
-            logprobs = losses.token_logprobs(logits, part.completion_ids[:, cols])  # (b, c), temperature 1
+            logprobs = losses.token_logprobs(logits, tokens[start : start + len(chunk)])  # (c,), temperature 1
             per_token = -logprobs
         else:
-            teacher_logits = teacher.logits(scores.hidden[rows, cols])  # (b, c, V)
-            per_token = losses.divergence(
-                settings.kind, logits.float() / settings.temperature, teacher_logits, settings.jsd_beta
-            )
-            logprobs = losses.token_logprobs(logits.float() / settings.temperature, part.completion_ids[:, cols])
-        chunk_loss = losses.reduce_tokens(per_token, mask, num_tokens)
+            teacher_logits = teacher.logits(scores.hidden[rows].flatten(0, 1)[chunk])  # (c, V)
+            scaled = losses.process_logits(logits, settings.temperature)  # (c, V) fp32
+            per_token = losses.divergence(settings.kind, scaled, teacher_logits, settings.jsd_beta)
+            logprobs = losses.token_logprobs(scaled, tokens[start : start + len(chunk)])
+        chunk_loss = per_token.sum() / num_tokens  # every micro-batch divides by the step's token count
         chunk_loss.backward()
         total += chunk_loss.item()
-        logprob_sum += float(torch.where(mask.bool(), logprobs.detach(), 0.0).sum())
-    hidden.backward(hidden_leaf.grad)
+        logprob_sum += float(logprobs.detach().sum())
+    if hidden_leaf.grad is not None:  # None when the micro-batch holds no completion token
+        hidden.backward(hidden_leaf.grad)
     return total, logprob_sum

@@ -12,12 +12,12 @@ from dataclasses import dataclass, fields
 from typing import Protocol
 
 import torch
-from transformers import DynamicCache
 
 from opd.data import PromptSet
+from opd.decoding import HFDecoder, LeanDecoder, make_decoder
 from opd.errors import DataError, TrainingDiverged
 from opd.losses import process_logits
-from opd.models import LoadedModel, cache_keyword, position_ids_from_mask
+from opd.models import LoadedModel
 
 
 @dataclass
@@ -104,12 +104,29 @@ def right_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> 
     return ids.to(device), mask.to(device)
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row of probs (B, V), by inverse-CDF sampling: one uniform number per row.
+
+    torch.multinomial draws an exponential number per vocabulary entry, which on a CPU costs more
+    than the rest of a small model's decoding step. The CDF is summed in float64 so that even tiny
+    probabilities keep their share of it.
+    """
+    cdf = probs.double().cumsum(-1)  # (B, V)
+    threshold = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64)
+    index = torch.searchsorted(cdf, threshold * cdf[:, -1:], right=True).squeeze(-1)  # first entry above it
+    # Rounding can put the threshold at the very top of the CDF: take the last token with mass then.
+    last_with_mass = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(-1)
+    return torch.minimum(index, last_with_mass)
+
+
 class HFSampler:
     """Samples with a Hugging Face causal LM and its KV cache, recording ℓˢ as it goes.
 
-    Each prompt is encoded once and its KV-cache rows are shared by its samples. Under bf16 an fp32
-    model samples from a bf16 copy of its weights, refreshed from the master weights at every call:
-    casting every weight once per call is cheaper than autocast casting it at every decoding step.
+    Decoding goes through `opd.decoding` (a lean step for Llama-style models, checked against the
+    model's own forward; Hugging Face's forward otherwise). Each prompt is encoded once and its
+    KV-cache rows are shared by its samples. Under bf16 on a GPU an fp32 model samples from a bf16
+    copy of its weights, refreshed from the master weights at every call: casting every weight once
+    per call is cheaper than autocast casting it at every decoding step.
     """
 
     def __init__(
@@ -120,19 +137,27 @@ class HFSampler:
         top_k: int = 0,
         top_p: float = 1.0,
         autocast_dtype: torch.dtype | None = None,
+        low_precision_copy: bool | None = None,
     ):
+        """low_precision_copy: sample from an autocast_dtype copy of fp32 weights; None = on GPUs only.
+        On a CPU, decoding at sampling widths is bound by overheads rather than matrix products, and
+        the copy made sampling slower (benchmarks/speed_choices.py)."""
         self.student = student
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_k = top_k
         self.top_p = top_p
         self.autocast_dtype = autocast_dtype
+        self.use_copy = low_precision_copy
         self._low_precision_copy: torch.nn.Module | None = None
+        self._decoder: LeanDecoder | HFDecoder | None = None
 
     def _sampling_model(self) -> torch.nn.Module:
         """The model to sample with: the model itself, or its bf16 copy with the current weights."""
         model = self.student.model
-        if self.autocast_dtype is None or next(model.parameters()).dtype == self.autocast_dtype:
+        first = next(model.parameters())
+        wanted = self.use_copy if self.use_copy is not None else first.device.type == "cuda"
+        if not wanted or self.autocast_dtype is None or first.dtype == self.autocast_dtype:
             return model
         if self._low_precision_copy is None:
             self._low_precision_copy = copy.deepcopy(model).requires_grad_(False)
@@ -145,20 +170,14 @@ class HFSampler:
     @torch.no_grad()
     def sample(self, prompts: list[list[int]], samples_per_prompt: int, generator: torch.Generator) -> Rollouts:
         model, tokenizer = self._sampling_model(), self.student.tokenizer
+        if self._decoder is None or self._decoder.model is not model:
+            self._decoder = make_decoder(model)
         device = next(model.parameters()).device
         pad_id = tokenizer.pad_token_id
         unique_ids, unique_mask = left_pad(prompts, pad_id, device)  # (n, P)
-        cache = DynamicCache(config=model.config)
-        cache_kw = cache_keyword(model)
-
-        def next_logits(input_ids, attention_mask, position_ids):  # -> (rows, V), fp32
-            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                        use_cache=True, logits_to_keep=1, **{cache_kw: cache})
-            return out.logits[:, -1, : self.student.vocab_size].float()
-
-        logits = next_logits(unique_ids, unique_mask, position_ids_from_mask(unique_mask))
-        cache.batch_repeat_interleave(samples_per_prompt)  # (n, ...) -> (B, ...): samples share the prompt's keys
-        logits = logits.repeat_interleave(samples_per_prompt, 0)  # (B, V)
+        vocab = self.student.vocab_size
+        # Each prompt is encoded once; its samples share the KV-cache rows it produced.
+        logits = self._decoder.start(unique_ids, unique_mask, samples_per_prompt, self.max_new_tokens)[:, :vocab]
         prompt_ids = unique_ids.repeat_interleave(samples_per_prompt, 0)  # (B, P)
         prompt_mask = unique_mask.repeat_interleave(samples_per_prompt, 0)  # (B, P)
         batch = prompt_ids.shape[0]
@@ -168,23 +187,20 @@ class HFSampler:
         logprobs = torch.zeros((batch, self.max_new_tokens), device=device)  # (B, T)
         live = torch.zeros((batch, self.max_new_tokens), dtype=torch.long, device=device)  # (B, T)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,)
-        attention = prompt_mask
-        positions = position_ids_from_mask(prompt_mask)[:, -1:]
         for t in range(self.max_new_tokens):
             logits = process_logits(logits, self.temperature, self.top_k, self.top_p)  # (B, V)
-            if bool(torch.isnan(logits).any()) or bool(torch.isposinf(logits).any()):
-                raise TrainingDiverged("the student's logits are not finite while sampling")
             step_logprobs = torch.log_softmax(logits, dim=-1)
-            next_token = torch.multinomial(step_logprobs.exp(), 1, generator=generator).squeeze(-1)  # (B,)
+            next_token = draw(step_logprobs.exp(), generator)  # (B,)
+            next_logprob = step_logprobs.gather(-1, next_token[:, None]).squeeze(-1)  # (B,)
+            if not bool(torch.isfinite(next_logprob).all()):  # NaN or +inf logits make the whole row NaN
+                raise TrainingDiverged("the student's logits are not finite while sampling")
             live[:, t] = (~finished).long()
             tokens[:, t] = torch.where(finished, pad_id, next_token)
-            logprobs[:, t] = torch.where(finished, 0.0, step_logprobs.gather(-1, next_token[:, None]).squeeze(-1))
+            logprobs[:, t] = torch.where(finished, 0.0, next_logprob)
             finished |= torch.isin(next_token, stop_ids)
             if bool(finished.all()) or t == self.max_new_tokens - 1:
                 break
-            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
-            positions = positions + 1
-            logits = next_logits(tokens[:, t : t + 1], attention, positions)
+            logits = self._decoder.step(tokens[:, t : t + 1])[:, :vocab]
         return Rollouts(
             prompt_ids=prompt_ids,
             prompt_mask=prompt_mask,

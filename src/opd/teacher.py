@@ -31,14 +31,15 @@ class LocalTeacher:
     """A Hugging Face model in this process, run without gradients.
 
     One forward over (prompt, completion) yields hidden states of the completion positions only;
-    the LM head then runs chunk by chunk, so the teacher's [B x T x V] logits never exist at once.
+    the LM head then runs over chunks of `chunk_size` completion tokens (padding skipped), so the
+    teacher's [B x T x V] logits never exist at once.
     """
 
     def __init__(
         self,
         teacher: LoadedModel,
         temperature: float = 1.0,
-        chunk_size: int = 256,
+        chunk_size: int = 1024,
         autocast_dtype: torch.dtype | None = None,
     ):
         self.teacher = teacher
@@ -70,10 +71,12 @@ class LocalTeacher:
             hidden = completion_hidden_states(
                 self.teacher.model, rollouts.input_ids, rollouts.attention_mask, num_completion
             )  # (B, T, H)
-        logprobs = torch.zeros(rollouts.completion_ids.shape, device=hidden.device)  # (B, T)
-        for start in range(0, num_completion, self.chunk_size):
-            end = start + self.chunk_size
-            chunk_logits = self.logits(hidden[:, start:end])  # (B, c, V)
-            logprobs[:, start:end] = token_logprobs(chunk_logits, rollouts.completion_ids[:, start:end])
-        logprobs = torch.where(rollouts.completion_mask.bool(), logprobs, 0.0)
+        # Only completion tokens inside the mask, in chunks of chunk_size: no LM head on padding.
+        flat_index = rollouts.completion_mask.flatten().nonzero().squeeze(-1)  # (n,)
+        flat_hidden, flat_tokens = hidden.flatten(0, 1), rollouts.completion_ids.flatten()
+        flat_logprobs = torch.zeros(flat_tokens.shape, device=hidden.device)  # (B*T,)
+        for start in range(0, flat_index.numel(), self.chunk_size):
+            chunk = flat_index[start : start + self.chunk_size]  # (c,)
+            flat_logprobs[chunk] = token_logprobs(self.logits(flat_hidden[chunk]), flat_tokens[chunk])
+        logprobs = flat_logprobs.view(rollouts.completion_ids.shape)  # (B, T), 0 outside the mask
         return TeacherScores(logprobs=logprobs, hidden=hidden if keep_hidden else None)
