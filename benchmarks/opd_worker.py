@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,6 +24,8 @@ from opd.flops import matmul_parameters
 from opd.metrics import read_metrics
 from opd.models import load_model
 from opd.trainer import train
+
+from memory import peak_rss_mb  # benchmarks/memory.py, beside this script
 
 
 def opd_config(work: Path, settings: dict, output_dir: Path, max_steps: int) -> dict:
@@ -83,7 +84,7 @@ def main() -> None:
             shutil.copytree(output_dir / "final", args.save_student)
     args.out.write_text(json.dumps({
         "system": "opd", "settings": settings, "steps": steps, "train_wall_s": train_wall_s,
-        "steps_done": result.steps_run, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "steps_done": result.steps_run, "peak_rss_mb": peak_rss_mb(),
     }, indent=1))
 
 

@@ -3,9 +3,10 @@
     python benchmarks/speed_choices.py
 
 Each row times one choice against its plain alternative on the same work, with tiny-to-small Qwen3
-models built locally (vocabulary 8,192): batched sampling vs one rollout at a time, bf16 autocast vs
-fp32, gathered log-probs vs a full log-softmax, and an LM head over completion positions only vs
-over the whole sequence. Results are medians of a few repeats; the README quotes them.
+models built locally (vocabulary 8,192): batched sampling vs one rollout at a time, the lean decoding
+step vs Hugging Face's forward, fp32 vs a bf16 weight copy for sampling, inverse-CDF token draws vs
+torch.multinomial, bf16 autocast vs fp32, gathered log-probs vs a full log-softmax, and an LM head
+over completion positions only vs over the whole sequence. Results are medians of a few repeats; the README quotes them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from opd.losses import token_logprobs
 from opd.models import LoadedModel, completion_hidden_states, logits_from_hidden
-from opd.rollout import HFSampler
+from opd.decoding import HFDecoder
+from opd.rollout import HFSampler, draw
 
 VOCAB = 8192
 
@@ -80,11 +82,25 @@ def main() -> None:
     rows.append(("sampling 32 rollouts x 64 tokens (student 256x4)", "one batched loop", tokens / batched,
                  "one rollout at a time", tokens / serial, "tokens/s"))
 
-    for name, dtype in (("fp32", None), ("bf16 autocast", torch.bfloat16)):
-        def sample():
-            HFSampler(student, new_tokens, autocast_dtype=dtype).sample(batch_prompts, 4, torch.Generator().manual_seed(0))
-        rows.append(("sampling, " + name, name, tokens / median_time(sample, 2), "", float("nan"), "tokens/s"))
+    lean_sampler = HFSampler(student, new_tokens)
+    hf_sampler = HFSampler(student, new_tokens)
+    hf_sampler._decoder = HFDecoder(student.model)  # what the sampler falls back to for other architectures
+    lean, hf = (median_time(lambda s=s: s.sample(batch_prompts, 4, torch.Generator().manual_seed(0)), 2)
+                for s in (lean_sampler, hf_sampler))
+    rows.append(("sampling, same work", "lean Llama-family step", tokens / lean, "Hugging Face forward", tokens / hf,
+                 "tokens/s"))
+    copy_sampler = HFSampler(student, new_tokens, autocast_dtype=torch.bfloat16, low_precision_copy=True)
+    bf16_copy = median_time(lambda: copy_sampler.sample(batch_prompts, 4, torch.Generator().manual_seed(0)), 2)
+    rows.append(("sampling, same work", "fp32 weights (CPU default)", tokens / lean, "bf16 weight copy", tokens / bf16_copy,
+                 "tokens/s"))
     hook.remove()
+
+    probs = torch.softmax(torch.randn(32, VOCAB), -1)
+    inverse_cdf = median_time(lambda: [draw(probs, torch.Generator().manual_seed(0)) for _ in range(100)])
+    multinomial = median_time(lambda: [torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(0))
+                                       for _ in range(100)])
+    rows.append(("drawing 32 tokens from 8k-way distributions", "inverse CDF (1 uniform/row)", 3200 / inverse_cdf,
+                 "torch.multinomial", 3200 / multinomial, "tokens/s"))
 
     teacher = model(512, 6, tok)
     ids = torch.randint(2, VOCAB, (32, 192))

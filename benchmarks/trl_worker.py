@@ -28,10 +28,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
+
+from memory import peak_rss_mb  # benchmarks/memory.py, beside this script
 
 
 def parse_args(argv=None):
@@ -364,7 +365,7 @@ def main(argv=None) -> int:
         "steps": steps,
         "train_wall_s": train_wall,
         "steps_done": timeline["done"],
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as handle:

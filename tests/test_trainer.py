@@ -215,3 +215,23 @@ def test_time_limit_stops_after_the_step_it_passes_in_and_writes_final(tiny_conf
     assert result.steps_run == 1
     assert [row["step"] for row in read_metrics(result.output_dir / "metrics.jsonl")] == [1]
     assert (result.output_dir / "final" / "model.safetensors").exists()
+
+
+def test_no_lm_head_call_sees_more_than_a_chunk_of_tokens(tiny_config, tmp_path, monkeypatch):
+    """The full-vocabulary losses and teacher scoring never build more than [chunk x V] logits."""
+    from opd import models, objective, teacher
+    from opd.objective import chunk_tokens
+
+    assert (chunk_tokens(None, 151_936), chunk_tokens(None, 8192), chunk_tokens(7, 151_936)) == (110, 2048, 7)
+    seen = []
+    original = models.logits_from_hidden
+
+    def recording(model, hidden, vocab_size):
+        seen.append(hidden.shape[:-1].numel())
+        return original(model, hidden, vocab_size)
+
+    monkeypatch.setattr(objective, "logits_from_hidden", recording)
+    monkeypatch.setattr(teacher, "logits_from_hidden", recording)
+    base = {**tiny_config, "loss": {"kind": "reverse_kl", "chunk_size": 5}}
+    one_step(base, tmp_path, "chunked")
+    assert seen and max(seen) <= 5

@@ -89,7 +89,9 @@ class LossConfig(_Strict):
         None, gt=1, description="Truncate the importance weight rho at this value (None: no truncation)."
     )
     jsd_beta: float = Field(0.5, ge=0, le=1, description="Mixture weight of the teacher in jsd.")
-    chunk_size: int = Field(1024, ge=1, description="Completion tokens per chunk of full-vocabulary logits.")
+    chunk_size: int | None = Field(
+        None, ge=1, description="Completion tokens per chunk of full-vocabulary logits; None: 2**24 // vocabulary size."
+    )
 
 
 class BatchConfig(_Strict):

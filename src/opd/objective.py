@@ -19,6 +19,15 @@ from opd.rollout import Rollouts
 from opd.teacher import Teacher, TeacherScores
 
 
+CHUNK_ELEMENTS = 2**24  # a [tokens x V] fp32 block of 64 MiB
+
+
+def chunk_tokens(configured: int | None, vocab_size: int) -> int:
+    """Tokens per chunk of full-vocabulary logits: the configured count, or as many as keep one
+    [tokens x V] fp32 block near 64 MiB (2,048 tokens at an 8k vocabulary, 110 at Qwen's 151,936)."""
+    return configured or max(1, CHUNK_ELEMENTS // vocab_size)
+
+
 @dataclass
 class LossSettings:
     kind: str

@@ -20,6 +20,7 @@ from opd.config import Config, dump_config
 from opd.data import PromptSet, PromptStream, load_prompts
 from opd.errors import ConfigError
 from opd.models import LoadedModel, check_same_vocabulary, check_source, load_model, load_tokenizer
+from opd.objective import chunk_tokens
 from opd.rollout import HFSampler, ReferenceSampler, Sampler
 from opd.teacher import LocalTeacher
 from opd.trackers import check_trackers
@@ -167,7 +168,8 @@ def prepare(config: Config, resume: bool, log=print) -> Session:
         teacher_model = load_model(teacher_config.path, "teacher.path", device, teacher_config.trust_remote_code,
                                    dtype=autocast_dtype or torch.float32)
         _check_context(teacher_model, "teacher.path", config)
-        teacher = LocalTeacher(teacher_model, teacher_config.temperature, config.loss.chunk_size, autocast_dtype)
+        chunk = chunk_tokens(config.loss.chunk_size, teacher_model.vocab_size)
+        teacher = LocalTeacher(teacher_model, teacher_config.temperature, chunk, autocast_dtype)
 
     # On-policy: the policy that is trained must be the one that sampled, so dropout stays off.
     student.model.eval()

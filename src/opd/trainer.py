@@ -22,7 +22,7 @@ from opd.errors import TrainingDiverged
 from opd.evaluate import evaluate
 from opd.flops import matmul_parameters, step_flops
 from opd.metrics import ProgressBar, rollout_metrics
-from opd.objective import LossSettings, backward_micro_batch
+from opd.objective import LossSettings, backward_micro_batch, chunk_tokens
 from opd.rollout import Rollouts
 from opd.setup import Session, prepare
 from opd.teacher import TeacherScores
@@ -133,7 +133,7 @@ def update_student(session: Session, config: Config, rollouts: Rollouts, scores:
     settings = LossSettings(
         kind=config.loss.kind, temperature=config.rollout.temperature, top_k=config.rollout.top_k,
         top_p=config.rollout.top_p, ratio_clip=config.loss.ratio_clip, jsd_beta=config.loss.jsd_beta,
-        chunk_size=config.loss.chunk_size,
+        chunk_size=chunk_tokens(config.loss.chunk_size, session.student.vocab_size),
     )
     advantages = None
     if config.loss.kind == "reverse_kl_pg":
