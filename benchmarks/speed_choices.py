@@ -69,20 +69,22 @@ def main() -> None:
     hook = no_eos(student)
     batch_prompts, new_tokens = prompts(8, 64), 64
 
+    sampler = HFSampler(student, new_tokens)
+
     def sample_batched():
-        HFSampler(student, new_tokens).sample(batch_prompts, 4, torch.Generator().manual_seed(0))
+        sampler.sample(batch_prompts, 4, torch.Generator().manual_seed(0))
 
     def sample_one_by_one():
         for prompt in batch_prompts:
             for _ in range(4):
-                HFSampler(student, new_tokens).sample([prompt], 1, torch.Generator().manual_seed(0))
+                sampler.sample([prompt], 1, torch.Generator().manual_seed(0))
 
     tokens = 8 * 4 * new_tokens
     batched, serial = median_time(sample_batched, 2), median_time(sample_one_by_one, 1)
     rows.append(("sampling 32 rollouts x 64 tokens (student 256x4)", "one batched loop", tokens / batched,
                  "one rollout at a time", tokens / serial, "tokens/s"))
 
-    lean_sampler = HFSampler(student, new_tokens)
+    lean_sampler = sampler
     hf_sampler = HFSampler(student, new_tokens)
     hf_sampler._decoder = HFDecoder(student.model)  # what the sampler falls back to for other architectures
     lean, hf = (median_time(lambda s=s: s.sample(batch_prompts, 4, torch.Generator().manual_seed(0)), 2)
