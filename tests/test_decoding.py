@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import MistralConfig, MistralForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from opd.decoding import HFDecoder, LeanDecoder, make_decoder
 
@@ -53,3 +53,17 @@ def test_a_model_whose_forward_does_something_else_fails_the_probe():
     model = LLAMA_STYLE["qwen3"]().eval()
     model.model.layers[1].mlp.register_forward_hook(lambda module, inputs, output: output * 2)  # HF's path only
     assert isinstance(make_decoder(model), HFDecoder)
+
+
+@pytest.mark.parametrize("window,lean", [(16, False), (None, True)])
+def test_a_sliding_window_the_lean_step_does_not_apply_keeps_the_models_forward(window, lean):
+    """Mistral v0.1 attends to the last 4,096 tokens only; a probe of 10 positions can't see that."""
+    model = MistralForCausalLM(MistralConfig(**SHAPE, head_dim=8, sliding_window=window)).eval()
+    assert isinstance(make_decoder(model), LeanDecoder) is lean
+
+
+def test_bf16_models_pass_the_probe(tiny_models):
+    from opd.models import load_model
+
+    teacher = load_model(str(tiny_models["teacher"]), "teacher", torch.device("cpu"), dtype=torch.bfloat16)
+    assert isinstance(make_decoder(teacher.model), LeanDecoder)

@@ -13,7 +13,7 @@ from opd.config import load_config
 
 def test_demo_distills_and_its_config_repeats_the_run(tmp_path):
     out = tmp_path / "demo"
-    demo = run_cli("demo", "--out", str(out))
+    demo = run_cli("demo", "--out", str(out), timeout=1200)  # ~45 s alone; generous for a loaded CI machine
     assert demo.returncode == 0, demo.stderr
     summary = json.loads((out / "demo_summary.json").read_text())
     assert summary["teacher_accuracy"] >= 0.80
@@ -24,7 +24,8 @@ def test_demo_distills_and_its_config_repeats_the_run(tmp_path):
     config = load_config(out / "config.yaml")
     for path in (config.student.path, config.teacher.path, config.data.train, config.data.eval):
         assert Path(path).exists(), path
-    repeat = run_cli("train", str(out / "config.yaml"), "--set", f"run.output_dir={tmp_path / 'repeat'}", "run.progress=false")
+    repeat = run_cli("train", str(out / "config.yaml"), "--set", f"run.output_dir={tmp_path / 'repeat'}", "run.progress=false",
+                     timeout=1200)
     assert repeat.returncode == 0, repeat.stderr
     original = load_file(out / "final" / "model.safetensors")
     repeated = load_file(tmp_path / "repeat" / "final" / "model.safetensors")

@@ -228,3 +228,30 @@ def test_bf16_sampling_uses_a_copy_of_the_current_master_weights(tiny_models):
 def test_bf16_sampling_on_a_cpu_uses_the_fp32_weights_unless_asked(tiny_models):
     student = load_model(str(tiny_models["student"]), "student", CPU)
     assert HFSampler(student, 4, autocast_dtype=torch.bfloat16)._sampling_model() is student.model
+
+
+@pytest.mark.parametrize("kind", ["reverse_kl_pg", "forward_kl"])
+def test_micro_batches_of_different_lengths_give_the_whole_batch_gradient(models, kind):
+    """Each micro-batch is trimmed to its own longest completion; advantages and teacher states of
+    the whole step must be read at the same positions (a review found them misread)."""
+    student, teacher = models["student"], LocalTeacher(models["teacher"])
+    rollouts = sample_with_early_eos(models)
+    lengths = rollouts.completion_mask.sum(1)
+    order = torch.argsort(lengths)  # short rollouts first: the first micro-batches are trimmed narrower
+    rollouts = Rollouts(**{name: value[order] for name, value in rollouts.__dict__.items()})
+    assert rollouts.select(slice(0, 4)).completion_ids.shape[1] < rollouts.completion_ids.shape[1]
+    scores = teacher.score(rollouts, keep_hidden=True)
+    advantages = losses.discounted_advantages(rollouts.sampler_logprobs, scores.logprobs, rollouts.completion_mask,
+                                              1.0, 0.5)
+    settings = LossSettings(kind=kind, temperature=1.0, chunk_size=7)
+
+    def gradient(micro):
+        student.model.zero_grad(set_to_none=True)
+        loss = sum(backward_micro_batch(student, teacher, rollouts, scores, advantages, slice(row, row + micro),
+                                        rollouts.num_tokens, settings, None)[0] for row in range(0, len(rollouts), micro))
+        return loss, torch.cat([p.grad.flatten() for p in student.model.parameters()])
+
+    whole_loss, whole = gradient(len(rollouts))
+    split_loss, split = gradient(4)
+    assert split_loss == pytest.approx(whole_loss, rel=1e-5)
+    torch.testing.assert_close(split, whole, atol=1e-6, rtol=1e-4)

@@ -210,10 +210,13 @@ def test_first_update_is_on_policy_even_with_dropout(tiny_models, tiny_config, t
 
 
 def test_time_limit_stops_after_the_step_it_passes_in_and_writes_final(tiny_config):
-    raw = {**tiny_config, "run": {**tiny_config["run"], "max_steps": 50}, "data": {**tiny_config["data"], "eval": None}}
+    raw = {**tiny_config, "run": {**tiny_config["run"], "max_steps": 50, "log_every": 10}}
     result = train(validate(raw), log=lambda *_: None, time_limit_s=0.0)
     assert result.steps_run == 1
-    assert [row["step"] for row in read_metrics(result.output_dir / "metrics.jsonl")] == [1]
+    rows = read_metrics(result.output_dir / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [0, 1]  # the last step is logged and evaluated like a last step
+    assert "loss" in rows[1] and "eval/accuracy" in rows[1] and result.last_eval == {
+        key: value for key, value in rows[1].items() if key.startswith("eval/")}
     assert (result.output_dir / "final" / "model.safetensors").exists()
 
 

@@ -59,6 +59,8 @@ def backward_micro_batch(
     gives `opd sft` its logprob/student, since no student sampled those tokens.
     """
     part = rollouts.select(rows)
+    # The micro-batch is trimmed to its own longest completion; whole-step tensors (advantages,
+    # teacher hidden states) are cut to the same width before its flat token indices apply.
     width = part.completion_ids.shape[1]
     device_type = part.completion_ids.device.type
     autocast = torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None)
@@ -77,12 +79,12 @@ def backward_micro_batch(
             processed = losses.process_logits(logits, settings.temperature, settings.top_k, settings.top_p)
             logprobs = losses.token_logprobs(processed, tokens[start : start + len(chunk)])  # (c,)
             per_token = losses.reverse_kl_pg(logprobs, part.sampler_logprobs.flatten()[chunk],
-                                             advantages[rows].flatten()[chunk], settings.ratio_clip)
+                                             advantages[rows, :width].flatten()[chunk], settings.ratio_clip)
         elif settings.kind == "sft":
             logprobs = losses.token_logprobs(logits, tokens[start : start + len(chunk)])  # (c,), temperature 1
             per_token = -logprobs
         else:
-            teacher_logits = teacher.logits(scores.hidden[rows].flatten(0, 1)[chunk])  # (c, V)
+            teacher_logits = teacher.logits(scores.hidden[rows, :width].flatten(0, 1)[chunk])  # (c, V)
             scaled = losses.process_logits(logits, settings.temperature)  # (c, V) fp32
             per_token = losses.divergence(settings.kind, scaled, teacher_logits, settings.jsd_beta)
             logprobs = losses.token_logprobs(scaled, tokens[start : start + len(chunk)])

@@ -201,6 +201,7 @@ class HFSampler:
             if bool(finished.all()) or t == self.max_new_tokens - 1:
                 break
             logits = self._decoder.step(tokens[:, t : t + 1])[:, :vocab]
+        self._decoder.release()
         return Rollouts(
             prompt_ids=prompt_ids,
             prompt_mask=prompt_mask,

@@ -45,17 +45,17 @@ def train(config: Config, resume: bool = False, log=print, time_limit_s: float |
     start_step = session.start_step
     sinks = MetricSinks(config, session.output_dir, start_step)
     first_eval = last_eval = {}
-    if start_step == 0 and session.eval_prompts is not None:
-        first_eval = last_eval = run_eval(session, config)
-        sinks.write(0, first_eval)
     progress = ProgressBar(run.max_steps, start_step, enabled=run.progress)
     step, flops = start_step, session.start_flops
     student_params = matmul_parameters(session.student.model)
     teacher_params = matmul_parameters(session.teacher.model) if session.teacher is not None else 0
     sampler_params = {"student": student_params, "teacher": teacher_params, "dataset": 0}[config.rollout.source]
     scorer_params = 0 if sampled_by_teacher_distribution(config) else teacher_params
-    loop_started = time.perf_counter()
     try:
+        if start_step == 0 and session.eval_prompts is not None:
+            first_eval = last_eval = run_eval(session, config)
+            sinks.write(0, first_eval)
+        loop_started = time.perf_counter()
         for step in range(start_step + 1, run.max_steps + 1):
             started = time.perf_counter()
             prompts = [session.train_prompts.token_ids[i] for i in session.stream.take(batch.prompts_per_step)]
@@ -70,16 +70,18 @@ def train(config: Config, resume: bool = False, log=print, time_limit_s: float |
             flops += sum(costs.values())
             metrics = {**step_metrics(config, rollouts, scores, update, (started, sampled, scored, finished)),
                        **costs, "compute/flops": flops}
-            if session.eval_prompts is not None and ((run.eval_every and step % run.eval_every == 0) or step == run.max_steps):
+            last_step = step == run.max_steps or (
+                time_limit_s is not None and time.perf_counter() - loop_started >= time_limit_s)
+            if session.eval_prompts is not None and ((run.eval_every and step % run.eval_every == 0) or last_step):
                 last_eval = run_eval(session, config)
                 metrics.update(last_eval)
-            if step % run.log_every == 0 or step == run.max_steps or "eval/distill/reverse_kl" in metrics:
+            if step % run.log_every == 0 or last_step or "eval/distill/reverse_kl" in metrics:
                 sinks.write(step, metrics)
             progress.update(step, metrics)
             if run.save_every and step % run.save_every == 0:
                 save_checkpoint(session.output_dir, step, session.student, session.optimizer, session.scheduler,
                                 session.generator, session.stream.consumed, flops)
-            if time_limit_s is not None and time.perf_counter() - loop_started >= time_limit_s:
+            if last_step:
                 break
     except TrainingDiverged as exc:
         last_good = latest_checkpoint(session.output_dir)
