@@ -67,28 +67,27 @@ def backward_micro_batch(
     with autocast:
         hidden = completion_hidden_states(student.model, part.input_ids, part.attention_mask, width)  # (b, T, H)
     hidden_leaf = hidden.detach().requires_grad_()
-    flat_index = part.completion_mask.flatten().nonzero().squeeze(-1)  # (n,) completion tokens, row-major
     flat_hidden = hidden_leaf.flatten(0, 1)  # (b*T, H)
-    tokens = part.completion_ids.flatten()[flat_index]  # (n,)
     total, logprob_sum = 0.0, 0.0
-    for start in range(0, flat_index.numel(), settings.chunk_size):
-        chunk = flat_index[start : start + settings.chunk_size]  # (c,)
+    for chunk in part.token_chunks(settings.chunk_size):  # (c,) flat indices of completion tokens
+        tokens = part.completion_ids.flatten()[chunk]  # (c,)
         with autocast:
             logits = logits_from_hidden(student.model, flat_hidden[chunk], student.vocab_size)  # (c, V)
         if settings.kind == "reverse_kl_pg":
             processed = losses.process_logits(logits, settings.temperature, settings.top_k, settings.top_p)
-            logprobs = losses.token_logprobs(processed, tokens[start : start + len(chunk)])  # (c,)
+            logprobs = losses.token_logprobs(processed, tokens)  # (c,)
             per_token = losses.reverse_kl_pg(logprobs, part.sampler_logprobs.flatten()[chunk],
                                              advantages[rows, :width].flatten()[chunk], settings.ratio_clip)
         elif settings.kind == "sft":
-            logprobs = losses.token_logprobs(logits, tokens[start : start + len(chunk)])  # (c,), temperature 1
+            logprobs = losses.token_logprobs(logits, tokens)  # (c,), temperature 1
             per_token = -logprobs
         else:
             teacher_logits = teacher.logits(scores.hidden[rows, :width].flatten(0, 1)[chunk])  # (c, V)
             scaled = losses.process_logits(logits, settings.temperature)  # (c, V) fp32
             per_token = losses.divergence(settings.kind, scaled, teacher_logits, settings.jsd_beta)
-            logprobs = losses.token_logprobs(scaled, tokens[start : start + len(chunk)])
-        chunk_loss = per_token.sum() / num_tokens  # every micro-batch divides by the step's token count
+            logprobs = losses.token_logprobs(scaled, tokens)
+        every = torch.ones_like(per_token, dtype=torch.bool)  # the chunk holds only tokens inside the mask
+        chunk_loss = losses.reduce_tokens(per_token, every, num_tokens)
         chunk_loss.backward()
         total += chunk_loss.item()
         logprob_sum += float(logprobs.detach().sum())

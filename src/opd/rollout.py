@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, fields
+from collections.abc import Iterator
 from typing import Protocol
 
 import torch
@@ -55,6 +56,12 @@ class Rollouts:
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
+
+    def token_chunks(self, size: int) -> Iterator[torch.Tensor]:
+        """Flat row-major indices into (B, T) of the completion tokens inside the mask, `size` at a
+        time: full-vocabulary work runs on these only, never on padding or past EOS."""
+        index = self.completion_mask.flatten().nonzero().squeeze(-1)  # (n,)
+        return (index[start : start + size] for start in range(0, index.numel(), size))
 
     def select(self, rows: slice) -> "Rollouts":
         """A micro-batch of rows, trimmed to the columns it uses."""
@@ -140,8 +147,8 @@ class HFSampler:
         low_precision_copy: bool | None = None,
     ):
         """low_precision_copy: sample from an autocast_dtype copy of fp32 weights; None = on GPUs only.
-        On a CPU, decoding at sampling widths is bound by overheads rather than matrix products, and
-        the copy made sampling slower (benchmarks/speed_choices.py)."""
+        On a CPU, decoding at sampling widths is bound by overheads rather than matrix products: the
+        copy gave no consistent gain there (benchmarks/speed_choices.py), and fp32 keeps ℓˢ exact."""
         self.student = student
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature

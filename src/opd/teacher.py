@@ -71,12 +71,9 @@ class LocalTeacher:
             hidden = completion_hidden_states(
                 self.teacher.model, rollouts.input_ids, rollouts.attention_mask, num_completion
             )  # (B, T, H)
-        # Only completion tokens inside the mask, in chunks of chunk_size: no LM head on padding.
-        flat_index = rollouts.completion_mask.flatten().nonzero().squeeze(-1)  # (n,)
         flat_hidden, flat_tokens = hidden.flatten(0, 1), rollouts.completion_ids.flatten()
         flat_logprobs = torch.zeros(flat_tokens.shape, device=hidden.device)  # (B*T,)
-        for start in range(0, flat_index.numel(), self.chunk_size):
-            chunk = flat_index[start : start + self.chunk_size]  # (c,)
+        for chunk in rollouts.token_chunks(self.chunk_size):  # (c,) flat indices
             flat_logprobs[chunk] = token_logprobs(self.logits(flat_hidden[chunk]), flat_tokens[chunk])
         logprobs = flat_logprobs.view(rollouts.completion_ids.shape)  # (B, T), 0 outside the mask
         return TeacherScores(logprobs=logprobs, hidden=hidden if keep_hidden else None)
