@@ -331,6 +331,34 @@ def test_divergences_with_zero_probability_entries_are_finite(kind, beta):
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
 
 
+def backward_nodes(tensor: torch.Tensor) -> set[str]:
+    """Names of the autograd nodes behind a tensor."""
+    names, stack = set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None:
+            names.add(type(node).__name__)
+            stack.extend(child for child, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl"])
+def test_kl_uses_its_closed_form_gradient_and_autograd_where_the_teacher_needs_one(kind):
+    """With a fixed teacher the KLs backpropagate through the closed form (whose gradients the tests
+    above check against float64 autograd); a teacher that needs gradients gets autograd's chain,
+    and its gradient matches the float64 formula too."""
+    student = random_logits(3, 7, seed=18).requires_grad_()
+    teacher = random_logits(3, 7, seed=19)
+    nodes = backward_nodes(under_test(kind, student, teacher, None))
+    assert any("ClosedForm" in node for node in nodes) and "LogSoftmaxBackward0" not in nodes
+    teacher_ut, teacher_ref = teacher.clone().requires_grad_(), teacher.clone().requires_grad_()
+    weights = random_logits(3, seed=20)
+    (under_test(kind, student, teacher_ut, None) * weights).sum().backward()
+    (torch_divergence64(kind, student.detach(), teacher_ref, None) * weights).sum().backward()
+    assert teacher_ut.grad.abs().max() > 1e-3
+    torch.testing.assert_close(teacher_ut.grad, teacher_ref.grad, atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------- discounted_advantages
 
 

@@ -10,7 +10,7 @@ from opd.errors import ModelError
 from opd.metrics import masked_mean, rollout_metrics
 from opd.models import check_same_vocabulary, completion_hidden_states, load_model, logits_from_hidden
 from opd.objective import LossSettings, backward_micro_batch
-from opd.rollout import HFSampler, Rollouts
+from opd.rollout import DRAW_BLOCK, HFSampler, Rollouts, draw
 from opd.teacher import LocalTeacher
 
 from conftest import recompute_logprobs
@@ -37,6 +37,31 @@ def test_sampler_logprobs_are_those_of_the_sampling_distribution(models, tempera
     if temperature != 1.0:  # scoring at 1.0 instead would describe another distribution (ArcticTraining #344)
         at_one = recompute_logprobs(student, rollouts, 1.0)
         assert (rollouts.sampler_logprobs - at_one * rollouts.completion_mask).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("vocab", [3 * DRAW_BLOCK, 2 * DRAW_BLOCK + 37])  # whole blocks, and a ragged last one
+def test_draw_follows_the_softmax_and_returns_its_log_probabilities(vocab):
+    """Frequencies of 40,000 draws per row against softmax(logits): spread-out rows, one with most mass
+    in a single token, -inf entries (never drawn) and a row that only its last token can take."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, vocab, generator=generator) * 2
+    logits[1, 5] = 9.0
+    logits[2, DRAW_BLOCK:] = float("-inf")
+    logits[3, :-1] = float("-inf")
+    probs = torch.softmax(logits, -1)
+    draws = 40_000  # per row
+    counts = torch.zeros_like(probs)
+    for _ in range(draws // 1000):
+        tokens, logprobs = draw(logits.repeat_interleave(1000, 0), generator)
+        rows = torch.arange(4).repeat_interleave(1000)
+        counts.index_put_((rows, tokens), torch.ones(len(tokens)), accumulate=True)
+        torch.testing.assert_close(logprobs, probs.log()[rows, tokens], atol=1e-5, rtol=1e-5)
+    assert counts[probs == 0].sum() == 0
+    frequencies = counts / draws
+    # Binomial standard error of each entry; 5 sigma plus a little for the smallest ones.
+    tolerance = 5 * (probs * (1 - probs) / draws).sqrt() + 1e-5
+    assert ((frequencies - probs).abs() <= tolerance).all()
+    assert counts[3, -1] == draws
 
 
 def sample_with_early_eos(models):

@@ -101,13 +101,64 @@ def _kl(target_logp: torch.Tensor, input_logp: torch.Tensor) -> torch.Tensor:
     return (target_p * log_ratio).sum(-1)
 
 
+class _KLWithClosedFormGradient(torch.autograd.Function):
+    """KL at each row between softmax(student logits) and the teacher, with the gradient with respect to
+    the student's logits z computed in closed form during the forward pass:
+
+        reverse, KL(p || q):  dKL/dz = p * (log p - log q - KL)
+        forward, KL(q || p):  dKL/dz = p - q
+
+    Autograd's chain through log_softmax, exp, the difference and the product makes and keeps several
+    [n x V] tensors and walks each back again; here one [n x V] gradient is kept, and the backward only
+    scales it. Inputs (n, V) fp32, teacher log-probs without gradient; output (n,).
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits: torch.Tensor, teacher_logp: torch.Tensor, reverse: bool) -> torch.Tensor:
+        student_logp = torch.log_softmax(student_logits, dim=-1)
+        student_p = student_logp.exp()
+        if reverse:
+            log_ratio = student_logp.sub_(teacher_logp)  # reuses the log-prob buffer
+            kl = torch.einsum("nv,nv->n", student_p, log_ratio)
+            gradient = log_ratio.sub_(kl.unsqueeze(-1)).mul_(student_p)
+        else:
+            teacher_p = teacher_logp.exp()
+            kl = torch.einsum("nv,nv->n", teacher_p, teacher_logp - student_logp)
+            gradient = student_p.sub_(teacher_p)
+        ctx.save_for_backward(gradient)
+        return kl
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_kl: torch.Tensor):
+        (gradient,) = ctx.saved_tensors
+        return gradient * grad_kl.unsqueeze(-1), None, None
+
+
+def _fused_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, reverse: bool) -> torch.Tensor | None:
+    """The closed-form KL, (..., V) -> (...), where it applies: a teacher without gradient and a finite
+    result (a -inf logit needs _kl's 0 * log 0 = 0 care). None otherwise."""
+    if teacher_logits.requires_grad:
+        return None
+    vocab = student_logits.shape[-1]
+    teacher_logp = F.log_softmax(teacher_logits.float().reshape(-1, vocab), dim=-1)
+    kl = _KLWithClosedFormGradient.apply(student_logits.float().reshape(-1, vocab), teacher_logp, reverse)
+    return kl.view(student_logits.shape[:-1]) if bool(torch.isfinite(kl).all()) else None
+
+
 def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """KL(pi_T || pi_theta) at each position. (..., V), (..., V) -> (...)."""
+    fused = _fused_kl(student_logits, teacher_logits, reverse=False)
+    if fused is not None:
+        return fused
     return _kl(F.log_softmax(teacher_logits.float(), dim=-1), F.log_softmax(student_logits.float(), dim=-1))
 
 
 def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """KL(pi_theta || pi_T) at each position. (..., V), (..., V) -> (...)."""
+    fused = _fused_kl(student_logits, teacher_logits, reverse=True)
+    if fused is not None:
+        return fused
     return _kl(F.log_softmax(student_logits.float(), dim=-1), F.log_softmax(teacher_logits.float(), dim=-1))
 
 

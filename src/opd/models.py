@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import inspect
 import re
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from opd.errors import ModelError
+
+if TYPE_CHECKING:
+    from opd.rollout import Rollouts
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
@@ -128,6 +133,95 @@ def completion_hidden_states(
         use_cache=False,
     )
     return outputs.last_hidden_state[:, -num_completion:]
+
+
+def shared_prompt_hidden_states(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    prompt_index: torch.Tensor,
+) -> torch.Tensor:
+    """`completion_hidden_states` of rows (prompt, completion), with each distinct prompt encoded once.
+
+    prompt_ids, prompt_mask: (B, P) left-padded; completion_ids, completion_mask: (B, T);
+    prompt_index: (B,), equal for rows that hold the same prompt (a prompt's samples). Returns
+    (B, T, H): row t predicts completion_ids[:, t]. The U distinct prompts run as a batch of U; their
+    keys and values are then indexed out to the B rows, and the completions run against them, so the
+    model sees U x P + B x T positions instead of B x (P + T). Gradients flow back through the
+    indexing into the shared prompt pass. Use through `completion_hidden_states_of`, which checks
+    once per model that the result matches the plain forward.
+    """
+    rows = torch.arange(len(prompt_index), device=prompt_index.device)
+    groups, row_group = torch.unique(prompt_index, return_inverse=True)  # (U,), (B,)
+    first_row = torch.full_like(groups, len(rows)).scatter_reduce(0, row_group, rows, "amin")  # (U,)
+    decoder = model.get_decoder()
+    cache = DynamicCache(config=model.config)
+    unique_mask = prompt_mask[first_row]
+    encoded = decoder(input_ids=prompt_ids[first_row], attention_mask=unique_mask,
+                      position_ids=position_ids_from_mask(unique_mask), use_cache=True,
+                      **{cache_keyword(decoder): cache})
+    first_hidden = encoded.last_hidden_state[row_group, -1:]  # (B, 1, H): predicts completion token 0
+    if completion_ids.shape[1] == 1:
+        return first_hidden
+    cache.batch_select_indices(row_group)  # each row gets its prompt's keys and values
+    mask = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1)  # (B, P + T - 1)
+    rest = decoder(input_ids=completion_ids[:, :-1], attention_mask=mask,
+                   position_ids=position_ids_from_mask(mask)[:, prompt_ids.shape[1]:], use_cache=True,
+                   **{cache_keyword(decoder): cache})
+    return torch.cat([first_hidden, rest.last_hidden_state], dim=1)
+
+
+_SHARES_PROMPTS: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def shares_prompts(model: PreTrainedModel) -> bool:
+    """Whether `shared_prompt_hidden_states` reproduces the plain forward for this model (probed once:
+    two prompts of different lengths, two samples each, one stopping early). A model whose cache
+    can't be shared this way (an unknown cache layout, a failing forward) uses the plain forward."""
+    if model not in _SHARES_PROMPTS:
+        _SHARES_PROMPTS[model] = _probe_prompt_sharing(model)
+    return _SHARES_PROMPTS[model]
+
+
+def _probe_prompt_sharing(model: PreTrainedModel) -> bool:
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().weight.shape[0]
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    prompts = torch.randint(0, vocab, (2, 6), generator=generator).repeat_interleave(2, 0).to(device)
+    prompt_mask = torch.ones_like(prompts)
+    prompt_mask[2:, :2] = 0
+    completions = torch.randint(0, vocab, (4, 4), generator=generator).to(device)
+    completion_mask = torch.ones_like(completions)
+    completion_mask[1, 2:] = 0
+    index = torch.tensor([0, 0, 1, 1], device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.autocast(device.type, enabled=False):
+            shared = shared_prompt_hidden_states(model, prompts, prompt_mask, completions, completion_mask, index)
+            plain = completion_hidden_states(model, torch.cat([prompts, completions], 1),
+                                             torch.cat([prompt_mask, completion_mask], 1), 4)
+    except Exception:  # e.g. a cache type without batch_select_indices
+        return False
+    finally:
+        model.train(was_training)
+    used = completion_mask.bool()
+    difference = (shared.float() - plain.float())[used].abs()
+    scale = plain.float()[used].abs().mean()
+    tolerance = 1e-4 if plain.dtype == torch.float32 else 2e-2  # bf16: rounding of differently shaped products
+    return bool(shared.shape == plain.shape and difference.mean() <= tolerance * scale)
+
+
+def completion_hidden_states_of(model: PreTrainedModel, rollouts: "Rollouts") -> torch.Tensor:
+    """(B, T, H) hidden states predicting each completion token of the rollouts: with prompts shared
+    among their samples when the model allows it (the same values, fewer positions), else plain."""
+    if len(torch.unique(rollouts.prompt_index)) < len(rollouts) and shares_prompts(model):
+        return shared_prompt_hidden_states(model, rollouts.prompt_ids, rollouts.prompt_mask,
+                                           rollouts.completion_ids, rollouts.completion_mask, rollouts.prompt_index)
+    return completion_hidden_states(model, rollouts.input_ids, rollouts.attention_mask, rollouts.completion_ids.shape[1])
 
 
 def logits_from_hidden(model: PreTrainedModel, hidden: torch.Tensor, vocab_size: int) -> torch.Tensor:

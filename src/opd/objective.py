@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from opd import losses
-from opd.models import LoadedModel, completion_hidden_states, logits_from_hidden
+from opd.models import LoadedModel, completion_hidden_states_of, logits_from_hidden
 from opd.rollout import Rollouts
 from opd.teacher import Teacher, TeacherScores
 
@@ -65,7 +65,7 @@ def backward_micro_batch(
     device_type = part.completion_ids.device.type
     autocast = torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None)
     with autocast:
-        hidden = completion_hidden_states(student.model, part.input_ids, part.attention_mask, width)  # (b, T, H)
+        hidden = completion_hidden_states_of(student.model, part)  # (b, T, H), prompts shared by their samples
     hidden_leaf = hidden.detach().requires_grad_()
     flat_hidden = hidden_leaf.flatten(0, 1)  # (b*T, H)
     total, logprob_sum = 0.0, 0.0

@@ -111,19 +111,42 @@ def right_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> 
     return ids.to(device), mask.to(device)
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One token per row of probs (B, V), by inverse-CDF sampling: one uniform number per row.
+DRAW_BLOCK = 128  # vocabulary entries per block of the two-level CDF
 
-    torch.multinomial draws an exponential number per vocabulary entry, which on a CPU costs more
-    than the rest of a small model's decoding step. The CDF is summed in float64 so that even tiny
-    probabilities keep their share of it.
+
+def draw(logits: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row of softmax(logits) (B, V) by inverse-CDF sampling with one uniform number per
+    row; returns the tokens (B,) and their log-probabilities (B,).
+
+    torch.multinomial draws an exponential number per vocabulary entry, and a cumulative sum runs
+    serially along a row (2 ms for 32 x 8,192 in float64 here): either costs more on a CPU than the
+    rest of a small model's decoding step. So the CDF has two levels: the sums of blocks of
+    DRAW_BLOCK entries, then the cumulative sum inside the one block the number falls in. Both are
+    float64, so even tiny probabilities keep their share. -inf logits have probability 0 and are
+    never drawn.
     """
-    cdf = probs.double().cumsum(-1)  # (B, V)
-    threshold = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64)
-    index = torch.searchsorted(cdf, threshold * cdf[:, -1:], right=True).squeeze(-1)  # first entry above it
-    # Rounding can put the threshold at the very top of the CDF: take the last token with mass then.
-    last_with_mass = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(-1)
-    return torch.minimum(index, last_with_mass)
+    batch, vocab = logits.shape
+    shifted = logits - logits.amax(-1, keepdim=True)  # (B, V), the largest is 0
+    weights = torch.nn.functional.pad(shifted.exp(), (0, -vocab % DRAW_BLOCK))  # (B, nb * DRAW_BLOCK)
+    blocks = weights.view(batch, -1, DRAW_BLOCK)  # (B, nb, DRAW_BLOCK) unnormalized probabilities
+    block_mass = blocks.sum(-1, dtype=torch.float64)  # (B, nb)
+    block_cdf = block_mass.cumsum(-1)  # (B, nb)
+    total = block_cdf[:, -1:]  # (B, 1)
+    target = torch.rand(batch, 1, generator=generator, device=logits.device, dtype=torch.float64) * total
+    # Rounding can put the target at the very top of the CDF: never past the last block with mass.
+    block = torch.minimum(torch.searchsorted(block_cdf, target, right=True), _last_positive(block_mass))  # (B, 1)
+    inside = blocks.gather(1, block[:, :, None].expand(-1, -1, DRAW_BLOCK)).squeeze(1).double()  # (B, DRAW_BLOCK)
+    inner_cdf = inside.cumsum(-1)  # (B, DRAW_BLOCK)
+    residual = (target - (block_cdf.gather(-1, block) - block_mass.gather(-1, block))) / block_mass.gather(-1, block)
+    offset = torch.searchsorted(inner_cdf, residual * inner_cdf[:, -1:], right=True)  # (B, 1)
+    tokens = (block * DRAW_BLOCK + torch.minimum(offset, _last_positive(inside))).squeeze(-1).clamp(max=vocab - 1)
+    logprobs = shifted.gather(-1, tokens[:, None]).squeeze(-1) - total.squeeze(-1).log().to(shifted.dtype)
+    return tokens, logprobs
+
+
+def _last_positive(values: torch.Tensor) -> torch.Tensor:
+    """Index of the last positive entry of each row. (B, n) -> (B, 1)."""
+    return values.shape[-1] - 1 - (values.flip(-1) > 0).int().argmax(-1, keepdim=True)
 
 
 class HFSampler:
@@ -133,7 +156,8 @@ class HFSampler:
     model's own forward; Hugging Face's forward otherwise). Each prompt is encoded once and its
     KV-cache rows are shared by its samples. Under bf16 on a GPU an fp32 model samples from a bf16
     copy of its weights, refreshed from the master weights at every call: casting every weight once
-    per call is cheaper than autocast casting it at every decoding step.
+    per call is cheaper than autocast casting it at every decoding step. On a CPU the lean step casts
+    only the matrix products' weights (at every call), and keeps norms, attention and residuals fp32.
     """
 
     def __init__(
@@ -147,8 +171,8 @@ class HFSampler:
         low_precision_copy: bool | None = None,
     ):
         """low_precision_copy: sample from an autocast_dtype copy of fp32 weights; None = on GPUs only.
-        On a CPU, decoding at sampling widths is bound by overheads rather than matrix products: the
-        copy gave no consistent gain there (benchmarks/speed_choices.py), and fp32 keeps ℓˢ exact."""
+        On a CPU the whole-model copy gave no consistent gain (benchmarks/speed_choices.py): bf16
+        pays there in the larger matrix products only, which the lean step casts by itself."""
         self.student = student
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
@@ -178,7 +202,9 @@ class HFSampler:
     def sample(self, prompts: list[list[int]], samples_per_prompt: int, generator: torch.Generator) -> Rollouts:
         model, tokenizer = self._sampling_model(), self.student.tokenizer
         if self._decoder is None or self._decoder.model is not model:
-            self._decoder = make_decoder(model)
+            # fp32 weights under bf16: the lean step runs its matrix products on bf16 copies of them
+            low_precision = self.autocast_dtype if next(model.parameters()).dtype != self.autocast_dtype else None
+            self._decoder = make_decoder(model, low_precision)
         device = next(model.parameters()).device
         pad_id = tokenizer.pad_token_id
         unique_ids, unique_mask = left_pad(prompts, pad_id, device)  # (n, P)
@@ -196,9 +222,7 @@ class HFSampler:
         finished = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,)
         for t in range(self.max_new_tokens):
             logits = process_logits(logits, self.temperature, self.top_k, self.top_p)  # (B, V)
-            step_logprobs = torch.log_softmax(logits, dim=-1)
-            next_token = draw(step_logprobs.exp(), generator)  # (B,)
-            next_logprob = step_logprobs.gather(-1, next_token[:, None]).squeeze(-1)  # (B,)
+            next_token, next_logprob = draw(logits, generator)  # (B,), (B,)
             if not bool(torch.isfinite(next_logprob).all()):  # NaN or +inf logits make the whole row NaN
                 raise TrainingDiverged("the student's logits are not finite while sampling")
             live[:, t] = (~finished).long()

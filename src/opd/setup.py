@@ -19,6 +19,7 @@ from opd.checkpoint import latest_checkpoint, load_trainer_state, restore_rng
 from opd.config import Config, dump_config
 from opd.data import PromptSet, PromptStream, load_prompts
 from opd.errors import ConfigError
+from opd.host_memory import keep_freed_memory
 from opd.models import LoadedModel, check_same_vocabulary, check_source, load_model, load_tokenizer
 from opd.objective import chunk_tokens
 from opd.rollout import HFSampler, ReferenceSampler, Sampler
@@ -134,6 +135,8 @@ def prepare(config: Config, resume: bool, log=print) -> Session:
     output_dir = Path(config.run.output_dir)
     check_output_dir(output_dir, resume)
     device = resolve_device(config.run.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     autocast_dtype = resolve_autocast(config.run.precision, device)
     check_trackers(config.run.report_to)
     check_source(config.student.path, "student.path")

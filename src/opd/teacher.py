@@ -8,7 +8,7 @@ from typing import Protocol
 import torch
 
 from opd.losses import token_logprobs
-from opd.models import LoadedModel, completion_hidden_states, logits_from_hidden
+from opd.models import LoadedModel, completion_hidden_states_of, logits_from_hidden
 from opd.rollout import Rollouts
 
 
@@ -30,7 +30,8 @@ class Teacher(Protocol):
 class LocalTeacher:
     """A Hugging Face model in this process, run without gradients.
 
-    One forward over (prompt, completion) yields hidden states of the completion positions only;
+    One forward over (prompt, completion), each prompt encoded once for all its samples, yields
+    hidden states of the completion positions only;
     the LM head then runs over chunks of `chunk_size` completion tokens (padding skipped), so the
     teacher's [B x T x V] logits never exist at once.
     """
@@ -66,11 +67,8 @@ class LocalTeacher:
 
     @torch.no_grad()
     def score(self, rollouts: Rollouts, keep_hidden: bool = False) -> TeacherScores:
-        num_completion = rollouts.completion_ids.shape[1]
         with self._autocast():
-            hidden = completion_hidden_states(
-                self.teacher.model, rollouts.input_ids, rollouts.attention_mask, num_completion
-            )  # (B, T, H)
+            hidden = completion_hidden_states_of(self.teacher.model, rollouts)  # (B, T, H)
         flat_hidden, flat_tokens = hidden.flatten(0, 1), rollouts.completion_ids.flatten()
         flat_logprobs = torch.zeros(flat_tokens.shape, device=hidden.device)  # (B*T,)
         for chunk in rollouts.token_chunks(self.chunk_size):  # (c,) flat indices
