@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from opd.errors import ModelError
 from opd.metrics import masked_mean, rollout_metrics
 from opd.models import check_same_vocabulary, completion_hidden_states, load_model, logits_from_hidden
 from opd.objective import LossSettings, backward_micro_batch
-from opd.rollout import DRAW_BLOCK, HFSampler, Rollouts, draw
+from opd.rollout import HFSampler, Rollouts, draw
 from opd.teacher import LocalTeacher
 
 from conftest import recompute_logprobs
@@ -39,14 +41,14 @@ def test_sampler_logprobs_are_those_of_the_sampling_distribution(models, tempera
         assert (rollouts.sampler_logprobs - at_one * rollouts.completion_mask).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("vocab", [3 * DRAW_BLOCK, 2 * DRAW_BLOCK + 37])  # whole blocks, and a ragged last one
+@pytest.mark.parametrize("vocab", [97, 300])
 def test_draw_follows_the_softmax_and_returns_its_log_probabilities(vocab):
     """Frequencies of 40,000 draws per row against softmax(logits): spread-out rows, one with most mass
     in a single token, -inf entries (never drawn) and a row that only its last token can take."""
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(4, vocab, generator=generator) * 2
     logits[1, 5] = 9.0
-    logits[2, DRAW_BLOCK:] = float("-inf")
+    logits[2, 60:] = float("-inf")
     logits[3, :-1] = float("-inf")
     probs = torch.softmax(logits, -1)
     draws = 40_000  # per row
@@ -62,6 +64,17 @@ def test_draw_follows_the_softmax_and_returns_its_log_probabilities(vocab):
     tolerance = 5 * (probs * (1 - probs) / draws).sqrt() + 1e-5
     assert ((frequencies - probs).abs() <= tolerance).all()
     assert counts[3, -1] == draws
+
+
+def test_a_draw_at_the_very_top_of_the_cdf_takes_the_last_token_with_mass(monkeypatch):
+    """A uniform number of 1 (which rounding can produce) lands past the CDF's end; the tokens at the end
+    of the vocabulary have probability 0 here, so the draw must step back to the last one that doesn't."""
+    logits = torch.zeros(2, 10)
+    logits[0, 7:] = float("-inf")
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kwargs: torch.ones(*shape, dtype=kwargs.get("dtype")))
+    tokens, logprobs = draw(logits, torch.Generator())
+    assert tokens.tolist() == [6, 9]
+    torch.testing.assert_close(logprobs, torch.tensor([-math.log(7), -math.log(10)]))
 
 
 def sample_with_early_eos(models):

@@ -111,42 +111,26 @@ def right_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> 
     return ids.to(device), mask.to(device)
 
 
-DRAW_BLOCK = 128  # vocabulary entries per block of the two-level CDF
-
-
 def draw(logits: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row of softmax(logits) (B, V) by inverse-CDF sampling with one uniform number per
     row; returns the tokens (B,) and their log-probabilities (B,).
 
-    torch.multinomial draws an exponential number per vocabulary entry, and a cumulative sum runs
-    serially along a row (2 ms for 32 x 8,192 in float64 here): either costs more on a CPU than the
-    rest of a small model's decoding step. So the CDF has two levels: the sums of blocks of
-    DRAW_BLOCK entries, then the cumulative sum inside the one block the number falls in. Both are
-    float64, so even tiny probabilities keep their share. -inf logits have probability 0 and are
-    never drawn.
+    torch.multinomial draws an exponential number per vocabulary entry, which on a CPU costs more than
+    the rest of a small model's decoding step. The CDF is summed in float64 so that even tiny
+    probabilities keep their share of it; -inf logits have probability 0 and are never drawn.
     """
-    batch, vocab = logits.shape
     shifted = logits - logits.amax(-1, keepdim=True)  # (B, V), the largest is 0
-    weights = torch.nn.functional.pad(shifted.exp(), (0, -vocab % DRAW_BLOCK))  # (B, nb * DRAW_BLOCK)
-    blocks = weights.view(batch, -1, DRAW_BLOCK)  # (B, nb, DRAW_BLOCK) unnormalized probabilities
-    block_mass = blocks.sum(-1, dtype=torch.float64)  # (B, nb)
-    block_cdf = block_mass.cumsum(-1)  # (B, nb)
-    total = block_cdf[:, -1:]  # (B, 1)
-    target = torch.rand(batch, 1, generator=generator, device=logits.device, dtype=torch.float64) * total
-    # Rounding can put the target at the very top of the CDF: never past the last block with mass.
-    block = torch.minimum(torch.searchsorted(block_cdf, target, right=True), _last_positive(block_mass))  # (B, 1)
-    inside = blocks.gather(1, block[:, :, None].expand(-1, -1, DRAW_BLOCK)).squeeze(1).double()  # (B, DRAW_BLOCK)
-    inner_cdf = inside.cumsum(-1)  # (B, DRAW_BLOCK)
-    residual = (target - (block_cdf.gather(-1, block) - block_mass.gather(-1, block))) / block_mass.gather(-1, block)
-    offset = torch.searchsorted(inner_cdf, residual * inner_cdf[:, -1:], right=True)  # (B, 1)
-    tokens = (block * DRAW_BLOCK + torch.minimum(offset, _last_positive(inside))).squeeze(-1).clamp(max=vocab - 1)
-    logprobs = shifted.gather(-1, tokens[:, None]).squeeze(-1) - total.squeeze(-1).log().to(shifted.dtype)
-    return tokens, logprobs
-
-
-def _last_positive(values: torch.Tensor) -> torch.Tensor:
-    """Index of the last positive entry of each row. (B, n) -> (B, 1)."""
-    return values.shape[-1] - 1 - (values.flip(-1) > 0).int().argmax(-1, keepdim=True)
+    weights = shifted.exp()  # (B, V) unnormalized probabilities
+    cdf = weights.double().cumsum(-1)  # (B, V)
+    total = cdf[:, -1:]  # (B, 1)
+    target = torch.rand(logits.shape[0], 1, generator=generator, device=logits.device, dtype=torch.float64) * total
+    tokens = torch.searchsorted(cdf, target, right=True).clamp(max=logits.shape[-1] - 1)  # (B, 1)
+    no_mass = weights.gather(-1, tokens) == 0  # (B, 1)
+    if bool(no_mass.any()):  # rounding put the target at the very top: the last token with mass then
+        last_with_mass = logits.shape[-1] - 1 - (weights.flip(-1) > 0).int().argmax(-1, keepdim=True)
+        tokens = torch.where(no_mass, last_with_mass, tokens)
+    logprobs = shifted.gather(-1, tokens) - total.log().to(shifted.dtype)  # (B, 1)
+    return tokens.squeeze(-1), logprobs.squeeze(-1)
 
 
 class HFSampler:
