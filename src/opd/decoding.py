@@ -67,11 +67,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 class LeanDecoder:
     """The Llama-family decoder layer, step by step, over a preallocated KV cache."""
 
-    def __init__(self, model: torch.nn.Module, matmul_dtype: torch.dtype | None = None):
-        """matmul_dtype: run the matrix products with weights in this dtype (a copy made at every
-        start()), the rest of the step in the model's; None = the model's own weights."""
+    def __init__(self, model: torch.nn.Module):
         self.model = model
-        self.matmul_dtype = matmul_dtype
         self.body = model.get_decoder()
         attention = self.body.layers[0].self_attn
         self.head_dim = attention.head_dim
@@ -97,23 +94,15 @@ class LeanDecoder:
     def _fuse_weights(self) -> None:
         """Per layer, q/k/v and gate/up as one matrix each: fewer, larger matrix products per step.
         Rebuilt at every start(), so they follow weight updates (a copy of the layer weights)."""
-        dtype = self.matmul_dtype or next(self.model.parameters()).dtype
         self.fused = []
         for layer in self.body.layers:
             attention, mlp = layer.self_attn, layer.mlp
             projections = (attention.q_proj, attention.k_proj, attention.v_proj)
             qkv_bias = None
             if attention.q_proj.bias is not None:  # Qwen2
-                qkv_bias = torch.cat([projection.bias for projection in projections]).to(dtype)
-            self.fused.append((torch.cat([projection.weight for projection in projections]).to(dtype), qkv_bias,
-                               torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).to(dtype),
-                               attention.o_proj.weight.to(dtype),
-                               None if attention.o_proj.bias is None else attention.o_proj.bias.to(dtype),
-                               mlp.down_proj.weight.to(dtype)))
-        self.head = self.model.get_output_embeddings().weight.to(dtype)
-
-    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.nn.functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+                qkv_bias = torch.cat([projection.bias for projection in projections])
+            self.fused.append((torch.cat([projection.weight for projection in projections]), qkv_bias,
+                               torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])))
 
     def _layers(self, hidden, position_ids, mask, start: int) -> torch.Tensor:
         """hidden (B, n, H) at positions start..start+n-1 of the cache; mask (B, 1, n, L) bool, True = attend.
@@ -123,10 +112,9 @@ class LeanDecoder:
         cos, sin = self.body.rotary_emb(hidden, position_ids)
         cos, sin = cos[:, None].to(hidden.dtype), sin[:, None].to(hidden.dtype)  # (B, 1, n, d)
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        for layer, (keys, values), (qkv_weight, qkv_bias, gate_up_weight, o_weight, o_bias, down_weight) in zip(
-                self.body.layers, self.cache, self.fused):
+        for layer, (keys, values), (qkv_weight, qkv_bias, gate_up_weight) in zip(self.body.layers, self.cache, self.fused):
             attention = layer.self_attn
-            qkv = self._linear(_rms_norm(layer.input_layernorm, hidden), qkv_weight, qkv_bias)
+            qkv = torch.nn.functional.linear(_rms_norm(layer.input_layernorm, hidden), qkv_weight, qkv_bias)
             query, key, value = qkv.split([q_size, kv_size, kv_size], dim=-1)
             query = query.view(batch, length, self.heads, self.head_dim)
             key = key.view(batch, length, self.kv_heads, self.head_dim)
@@ -145,11 +133,11 @@ class LeanDecoder:
                     query, keys[:, :, :end], values[:, :, :end], attn_mask=mask, scale=self.scaling,
                     enable_gqa=self.heads != self.kv_heads,
                 )  # (B, heads, n, d)
-            hidden = hidden + self._linear(mixed.transpose(1, 2).reshape(batch, length, -1), o_weight, o_bias)
-            gate, up = self._linear(_rms_norm(layer.post_attention_layernorm, hidden), gate_up_weight).chunk(2, dim=-1)
-            hidden = hidden + self._linear(torch.nn.functional.silu(gate) * up, down_weight)
+            hidden = hidden + attention.o_proj(mixed.transpose(1, 2).reshape(batch, length, -1))
+            gate, up = torch.nn.functional.linear(_rms_norm(layer.post_attention_layernorm, hidden), gate_up_weight).chunk(2, dim=-1)
+            hidden = hidden + layer.mlp.down_proj(torch.nn.functional.silu(gate) * up)
         last = _rms_norm(self.body.norm, hidden[:, -1])
-        return self._linear(last, self.head).float()  # (B, V)
+        return self.model.get_output_embeddings()(last).float()  # (B, V)
 
     def start(self, prompt_ids, prompt_mask, copies: int, max_new_tokens: int) -> torch.Tensor:
         prompts, width = prompt_ids.shape
@@ -173,7 +161,7 @@ class LeanDecoder:
 
     def release(self) -> None:
         """Free the KV cache and fused weights between sampling calls."""
-        self.cache = self.key_mask = self.positions = self.fused = self.head = None
+        self.cache = self.key_mask = self.positions = self.fused = None
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         self.positions = self.positions + 1
@@ -184,13 +172,13 @@ class LeanDecoder:
 
 
 @torch.no_grad()
-def make_decoder(model: torch.nn.Module, matmul_dtype: torch.dtype | None = None) -> LeanDecoder | HFDecoder:
+def make_decoder(model: torch.nn.Module) -> LeanDecoder | HFDecoder:
     """The lean decoder when the model is Llama-style and it reproduces the model's own logits on a
     probe (two left-padded prompts, three decoding steps); otherwise Hugging Face's forward."""
     hf = HFDecoder(model)
     if not LeanDecoder.supports(model):
         return hf
-    lean = LeanDecoder(model, matmul_dtype)
+    lean = LeanDecoder(model)
     device = next(model.parameters()).device
     vocab = model.get_output_embeddings().weight.shape[0]
     generator = torch.Generator(device="cpu").manual_seed(0)
@@ -200,7 +188,7 @@ def make_decoder(model: torch.nn.Module, matmul_dtype: torch.dtype | None = None
     steps = torch.randint(0, vocab, (2 * 2, 3), generator=generator).to(device)
     # Compared as log-probs: fp32 to 1e-3; in bf16, where the two differ in rounding, by the mean
     # difference, which a real difference between the layers moves by far more than 0.02 nats.
-    full_precision = next(model.parameters()).dtype == torch.float32 and matmul_dtype in (None, torch.float32)
+    full_precision = next(model.parameters()).dtype == torch.float32
     try:
         pairs = [(lean.start(ids, mask, 2, 3), hf.start(ids, mask, 2, 3))]
         pairs += [(lean.step(steps[:, t : t + 1]), hf.step(steps[:, t : t + 1])) for t in range(3)]

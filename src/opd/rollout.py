@@ -140,8 +140,7 @@ class HFSampler:
     model's own forward; Hugging Face's forward otherwise). Each prompt is encoded once and its
     KV-cache rows are shared by its samples. Under bf16 on a GPU an fp32 model samples from a bf16
     copy of its weights, refreshed from the master weights at every call: casting every weight once
-    per call is cheaper than autocast casting it at every decoding step. On a CPU the lean step casts
-    only the matrix products' weights (at every call), and keeps norms, attention and residuals fp32.
+    per call is cheaper than autocast casting it at every decoding step.
     """
 
     def __init__(
@@ -155,8 +154,8 @@ class HFSampler:
         low_precision_copy: bool | None = None,
     ):
         """low_precision_copy: sample from an autocast_dtype copy of fp32 weights; None = on GPUs only.
-        On a CPU the whole-model copy gave no consistent gain (benchmarks/speed_choices.py): bf16
-        pays there in the larger matrix products only, which the lean step casts by itself."""
+        On a CPU, decoding at sampling widths is bound by overheads rather than matrix products: the
+        copy gave no consistent gain there (benchmarks/speed_choices.py), and fp32 keeps ℓˢ exact."""
         self.student = student
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
@@ -186,9 +185,7 @@ class HFSampler:
     def sample(self, prompts: list[list[int]], samples_per_prompt: int, generator: torch.Generator) -> Rollouts:
         model, tokenizer = self._sampling_model(), self.student.tokenizer
         if self._decoder is None or self._decoder.model is not model:
-            # fp32 weights under bf16: the lean step runs its matrix products on bf16 copies of them
-            low_precision = self.autocast_dtype if next(model.parameters()).dtype != self.autocast_dtype else None
-            self._decoder = make_decoder(model, low_precision)
+            self._decoder = make_decoder(model)
         device = next(model.parameters()).device
         pad_id = tokenizer.pad_token_id
         unique_ids, unique_mask = left_pad(prompts, pad_id, device)  # (n, P)
