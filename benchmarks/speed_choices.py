@@ -6,7 +6,8 @@ Each row times one choice against its plain alternative on the same work, with t
 models built locally (vocabulary 8,192): batched sampling vs one rollout at a time, the lean decoding
 step vs Hugging Face's forward, fp32 vs a bf16 weight copy for sampling, inverse-CDF token draws vs
 torch.multinomial, bf16 autocast vs fp32, gathered log-probs vs a full log-softmax, and an LM head
-over completion positions only vs over the whole sequence. Results are medians of a few repeats; the README quotes them.
+over completion positions only vs over the whole sequence. Freed memory is reused, as in opd's
+training process (opd.host_memory). Results are medians of a few repeats; the README quotes them.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 from opd.losses import token_logprobs
 from opd.models import LoadedModel, completion_hidden_states, logits_from_hidden
 from opd.decoding import HFDecoder
+from opd.host_memory import keep_freed_memory
 from opd.rollout import HFSampler, draw
 
 VOCAB = 8192
@@ -63,6 +65,7 @@ def no_eos(student: LoadedModel):
 
 
 def main() -> None:
+    keep_freed_memory()  # as in opd's own training process on a CPU
     tok = tokenizer()
     rows = []
     student = model(256, 4, tok)
