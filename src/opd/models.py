@@ -125,7 +125,8 @@ def completion_hidden_states(
     input_ids, attention_mask: (B, L) with the completion in the last `num_completion` columns.
     Returns (B, num_completion, H): row t predicts input_ids[:, L - num_completion + t].
     """
-    decoder = model.get_decoder()
+    # The body without the LM head (in transformers 4.x GPT-2's get_decoder() is the whole model).
+    decoder = model.base_model
     outputs = decoder(
         input_ids=input_ids[:, :-1],
         attention_mask=attention_mask[:, :-1],
@@ -156,7 +157,7 @@ def shared_prompt_hidden_states(
     rows = torch.arange(len(prompt_index), device=prompt_index.device)
     groups, row_group = torch.unique(prompt_index, return_inverse=True)  # (U,), (B,)
     first_row = torch.full_like(groups, len(rows)).scatter_reduce(0, row_group, rows, "amin")  # (U,)
-    decoder = model.get_decoder()
+    decoder = model.base_model  # the body without the LM head
     cache = DynamicCache(config=model.config)
     unique_mask = prompt_mask[first_row]
     encoded = decoder(input_ids=prompt_ids[first_row], attention_mask=unique_mask,
