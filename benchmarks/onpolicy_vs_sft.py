@@ -25,7 +25,7 @@ from pathlib import Path
 from opd.config import load_config, validate
 from opd.demo.run import ASSETS, demo_config
 from opd.demo.task import write_split
-from opd.metrics import read_metrics
+from opd.sinks import read_metrics
 from opd.recipes import gsm8k_tiny
 from opd.trainer import train
 

@@ -21,8 +21,8 @@ import torch
 
 from opd.config import validate
 from opd.flops import matmul_parameters
-from opd.metrics import read_metrics
-from opd.models import load_model
+from opd.sinks import read_metrics
+from opd.loading import load_model
 from opd.trainer import train
 
 from memory import peak_rss_mb  # benchmarks/memory.py, beside this script

@@ -20,10 +20,19 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from opd.losses import token_logprobs
-from opd.models import LoadedModel, completion_hidden_states, logits_from_hidden
+from opd.data import Example, PromptBatch
 from opd.decoding import HFDecoder
+from opd.forward import completion_hidden_states, logits_from_hidden
 from opd.host_memory import keep_freed_memory
-from opd.rollout import HFSampler, draw
+from opd.loading import LoadedModel
+from opd.precision import Precision
+from opd.sampling import ModelSampler, SamplingSettings, draw
+
+CPU = Precision(torch.device("cpu"))
+
+
+def as_batch(token_ids: list[list[int]]) -> PromptBatch:
+    return PromptBatch(token_ids, list(range(len(token_ids))), [Example("", None, None, 0)] * len(token_ids))
 
 VOCAB = 8192
 
@@ -70,17 +79,17 @@ def main() -> None:
     rows = []
     student = model(256, 4, tok)
     hook = no_eos(student)
-    batch_prompts, new_tokens = prompts(8, 64), 64
+    batch_prompts, new_tokens = as_batch(prompts(8, 64)), 64
 
-    sampler = HFSampler(student, new_tokens)
+    sampler = ModelSampler(student, SamplingSettings(new_tokens), CPU)
 
     def sample_batched():
         sampler.sample(batch_prompts, 4, torch.Generator().manual_seed(0))
 
     def sample_one_by_one():
-        for prompt in batch_prompts:
+        for prompt in batch_prompts.token_ids:
             for _ in range(4):
-                sampler.sample([prompt], 1, torch.Generator().manual_seed(0))
+                sampler.sample(as_batch([prompt]), 1, torch.Generator().manual_seed(0))
 
     tokens = 8 * 4 * new_tokens
     batched, serial = median_time(sample_batched, 2), median_time(sample_one_by_one, 1)
@@ -88,13 +97,14 @@ def main() -> None:
                  "one rollout at a time", tokens / serial, "tokens/s"))
 
     lean_sampler = sampler
-    hf_sampler = HFSampler(student, new_tokens)
+    hf_sampler = ModelSampler(student, SamplingSettings(new_tokens), CPU)
     hf_sampler._decoder = HFDecoder(student.model)  # what the sampler falls back to for other architectures
     lean, hf = (median_time(lambda s=s: s.sample(batch_prompts, 4, torch.Generator().manual_seed(0)), 2)
                 for s in (lean_sampler, hf_sampler))
     rows.append(("sampling, same work", "lean Llama-family step", tokens / lean, "Hugging Face forward", tokens / hf,
                  "tokens/s"))
-    copy_sampler = HFSampler(student, new_tokens, autocast_dtype=torch.bfloat16, low_precision_copy=True)
+    copy_sampler = ModelSampler(student, SamplingSettings(new_tokens), Precision(CPU.device, torch.bfloat16),
+                                low_precision_copy=True)
     bf16_copy = median_time(lambda: copy_sampler.sample(batch_prompts, 4, torch.Generator().manual_seed(0)), 2)
     rows.append(("sampling, same work", "fp32 weights (CPU default)", tokens / lean, "bf16 weight copy", tokens / bf16_copy,
                  "tokens/s"))

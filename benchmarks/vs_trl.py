@@ -35,11 +35,12 @@ import torch
 from opd.config import validate
 from opd.data import load_prompts
 from opd.evaluate import evaluate
+from opd.factory import load_teacher, make_sampler
 from opd.flops import matmul_parameters
-from opd.models import load_model
 from opd.host_memory import keep_freed_memory
-from opd.rollout import HFSampler
-from opd.teacher import LocalTeacher
+from opd.loading import load_model
+from opd.precision import Precision
+from opd.sampling import SamplingSettings
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -165,10 +166,11 @@ def _cap_memory() -> None:
 
 
 def held_out_reverse_kl(work: Path, student_dir: Path) -> float:
-    student = load_model(str(student_dir), "student", torch.device("cpu"))
-    teacher = LocalTeacher(load_model(str(work / "models" / "teacher"), "teacher", torch.device("cpu")))
+    fp32 = Precision(torch.device("cpu"))
+    student = load_model(str(student_dir), "student", fp32.device)
+    teacher = load_teacher(str(work / "models" / "teacher"), "teacher", fp32)
     prompts = load_prompts(str(work / "data" / "eval.jsonl"), "eval", student.tokenizer, 512)
-    sampler = HFSampler(student, EQUAL["max_new_tokens"], EQUAL["temperature"])
+    sampler = make_sampler(student, SamplingSettings(EQUAL["max_new_tokens"], EQUAL["temperature"]), fp32)
     metrics = evaluate(sampler, teacher, prompts, student.tokenizer, 1, 32, torch.Generator().manual_seed(1))
     return metrics["eval/distill/reverse_kl"]
 

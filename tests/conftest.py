@@ -13,8 +13,14 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from opd import losses
+from opd.batch import StepBatch
+from opd.data import Example, PromptBatch
 from opd.demo.task import make_problem
 from opd.demo.tokenizer import build_tokenizer
+from opd.precision import Precision
+from opd.sampling import ModelSampler, SamplingSettings
+
+CPU = Precision(torch.device("cpu"))
 
 ROOT = Path(__file__).resolve().parent.parent
 # The real GSM8K files live beside the project, in ../shared/data/gsm8k (never copied in here).
@@ -96,7 +102,33 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
-def recompute_logprobs(model, rollouts: Rollouts, temperature: float, top_k: int = 0, top_p: float = 1.0):
+def prompt_batch(token_ids: list[list[int]], answers: list[str | None] | None = None) -> PromptBatch:
+    """Prompts as a PromptBatch, each its own row (row_index 0..n-1)."""
+    answers = answers or [None] * len(token_ids)
+    rows = [Example(prompt="", messages=None, answer=answer, line=index + 1) for index, answer in enumerate(answers)]
+    return PromptBatch(token_ids=token_ids, row_index=list(range(len(token_ids))), rows=rows)
+
+
+def model_sampler(model, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  precision: Precision = CPU, **options) -> ModelSampler:
+    return ModelSampler(model, SamplingSettings(max_new_tokens, temperature, top_k, top_p), precision, **options)
+
+
+def make_batch(prompt_ids, prompt_mask, completion_ids, completion_mask, sampler_logprobs=None, finished=None,
+               prompt_index=None, **fields) -> StepBatch:
+    """A StepBatch from its tensors; row bookkeeping defaults to one prompt per row."""
+    rows = completion_ids.shape[0]
+    return StepBatch(
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids, completion_mask=completion_mask,
+        sampler_logprobs=torch.zeros(completion_ids.shape) if sampler_logprobs is None else sampler_logprobs,
+        finished=torch.zeros(rows, dtype=torch.bool) if finished is None else finished,
+        prompt_index=torch.arange(rows) if prompt_index is None else prompt_index,
+        row_index=torch.arange(rows) if prompt_index is None else prompt_index,
+        rows=[None] * rows, **fields,
+    )
+
+
+def recompute_logprobs(model, rollouts: StepBatch, temperature: float, top_k: int = 0, top_p: float = 1.0):
     """Reference: one full fp32 forward over each row alone, no cache, no padding."""
     rows = []
     for row in range(len(rollouts)):

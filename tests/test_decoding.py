@@ -63,7 +63,7 @@ def test_a_sliding_window_the_lean_step_does_not_apply_keeps_the_models_forward(
 
 
 def test_bf16_models_pass_the_probe(tiny_models):
-    from opd.models import load_model
+    from opd.loading import load_model
 
     teacher = load_model(str(tiny_models["teacher"]), "teacher", torch.device("cpu"), dtype=torch.bfloat16)
     assert isinstance(make_decoder(teacher.model), LeanDecoder)

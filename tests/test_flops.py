@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from opd.flops import matmul_parameters, step_flops
-from opd.rollout import Rollouts
+from conftest import make_batch
+from opd.flops import forward_flops, matmul_parameters, step_flops
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -21,15 +21,10 @@ def test_matmul_parameters_count_everything_but_the_embedding_lookup(tied):
 
 
 def test_step_flops_follow_2n_2nt_6n_per_token():
-    rollouts = Rollouts(
-        prompt_ids=torch.zeros(2, 3, dtype=torch.long), prompt_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]),
-        completion_ids=torch.zeros(2, 4, dtype=torch.long), completion_mask=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]),
-        sampler_logprobs=torch.zeros(2, 4), finished=torch.tensor([True, False]), prompt_index=torch.tensor([0, 1]),
-    )
+    rollouts = make_batch(torch.zeros(2, 3, dtype=torch.long), torch.tensor([[0, 1, 1], [1, 1, 1]]),
+                          torch.zeros(2, 4, dtype=torch.long), torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]))
     tokens = 5 + 6
-    on_policy = step_flops(rollouts, sampler_params=10, scorer_params=100, student_params=10)
+    assert forward_flops(10, rollouts) == 2 * 10 * tokens
+    on_policy = step_flops(rollouts, forward_flops(10, rollouts), forward_flops(100, rollouts), student_params=10)
     assert on_policy == {"compute/rollout_flops": 2 * 10 * tokens, "compute/teacher_flops": 2 * 100 * tokens,
                          "compute/update_flops": 6 * 10 * tokens}
-    off_policy = step_flops(rollouts, sampler_params=100, scorer_params=0, student_params=10)
-    assert off_policy == {"compute/rollout_flops": 2 * 100 * tokens, "compute/teacher_flops": 0,
-                          "compute/update_flops": 6 * 10 * tokens}

@@ -62,6 +62,19 @@ def _chat_tokenizer():
     return tokenizer
 
 
+def _byte_tokenizer():
+    """Byte-level BPE without merges: decoding gives back exactly the text that was encoded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<eos>": 0, **{symbol: index + 1 for index, symbol in enumerate(sorted(alphabet))}}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<eos>")
+
+
 def test_gsm8k_rows_go_through_the_chat_template_with_the_system_prompt(tmp_path):
     from opd.data import load_prompts
 
@@ -72,9 +85,11 @@ def test_gsm8k_rows_go_through_the_chat_template_with_the_system_prompt(tmp_path
     text = tokenizer.decode(prompts.token_ids[0])
     assert text == "The : Then \n Question : Mia has 3 apples . \n Answer :"
     assert prompts.answers == ["3 + 0 = 3\n#### 3"]
-    plain_tokenizer = build_tokenizer()  # no chat template: plain "Question: ...\nAnswer:" text
+    plain_tokenizer = _byte_tokenizer()  # no chat template: plain "Question: ...\nAnswer:" text
     plain = load_prompts(str(path), "data.train", plain_tokenizer, 64)
-    assert plain_tokenizer.decode(plain.token_ids[0]).startswith("<unk> Mia has 3 apples")
+    assert plain_tokenizer.decode(plain.token_ids[0]) == "Question: Mia has 3 apples .\nAnswer:"
+    with_system = load_prompts(str(path), "data.train", plain_tokenizer, 64, system_prompt="Be brief.")
+    assert plain_tokenizer.decode(with_system.token_ids[0]) == "Be brief.\n\nQuestion: Mia has 3 apples .\nAnswer:"
 
 
 def test_real_gsm8k_file_loads_as_prompts(gsm8k_dir):

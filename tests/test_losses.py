@@ -254,9 +254,6 @@ def test_divergence_values_match_enumeration(kind, beta):
     got = under_test(kind, student, teacher, beta)
     assert got.shape == (3, 4)
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
-    # The dispatcher agrees with the direct call.
-    dispatched = losses.divergence(kind, student, teacher, beta if beta is not None else 0.5)
-    torch.testing.assert_close(dispatched.double(), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind,beta", [("forward_kl", None), ("reverse_kl", None)] + [("jsd", b) for b in BETAS])
@@ -329,6 +326,52 @@ def test_divergences_with_zero_probability_entries_are_finite(kind, beta):
     got = under_test(kind, student, teacher, beta)
     assert torch.isfinite(got).all(), got
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_jsd_where_both_models_give_an_entry_zero_probability_has_the_reference_gradient(beta):
+    """Both logits -inf at the same entry (a token both truncate, or a masked vocabulary row): the value is
+    the JSD over the other entries, and the gradient matches float64 autograd of the formula over those
+    entries, with no NaN anywhere in the row (logaddexp(-inf, -inf)'s backward is 0/0)."""
+    student = random_logits(3, 6, seed=30)
+    teacher = random_logits(3, 6, seed=31)
+    student[:, 2] = teacher[:, 2] = NEG_INF
+    student[1, 4] = teacher[1, 4] = NEG_INF
+    student[2, 0] = NEG_INF  # one side only, as well
+    weights = random_logits(3, seed=32)
+    student_ut = student.clone().requires_grad_()
+    got = losses.generalized_jsd(student_ut, teacher, beta)
+    (got * weights).sum().backward()
+    torch.testing.assert_close(got.double(), reference_values("jsd", student, teacher, beta), atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(student_ut.grad).all(), student_ut.grad
+    for row in range(3):  # reference: the formula over the entries where either model has mass
+        keep = ~(torch.isneginf(student[row]) & torch.isneginf(teacher[row]))
+        reference = student[row, keep].clone().requires_grad_()
+        p_student = torch_softmax64(reference)
+        p_teacher = torch_softmax64(teacher[row, keep])
+        mixture = beta * p_teacher + (1 - beta) * p_student
+        support = p_student > 0
+        value = beta * torch_kl64(p_teacher, mixture) + (1 - beta) * (
+            p_student[support] * (p_student[support].log() - mixture[support].log())).sum()
+        (value * weights[row]).backward()
+        expected = torch.zeros(6, dtype=torch.float64)
+        expected[keep] = torch.nan_to_num(reference.grad)
+        torch.testing.assert_close(student_ut.grad[row], expected, atol=1e-6, rtol=1e-5)
+
+
+def test_process_logits_keeps_the_given_tokens_in_the_truncated_support():
+    """keep: a token the sampler drew stays in the update's support with its own logit, even where
+    rounding put it just past the top-k or top-p boundary; everything else is truncated as usual."""
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0], [0.1, 2.0, 1.9, -1.0]])
+    keep = torch.tensor([2, 2])
+    top_k = losses.process_logits(logits, 1.0, top_k=2, keep=keep)
+    assert kept_set(rows_of(top_k)[0]) == {0, 1, 2} and kept_set(rows_of(top_k)[1]) == {1, 2}
+    assert top_k[0, 2] == 1.0
+    top_p = losses.process_logits(logits, 0.5, top_p=0.5, keep=torch.tensor([1, 3]))
+    assert kept_set(rows_of(top_p)[0]) == {0, 1} and kept_set(rows_of(top_p)[1]) == {1, 3}
+    assert top_p[1, 3] == -2.0  # the kept token's logit at the temperature
+    untouched = losses.process_logits(logits, 0.7, keep=keep)
+    torch.testing.assert_close(untouched, logits / 0.7)
 
 
 def backward_nodes(tensor: torch.Tensor) -> set[str]:

@@ -12,9 +12,10 @@ import yaml
 from conftest import recompute_logprobs, run_cli
 from opd.config import load_config, validate
 from opd.errors import ConfigError, DataError
-from opd.metrics import read_metrics
+from opd.sinks import read_metrics
 from opd.setup import prepare
-from opd.trainer import score, train, update_student
+from opd.trainer import score, train
+from opd.update import update_student
 
 
 def sft_config(tiny_config, **rollout) -> dict:
@@ -29,23 +30,22 @@ def reference_nll(model, rollouts) -> float:
 def test_dataset_rollouts_are_the_answers_and_the_loss_is_their_nll(tiny_config):
     session = prepare(validate(sft_config(tiny_config)), resume=False, log=lambda *_: None)
     tokenizer = session.student.tokenizer
-    prompts = session.train_prompts.token_ids[:2]
-    rollouts = session.sampler.sample(prompts, 2, session.generator)
+    rollouts = session.sampler.sample(session.train_prompts.batch([0, 1]), 2, session.generator)
     first_answer = session.train_prompts.answers[0]
     expected = tokenizer(first_answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     length = int(rollouts.completion_mask[0].sum())
     assert rollouts.completion_ids[0, :length].tolist() == expected[: session.sampler.max_new_tokens]
     assert torch.equal(rollouts.completion_ids[0], rollouts.completion_ids[1])  # two "samples" of one answer
-    scores = session.teacher.score(rollouts)
+    scored, _ = score(session, rollouts)
     expected_loss = reference_nll(session.student, rollouts)  # before the update changes the weights
-    update = update_student(session, validate(sft_config(tiny_config)), rollouts, scores)
+    update = update_student(session, validate(sft_config(tiny_config)), scored)
     assert update["loss"] == pytest.approx(expected_loss, rel=1e-5)
     assert update["student_logprob"] == pytest.approx(-update["loss"], rel=1e-6)
 
 
 def test_long_answers_are_cut_and_marked_unfinished(tiny_config):
     session = prepare(validate(sft_config(tiny_config, max_new_tokens=5)), resume=False, log=lambda *_: None)
-    rollouts = session.sampler.sample(session.train_prompts.token_ids[:3], 1, session.generator)
+    rollouts = session.sampler.sample(session.train_prompts.batch([0, 1, 2]), 1, session.generator)
     assert rollouts.completion_ids.shape[1] == 5 and not rollouts.finished.any()
     assert (rollouts.completion_ids != session.student.tokenizer.eos_token_id).all()
 
@@ -53,7 +53,7 @@ def test_long_answers_are_cut_and_marked_unfinished(tiny_config):
 def test_teacher_rollouts_carry_the_teachers_own_logprobs(tiny_config):
     config = validate(sft_config(tiny_config, source="teacher"))
     session = prepare(config, resume=False, log=lambda *_: None)
-    rollouts = session.sampler.sample(session.train_prompts.token_ids[:2], 2, session.generator)
+    rollouts = session.sampler.sample(session.train_prompts.batch([0, 1]), 2, session.generator)
     torch.testing.assert_close(rollouts.sampler_logprobs, session.teacher.score(rollouts).logprobs, atol=2e-5, rtol=0)
 
 
@@ -70,6 +70,7 @@ def test_dataset_source_needs_answers_before_any_weight_loads(tiny_config, tmp_p
     raw = sft_config(tiny_config)
     raw["data"] = {**raw["data"], "train": str(data)}
     monkeypatch.setattr("opd.setup.load_model", lambda *a, **k: pytest.fail("weights loaded before the data check"))
+    monkeypatch.setattr("opd.setup.load_teacher", lambda *a, **k: pytest.fail("weights loaded before the data check"))
     with pytest.raises(DataError, match="rollout.source=dataset needs an 'answer'"):
         prepare(validate(raw), resume=False, log=lambda *_: None)
 
@@ -126,14 +127,14 @@ def test_teacher_samples_are_scored_again_only_under_another_distribution(tiny_c
     raw["teacher"] = {**raw["teacher"], "temperature": teacher_temperature}
     config = validate(raw)
     session = prepare(config, resume=False, log=lambda *_: None)
-    rollouts = session.sampler.sample(session.train_prompts.token_ids[:2], 2, session.generator)
+    rollouts = session.sampler.sample(session.train_prompts.batch([0, 1]), 2, session.generator)
     forwards = []
     original = session.teacher.score
     monkeypatch.setattr(session.teacher, "score", lambda *a, **k: forwards.append(1) or original(*a, **k))
-    scores = score(session, config, rollouts)
+    scored, flops = score(session, rollouts)
     if teacher_temperature == config.rollout.temperature:  # the sampling pass already gave ℓᵀ: reuse it
-        assert not forwards and scores.logprobs is rollouts.sampler_logprobs
+        assert not forwards and scored.teacher_logprobs is rollouts.sampler_logprobs and flops == 0
     else:
-        assert forwards
-        torch.testing.assert_close(scores.logprobs, original(rollouts).logprobs)
-        assert not torch.allclose(scores.logprobs, rollouts.sampler_logprobs, atol=1e-3)
+        assert forwards and flops > 0
+        torch.testing.assert_close(scored.teacher_logprobs, original(rollouts).logprobs)
+        assert not torch.allclose(scored.teacher_logprobs, rollouts.sampler_logprobs, atol=1e-3)

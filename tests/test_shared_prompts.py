@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from opd.models import completion_hidden_states, completion_hidden_states_of, shares_prompts
-from opd.rollout import Rollouts
+from conftest import make_batch
+from opd.batch import StepBatch
+from opd.forward import completion_hidden_states, completion_hidden_states_of, shares_prompts
 
 SHAPE = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64)
@@ -18,7 +19,12 @@ MODELS = {
 }
 
 
-def grouped_rollouts() -> Rollouts:
+def hidden_states_of(model, batch: StepBatch) -> torch.Tensor:
+    return completion_hidden_states_of(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                                       batch.completion_mask, batch.prompt_index)
+
+
+def grouped_rollouts() -> StepBatch:
     """Three prompts of different lengths with 3, 1 and 2 samples; some completions stop early."""
     generator = torch.Generator().manual_seed(0)
     unique = torch.randint(0, 97, (3, 7), generator=generator)
@@ -30,9 +36,7 @@ def grouped_rollouts() -> Rollouts:
     completion_mask = torch.ones_like(completion)
     completion_mask[1, 2:] = 0
     completion_mask[5, 4:] = 0
-    return Rollouts(prompt_ids=unique[index], prompt_mask=unique_mask[index], completion_ids=completion,
-                    completion_mask=completion_mask, sampler_logprobs=torch.zeros(6, 5), finished=torch.zeros(6, dtype=torch.bool),
-                    prompt_index=index)
+    return make_batch(unique[index], unique_mask[index], completion, completion_mask, prompt_index=index)
 
 
 def values_and_gradients(model, hidden, mask):
@@ -49,7 +53,7 @@ def test_shared_prompts_give_the_plain_forwards_values_and_gradients(name, rows)
     torch.manual_seed(0)
     model = MODELS[name]().eval()
     rollouts = grouped_rollouts().select(rows)
-    shared = values_and_gradients(model, completion_hidden_states_of(model, rollouts), rollouts.completion_mask)
+    shared = values_and_gradients(model, hidden_states_of(model, rollouts), rollouts.completion_mask)
     plain_hidden = completion_hidden_states(model, rollouts.input_ids, rollouts.attention_mask, rollouts.completion_ids.shape[1])
     plain = values_and_gradients(model, plain_hidden, rollouts.completion_mask)
     torch.testing.assert_close(shared[0], plain[0], atol=1e-5, rtol=1e-4)
@@ -68,6 +72,6 @@ def test_a_model_the_shared_forward_would_change_keeps_the_plain_one():
     assert not shares_prompts(model)
     rollouts = grouped_rollouts()
     with torch.no_grad():
-        mine = completion_hidden_states_of(model, rollouts)
+        mine = hidden_states_of(model, rollouts)
         plain = completion_hidden_states(model, rollouts.input_ids, rollouts.attention_mask, rollouts.completion_ids.shape[1])
     torch.testing.assert_close(mine, plain)

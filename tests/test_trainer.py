@@ -18,7 +18,7 @@ from opd import checkpoint as checkpoint_module
 from opd.checkpoint import latest_checkpoint
 from opd.config import validate
 from opd.errors import TrainingDiverged
-from opd.metrics import read_metrics
+from opd.sinks import read_metrics
 from opd.trainer import train
 
 
@@ -59,7 +59,10 @@ def test_micro_batch_size_does_not_change_the_update(tiny_config, tmp_path, kind
 
 def test_chunk_size_does_not_change_the_update(tiny_config, tmp_path):
     base = {**tiny_config, "optim": {"lr": 1e-2, "eps": 1e-3}, "loss": {"kind": "forward_kl", "chunk_size": 256}}
-    assert_same_weights(one_step(base, tmp_path, "one-chunk"), one_step(base, tmp_path, "chunks", loss={"chunk_size": 3}), atol=1e-6)
+    whole = one_step(base, tmp_path, "one-chunk")
+    assert_same_weights(whole, one_step(base, tmp_path, "chunks", loss={"chunk_size": 3}), atol=1e-6)
+    start = load_file(Path(tiny_config["student"]["path"]) / "model.safetensors")
+    assert max(float((whole[k] - start[k]).abs().max()) for k in whole) > 1e-4  # the step really moved the weights
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tiny_config, tmp_path):
@@ -122,9 +125,9 @@ def test_crash_mid_save_leaves_no_complete_looking_checkpoint(tiny_config, tmp_p
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path, monkeypatch):
     """Divergence at step 3 raises before the update; step-2 stays the latest checkpoint, no final/."""
-    from opd import trainer as trainer_module
+    from opd import losses as losses_module
 
-    real = trainer_module.losses.discounted_advantages
+    real = losses_module.discounted_advantages
     calls = {"count": 0}
 
     def poisoned(*args, **kwargs):
@@ -132,7 +135,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_p
         advantages = real(*args, **kwargs)
         return advantages * float("nan") if calls["count"] == 3 else advantages
 
-    monkeypatch.setattr(trainer_module.losses, "discounted_advantages", poisoned)
+    monkeypatch.setattr(losses_module, "discounted_advantages", poisoned)
     raw = {**tiny_config, "run": {**tiny_config["run"], "max_steps": 5, "save_every": 1}}
     with pytest.raises(TrainingDiverged, match="step 3.*not finite.*step-2"):
         train(validate(raw), log=lambda *_: None)
@@ -148,7 +151,8 @@ def test_metrics_file_has_every_named_figure(tiny_config):
     rows = read_metrics(Path(raw["run"]["output_dir"]) / "metrics.jsonl")
     names = ["loss", "logprob/student", "logprob/teacher", "perplexity/student", "perplexity/teacher",
              "distill/reverse_kl", "generation/avg_length", "generation/eos_fraction", "grad_norm", "lr",
-             "timing/rollout_s", "timing/teacher_s", "timing/update_s", "throughput/tokens_per_s"]
+             "timing/rollout_s", "timing/teacher_s", "timing/update_s", "throughput/tokens_per_s",
+             "ratio/far_fraction", "ratio/max_abs_log"]
     assert [row["step"] for row in rows] == [0, 1, 2]
     for row in rows[1:]:
         assert set(names) <= row.keys()
@@ -162,15 +166,35 @@ def test_metrics_file_has_every_named_figure(tiny_config):
 def test_resume_refuses_a_changed_config_but_allows_more_steps(tiny_config):
     from opd.errors import ConfigError
 
-    raw = {**tiny_config, "run": {**tiny_config["run"], "max_steps": 2, "save_every": 1}, "data": {**tiny_config["data"], "eval": None}}
+    raw = {**tiny_config, "run": {**tiny_config["run"], "max_steps": 2, "save_every": 1},
+           "data": {**tiny_config["data"], "eval": None}, "optim": {"lr": 1e-3, "schedule": "constant"}}
     train(validate(raw), log=lambda *_: None)
-    changed = {**raw, "optim": {"lr": 5e-3}}
+    changed = {**raw, "optim": {**raw["optim"], "lr": 5e-3}}
     with pytest.raises(ConfigError, match=r"optim.lr: 0.001 -> 0.005"):
         train(validate(changed), resume=True, log=lambda *_: None)
     longer = {**raw, "run": {**raw["run"], "max_steps": 3}}
     result = train(validate(longer), resume=True, log=lambda *_: None)
     assert result.steps_run == 1
     assert [row["step"] for row in read_metrics(Path(raw["run"]["output_dir"]) / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_resume_with_more_steps_keeps_the_cosine_schedule_the_saved_steps_followed(tiny_config):
+    """A 4-step cosine run stopped after step 1, resumed with max_steps 8: stretching the schedule would
+    raise step 3's lr from 0.5 to 0.85 of the base, so it is refused unless decay_steps keeps the horizon."""
+    from opd.errors import ConfigError
+
+    raw = {**tiny_config, "run": {**tiny_config["run"], "max_steps": 4, "save_every": 1},
+           "data": {**tiny_config["data"], "eval": None}, "optim": {"lr": 1e-3, "schedule": "cosine"}}
+    output_dir = Path(raw["run"]["output_dir"])
+    assert train(validate(raw), log=lambda *_: None, time_limit_s=0.0).steps_run == 1
+    stretched = {**raw, "run": {**raw["run"], "max_steps": 8}}
+    with pytest.raises(ConfigError, match=r"run.max_steps 4 -> 8 .*optim.decay_steps=4"):
+        train(validate(stretched), resume=True, log=lambda *_: None)
+    kept = {**stretched, "optim": {**raw["optim"], "decay_steps": 4}}
+    train(validate(kept), resume=True, log=lambda *_: None)
+    lrs = {row["step"]: row["lr"] for row in read_metrics(output_dir / "metrics.jsonl")}
+    assert lrs[3] == pytest.approx(0.5e-3)  # (1 + cos(pi * 2/4)) / 2 of the base rate, as before the resume
+    assert lrs[5] == pytest.approx(0.0, abs=1e-12)  # past the horizon: the floor
 
 
 def test_resume_without_checkpoint_restarts_cleanly(tiny_config):
@@ -186,27 +210,29 @@ def test_resume_without_checkpoint_restarts_cleanly(tiny_config):
 
 
 def test_first_update_is_on_policy_even_with_dropout(tiny_models, tiny_config, tmp_path):
-    """The loss's log pi_theta equals the sampler's ℓˢ on the first pass (rho = 1), dropout configured or not."""
-    from transformers import AutoConfig
-
-    from opd import losses
-    from opd.models import completion_hidden_states, logits_from_hidden
-    from opd.setup import prepare
-
-    student_dir = tmp_path / "dropout-student"
+    """The update's log pi_theta equals the sampler's ℓˢ on the first pass (rho = 1), with attention
+    dropout configured: the update runs the student in eval mode, as the sampler did."""
     import shutil
 
+    from transformers import AutoConfig
+
+    from opd.setup import prepare
+    from opd.trainer import score
+    from opd.update import update_student
+
+    student_dir = tmp_path / "dropout-student"
     shutil.copytree(tiny_models["student"], student_dir)
     model_config = AutoConfig.from_pretrained(student_dir)
     model_config.attention_dropout = 0.5
     model_config.save_pretrained(student_dir)
-    raw = {**tiny_config, "student": {"path": str(student_dir)}, "rollout": {"samples_per_prompt": 2, "max_new_tokens": 8, "temperature": 0.7}}
-    session = prepare(validate(raw), resume=False, log=lambda *_: None)
-    rollouts = session.sampler.sample(session.train_prompts.token_ids[:2], 2, session.generator)
-    hidden = completion_hidden_states(session.student.model, rollouts.input_ids, rollouts.attention_mask, rollouts.completion_ids.shape[1])
-    logits = logits_from_hidden(session.student.model, hidden, session.student.vocab_size)
-    logprobs = losses.token_logprobs(losses.process_logits(logits, 0.7), rollouts.completion_ids)
-    torch.testing.assert_close(logprobs * rollouts.completion_mask, rollouts.sampler_logprobs, atol=2e-5, rtol=0)
+    raw = {**tiny_config, "student": {"path": str(student_dir)},
+           "rollout": {"samples_per_prompt": 2, "max_new_tokens": 8, "temperature": 0.7}}
+    config = validate(raw)
+    session = prepare(config, resume=False, log=lambda *_: None)
+    batch = session.sampler.sample(session.train_prompts.batch([0, 1]), 2, session.generator)
+    update = update_student(session, config, score(session, batch)[0])
+    assert update["ratio/max_abs_log"] < 2e-5 and update["ratio/far_fraction"] == 0
+    assert update["grad_norm"] > 0
 
 
 def test_time_limit_stops_after_the_step_it_passes_in_and_writes_final(tiny_config):
@@ -220,21 +246,24 @@ def test_time_limit_stops_after_the_step_it_passes_in_and_writes_final(tiny_conf
     assert (result.output_dir / "final" / "model.safetensors").exists()
 
 
-def test_no_lm_head_call_sees_more_than_a_chunk_of_tokens(tiny_config, tmp_path, monkeypatch):
-    """The full-vocabulary losses and teacher scoring never build more than [chunk x V] logits."""
-    from opd import models, objective, teacher
-    from opd.objective import chunk_tokens
+@pytest.mark.parametrize("kind", ["reverse_kl", "reverse_kl_pg"])
+def test_no_lm_head_call_sees_more_than_a_chunk_of_tokens(tiny_config, kind):
+    """Teacher scoring and the loss never run an LM head, the student's or the teacher's, over more than
+    `loss.chunk_size` positions (hooks on the head modules themselves, through a whole training step)."""
+    from opd.setup import prepare
+    from opd.trainer import train_step
+    from opd.update import tokens_per_chunk
 
-    assert (chunk_tokens(None, 151_936), chunk_tokens(None, 8192), chunk_tokens(7, 151_936)) == (110, 2048, 7)
-    seen = []
-    original = models.logits_from_hidden
-
-    def recording(model, hidden, vocab_size):
-        seen.append(hidden.shape[:-1].numel())
-        return original(model, hidden, vocab_size)
-
-    monkeypatch.setattr(objective, "logits_from_hidden", recording)
-    monkeypatch.setattr(teacher, "logits_from_hidden", recording)
-    base = {**tiny_config, "loss": {"kind": "reverse_kl", "chunk_size": 5}}
-    one_step(base, tmp_path, "chunked")
-    assert seen and max(seen) <= 5
+    assert (tokens_per_chunk(None, 151_936), tokens_per_chunk(None, 8192), tokens_per_chunk(7, 151_936)) == (110, 2048, 7)
+    raw = {**tiny_config, "loss": {"kind": kind, "chunk_size": 5}, "data": {**tiny_config["data"], "eval": None},
+           "batch": {"prompts_per_step": 2, "micro_batch_size": 4}, "rollout": {"samples_per_prompt": 2, "max_new_tokens": 8}}
+    config = validate(raw)
+    session = prepare(config, resume=False, log=lambda *_: None)
+    seen = {"student": [], "teacher": []}
+    for name, model in (("student", session.student.model), ("teacher", session.teacher.model)):
+        model.get_output_embeddings().register_forward_hook(
+            lambda module, inputs, output, name=name: seen[name].append(inputs[0].shape[:-1].numel()))
+    metrics, _ = train_step(session, config)
+    assert metrics["generation/avg_length"] * 4 > 5  # the step has more tokens than one chunk
+    assert seen["student"] and seen["teacher"]
+    assert max(seen["student"] + seen["teacher"]) <= 5, seen

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from opd.models import LoadedModel
+from opd.loading import LoadedModel
 
 STATE_FILE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")

@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--max-new-tokens", type=int, default=256)
     evaluation.add_argument("--max-prompts", type=int, help="evaluate only the first N prompts")
     evaluation.add_argument("--system-prompt", help="system turn for chat and question rows")
+    evaluation.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                            help="as run.precision: bf16 autocast where the hardware has fast bf16 (default auto)")
     evaluation.add_argument("--json", help="also write the metrics to this JSON file")
 
     report = commands.add_parser("report", help="plot runs' curves to report.png and a self-contained report.html")
@@ -52,7 +54,7 @@ def _dry_run(config) -> None:
     from pathlib import Path
 
     from opd.data import read_jsonl
-    from opd.models import check_source
+    from opd.loading import check_source
     from opd.setup import check_output_dir
 
     check_source(config.student.path, "student.path")
@@ -74,7 +76,7 @@ def _dry_run(config) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     import json
 
-    from opd.evaluate import evaluate_model
+    from opd.eval_command import evaluate_model
 
     for name in ("samples", "max_new_tokens", "max_prompts"):
         value = getattr(args, name)
@@ -83,7 +85,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     if args.temperature <= 0:
         raise ConfigError(f"--temperature must be positive (got {args.temperature})")
     metrics = evaluate_model(args.model, args.data, args.samples, args.teacher, args.temperature,
-                             args.max_new_tokens, args.max_prompts, args.system_prompt)
+                             args.max_new_tokens, args.max_prompts, args.system_prompt, precision=args.precision)
     width = max(map(len, metrics))
     for name, value in metrics.items():
         print(f"{name:<{width}}  {value:.4f}" if isinstance(value, float) else f"{name:<{width}}  {value}")

@@ -17,6 +17,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from opd.errors import ConfigError
 
 
+# What each loss needs from the teacher. Sampled-token log-probs are what any teacher gives, a server
+# included; the full next-token distribution needs a teacher in this process; sft needs no teacher
+# (one only adds metrics). opd.objectives declares the same per objective.
+TOKEN_LOGPROBS, FULL_DISTRIBUTION = "token_logprobs", "full_distribution"
+TEACHER_NEEDS: dict[str, str | None] = {
+    "reverse_kl_pg": TOKEN_LOGPROBS,
+    "forward_kl": FULL_DISTRIBUTION,
+    "reverse_kl": FULL_DISTRIBUTION,
+    "jsd": FULL_DISTRIBUTION,
+    "sft": None,
+}
+
+
 class _Strict(BaseModel):
     # A path such as `output_dir: 2024` is still a path, so numbers are accepted where text is expected.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
@@ -106,6 +119,9 @@ class OptimConfig(_Strict):
     eps: float = Field(1e-8, gt=0)
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
+    decay_steps: int | None = Field(
+        None, ge=1, description="Steps over which the cosine decays (then it stays at its floor); None: run.max_steps."
+    )
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine floor as a fraction of lr.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm (None: off).")
 
@@ -131,7 +147,8 @@ class Config(_Strict):
                 f"{rollouts} rollouts of a step (batch.prompts_per_step={self.batch.prompts_per_step}"
                 f" x rollout.samples_per_prompt={self.rollout.samples_per_prompt})"
             )
-        if self.teacher is None and not (self.loss.kind == "sft" and self.rollout.source == "dataset"):
+        teacher_needed = TEACHER_NEEDS[self.loss.kind] is not None or self.rollout.source == "teacher"
+        if self.teacher is None and teacher_needed:
             raise ValueError(
                 f"teacher.path: required for loss.kind={self.loss.kind} with rollout.source={self.rollout.source}; "
                 "only SFT on the data set's answers (source dataset) runs without a teacher"
@@ -142,12 +159,17 @@ class Config(_Strict):
                 f"loss.kind={self.loss.kind} with rollout.source={self.rollout.source}: distillation losses need the "
                 "student's own samples (source student); sft needs someone else's (source teacher or dataset)"
             )
-        if self.loss.kind in ("forward_kl", "reverse_kl", "jsd") and (self.rollout.top_k or self.rollout.top_p < 1):
+        if TEACHER_NEEDS[self.loss.kind] == FULL_DISTRIBUTION and (self.rollout.top_k or self.rollout.top_p < 1):
             raise ValueError(
                 f"loss.kind={self.loss.kind} compares full distributions; it needs rollout.top_k=0 and "
                 f"rollout.top_p=1 (got {self.rollout.top_k} and {self.rollout.top_p})"
             )
         return self
+
+    @property
+    def decay_steps(self) -> int:
+        """The cosine schedule's horizon: optim.decay_steps, else run.max_steps."""
+        return self.optim.decay_steps or self.run.max_steps
 
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,27 +21,48 @@ from opd.errors import DataError
 
 @dataclass
 class Example:
-    """One prompt: exactly one of `prompt`, `messages`, `question` is set. `answer` when the row has
-    one; `line` is the JSONL line (or the hub row number, from 1)."""
+    """One data set row: exactly one of `prompt`, `messages`, `question` is set. `answer` when the row
+    has one; `line` is the JSONL line (or the hub row number, from 1); `fields` is the whole row, so
+    any extra field (a reference solution, a domain tag) stays reachable from a rollout."""
 
     prompt: str | None
     messages: list[dict[str, str]] | None
     answer: str | None
     line: int
     question: str | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PromptBatch:
+    """Prompts for one sampling call: token ids, and where each came from (its PromptSet position and row)."""
+
+    token_ids: list[list[int]]
+    row_index: list[int]
+    rows: list[Example]
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
 
 
 @dataclass
 class PromptSet:
-    """Tokenized prompts ready for the sampler."""
+    """Tokenized prompts ready for the sampler, with the rows they came from (skipped rows left out)."""
 
     token_ids: list[list[int]]
-    answers: list[str | None]
+    examples: list[Example]
     skipped_too_long: int
     source: str
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def answers(self) -> list[str | None]:
+        return [example.answer for example in self.examples]
+
+    def batch(self, indices: list[int]) -> PromptBatch:
+        return PromptBatch([self.token_ids[i] for i in indices], list(indices), [self.examples[i] for i in indices])
 
 
 def read_jsonl(path: str | Path, key: str) -> list[Example]:
@@ -88,8 +109,8 @@ def _example_from_row(row: Any, path: Path, line_number: int) -> Example:
     if answer is not None and not isinstance(answer, str):
         answer = str(answer)
     if prompt is None and messages is None:
-        return Example(prompt=None, messages=None, answer=answer, line=line_number, question=question)
-    return Example(prompt=prompt, messages=messages, answer=answer, line=line_number)
+        return Example(prompt=None, messages=None, answer=answer, line=line_number, question=question, fields=row)
+    return Example(prompt=prompt, messages=messages, answer=answer, line=line_number, fields=row)
 
 
 def read_hub(source: str, key: str) -> list[Example]:
@@ -158,7 +179,7 @@ def load_prompts(
     template_kwargs: dict | None = None,
 ) -> PromptSet:
     examples = read_rows(path, key)
-    token_ids, answers, skipped = [], [], 0
+    token_ids, kept, skipped = [], [], 0
     for example in examples:
         try:
             ids = encode_prompt(example, tokenizer, system_prompt, template_kwargs)
@@ -170,19 +191,20 @@ def load_prompts(
         if not ids:
             raise DataError(f"{path}:{example.line}: prompt encodes to zero tokens")
         token_ids.append(ids)
-        answers.append(example.answer)
+        kept.append(example)
     if not token_ids:
         raise DataError(
             f"{key}: all {len(examples)} prompts in '{path}' are longer than data.max_prompt_tokens={max_prompt_tokens}"
         )
-    return PromptSet(token_ids=token_ids, answers=answers, skipped_too_long=skipped, source=path)
+    return PromptSet(token_ids=token_ids, examples=kept, skipped_too_long=skipped, source=path)
 
 
 class PromptStream:
     """An endless, reproducible stream of prompt indices: a fresh shuffle each epoch.
 
-    The state is just (seed, consumed): resuming with the same pair yields the same prompts.
-    Rank r of w takes every w-th prompt of each step's global batch, so ranks never overlap.
+    The state is just (seed, consumed): resuming with the same pair yields the same prompts. The
+    stream is global: every rank advances it by the whole step's count, and rank r of w keeps every
+    w-th index of the step, so the ranks' shares are disjoint and together are the step.
     """
 
     def __init__(self, size: int, seed: int, shuffle: bool = True, consumed: int = 0):
@@ -198,6 +220,9 @@ class PromptStream:
         return self._cached_order
 
     def take(self, count: int, rank: int = 0, world_size: int = 1) -> list[int]:
+        """The next step's indices for `rank`: `count` per rank, `count * world_size` in all."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside a world of {world_size}")
         indices = []
         for position in range(self.consumed, self.consumed + count * world_size):
             epoch, offset = divmod(position, self.size)

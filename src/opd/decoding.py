@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from opd.models import cache_keyword, position_ids_from_mask
+from opd.forward import cache_keyword, position_ids_from_mask
 
 LLAMA_STYLE = {"llama", "mistral", "qwen2", "qwen3"}
 

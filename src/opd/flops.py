@@ -3,14 +3,16 @@
 Per processed token a forward pass costs about 2N FLOPs and a forward plus backward pass 6N, where N
 counts the parameters that take part in matrix products: everything but the input embedding table
 (a lookup), with the LM head counted even when it shares the embedding's weights. Attention's
-sequence-length term is left out, as usual at these lengths.
+sequence-length term is left out, as usual at these lengths. Every stage processes each real prompt
+token once and each completion token once (sampling with a KV cache, scoring and the update each run
+over the whole sequence).
 """
 
 from __future__ import annotations
 
 import torch
 
-from opd.rollout import Rollouts
+from opd.batch import StepBatch
 
 
 def matmul_parameters(model: torch.nn.Module) -> int:
@@ -21,17 +23,20 @@ def matmul_parameters(model: torch.nn.Module) -> int:
     return total - embedding.numel() + (head.numel() if tied else 0)
 
 
-def step_flops(rollouts: Rollouts, sampler_params: int, scorer_params: int, student_params: int) -> dict[str, float]:
-    """FLOPs of one step: sampling, teacher scoring and the student update.
+def processed_tokens(batch: StepBatch) -> float:
+    """Real prompt tokens plus completion tokens of every row."""
+    return float(batch.prompt_mask.sum() + batch.completion_mask.sum())
 
-    sampler_params: N of whoever sampled (0 for the data set's answers); scorer_params: N_T when a
-    teacher scoring pass ran, else 0. Every stage processes each real prompt token once and each
-    completion token once (sampling with a KV cache, scoring and the update each run over the whole
-    sequence).
-    """
-    tokens = float(rollouts.prompt_mask.sum() + rollouts.completion_mask.sum())
+
+def forward_flops(parameters: int, batch: StepBatch) -> float:
+    return 2 * parameters * processed_tokens(batch)
+
+
+def step_flops(batch: StepBatch, rollout_flops: float, teacher_flops: float, student_params: int) -> dict[str, float]:
+    """FLOPs of one step: sampling and teacher scoring as their components report them, and the
+    student's forward and backward (6N per token)."""
     return {
-        "compute/rollout_flops": 2 * sampler_params * tokens,
-        "compute/teacher_flops": 2 * scorer_params * tokens,
-        "compute/update_flops": 6 * student_params * tokens,
+        "compute/rollout_flops": rollout_flops,
+        "compute/teacher_flops": teacher_flops,
+        "compute/update_flops": 3 * forward_flops(student_params, batch),
     }

@@ -13,13 +13,20 @@ import torch
 import torch.nn.functional as F
 
 
-def process_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+def process_logits(
+    logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0, keep: torch.Tensor | None = None
+) -> torch.Tensor:
     """The distribution that draws a token: temperature, then top-k and top-p truncation.
 
     logits: (..., V) -> (..., V), with truncated entries set to -inf. Used by the sampler and by
-    the trainer's scorer, so ℓˢ is always taken under exactly the distribution that drew the token.
+    the update, so ℓˢ and log pi_theta are taken under the same processing. keep: (...) token ids
+    that stay in the support whatever the truncation says. The update passes the sampled tokens: each
+    was inside the sampler's support, and where the update's logits differ from the sampler's by
+    rounding (bf16 against fp32) a token at the truncation boundary could otherwise fall outside and
+    get probability 0, so rho = 0 and no gradient, silently.
     """
     logits = logits.float() if temperature == 1.0 else logits.float() / temperature
+    scaled = logits
     if top_k and top_k < logits.shape[-1]:
         kth_value = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth_value, float("-inf"))
@@ -31,6 +38,9 @@ def process_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top
         drop_sorted = mass_before >= top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
+    if keep is not None and logits is not scaled:
+        kept = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, keep.unsqueeze(-1), True)
+        logits = torch.where(kept, scaled, logits)
     return logits
 
 
@@ -175,19 +185,17 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
         return reverse_kl(student_logits, teacher_logits)
     student_logp = F.log_softmax(student_logits.float(), dim=-1)
     teacher_logp = F.log_softmax(teacher_logits.float(), dim=-1)
-    mixture_logp = torch.logaddexp(teacher_logp + math.log(beta), student_logp + math.log(1 - beta))
+    # Where both models give probability 0, logaddexp(-inf, -inf) is -inf but its backward is NaN
+    # (0/0), which would poison every gradient of the row: those entries are mixed from finite stand-ins
+    # and set to -inf afterwards, outside the graph's reach.
+    both_zero = torch.isneginf(student_logp) & torch.isneginf(teacher_logp)
+    if bool(both_zero.any()):
+        mixture_logp = torch.logaddexp(torch.where(both_zero, 0.0, teacher_logp) + math.log(beta),
+                                       torch.where(both_zero, 0.0, student_logp) + math.log(1 - beta))
+        mixture_logp = mixture_logp.masked_fill(both_zero, float("-inf"))
+    else:
+        mixture_logp = torch.logaddexp(teacher_logp + math.log(beta), student_logp + math.log(1 - beta))
     return beta * _kl(teacher_logp, mixture_logp) + (1 - beta) * _kl(student_logp, mixture_logp)
-
-
-def divergence(kind: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float) -> torch.Tensor:
-    """Dispatch for the full-vocabulary losses by their config name."""
-    if kind == "forward_kl":
-        return forward_kl(student_logits, teacher_logits)
-    if kind == "reverse_kl":
-        return reverse_kl(student_logits, teacher_logits)
-    if kind == "jsd":
-        return generalized_jsd(student_logits, teacher_logits, beta)
-    raise ValueError(f"unknown divergence {kind!r}")
 
 
 def reduce_tokens(per_token: torch.Tensor, mask: torch.Tensor, num_tokens: int | torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from opd.errors import DataError
-from opd.metrics import read_metrics
+from opd.sinks import read_metrics
 
 PANELS = [
     ("perplexity/teacher", "teacher perplexity of student samples"),

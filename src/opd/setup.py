@@ -15,27 +15,35 @@ from pathlib import Path
 import torch
 import yaml
 
+from opd.answers import DatasetAnswers
 from opd.checkpoint import latest_checkpoint, load_trainer_state, restore_rng
 from opd.config import Config, dump_config
 from opd.data import PromptSet, PromptStream, load_prompts
 from opd.errors import ConfigError
+from opd.factory import load_teacher, make_rollout_source, make_sampler, sampling_settings
+from opd.flops import matmul_parameters
 from opd.host_memory import keep_freed_memory
-from opd.models import LoadedModel, check_same_vocabulary, check_source, load_model, load_tokenizer
-from opd.objective import chunk_tokens
-from opd.rollout import HFSampler, ReferenceSampler, Sampler
+from opd.loading import LoadedModel, check_same_vocabulary, check_source, load_model, load_tokenizer
+from opd.objectives import Objective, build_objective
+from opd.precision import Precision
+from opd.sampling import ModelSampler, Sampler
+from opd.sinks import check_trackers
 from opd.teacher import LocalTeacher
-from opd.trackers import check_trackers
+from opd.update import tokens_per_chunk
 
 
 @dataclass
 class Session:
     output_dir: Path
-    device: torch.device
-    autocast_dtype: torch.dtype | None
+    precision: Precision
     student: LoadedModel
     teacher: LocalTeacher | None  # None only in SFT on the data set's answers without a teacher
+    objective: Objective
     sampler: Sampler  # writes the training rollouts: the student, or for sft the teacher or the data
-    student_sampler: HFSampler  # the student's own samples, for evaluation
+    student_sampler: ModelSampler  # the student's own samples, for evaluation
+    scored_by_sampler: bool  # the sampler's log-probs are already ℓᵀ (see sampled_by_teacher_distribution)
+    chunk_size: int  # completion tokens per chunk of full-vocabulary logits
+    student_params: int  # parameters in matrix products, for FLOP accounting
     train_prompts: PromptSet
     eval_prompts: PromptSet | None
     stream: PromptStream
@@ -46,30 +54,17 @@ class Session:
     start_flops: float  # training FLOPs spent before start_step (see opd.flops)
 
 
-def resolve_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("run.device: 'cuda' was asked for but no CUDA device is available")
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
-
-
-def resolve_autocast(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast (fp32 master weights) where the hardware does bf16 fast, else None (fp32)."""
-    if precision == "fp32":
-        return None
-    if device.type == "cuda":
-        supported = torch.cuda.is_bf16_supported()
-    else:
-        supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    if precision == "bf16" and not supported:
-        raise ConfigError(f"run.precision: bf16 is not supported on this {device.type} device")
-    return torch.bfloat16 if supported else None
+def sampled_by_teacher_distribution(config: Config) -> bool:
+    """True when the teacher sampled the rollouts under exactly the distribution it scores with: the
+    sampler's log-probs are then ℓᵀ already, and a second teacher forward would only repeat them."""
+    rollout, teacher = config.rollout, config.teacher
+    return (rollout.source == "teacher" and teacher is not None and rollout.temperature == teacher.temperature
+            and rollout.top_k == 0 and rollout.top_p == 1)
 
 
 def lr_schedule(config: Config):
     """Linear warmup, then cosine decay to min_lr_ratio * lr, or constant. Returns step -> factor."""
-    optim, total = config.optim, config.run.max_steps
+    optim, total = config.optim, config.decay_steps
 
     def factor(step: int) -> float:
         if step < optim.warmup_steps:
@@ -102,14 +97,26 @@ def _check_resumable(output_dir: Path, config: Config) -> None:
     saved_path = output_dir / "config.yaml"
     if not saved_path.is_file():
         return
-    saved = _flatten(yaml.safe_load(saved_path.read_text()))
-    current = _flatten(config.model_dump(mode="json"))
+    saved_config = yaml.safe_load(saved_path.read_text())
+    saved, current = _flatten(saved_config), _flatten(config.model_dump(mode="json"))
+    # The cosine horizon is what the schedule depends on: max_steps may grow, decay_steps may name the
+    # old horizon, as long as the effective horizon stays the same.
+    for flat, horizon in ((saved, _saved_horizon(saved)), (current, config.decay_steps)):
+        flat["optim.decay_steps"] = horizon if flat.get("optim.schedule") == "cosine" else None
     changed = sorted(key for key in saved.keys() | current.keys()
                      if saved.get(key) != current.get(key) and key not in _RESUMABLE_CHANGES)
+    if "optim.decay_steps" in changed:
+        raise ConfigError(
+            f"--resume: run.max_steps {saved.get('run.max_steps')} -> {config.run.max_steps} would stretch the cosine "
+            f"schedule that the saved steps followed; keep it with --set optim.decay_steps={saved['optim.decay_steps']}")
     if changed:
         details = ", ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in changed)
         raise ConfigError(f"--resume: the config differs from the run's {saved_path} in {details}; "
                           f"only {', '.join(sorted(_RESUMABLE_CHANGES))} may change")
+
+
+def _saved_horizon(saved: dict) -> int | None:
+    return saved.get("optim.decay_steps") or saved.get("run.max_steps")
 
 
 def _flatten(node: dict, prefix: str = "") -> dict:
@@ -134,10 +141,9 @@ def _check_context(model: LoadedModel, key: str, config: Config) -> None:
 def prepare(config: Config, resume: bool, log=print) -> Session:
     output_dir = Path(config.run.output_dir)
     check_output_dir(output_dir, resume)
-    device = resolve_device(config.run.device)
-    if device.type == "cpu":
+    precision = Precision.resolve(config.run.precision, config.run.device)
+    if precision.device.type == "cpu":
         keep_freed_memory()
-    autocast_dtype = resolve_autocast(config.run.precision, device)
     check_trackers(config.run.report_to)
     check_source(config.student.path, "student.path")
     teacher_config = config.teacher
@@ -150,9 +156,8 @@ def prepare(config: Config, resume: bool, log=print) -> Session:
     prompt_options = (tokenizer, data.max_prompt_tokens, data.system_prompt, data.chat_template_kwargs)
     train_prompts = load_prompts(data.train, "data.train", *prompt_options)
     eval_prompts = load_prompts(data.eval, "data.eval", *prompt_options) if data.eval else None
-    reference_sampler = None
-    if config.rollout.source == "dataset":  # checks that every row has an answer, before weights load
-        reference_sampler = ReferenceSampler(train_prompts, tokenizer, config.rollout.max_new_tokens, device)
+    if config.rollout.source == "dataset":
+        DatasetAnswers.check(train_prompts)  # before any weight loads
     for prompts in filter(None, (train_prompts, eval_prompts)):
         if prompts.skipped_too_long:
             log(f"warning: skipped {prompts.skipped_too_long} prompts of '{prompts.source}' longer than "
@@ -164,15 +169,13 @@ def prepare(config: Config, resume: bool, log=print) -> Session:
     if checkpoint is not None:
         _check_resumable(output_dir, config)
     student_source = (str(checkpoint), "resumed checkpoint") if checkpoint else (config.student.path, "student.path")
-    student = load_model(*student_source, device, config.student.trust_remote_code)
+    student = load_model(*student_source, precision.device, config.student.trust_remote_code)
     _check_context(student, "student.path", config)
     teacher = None
     if teacher_config is not None:
-        teacher_model = load_model(teacher_config.path, "teacher.path", device, teacher_config.trust_remote_code,
-                                   dtype=autocast_dtype or torch.float32)
-        _check_context(teacher_model, "teacher.path", config)
-        chunk = chunk_tokens(config.loss.chunk_size, teacher_model.vocab_size)
-        teacher = LocalTeacher(teacher_model, teacher_config.temperature, chunk, autocast_dtype)
+        teacher = load_teacher(teacher_config.path, "teacher.path", precision, teacher_config.temperature,
+                               config.loss.chunk_size, teacher_config.trust_remote_code)
+        _check_context(teacher.loaded, "teacher.path", config)
 
     # On-policy: the policy that is trained must be the one that sampled, so dropout stays off.
     student.model.eval()
@@ -181,7 +184,7 @@ def prepare(config: Config, resume: bool, log=print) -> Session:
         weight_decay=config.optim.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config))
-    generator = torch.Generator(device=device).manual_seed(config.run.seed)
+    generator = torch.Generator(device=precision.device).manual_seed(config.run.seed)
     stream = PromptStream(len(train_prompts), config.run.seed, config.data.shuffle)
 
     start_step, start_flops = 0, 0.0
@@ -200,18 +203,15 @@ def prepare(config: Config, resume: bool, log=print) -> Session:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(dump_config(config))
     shutil.rmtree(output_dir / "final", ignore_errors=True)  # only a finished run may show a final model
-    rollout = config.rollout
-    sampling = (rollout.max_new_tokens, rollout.temperature, rollout.top_k, rollout.top_p, autocast_dtype)
-    student_sampler = HFSampler(student, *sampling)
-    samplers = {
-        "student": lambda: student_sampler,
-        "teacher": lambda: HFSampler(teacher.teacher, *sampling),
-        "dataset": lambda: reference_sampler,
-    }
+    student_sampler = make_sampler(student, sampling_settings(config.rollout), precision)
     return Session(
-        output_dir=output_dir, device=device, autocast_dtype=autocast_dtype, student=student,
-        teacher=teacher,
-        sampler=samplers[rollout.source](), student_sampler=student_sampler,
+        output_dir=output_dir, precision=precision, student=student, teacher=teacher,
+        objective=build_objective(config),
+        sampler=make_rollout_source(config, student_sampler, teacher, train_prompts, precision),
+        student_sampler=student_sampler,
+        scored_by_sampler=sampled_by_teacher_distribution(config),
+        chunk_size=tokens_per_chunk(config.loss.chunk_size, student.vocab_size),
+        student_params=matmul_parameters(student.model),
         train_prompts=train_prompts, eval_prompts=eval_prompts, stream=stream, generator=generator,
         optimizer=optimizer, scheduler=scheduler, start_step=start_step, start_flops=start_flops,
     )

@@ -1,77 +1,103 @@
-"""Teacher scoring: per-token log-probs of exactly the tokens the student sampled."""
+"""Teacher scoring: per-token log-probs of exactly the completion tokens of a step.
+
+Two capabilities, so a teacher can live elsewhere:
+- `TokenScorer`: ℓᵀ of every completion token (and optionally the teacher's top-k). All that
+  `reverse_kl_pg` needs, and all that a teacher behind a server can give.
+- `FullDistributionTeacher`: also the teacher's full next-token distribution at every position, for
+  forward_kl / reverse_kl / jsd; only a teacher in this process has it.
+Each reports its name and the FLOPs its scoring cost.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
+from opd.batch import StepBatch
+from opd.flops import forward_flops, matmul_parameters
+from opd.forward import completion_hidden_states_of, logits_from_hidden
+from opd.loading import LoadedModel
 from opd.losses import token_logprobs
-from opd.models import LoadedModel, completion_hidden_states_of, logits_from_hidden
-from opd.rollout import Rollouts
+from opd.precision import Precision
 
 
 @dataclass
 class TeacherScores:
-    """logprobs: (B, T) ℓᵀ of the sampled tokens, 0 outside the completion mask.
-    hidden: (B, T, H) final hidden states, kept only when a full-vocabulary loss needs them."""
+    """logprobs: (B, T) ℓᵀ of the completion tokens, 0 outside the completion mask.
+    hidden: (B, T, H) final hidden states, kept only when a full-vocabulary loss asks for them.
+    topk_ids, topk_logprobs: (B, T, K), where a scorer gives the teacher's top-k."""
 
     logprobs: torch.Tensor
     hidden: torch.Tensor | None = None
+    topk_ids: torch.Tensor | None = None
+    topk_logprobs: torch.Tensor | None = None
+
+    def attach(self, batch: StepBatch) -> StepBatch:
+        return batch.replace(teacher_logprobs=self.logprobs, teacher_hidden=self.hidden,
+                             teacher_topk_ids=self.topk_ids, teacher_topk_logprobs=self.topk_logprobs)
 
 
-class Teacher(Protocol):
-    def score(self, rollouts: Rollouts, keep_hidden: bool = False) -> TeacherScores: ...
+@runtime_checkable
+class TokenScorer(Protocol):
+    name: str
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+    def score(self, batch: StepBatch) -> TeacherScores: ...
+
+    def scoring_flops(self, batch: StepBatch) -> float: ...
+
+
+@runtime_checkable
+class FullDistributionTeacher(TokenScorer, Protocol):
+    def score(self, batch: StepBatch, keep_hidden: bool = False) -> TeacherScores: ...
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> (..., V) logits at the teacher's temperature."""
+        ...
 
 
 class LocalTeacher:
-    """A Hugging Face model in this process, run without gradients.
+    """A Hugging Face model in this process, run without gradients: a FullDistributionTeacher.
 
     One forward over (prompt, completion), each prompt encoded once for all its samples, yields
-    hidden states of the completion positions only;
-    the LM head then runs over chunks of `chunk_size` completion tokens (padding skipped), so the
-    teacher's [B x T x V] logits never exist at once.
+    hidden states of the completion positions only; the LM head then runs over chunks of
+    `chunk_size` completion tokens (padding skipped), so the teacher's [B x T x V] logits never exist
+    at once.
     """
 
-    def __init__(
-        self,
-        teacher: LoadedModel,
-        temperature: float = 1.0,
-        chunk_size: int = 1024,
-        autocast_dtype: torch.dtype | None = None,
-    ):
-        self.teacher = teacher
+    def __init__(self, loaded: LoadedModel, temperature: float, chunk_size: int, precision: Precision):
+        self.loaded = loaded
+        self.name = loaded.source
         self.temperature = temperature
         self.chunk_size = chunk_size
-        self.autocast_dtype = autocast_dtype
-        teacher.model.eval()
-        teacher.model.requires_grad_(False)
-
-    def _autocast(self):
-        device_type = next(self.teacher.model.parameters()).device.type
-        return torch.autocast(device_type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None)
+        self.precision = precision
+        loaded.model.eval()
+        loaded.model.requires_grad_(False)
+        self._matmul_parameters = matmul_parameters(loaded.model)
 
     @property
     def model(self) -> torch.nn.Module:
-        return self.teacher.model
+        return self.loaded.model
+
+    def scoring_flops(self, batch: StepBatch) -> float:
+        return forward_flops(self._matmul_parameters, batch)
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., H) -> (..., V) at the teacher's temperature."""
-        with self._autocast():
-            raw = logits_from_hidden(self.teacher.model, hidden, self.teacher.vocab_size)
+        with self.precision.autocast():
+            raw = logits_from_hidden(self.loaded.model, hidden, self.loaded.vocab_size)
         return raw.float() / self.temperature
 
     @torch.no_grad()
-    def score(self, rollouts: Rollouts, keep_hidden: bool = False) -> TeacherScores:
-        with self._autocast():
-            hidden = completion_hidden_states_of(self.teacher.model, rollouts)  # (B, T, H)
-        flat_hidden, flat_tokens = hidden.flatten(0, 1), rollouts.completion_ids.flatten()
+    def score(self, batch: StepBatch, keep_hidden: bool = False) -> TeacherScores:
+        with self.precision.autocast():
+            hidden = completion_hidden_states_of(self.loaded.model, batch.prompt_ids, batch.prompt_mask,
+                                                 batch.completion_ids, batch.completion_mask,
+                                                 batch.prompt_index)  # (B, T, H)
+        flat_hidden, flat_tokens = hidden.flatten(0, 1), batch.completion_ids.flatten()
         flat_logprobs = torch.zeros(flat_tokens.shape, device=hidden.device)  # (B*T,)
-        for chunk in rollouts.token_chunks(self.chunk_size):  # (c,) flat indices
+        for chunk in batch.token_chunks(self.chunk_size):  # (c,) flat indices
             flat_logprobs[chunk] = token_logprobs(self.logits(flat_hidden[chunk]), flat_tokens[chunk])
-        logprobs = flat_logprobs.view(rollouts.completion_ids.shape)  # (B, T), 0 outside the mask
+        logprobs = flat_logprobs.view(batch.completion_ids.shape)  # (B, T), 0 outside the mask
         return TeacherScores(logprobs=logprobs, hidden=hidden if keep_hidden else None)

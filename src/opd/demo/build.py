@@ -23,8 +23,9 @@ from opd import losses
 from opd.checkpoint import save_model
 from opd.demo.task import make_problem
 from opd.demo.tokenizer import build_tokenizer
-from opd.models import LoadedModel, completion_hidden_states, logits_from_hidden
-from opd.rollout import left_pad, right_pad
+from opd.batch import left_pad, right_pad
+from opd.forward import completion_hidden_states, logits_from_hidden
+from opd.loading import LoadedModel
 
 ASSETS = Path(__file__).parent / "assets"
 

@@ -22,9 +22,9 @@ from opd.data import load_prompts
 from opd.demo.task import write_split
 from opd.errors import ConfigError
 from opd.evaluate import evaluate
-from opd.models import load_model
+from opd.factory import load_teacher, make_sampler, sampling_settings
+from opd.precision import Precision
 from opd.report import write_report
-from opd.rollout import HFSampler
 from opd.trainer import train
 
 ASSETS = Path(__file__).parent / "assets"
@@ -49,9 +49,10 @@ def demo_config(out: Path) -> Config:
 
 
 def teacher_accuracy(config: Config) -> float:
-    teacher = load_model(config.teacher.path, "teacher.path", torch.device("cpu"))
+    precision = Precision.resolve(config.run.precision, config.run.device)
+    teacher = load_teacher(config.teacher.path, "teacher.path", precision).loaded
     prompts = load_prompts(config.data.eval, "data.eval", teacher.tokenizer, config.data.max_prompt_tokens)
-    sampler = HFSampler(teacher, config.rollout.max_new_tokens, config.rollout.temperature)
+    sampler = make_sampler(teacher, sampling_settings(config.rollout), precision)
     metrics = evaluate(sampler, None, prompts, teacher.tokenizer, samples_per_prompt=1, batch_prompts=256,
                        generator=torch.Generator().manual_seed(config.run.seed + 1), max_prompts=config.data.eval_max_prompts)
     return metrics["eval/accuracy"]

@@ -8,14 +8,45 @@ fails in seconds with the install line rather than after the models load.
 from __future__ import annotations
 
 import importlib
+import json
+import math
 from pathlib import Path
 from typing import Protocol
 
 from opd.config import Config
 from opd.errors import ConfigError
-from opd.metrics import MetricsLog
 
 _PACKAGES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to metrics.jsonl."""
+
+    def __init__(self, path: Path, start_step: int = 0):
+        self.path = path
+        if path.exists():
+            # A run killed after its last checkpoint logged steps that will be redone: drop them,
+            # and a torn last line with them. Starting from step 0 drops everything.
+            steps = [(line, _step_of(line)) for line in path.read_text().splitlines()]
+            kept = [line for line, step in steps if start_step > 0 and step is not None and step <= start_step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        # NaN and inf are not JSON; null keeps the file readable by strict parsers such as jq.
+        row = {key: value if math.isfinite(value) else None for key, value in metrics.items()}
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({"step": step, **row}) + "\n")
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 class Tracker(Protocol):

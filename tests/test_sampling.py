@@ -8,21 +8,36 @@ import pytest
 import torch
 
 from opd import losses
+from opd.batch import StepBatch
 from opd.errors import ModelError
+from opd.forward import completion_hidden_states, logits_from_hidden
+from opd.loading import check_same_vocabulary, load_model
 from opd.metrics import masked_mean, rollout_metrics
-from opd.models import check_same_vocabulary, completion_hidden_states, load_model, logits_from_hidden
-from opd.objective import LossSettings, backward_micro_batch
-from opd.rollout import HFSampler, Rollouts, draw
+from opd.objectives import Divergence, PolicyGradient
+from opd.sampling import draw
 from opd.teacher import LocalTeacher
+from opd.update import backward_micro_batch
 
-from conftest import recompute_logprobs
+from opd.precision import Precision
+from conftest import CPU, model_sampler, prompt_batch, recompute_logprobs
 
-CPU = torch.device("cpu")
+
+def local_teacher(loaded, chunk_size: int = 1024) -> LocalTeacher:
+    return LocalTeacher(loaded, 1.0, chunk_size, CPU)
+
+
+def gradient_of(student, teacher, batch: StepBatch, objective, micro: int, chunk_size: int = 5):
+    """Loss and flat gradient of one step's objective over micro-batches of `micro` rows."""
+    student.model.zero_grad(set_to_none=True)
+    batch = objective.prepare(batch)
+    loss = sum(backward_micro_batch(student, teacher, batch.select(slice(row, row + micro)), objective, batch.num_tokens,
+                                    chunk_size, CPU).loss for row in range(0, len(batch), micro))
+    return loss, torch.cat([p.grad.flatten() for p in student.model.parameters() if p.grad is not None])
 
 
 @pytest.fixture(scope="module")
 def models(tiny_models):
-    return {name: load_model(str(path), name, CPU) for name, path in tiny_models.items()}
+    return {name: load_model(str(path), name, CPU.device) for name, path in tiny_models.items()}
 
 
 def prompts(tokenizer):
@@ -32,8 +47,8 @@ def prompts(tokenizer):
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.0, 0, 1.0), (0.7, 20, 0.9)])
 def test_sampler_logprobs_are_those_of_the_sampling_distribution(models, temperature, top_k, top_p):
     student = models["student"]
-    sampler = HFSampler(student, max_new_tokens=12, temperature=temperature, top_k=top_k, top_p=top_p)
-    rollouts = sampler.sample(prompts(student.tokenizer), 3, torch.Generator().manual_seed(0))
+    sampler = model_sampler(student, 12, temperature=temperature, top_k=top_k, top_p=top_p)
+    rollouts = sampler.sample(prompt_batch(prompts(student.tokenizer)), 3, torch.Generator().manual_seed(0))
     reference = recompute_logprobs(student, rollouts, temperature, top_k, top_p)
     torch.testing.assert_close(rollouts.sampler_logprobs, reference * rollouts.completion_mask, atol=2e-5, rtol=0)
     if temperature != 1.0:  # scoring at 1.0 instead would describe another distribution (ArcticTraining #344)
@@ -91,7 +106,7 @@ def sample_with_early_eos(models):
 
     handle = head.register_forward_hook(favour_eos)
     try:
-        return HFSampler(student, max_new_tokens=12).sample(prompts(student.tokenizer), 8, torch.Generator().manual_seed(3))
+        return model_sampler(student, 12).sample(prompt_batch(prompts(student.tokenizer)), 8, torch.Generator().manual_seed(3))
     finally:
         handle.remove()
 
@@ -110,22 +125,18 @@ def test_eos_stays_in_the_mask_when_pad_is_eos_and_nothing_after_it(models):
 
 
 def test_tokens_after_eos_change_neither_loss_nor_gradient_nor_metrics(models):
-    student, teacher_model = models["student"], models["teacher"]
-    teacher = LocalTeacher(teacher_model)
+    student, teacher = models["student"], local_teacher(models["teacher"])
     rollouts = sample_with_early_eos(models)
     assert (rollouts.completion_mask == 0).any()
     garbage = rollouts.completion_ids.clone()
     garbage[rollouts.completion_mask == 0] = 17
-    polluted = Rollouts(**{**rollouts.__dict__, "completion_ids": garbage})
-    settings = LossSettings(kind="reverse_kl_pg", temperature=1.0, chunk_size=5)
+    polluted = rollouts.replace(completion_ids=garbage)
+    objective = PolicyGradient(1.0, 0, 1.0, None, kl_coef=1.0, discount=0.5)
 
     def step(batch):
-        student.model.zero_grad(set_to_none=True)
-        scores = teacher.score(batch)
-        advantages = losses.discounted_advantages(batch.sampler_logprobs, scores.logprobs, batch.completion_mask, 1.0, 0.5)
-        loss = backward_micro_batch(student, teacher, batch, scores, advantages, slice(0, len(batch)), batch.num_tokens, settings, None)
-        grads = torch.cat([p.grad.flatten() for p in student.model.parameters()])
-        return loss, grads, rollout_metrics(batch, scores.logprobs)
+        batch = teacher.score(batch).attach(batch)
+        loss, grads = gradient_of(student, teacher, batch, objective, micro=len(batch))
+        return loss, grads, rollout_metrics(batch)
 
     loss_a, grads_a, metrics_a = step(rollouts)
     loss_b, grads_b, metrics_b = step(polluted)
@@ -144,27 +155,24 @@ def test_eos_token_receives_gradient(models):
     advantages = torch.zeros_like(rollouts.sampler_logprobs)
     advantages[row, eos_at] = 1.0  # only the EOS position carries reward
     student.model.zero_grad(set_to_none=True)
-    settings = LossSettings(kind="reverse_kl_pg", temperature=1.0)
-    backward_micro_batch(student, None, rollouts, None, advantages, slice(0, len(rollouts)), rollouts.num_tokens, settings, None)
+    objective = PolicyGradient(1.0, 0, 1.0, None, kl_coef=1.0, discount=0.0)
+    backward_micro_batch(student, None, rollouts.replace(advantages=advantages), objective, rollouts.num_tokens, 64, CPU)
     eos_row_grad = student.model.get_output_embeddings().weight.grad[eos]
     assert eos_row_grad.abs().sum() > 0
 
 
 def test_left_padding_keeps_positions(models):
     """A prompt scored alone and scored beside a longer, left-padded prompt gives the same log-probs."""
-    teacher = LocalTeacher(models["teacher"])
+    teacher = local_teacher(models["teacher"])
     student = models["student"]
-    sampler = HFSampler(student, max_new_tokens=6)
+    sampler = model_sampler(student, 6)
     short, long = prompts(student.tokenizer)[1], prompts(student.tokenizer)[0]
     assert len(long) > len(short)
-    together = sampler.sample([long, short], 1, torch.Generator().manual_seed(0))
-    alone = sampler.sample([short], 1, torch.Generator().manual_seed(0))
+    together = sampler.sample(prompt_batch([long, short]), 1, torch.Generator().manual_seed(0))
+    alone = sampler.sample(prompt_batch([short]), 1, torch.Generator().manual_seed(0))
     # Same completion tokens for the short prompt, scored alone and padded:
-    forced = Rollouts(
-        prompt_ids=alone.prompt_ids, prompt_mask=alone.prompt_mask,
-        completion_ids=together.completion_ids[1:], completion_mask=together.completion_mask[1:],
-        sampler_logprobs=together.sampler_logprobs[1:], finished=together.finished[1:], prompt_index=alone.prompt_index,
-    )
+    forced = alone.replace(completion_ids=together.completion_ids[1:], completion_mask=together.completion_mask[1:],
+                           sampler_logprobs=together.sampler_logprobs[1:], finished=together.finished[1:])
     torch.testing.assert_close(teacher.score(together).logprobs[1], teacher.score(forced).logprobs[0], atol=1e-5, rtol=0)
     reference = recompute_logprobs(student, forced, 1.0)[0]
     torch.testing.assert_close(together.sampler_logprobs[1], reference * together.completion_mask[1], atol=2e-5, rtol=0)
@@ -183,7 +191,7 @@ def test_padding_rows_of_the_embedding_are_ignored(models):
         saved = head.weight[-1].clone()
         head.weight[-1] = 50 * head.weight.abs().max()
     try:
-        rollouts = HFSampler(teacher, max_new_tokens=6).sample(prompts(teacher.tokenizer), 4, torch.Generator().manual_seed(0))
+        rollouts = model_sampler(teacher, 6).sample(prompt_batch(prompts(teacher.tokenizer)), 4, torch.Generator().manual_seed(0))
     finally:
         with torch.no_grad():
             head.weight[-1] = saved
@@ -231,7 +239,7 @@ def test_sampling_stops_at_every_stop_token_of_the_generation_config(models):
 
     handle = student.model.get_output_embeddings().register_forward_hook(favour_stop)
     try:
-        rollouts = HFSampler(student, max_new_tokens=12).sample(prompts(student.tokenizer), 6, torch.Generator().manual_seed(0))
+        rollouts = model_sampler(student, 12).sample(prompt_batch(prompts(student.tokenizer)), 6, torch.Generator().manual_seed(0))
     finally:
         handle.remove()
         student.model.generation_config.eos_token_id = original
@@ -244,52 +252,44 @@ def test_sampling_stops_at_every_stop_token_of_the_generation_config(models):
 
 
 def test_bf16_sampling_uses_a_copy_of_the_current_master_weights(tiny_models):
-    student = load_model(str(tiny_models["student"]), "student", CPU)  # fp32 master weights
-    sampler = HFSampler(student, max_new_tokens=12, autocast_dtype=torch.bfloat16, low_precision_copy=True)
-    rollouts = sampler.sample(prompts(student.tokenizer), 3, torch.Generator().manual_seed(0))
+    student = load_model(str(tiny_models["student"]), "student", CPU.device)  # fp32 master weights
+    sampler = model_sampler(student, 12, precision=Precision(CPU.device, torch.bfloat16), low_precision_copy=True)
+    rollouts = sampler.sample(prompt_batch(prompts(student.tokenizer)), 3, torch.Generator().manual_seed(0))
     # ℓˢ is the bf16 model's: close to the fp32 recompute of the same tokens, within bf16 rounding.
     reference = recompute_logprobs(student, rollouts, 1.0) * rollouts.completion_mask
     difference = (rollouts.sampler_logprobs - reference).abs()
     assert float(difference.max()) < 0.1 and float(masked_mean(difference, rollouts.completion_mask)) < 0.03
     assert float(difference.max()) > 0  # it really sampled in bf16
-    copy = sampler._sampling_model()
+    copy = sampler.sampling_model()
     assert all(p.dtype == torch.float32 for p in student.model.parameters())
     assert all(p.dtype == torch.bfloat16 for p in copy.parameters())
     assert all(b.dtype == torch.float32 for b in copy.buffers() if b.is_floating_point())  # RoPE stays fp32
     with torch.no_grad():  # an optimizer step on the master...
         for parameter in student.model.parameters():
             parameter.add_(0.01)
-    for mine, master in zip(sampler._sampling_model().parameters(), student.model.parameters()):
+    for mine, master in zip(sampler.sampling_model().parameters(), student.model.parameters()):
         assert torch.equal(mine, master.to(torch.bfloat16))  # ...reaches the next call's copy
 
 
 def test_bf16_sampling_on_a_cpu_uses_the_fp32_weights_unless_asked(tiny_models):
-    student = load_model(str(tiny_models["student"]), "student", CPU)
-    assert HFSampler(student, 4, autocast_dtype=torch.bfloat16)._sampling_model() is student.model
+    student = load_model(str(tiny_models["student"]), "student", CPU.device)
+    assert model_sampler(student, 4, precision=Precision(CPU.device, torch.bfloat16)).sampling_model() is student.model
 
 
 @pytest.mark.parametrize("kind", ["reverse_kl_pg", "forward_kl"])
 def test_micro_batches_of_different_lengths_give_the_whole_batch_gradient(models, kind):
     """Each micro-batch is trimmed to its own longest completion; advantages and teacher states of
     the whole step must be read at the same positions (a review found them misread)."""
-    student, teacher = models["student"], LocalTeacher(models["teacher"])
+    student, teacher = models["student"], local_teacher(models["teacher"])
     rollouts = sample_with_early_eos(models)
     lengths = rollouts.completion_mask.sum(1)
     order = torch.argsort(lengths)  # short rollouts first: the first micro-batches are trimmed narrower
-    rollouts = Rollouts(**{name: value[order] for name, value in rollouts.__dict__.items()})
+    rollouts = rollouts.select(order)
     assert rollouts.select(slice(0, 4)).completion_ids.shape[1] < rollouts.completion_ids.shape[1]
-    scores = teacher.score(rollouts, keep_hidden=True)
-    advantages = losses.discounted_advantages(rollouts.sampler_logprobs, scores.logprobs, rollouts.completion_mask,
-                                              1.0, 0.5)
-    settings = LossSettings(kind=kind, temperature=1.0, chunk_size=7)
-
-    def gradient(micro):
-        student.model.zero_grad(set_to_none=True)
-        loss = sum(backward_micro_batch(student, teacher, rollouts, scores, advantages, slice(row, row + micro),
-                                        rollouts.num_tokens, settings, None)[0] for row in range(0, len(rollouts), micro))
-        return loss, torch.cat([p.grad.flatten() for p in student.model.parameters()])
-
-    whole_loss, whole = gradient(len(rollouts))
-    split_loss, split = gradient(4)
+    rollouts = teacher.score(rollouts, keep_hidden=True).attach(rollouts)
+    objective = (PolicyGradient(1.0, 0, 1.0, None, kl_coef=1.0, discount=0.5) if kind == "reverse_kl_pg"
+                 else Divergence(losses.forward_kl, 1.0))
+    whole_loss, whole = gradient_of(student, teacher, rollouts, objective, len(rollouts), chunk_size=7)
+    split_loss, split = gradient_of(student, teacher, rollouts, objective, 4, chunk_size=7)
     assert split_loss == pytest.approx(whole_loss, rel=1e-5)
     torch.testing.assert_close(split, whole, atol=1e-6, rtol=1e-4)

@@ -1,4 +1,4 @@
-"""Loading Hugging Face causal LMs and the forward passes opd needs from them.
+"""The forward passes opd needs from a Hugging Face causal LM, as functions of tensors.
 
 Forwards return hidden states of only the positions that predict completion tokens; logits are made
 from them chunk by chunk (`logits_from_hidden`), so [B x T x V] logits of two models never coexist.
@@ -7,101 +7,10 @@ from them chunk by chunk (`logits_from_hidden`), so [B x T x V] logits of two mo
 from __future__ import annotations
 
 import inspect
-import re
 import weakref
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.utils import logging as hf_logging
-
-from opd.errors import ModelError
-
-if TYPE_CHECKING:
-    from opd.rollout import Rollouts
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
-
-
-@dataclass
-class LoadedModel:
-    model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
-    source: str
-
-    @property
-    def vocab_size(self) -> int:
-        """Tokens the tokenizer can produce; embedding rows past this are padding."""
-        return len(self.tokenizer)
-
-    @property
-    def stop_token_ids(self) -> list[int]:
-        """The tokenizer's EOS and every EOS of the generation config (e.g. Llama 3's <|eot_id|>)."""
-        configured = getattr(self.model.generation_config, "eos_token_id", None)
-        configured = configured if isinstance(configured, list) else [configured]
-        return sorted({self.tokenizer.eos_token_id, *(i for i in configured if i is not None)})
-
-
-def check_source(path: str, key: str) -> None:
-    """Fail early, with the config key, when a model path is neither a folder nor a hub id."""
-    if Path(path).exists():
-        if not Path(path).is_dir():
-            raise ModelError(f"{key}: '{path}' is a file; expected a model folder or a hub id")
-        if not (Path(path) / "config.json").is_file():
-            raise ModelError(f"{key}: '{path}' has no config.json; is it a Hugging Face model folder?")
-        return
-    if path.startswith((".", "/", "~")) or not _HUB_ID.match(path):
-        raise ModelError(f"{key}: no such model folder '{path}'")
-
-
-def load_tokenizer(path: str, key: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    check_source(path, key)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # transformers raises many types; the user needs one line
-        raise ModelError(f"{key}: could not load a tokenizer from '{path}': {_first_line(exc)}") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.eos_token_id is None:
-        raise ModelError(f"{key}: the tokenizer at '{path}' defines no EOS token, so sampling cannot stop")
-    return tokenizer
-
-
-def load_model(
-    path: str, key: str, device: torch.device, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32
-) -> LoadedModel:
-    """Load tokenizer and weights: fp32 for a student (master weights; bf16 comes from autocast),
-    bf16 for a teacher under bf16, since it has no optimizer and memory is what it costs."""
-    hf_logging.disable_progress_bar()  # opd draws its own progress; per-shard bars are noise here
-    tokenizer = load_tokenizer(path, key, trust_remote_code)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
-    except Exception as exc:
-        raise ModelError(f"{key}: could not load a causal LM from '{path}': {_first_line(exc)}") from None
-    model.to(device)
-    model.eval()
-    loaded = LoadedModel(model=model, tokenizer=tokenizer, source=path)
-    check_logits_from_hidden(loaded, key)
-    return loaded
-
-
-def check_same_vocabulary(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> None:
-    """Per-token teacher scoring needs one vocabulary. Padding rows of an embedding don't matter."""
-    if student.get_vocab() != teacher.get_vocab():
-        student_vocab, teacher_vocab = student.get_vocab(), teacher.get_vocab()
-        differing = sorted(set(student_vocab.items()) ^ set(teacher_vocab.items()), key=lambda kv: kv[1])[:3]
-        raise ModelError(
-            "student and teacher tokenizers differ "
-            f"({len(student_vocab)} vs {len(teacher_vocab)} tokens; e.g. {differing}); "
-            "opd needs a teacher with the student's tokenizer (cross-tokenizer alignment is not supported yet)"
-        )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+from transformers import DynamicCache, PreTrainedModel
 
 
 def cache_keyword(model: PreTrainedModel) -> str:
@@ -216,13 +125,21 @@ def _probe_prompt_sharing(model: PreTrainedModel) -> bool:
     return bool(shared.shape == plain.shape and difference.mean() <= tolerance * scale)
 
 
-def completion_hidden_states_of(model: PreTrainedModel, rollouts: "Rollouts") -> torch.Tensor:
-    """(B, T, H) hidden states predicting each completion token of the rollouts: with prompts shared
-    among their samples when the model allows it (the same values, fewer positions), else plain."""
-    if len(torch.unique(rollouts.prompt_index)) < len(rollouts) and shares_prompts(model):
-        return shared_prompt_hidden_states(model, rollouts.prompt_ids, rollouts.prompt_mask,
-                                           rollouts.completion_ids, rollouts.completion_mask, rollouts.prompt_index)
-    return completion_hidden_states(model, rollouts.input_ids, rollouts.attention_mask, rollouts.completion_ids.shape[1])
+def completion_hidden_states_of(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    prompt_index: torch.Tensor,
+) -> torch.Tensor:
+    """(B, T, H) hidden states predicting each completion token: with prompts shared among their
+    samples when the model allows it (the same values, fewer positions), else the plain forward.
+    Arguments as in `shared_prompt_hidden_states`."""
+    if len(torch.unique(prompt_index)) < len(prompt_index) and shares_prompts(model):
+        return shared_prompt_hidden_states(model, prompt_ids, prompt_mask, completion_ids, completion_mask, prompt_index)
+    return completion_hidden_states(model, torch.cat([prompt_ids, completion_ids], 1),
+                                    torch.cat([prompt_mask, completion_mask], 1), completion_ids.shape[1])
 
 
 def logits_from_hidden(model: PreTrainedModel, hidden: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -240,19 +157,3 @@ def logits_from_hidden(model: PreTrainedModel, hidden: torch.Tensor, vocab_size:
     if getattr(config, "final_logit_softcapping", None):  # Gemma 2
         logits = torch.tanh(logits / config.final_logit_softcapping) * config.final_logit_softcapping
     return logits
-
-
-@torch.no_grad()
-def check_logits_from_hidden(loaded: LoadedModel, key: str) -> None:
-    """opd builds logits from hidden states chunk by chunk; refuse a model whose forward does more."""
-    model = loaded.model
-    device = next(model.parameters()).device
-    ids = torch.tensor([[loaded.tokenizer.eos_token_id] * 3], device=device)
-    mask = torch.ones_like(ids)
-    reference = model(input_ids=ids, attention_mask=mask).logits[:, :-1, : loaded.vocab_size].float()
-    rebuilt = logits_from_hidden(model, completion_hidden_states(model, ids, mask, 2), loaded.vocab_size).float()
-    if not torch.allclose(reference, rebuilt, atol=1e-3, rtol=1e-3, equal_nan=True):
-        raise ModelError(
-            f"{key}: this model's forward post-processes its logits in a way opd does not reproduce "
-            f"({type(model).__name__}); please report it"
-        )

@@ -1,0 +1,109 @@
+"""The training objectives: `loss.kind` mapped once, in setup, to one object.
+
+Each objective declares what it needs from the teacher (`needs`: sampled-token log-probs, the full
+distribution, or nothing), whether its rows are the student's own samples (`on_policy`), prepares the
+step's batch (advantages), and turns one chunk of completion tokens into per-token loss values. The
+update's chunk loop and the trainer never look at the kind. Adding a loss means adding one class here,
+one entry in `OBJECTIVES`, its entry in `config.TEACHER_NEEDS`, and its reference test.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Protocol
+
+import torch
+
+from opd import losses
+from opd.batch import StepBatch, TokenChunk
+from opd.config import FULL_DISTRIBUTION, TOKEN_LOGPROBS, Config
+from opd.teacher import FullDistributionTeacher
+
+
+class Objective(Protocol):
+    needs: str | None  # TOKEN_LOGPROBS, FULL_DISTRIBUTION, or None (the teacher only adds metrics)
+    on_policy: bool  # the rows are the student's own samples, so rho = exp(log pi_theta - ℓˢ) means something
+
+    def prepare(self, batch: StepBatch) -> StepBatch:
+        """The batch with whatever this objective computes once per step (advantages)."""
+        ...
+
+    def per_token(self, student_logits: torch.Tensor, chunk: TokenChunk,
+                  teacher: FullDistributionTeacher | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """student_logits (c, V) with grad, at the chunk's positions. Returns per-token loss values (c,)
+        and the student's log-probs of the chunk's tokens (c,) under the objective's processing."""
+        ...
+
+
+class PolicyGradient:
+    """`reverse_kl_pg`: -rho_t * A_t with A_t = -c * sum_j gamma^(j-t) (ℓˢ_j - ℓᵀ_j), log pi_theta taken
+    under the sampler's temperature and truncation (the sampled token always inside the support)."""
+
+    needs = TOKEN_LOGPROBS
+    on_policy = True
+
+    def __init__(self, temperature: float, top_k: int, top_p: float, ratio_clip: float | None, kl_coef: float,
+                 discount: float):
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.ratio_clip, self.kl_coef, self.discount = ratio_clip, kl_coef, discount
+
+    def prepare(self, batch: StepBatch) -> StepBatch:
+        advantages = losses.discounted_advantages(batch.sampler_logprobs, batch.teacher_logprobs, batch.completion_mask,
+                                                  self.kl_coef, self.discount)  # (B, T)
+        return batch.replace(advantages=advantages)
+
+    def per_token(self, student_logits, chunk, teacher):
+        processed = losses.process_logits(student_logits, self.temperature, self.top_k, self.top_p, keep=chunk.tokens)
+        logprobs = losses.token_logprobs(processed, chunk.tokens)  # (c,)
+        return losses.reverse_kl_pg(logprobs, chunk.sampler_logprobs, chunk.advantages, self.ratio_clip), logprobs
+
+
+class Divergence:
+    """`forward_kl`, `reverse_kl`, `jsd`: the exact divergence between the student's distribution at the
+    sampling temperature and the teacher's at its own, at every completion position."""
+
+    needs = FULL_DISTRIBUTION
+    on_policy = True
+
+    def __init__(self, divergence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], temperature: float):
+        self.divergence, self.temperature = divergence, temperature
+
+    def prepare(self, batch: StepBatch) -> StepBatch:
+        return batch
+
+    def per_token(self, student_logits, chunk, teacher):
+        scaled = losses.process_logits(student_logits, self.temperature)  # (c, V) fp32
+        values = self.divergence(scaled, teacher.logits(chunk.teacher_hidden))
+        return values, losses.token_logprobs(scaled, chunk.tokens)
+
+
+class NegativeLogLikelihood:
+    """`sft`: -log pi_theta(y_t) at temperature 1 on someone else's tokens (the teacher's samples or the
+    data set's answers)."""
+
+    needs = None
+    on_policy = False
+
+    def prepare(self, batch: StepBatch) -> StepBatch:
+        return batch
+
+    def per_token(self, student_logits, chunk, teacher):
+        logprobs = losses.token_logprobs(student_logits, chunk.tokens)  # (c,)
+        return -logprobs, logprobs
+
+
+OBJECTIVES: dict[str, Callable[[Config], Objective]] = {
+    "reverse_kl_pg": lambda config: PolicyGradient(
+        config.rollout.temperature, config.rollout.top_k, config.rollout.top_p, config.loss.ratio_clip,
+        config.loss.kl_coef, config.loss.discount),
+    "forward_kl": lambda config: Divergence(losses.forward_kl, config.rollout.temperature),
+    "reverse_kl": lambda config: Divergence(losses.reverse_kl, config.rollout.temperature),
+    "jsd": lambda config: Divergence(partial(losses.generalized_jsd, beta=config.loss.jsd_beta),
+                                     config.rollout.temperature),
+    "sft": lambda config: NegativeLogLikelihood(),
+}
+
+
+def build_objective(config: Config) -> Objective:
+    """The objective of `loss.kind`; its `needs` is config.TEACHER_NEEDS[kind] (a test holds them equal)."""
+    return OBJECTIVES[config.loss.kind](config)

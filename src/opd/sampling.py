@@ -1,0 +1,137 @@
+"""Sampling: a model turns a batch of prompts into a StepBatch of completions.
+
+One batched call samples every rollout of a step (prompts x samples) with a KV cache. Each sampled
+token's log-probability is recorded under exactly the distribution that drew it (temperature,
+top-k, top-p: `losses.process_logits`), so nothing needs recomputing before the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from opd.batch import StepBatch, left_pad
+from opd.data import PromptBatch
+from opd.decoding import HFDecoder, LeanDecoder, make_decoder
+from opd.errors import TrainingDiverged
+from opd.flops import forward_flops, matmul_parameters
+from opd.loading import LoadedModel
+from opd.losses import process_logits
+from opd.precision import LowPrecisionCopy, Precision
+
+
+class Sampler(Protocol):
+    """Writes a step's completions: `samples_per_prompt` rows per prompt, in prompt order."""
+
+    def sample(self, prompts: PromptBatch, samples_per_prompt: int, generator: torch.Generator) -> StepBatch: ...
+
+    def sampling_flops(self, batch: StepBatch) -> float: ...
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+def draw(logits: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row of softmax(logits) (B, V) by inverse-CDF sampling with one uniform number per
+    row; returns the tokens (B,) and their log-probabilities (B,).
+
+    torch.multinomial draws an exponential number per vocabulary entry, which on a CPU costs more than
+    the rest of a small model's decoding step. The CDF is summed in float64 so that even tiny
+    probabilities keep their share of it; -inf logits have probability 0 and are never drawn.
+    """
+    shifted = logits - logits.amax(-1, keepdim=True)  # (B, V), the largest is 0
+    weights = shifted.exp()  # (B, V) unnormalized probabilities
+    cdf = weights.double().cumsum(-1)  # (B, V)
+    total = cdf[:, -1:]  # (B, 1)
+    target = torch.rand(logits.shape[0], 1, generator=generator, device=logits.device, dtype=torch.float64) * total
+    tokens = torch.searchsorted(cdf, target, right=True).clamp(max=logits.shape[-1] - 1)  # (B, 1)
+    no_mass = weights.gather(-1, tokens) == 0  # (B, 1)
+    if bool(no_mass.any()):  # rounding put the target at the very top: the last token with mass then
+        last_with_mass = logits.shape[-1] - 1 - (weights.flip(-1) > 0).int().argmax(-1, keepdim=True)
+        tokens = torch.where(no_mass, last_with_mass, tokens)
+    logprobs = shifted.gather(-1, tokens) - total.log().to(shifted.dtype)  # (B, 1)
+    return tokens.squeeze(-1), logprobs.squeeze(-1)
+
+
+class ModelSampler:
+    """Samples with a Hugging Face causal LM (the student, or for SFT on its samples the teacher) and
+    its KV cache, recording each token's log-prob as it goes.
+
+    Decoding goes through `opd.decoding` (a lean step for Llama-style models, checked against the
+    model's own forward; Hugging Face's forward otherwise). Each prompt is encoded once and its
+    KV-cache rows are shared by its samples. Under bf16 on a GPU an fp32 model samples from a bf16
+    copy of its weights (`precision.LowPrecisionCopy`), refreshed at every call. On a CPU, decoding at
+    sampling widths is bound by overheads rather than matrix products: the copy gave no consistent
+    gain there (docs/performance.md), and fp32 keeps the recorded log-probs exact.
+    """
+
+    def __init__(self, policy: LoadedModel, settings: SamplingSettings, precision: Precision,
+                 low_precision_copy: bool | None = None):
+        """low_precision_copy: sample from a bf16 copy of fp32 weights; None = on GPUs only."""
+        self.policy = policy
+        self.settings = settings
+        first = next(policy.model.parameters())
+        wanted = low_precision_copy if low_precision_copy is not None else first.device.type == "cuda"
+        use_copy = wanted and precision.autocast_dtype is not None and first.dtype != precision.autocast_dtype
+        self._copy = LowPrecisionCopy(policy.model, precision.autocast_dtype) if use_copy else None
+        self._decoder: LeanDecoder | HFDecoder | None = None
+        self._matmul_parameters = matmul_parameters(policy.model)
+
+    def sampling_flops(self, batch: StepBatch) -> float:
+        return forward_flops(self._matmul_parameters, batch)
+
+    def sampling_model(self) -> torch.nn.Module:
+        """The model to sample with: the policy itself, or its low-precision copy with the current weights."""
+        return self._copy.current() if self._copy is not None else self.policy.model
+
+    @torch.no_grad()
+    def sample(self, prompts: PromptBatch, samples_per_prompt: int, generator: torch.Generator) -> StepBatch:
+        model, tokenizer, settings = self.sampling_model(), self.policy.tokenizer, self.settings
+        if self._decoder is None or self._decoder.model is not model:
+            self._decoder = make_decoder(model)
+        device = next(model.parameters()).device
+        pad_id = tokenizer.pad_token_id
+        unique_ids, unique_mask = left_pad(prompts.token_ids, pad_id, device)  # (n, P)
+        vocab = self.policy.vocab_size
+        # Each prompt is encoded once; its samples share the KV-cache rows it produced.
+        logits = self._decoder.start(unique_ids, unique_mask, samples_per_prompt, settings.max_new_tokens)[:, :vocab]
+        prompt_ids = unique_ids.repeat_interleave(samples_per_prompt, 0)  # (B, P)
+        prompt_mask = unique_mask.repeat_interleave(samples_per_prompt, 0)  # (B, P)
+        batch = prompt_ids.shape[0]
+        stop_ids = torch.tensor(self.policy.stop_token_ids, device=device)
+
+        tokens = torch.full((batch, settings.max_new_tokens), pad_id, dtype=torch.long, device=device)  # (B, T)
+        logprobs = torch.zeros((batch, settings.max_new_tokens), device=device)  # (B, T)
+        live = torch.zeros((batch, settings.max_new_tokens), dtype=torch.long, device=device)  # (B, T)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,)
+        for t in range(settings.max_new_tokens):
+            logits = process_logits(logits, settings.temperature, settings.top_k, settings.top_p)  # (B, V)
+            next_token, next_logprob = draw(logits, generator)  # (B,), (B,)
+            if not bool(torch.isfinite(next_logprob).all()):  # NaN or +inf logits make the whole row NaN
+                raise TrainingDiverged("the sampling model's logits are not finite")
+            live[:, t] = (~finished).long()
+            tokens[:, t] = torch.where(finished, pad_id, next_token)
+            logprobs[:, t] = torch.where(finished, 0.0, next_logprob)
+            finished |= torch.isin(next_token, stop_ids)
+            if bool(finished.all()) or t == settings.max_new_tokens - 1:
+                break
+            logits = self._decoder.step(tokens[:, t : t + 1])[:, :vocab]
+        self._decoder.release()
+        return StepBatch(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            completion_ids=tokens,
+            completion_mask=live,
+            sampler_logprobs=logprobs,
+            finished=finished,
+            prompt_index=torch.arange(len(prompts), device=device).repeat_interleave(samples_per_prompt),
+            row_index=torch.tensor(prompts.row_index, device=device).repeat_interleave(samples_per_prompt),
+            rows=[row for row in prompts.rows for _ in range(samples_per_prompt)],
+        ).trimmed()

@@ -1,0 +1,116 @@
+"""From a scored batch to one optimizer step: micro-batched, chunked over completion tokens.
+
+For each micro-batch (`StepBatch.select`, which trims every field alike) the student's hidden states
+are computed with gradients once. Only the completion tokens inside the mask are then gathered (no LM
+head on padding or after EOS), and the LM head, the log-probs and the loss run over chunks of
+`chunk_size` of those tokens, each chunk backpropagating into a detached copy of the hidden states
+before the next is built. At most one chunk of [chunk_size x V] logits is alive at a time, for the
+student and the teacher alike, whatever the batch. The loss is normalized once, by the completion
+tokens of the whole step, so micro-batching does not change the gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from opd import losses
+from opd.batch import StepBatch
+from opd.errors import TrainingDiverged
+from opd.forward import completion_hidden_states_of, logits_from_hidden
+from opd.loading import LoadedModel
+from opd.objectives import Objective
+from opd.precision import Precision
+from opd.teacher import FullDistributionTeacher
+
+CHUNK_ELEMENTS = 2**24  # a [tokens x V] fp32 block of 64 MiB
+FAR_LOG_RATIO = 0.1  # |log rho| above this (rho outside about [0.90, 1.11]) counts in ratio/far_fraction
+
+
+def tokens_per_chunk(configured: int | None, vocab_size: int) -> int:
+    """Tokens per chunk of full-vocabulary logits: the configured count, or as many as keep one
+    [tokens x V] fp32 block near 64 MiB (2,048 tokens at an 8k vocabulary, 110 at Qwen's 151,936)."""
+    return configured or max(1, CHUNK_ELEMENTS // vocab_size)
+
+
+@dataclass
+class MicroBatchResult:
+    loss: float  # this micro-batch's share of the step loss
+    logprob_sum: float  # sum of the student's log-probs of its tokens
+    far_tokens: int  # tokens with |log rho| > FAR_LOG_RATIO (on-policy objectives only)
+    max_abs_log_ratio: float
+
+
+def backward_micro_batch(
+    student: LoadedModel,
+    teacher: FullDistributionTeacher | None,
+    part: StepBatch,
+    objective: Objective,
+    step_tokens: int,
+    chunk_size: int,
+    precision: Precision,
+) -> MicroBatchResult:
+    """Accumulate the gradient of one micro-batch's share of the step loss.
+
+    part: the micro-batch, already selected from the step's batch. step_tokens: the completion tokens
+    of the whole step, the one normalizer, so the shares add up to the step loss.
+    """
+    with precision.autocast():
+        hidden = completion_hidden_states_of(student.model, part.prompt_ids, part.prompt_mask, part.completion_ids,
+                                             part.completion_mask, part.prompt_index)  # (b, T, H)
+    hidden_leaf = hidden.detach().requires_grad_()
+    flat_hidden = hidden_leaf.flatten(0, 1)  # (b*T, H)
+    total, logprob_sum, far_tokens, max_abs_log_ratio = 0.0, 0.0, 0, 0.0
+    for flat_index in part.token_chunks(chunk_size):  # (c,) flat indices of completion tokens
+        chunk = part.tokens_at(flat_index)
+        with precision.autocast():
+            logits = logits_from_hidden(student.model, flat_hidden[flat_index], student.vocab_size)  # (c, V)
+        per_token, logprobs = objective.per_token(logits, chunk, teacher)  # (c,), (c,)
+        every = torch.ones_like(per_token, dtype=torch.bool)  # the chunk holds only tokens inside the mask
+        chunk_loss = losses.reduce_tokens(per_token, every, step_tokens)
+        chunk_loss.backward()
+        total += chunk_loss.item()
+        logprobs = logprobs.detach()
+        logprob_sum += float(logprobs.sum())
+        if objective.on_policy:
+            log_ratio = (logprobs - chunk.sampler_logprobs).abs()  # (c,)
+            far_tokens += int((log_ratio > FAR_LOG_RATIO).sum())
+            max_abs_log_ratio = max(max_abs_log_ratio, float(log_ratio.max()))
+    if hidden_leaf.grad is not None:  # None when the micro-batch holds no completion token
+        hidden.backward(hidden_leaf.grad)
+    return MicroBatchResult(total, logprob_sum, far_tokens, max_abs_log_ratio)
+
+
+def update_student(session, config, batch: StepBatch) -> dict[str, float]:
+    """The objective's per-step preparation, loss and backward over micro-batches, clipping, one AdamW step.
+
+    session: an opd.setup.Session; batch: the step's scored batch. Returns loss, grad_norm, lr, the
+    student's mean log-prob of the batch's tokens, and for on-policy objectives the importance-ratio
+    figures ratio/far_fraction and ratio/max_abs_log. Raises TrainingDiverged, before touching the
+    weights, when the loss or gradient norm is not finite.
+    """
+    batch = session.objective.prepare(batch)
+    session.optimizer.zero_grad(set_to_none=True)
+    micro = config.batch.micro_batch_size
+    results = [
+        backward_micro_batch(session.student, session.teacher, batch.select(slice(row, row + micro)), session.objective,
+                             batch.num_tokens, session.chunk_size, session.precision)
+        for row in range(0, len(batch), micro)
+    ]
+    loss = sum(result.loss for result in results)
+    parameters = session.student.model.parameters()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, config.optim.max_grad_norm or math.inf))
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise TrainingDiverged(f"loss={loss} grad_norm={grad_norm} is not finite; stopped without applying the update")
+    lr = session.scheduler.get_last_lr()[0]
+    session.optimizer.step()
+    session.scheduler.step()
+    tokens = max(batch.num_tokens, 1)
+    figures = {"loss": loss, "grad_norm": grad_norm, "lr": lr,
+               "student_logprob": sum(result.logprob_sum for result in results) / tokens}
+    if session.objective.on_policy:
+        figures["ratio/far_fraction"] = sum(result.far_tokens for result in results) / tokens
+        figures["ratio/max_abs_log"] = max(result.max_abs_log_ratio for result in results)
+    return figures

@@ -1,0 +1,44 @@
+"""Losses chosen once: each objective declares what it needs, and the policy gradient keeps every sampled
+token in its support, so numerics never silently zero a token's importance weight."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from typing import get_args
+
+from opd.batch import TokenChunk
+from opd.config import TEACHER_NEEDS, LossConfig, validate
+from opd.objectives import OBJECTIVES, PolicyGradient, build_objective
+
+
+def chunk(tokens, sampler_logprobs, advantages) -> TokenChunk:
+    return TokenChunk(completion_ids=torch.tensor(tokens), sampler_logprobs=torch.tensor(sampler_logprobs),
+                      teacher_logprobs=None, teacher_hidden=None, teacher_topk_ids=None, teacher_topk_logprobs=None,
+                      advantages=torch.tensor(advantages))
+
+
+@pytest.mark.parametrize("kind", get_args(LossConfig.model_fields["kind"].annotation))
+def test_every_loss_kind_has_one_objective_that_declares_what_config_says_it_needs(kind, tiny_config):
+    source = "dataset" if kind == "sft" else "student"
+    config = validate({**tiny_config, "loss": {"kind": kind}, "rollout": {"source": source}})
+    objective = build_objective(config)
+    assert objective.needs == TEACHER_NEEDS[kind]
+    assert objective.on_policy == (kind != "sft")
+    assert set(OBJECTIVES) == set(TEACHER_NEEDS)
+
+
+def test_a_sampled_token_just_outside_the_updates_top_k_still_gets_its_gradient():
+    """The sampler (fp32) kept token 2 in its top-2; the update's logits (bf16 rounding) put it third.
+    Without `keep`, log pi_theta = -inf, rho = 0, and the token contributes no gradient, silently."""
+    objective = PolicyGradient(1.0, top_k=2, top_p=1.0, ratio_clip=None, kl_coef=1.0, discount=0.0)
+    logits = torch.tensor([[3.0, 1.01, 1.0, -2.0]], requires_grad=True)  # the update's view
+    sampled = chunk([2], [math.log(0.1)], [0.5])
+    values, logprobs = objective.per_token(logits, sampled, None)
+    assert torch.isfinite(logprobs).all() and torch.isfinite(values).all()
+    values.sum().backward()
+    assert logits.grad[0, 2] < 0 and torch.isfinite(logits.grad).all()  # pushed up: the advantage is positive
+    support = torch.tensor([3.0, 1.01, 1.0])
+    assert float(logprobs.detach()) == pytest.approx(float(support.log_softmax(-1)[2]), abs=1e-6)
