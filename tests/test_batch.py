@@ -11,7 +11,7 @@ import torch
 
 from conftest import make_batch
 from opd.answers import DatasetAnswers
-from opd.batch import StepBatch
+from opd.batch import STUDENT, TEACHER, StepBatch
 from opd.data import PromptStream, load_prompts
 from opd.demo.tokenizer import build_tokenizer
 
@@ -28,7 +28,8 @@ def full_batch() -> StepBatch:
         teacher_logprobs=-2 * position, teacher_hidden=position[..., None].expand(3, 6, 4).clone(),
         teacher_topk_ids=position.long()[..., None].expand(3, 6, 2).clone(),
         teacher_topk_logprobs=-position[..., None].expand(3, 6, 2).clone(), advantages=3 * position,
-    ).replace(rows=["row a", "row b", "row c"])
+        sampler_entropy=position / 10, teacher_entropy=position / 20,
+    ).replace(rows=["row a", "row b", "row c"], source=torch.tensor([STUDENT, TEACHER, STUDENT]))
 
 
 def test_select_trims_every_field_to_the_rows_and_columns_they_use():
@@ -37,12 +38,13 @@ def test_select_trims_every_field_to_the_rows_and_columns_they_use():
     assert part.prompt_ids.tolist() == [[1, 2, 3, 4], [6, 7, 8, 9]]
     assert part.completion_ids.tolist() == [[0, 1], [6, 7]]
     assert part.rows == ["row a", "row b"] and part.row_index.tolist() == [0, 0]
-    assert part.finished.tolist() == [True, True]
+    assert part.finished.tolist() == [True, True] and part.source.tolist() == [STUDENT, TEACHER]
     expected = torch.tensor([[0.0, 1.0], [6.0, 7.0]])
     torch.testing.assert_close(part.sampler_logprobs, -expected)
     torch.testing.assert_close(part.teacher_logprobs, -2 * expected)
     torch.testing.assert_close(part.advantages, 3 * expected)
     torch.testing.assert_close(part.teacher_hidden, expected[..., None].expand(2, 2, 4))
+    torch.testing.assert_close(part.sampler_entropy, expected / 10)
     assert part.teacher_topk_ids.shape == (2, 2, 2) and part.teacher_topk_logprobs.shape == (2, 2, 2)
     for spec in fields(StepBatch):  # no field left untrimmed: every completion-layout field has width 2
         value = getattr(part, spec.name)
@@ -60,7 +62,24 @@ def test_a_chunk_reads_each_field_at_the_same_token_positions():
     assert chunk.tokens.tolist() == [0, 1, 6, 12]
     torch.testing.assert_close(chunk.advantages, 3 * torch.tensor([0.0, 1.0, 6.0, 12.0]))
     torch.testing.assert_close(chunk.teacher_hidden[:, 0], torch.tensor([0.0, 1.0, 6.0, 12.0]))
+    assert chunk.source.tolist() == [STUDENT, STUDENT, TEACHER, STUDENT]
     assert [len(c) for c in batch.token_chunks(4)] == [4, 2]  # 6 tokens in all
+
+
+def test_concat_pads_each_field_by_its_layout_and_keeps_prompt_groups_apart():
+    batch = full_batch()
+    first, second = batch.select([0, 1]), batch.select([2])
+    joined = StepBatch.concat([first, second], pad_id=99)
+    assert joined.prompt_ids.shape == (3, 4) and joined.completion_ids.shape == (3, 3)
+    assert joined.prompt_ids[:2].tolist() == first.prompt_ids.tolist()
+    assert joined.prompt_ids[2].tolist() == [99, 12, 13, 14] and joined.prompt_mask[2].tolist() == [0, 1, 1, 1]
+    assert joined.completion_ids[:2, 2].tolist() == [99, 99] and joined.completion_mask[:2, 2].tolist() == [0, 0]
+    index = joined.prompt_index.tolist()
+    assert index[0] == index[1] != index[2]  # row 2 keeps a group of its own
+    assert joined.source.tolist() == [STUDENT, TEACHER, STUDENT] and joined.rows == ["row a", "row b", "row c"]
+    torch.testing.assert_close(joined.advantages[:2, :2], first.advantages)
+    assert joined.teacher_hidden.shape == (3, 3, 4) and joined.teacher_hidden[0, 2].abs().sum() == 0
+    assert StepBatch.concat([batch], pad_id=0) is batch
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])

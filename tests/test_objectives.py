@@ -10,14 +10,14 @@ import torch
 from typing import get_args
 
 from opd.batch import TokenChunk
-from opd.config import TEACHER_NEEDS, LossConfig, validate
+from opd.config import FULL_DISTRIBUTION, TEACHER_NEEDS, TOKEN_LOGPROBS, LossConfig, validate
 from opd.objectives import OBJECTIVES, PolicyGradient, build_objective
 
 
 def chunk(tokens, sampler_logprobs, advantages) -> TokenChunk:
     return TokenChunk(completion_ids=torch.tensor(tokens), sampler_logprobs=torch.tensor(sampler_logprobs),
                       teacher_logprobs=None, teacher_hidden=None, teacher_topk_ids=None, teacher_topk_logprobs=None,
-                      advantages=torch.tensor(advantages))
+                      advantages=torch.tensor(advantages), source=torch.zeros(len(tokens), dtype=torch.long))
 
 
 @pytest.mark.parametrize("kind", get_args(LossConfig.model_fields["kind"].annotation))
@@ -25,9 +25,21 @@ def test_every_loss_kind_has_one_objective_that_declares_what_config_says_it_nee
     source = "dataset" if kind == "sft" else "student"
     config = validate({**tiny_config, "loss": {"kind": kind}, "rollout": {"source": source}})
     objective = build_objective(config)
-    assert objective.needs == TEACHER_NEEDS[kind]
-    assert objective.on_policy == (kind != "sft")
+    assert objective.needs == TEACHER_NEEDS[kind] == config.teacher_needs
     assert set(OBJECTIVES) == set(TEACHER_NEEDS)
+
+
+@pytest.mark.parametrize("changes,needs", [
+    ({"loss": {"forward_kl_coef": 0.1}}, FULL_DISTRIBUTION),
+    ({"rollout": {"student_fraction": 0.5}}, FULL_DISTRIBUTION),
+    ({"rollout": {"student_fraction": 0.5}, "loss": {"off_policy_kind": "sft"}}, TOKEN_LOGPROBS),
+    ({"rollout": {"student_fraction": 1.0, "student_fraction_start": 0.2, "student_fraction_ramp_steps": 5},
+      "loss": {"kind": "forward_kl", "off_policy_kind": "sft"}}, FULL_DISTRIBUTION),
+])
+def test_added_terms_and_mixtures_declare_what_they_need_as_config_does(tiny_config, changes, needs):
+    raw = {**tiny_config, **{section: {**tiny_config.get(section, {}), **values} for section, values in changes.items()}}
+    config = validate(raw)
+    assert build_objective(config).needs == config.teacher_needs == needs
 
 
 def test_a_sampled_token_just_outside_the_updates_top_k_still_gets_its_gradient():

@@ -69,10 +69,12 @@ def test_draw_follows_the_softmax_and_returns_its_log_probabilities(vocab):
     draws = 40_000  # per row
     counts = torch.zeros_like(probs)
     for _ in range(draws // 1000):
-        tokens, logprobs = draw(logits.repeat_interleave(1000, 0), generator)
+        tokens, logprobs, entropy = draw(logits.repeat_interleave(1000, 0), generator)
         rows = torch.arange(4).repeat_interleave(1000)
         counts.index_put_((rows, tokens), torch.ones(len(tokens)), accumulate=True)
         torch.testing.assert_close(logprobs, probs.log()[rows, tokens], atol=1e-5, rtol=1e-5)
+    exact_entropy = -torch.where(probs > 0, probs * probs.log(), 0.0).sum(-1)  # (4,), 0 for the one-token row
+    torch.testing.assert_close(entropy[::1000], exact_entropy, atol=1e-5, rtol=1e-5)
     assert counts[probs == 0].sum() == 0
     frequencies = counts / draws
     # Binomial standard error of each entry; 5 sigma plus a little for the smallest ones.
@@ -87,7 +89,7 @@ def test_a_draw_at_the_very_top_of_the_cdf_takes_the_last_token_with_mass(monkey
     logits = torch.zeros(2, 10)
     logits[0, 7:] = float("-inf")
     monkeypatch.setattr(torch, "rand", lambda *shape, **kwargs: torch.ones(*shape, dtype=kwargs.get("dtype")))
-    tokens, logprobs = draw(logits, torch.Generator())
+    tokens, logprobs, _ = draw(logits, torch.Generator())
     assert tokens.tolist() == [6, 9]
     torch.testing.assert_close(logprobs, torch.tensor([-math.log(7), -math.log(10)]))
 

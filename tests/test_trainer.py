@@ -229,7 +229,7 @@ def test_first_update_is_on_policy_even_with_dropout(tiny_models, tiny_config, t
            "rollout": {"samples_per_prompt": 2, "max_new_tokens": 8, "temperature": 0.7}}
     config = validate(raw)
     session = prepare(config, resume=False, log=lambda *_: None)
-    batch = session.sampler.sample(session.train_prompts.batch([0, 1]), 2, session.generator)
+    batch = session.rollouts.primary.sample(session.train_prompts.batch([0, 1]), 2, session.generator)
     update = update_student(session, config, score(session, batch)[0])
     assert update["ratio/max_abs_log"] < 2e-5 and update["ratio/far_fraction"] == 0
     assert update["grad_norm"] > 0
@@ -263,7 +263,7 @@ def test_no_lm_head_call_sees_more_than_a_chunk_of_tokens(tiny_config, kind):
     for name, model in (("student", session.student.model), ("teacher", session.teacher.model)):
         model.get_output_embeddings().register_forward_hook(
             lambda module, inputs, output, name=name: seen[name].append(inputs[0].shape[:-1].numel()))
-    metrics, _ = train_step(session, config)
+    metrics, _ = train_step(session, config, step=1)
     assert metrics["generation/avg_length"] * 4 > 5  # the step has more tokens than one chunk
     assert seen["student"] and seen["teacher"]
     assert max(seen["student"] + seen["teacher"]) <= 5, seen

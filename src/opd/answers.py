@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from opd.batch import StepBatch, left_pad, right_pad
+from opd.batch import DATASET, StepBatch, left_pad, right_pad
 from opd.data import PromptBatch, PromptSet
 from opd.errors import DataError
 
@@ -13,6 +13,8 @@ class DatasetAnswers:
     """A Sampler that replays each row's `answer`: tokenized once per row, cut to max_new_tokens and
     closed with EOS. Rows are found by their position in the PromptSet, so two rows with the same
     prompt keep their own answers. sampler_logprobs are 0: no model drew these tokens."""
+
+    source = DATASET
 
     @staticmethod
     def check(prompts: PromptSet) -> None:
@@ -50,4 +52,5 @@ class DatasetAnswers:
             prompt_index=torch.arange(len(prompts), device=self.device).repeat_interleave(samples_per_prompt),
             row_index=torch.tensor(each(prompts.row_index), device=self.device),
             rows=each(prompts.rows),
+            source=torch.full((len(answers),), DATASET, dtype=torch.long, device=self.device),
         )

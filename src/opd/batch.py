@@ -17,6 +17,10 @@ from typing import Any
 
 import torch
 
+# Who wrote a row's completion. Only the student's own samples are on-policy.
+STUDENT, TEACHER, DATASET = 0, 1, 2
+SOURCE_NAMES = {STUDENT: "student", TEACHER: "teacher", DATASET: "dataset"}
+
 ROW = {"layout": "row"}  # (B, ...) tensor or a Python list of B items
 PROMPT = {"layout": "prompt"}  # (B, P): left-padded prompt columns
 COMPLETION = {"layout": "completion"}  # (B, T, ...): completion columns, right-padded
@@ -32,10 +36,13 @@ class StepBatch:
     completion_mask:   (B, T) 1 on completion tokens up to and including EOS, 0 after it.
     sampler_logprobs:  (B, T) log-prob of each token under the distribution that drew it (ℓˢ for the
                        student's samples; 0 for the data set's answers); 0 where the mask is 0.
+    source:            (B,) who wrote each completion: STUDENT, TEACHER or DATASET.
     finished:          (B,) True where the completion ended with a stop token.
     prompt_index:      (B,) rows with equal values share a prompt (a prompt's samples).
     row_index:         (B,) position of each row's prompt in its PromptSet.
     rows:              B data set rows (`opd.data.Example`: messages, answer, every field of the row).
+    sampler_entropy:   (B, T) exact entropy of the distribution that drew each token; None for answers.
+    teacher_entropy:   (B, T) entropy of the teacher's next-token distribution, where a teacher gives it.
     teacher_logprobs:  (B, T) ℓᵀ of the completion tokens; 0 outside the mask. None until scored.
     teacher_hidden:    (B, T, H) the teacher's final hidden states, kept only for full-vocabulary losses.
     teacher_topk_ids, teacher_topk_logprobs: (B, T, K) the teacher's top-k, where a scorer gives them.
@@ -51,6 +58,9 @@ class StepBatch:
     prompt_index: torch.Tensor = field(metadata=ROW)
     row_index: torch.Tensor = field(metadata=ROW)
     rows: list[Any] = field(metadata=ROW)
+    source: torch.Tensor | None = field(default=None, metadata=ROW)
+    sampler_entropy: torch.Tensor | None = field(default=None, metadata=COMPLETION)
+    teacher_entropy: torch.Tensor | None = field(default=None, metadata=COMPLETION)
     teacher_logprobs: torch.Tensor | None = field(default=None, metadata=COMPLETION)
     teacher_hidden: torch.Tensor | None = field(default=None, metadata=COMPLETION)
     teacher_topk_ids: torch.Tensor | None = field(default=None, metadata=COMPLETION)
@@ -83,12 +93,55 @@ class StepBatch:
         return (index[start : start + size] for start in range(0, index.numel(), size))
 
     def tokens_at(self, flat_index: torch.Tensor) -> "TokenChunk":
-        """Every completion-layout field at flat positions `flat_index` (c,) of (B, T)."""
+        """Every completion-layout field at flat positions `flat_index` (c,) of (B, T), and each token's source."""
         values = {}
         for name in TokenChunk.FIELDS:
             value = getattr(self, name)
             values[name] = None if value is None else value.flatten(0, 1)[flat_index]
-        return TokenChunk(**values)
+        return TokenChunk(**values, source=self.row_sources()[flat_index // self.completion_ids.shape[1]])
+
+    def row_sources(self) -> torch.Tensor:
+        """(B,) the source of each row (STUDENT where no sampler said otherwise)."""
+        if self.source is not None:
+            return self.source
+        return torch.full((len(self),), STUDENT, dtype=torch.long, device=self.completion_ids.device)
+
+    def rows_from(self, source: int) -> torch.Tensor:
+        """Indices of the rows that `source` wrote."""
+        return (self.row_sources() == source).nonzero().squeeze(-1)
+
+    @staticmethod
+    def concat(batches: list["StepBatch"], pad_id: int) -> "StepBatch":
+        """Rows of several batches in one: prompts left-padded and completions right-padded to the widest,
+        prompt groups kept apart. Fields absent from any batch are absent from the result."""
+        if len(batches) == 1:
+            return batches[0]
+        prompt_width = max(batch.prompt_ids.shape[1] for batch in batches)
+        completion_width = max(batch.completion_ids.shape[1] for batch in batches)
+        joined, group_offset = {}, 0
+        groups = []
+        for batch in batches:
+            groups.append(batch.prompt_index + group_offset)
+            group_offset += int(batch.prompt_index.max()) + 1 if len(batch) else 0
+        for spec in fields(StepBatch):
+            values = [getattr(batch, spec.name) for batch in batches]
+            layout = spec.metadata["layout"]
+            if spec.name == "prompt_index":
+                joined[spec.name] = torch.cat(groups)
+            elif spec.name == "source":
+                joined[spec.name] = torch.cat([batch.row_sources() for batch in batches])
+            elif any(value is None for value in values):
+                joined[spec.name] = None
+            elif isinstance(values[0], list):
+                joined[spec.name] = [item for value in values for item in value]
+            elif layout == "row":
+                joined[spec.name] = torch.cat(values)
+            else:
+                width = prompt_width if layout == "prompt" else completion_width
+                fill = pad_id if spec.name in ("prompt_ids", "completion_ids") else 0
+                joined[spec.name] = torch.cat([_pad_columns(value, width, fill, left=layout == "prompt")
+                                               for value in values])
+        return StepBatch(**joined)
 
     def select(self, rows: slice | torch.Tensor | list[int]) -> "StepBatch":
         """Rows `rows`, trimmed to the prompt columns they use and the completion columns before
@@ -127,7 +180,7 @@ class StepBatch:
 class TokenChunk:
     """Completion-layout fields of a StepBatch at a chunk of c token positions, flattened:
     tokens (c,), sampler_logprobs (c,), and where present teacher_logprobs (c,), advantages (c,),
-    teacher_hidden (c, H), teacher_topk_ids / teacher_topk_logprobs (c, K)."""
+    teacher_hidden (c, H), teacher_topk_ids / teacher_topk_logprobs (c, K); and source (c,)."""
 
     FIELDS = ("completion_ids", "sampler_logprobs", "teacher_logprobs", "teacher_hidden", "teacher_topk_ids",
               "teacher_topk_logprobs", "advantages")
@@ -139,10 +192,25 @@ class TokenChunk:
     teacher_topk_ids: torch.Tensor | None
     teacher_topk_logprobs: torch.Tensor | None
     advantages: torch.Tensor | None
+    source: torch.Tensor  # (c,) the source of each token's row
 
     @property
     def tokens(self) -> torch.Tensor:
         return self.completion_ids
+
+    def subset(self, keep: torch.Tensor) -> "TokenChunk":
+        """The tokens where `keep` (c,) is True."""
+        return TokenChunk(**{name: None if getattr(self, name) is None else getattr(self, name)[keep]
+                             for name in (*self.FIELDS, "source")})
+
+
+def _pad_columns(value: torch.Tensor, width: int, fill, left: bool) -> torch.Tensor:
+    """(B, W, ...) -> (B, width, ...), padded with `fill` on the left or the right of dim 1."""
+    missing = width - value.shape[1]
+    if missing == 0:
+        return value
+    padding = value.new_full((value.shape[0], missing, *value.shape[2:]), fill)
+    return torch.cat([padding, value] if left else [value, padding], dim=1)
 
 
 def _positions(rows: slice | torch.Tensor | list[int], count: int) -> list[int]:

@@ -76,8 +76,10 @@ def save_checkpoint(
     sampler_generator: torch.Generator,
     prompts_consumed: int,
     flops: float = 0.0,
+    guard_state: dict | None = None,
 ) -> Path:
     state = {
+        "guard": guard_state,
         "step": step,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),

@@ -51,6 +51,17 @@ class RunConfig(_Strict):
         default_factory=list, description="Also log metrics to TensorBoard and/or Weights & Biases (optional extras)."
     )
     wandb_project: str = Field("opd", description="W&B project, when report_to has wandb.")
+    collapse_guard: Literal["warn", "stop", "off"] = Field(
+        "warn", description="When the student's samples collapse (entropy or repetition, below): warn, stop, or off."
+    )
+    collapse_entropy_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Collapse: entropy/student below this fraction of the reference..."
+    )
+    collapse_reference: Literal["start", "teacher"] = Field(
+        "start", description="...the student's own at the first step, or the teacher's on the same samples."
+    )
+    collapse_repetition: float = Field(0.5, gt=0, le=1, description="Collapse: generation/repetition above this.")
+    collapse_patience: int = Field(3, ge=1, description="Steps in a row that must show collapse before the guard fires.")
 
 
 class ModelConfig(_Strict):
@@ -92,6 +103,17 @@ class RolloutConfig(_Strict):
     top_k: int = Field(0, ge=0, description="0 disables top-k truncation.")
     top_p: float = Field(1.0, gt=0, le=1, description="1 disables nucleus truncation.")
     eval_samples_per_prompt: int = Field(1, ge=1)
+    student_fraction: float = Field(
+        1.0, ge=0, le=1, description="GKD's lambda: the share of each step's prompts the student samples; the rest "
+        "go to off_policy_source. 1: fully on-policy."
+    )
+    student_fraction_start: float | None = Field(
+        None, ge=0, le=1, description="With ramp steps: lambda rises (or falls) linearly from this to student_fraction."
+    )
+    student_fraction_ramp_steps: int = Field(0, ge=0, description="Steps of the linear lambda ramp.")
+    off_policy_source: Literal["teacher", "dataset"] = Field(
+        "teacher", description="Who writes the other 1 - lambda share: teacher samples or the data's answers."
+    )
 
 
 class LossConfig(_Strict):
@@ -104,6 +126,13 @@ class LossConfig(_Strict):
     jsd_beta: float = Field(0.5, ge=0, le=1, description="Mixture weight of the teacher in jsd.")
     chunk_size: int | None = Field(
         None, ge=1, description="Completion tokens per chunk of full-vocabulary logits; None: 2**24 // vocabulary size."
+    )
+    forward_kl_coef: float = Field(
+        0.0, ge=0, description="reverse_kl_pg only: add this times the exact forward KL(teacher || student) at every "
+        "position of the student's samples (mass-covering, against collapse)."
+    )
+    off_policy_kind: Literal["forward_kl", "sft"] = Field(
+        "forward_kl", description="Loss of the rows the student did not sample (rollout.student_fraction < 1)."
     )
 
 
@@ -147,7 +176,15 @@ class Config(_Strict):
                 f"{rollouts} rollouts of a step (batch.prompts_per_step={self.batch.prompts_per_step}"
                 f" x rollout.samples_per_prompt={self.rollout.samples_per_prompt})"
             )
-        teacher_needed = TEACHER_NEEDS[self.loss.kind] is not None or self.rollout.source == "teacher"
+        mixed = self.mixed
+        if mixed and self.rollout.source != "student":
+            raise ValueError(f"rollout.student_fraction: a mixture needs rollout.source=student (got "
+                             f"{self.rollout.source}); its other share comes from rollout.off_policy_source")
+        if self.loss.forward_kl_coef and self.loss.kind != "reverse_kl_pg":
+            raise ValueError(f"loss.forward_kl_coef={self.loss.forward_kl_coef} adds to reverse_kl_pg only "
+                             f"(loss.kind={self.loss.kind})")
+        teacher_needed = self.teacher_needs is not None or self.rollout.source == "teacher" or (
+            mixed and self.rollout.off_policy_source == "teacher")
         if self.teacher is None and teacher_needed:
             raise ValueError(
                 f"teacher.path: required for loss.kind={self.loss.kind} with rollout.source={self.rollout.source}; "
@@ -159,12 +196,42 @@ class Config(_Strict):
                 f"loss.kind={self.loss.kind} with rollout.source={self.rollout.source}: distillation losses need the "
                 "student's own samples (source student); sft needs someone else's (source teacher or dataset)"
             )
-        if TEACHER_NEEDS[self.loss.kind] == FULL_DISTRIBUTION and (self.rollout.top_k or self.rollout.top_p < 1):
+        if self.teacher_needs == FULL_DISTRIBUTION and (self.rollout.top_k or self.rollout.top_p < 1):
             raise ValueError(
-                f"loss.kind={self.loss.kind} compares full distributions; it needs rollout.top_k=0 and "
+                f"{self._full_distribution_reason()} compares full distributions; it needs rollout.top_k=0 and "
                 f"rollout.top_p=1 (got {self.rollout.top_k} and {self.rollout.top_p})"
             )
         return self
+
+    @property
+    def mixed(self) -> bool:
+        """Some rows of a step are someone else's (GKD's lambda below 1 at some step)."""
+        rollout = self.rollout
+        return rollout.student_fraction < 1 or (rollout.student_fraction_start is not None
+                                                 and rollout.student_fraction_start < 1)
+
+    @property
+    def teacher_needs(self) -> str | None:
+        """What the run needs from its teacher: the loss's need, or the full distribution where a
+        forward-KL term or forward-KL off-policy rows are added."""
+        if self.loss.forward_kl_coef or (self.mixed and self.loss.off_policy_kind == "forward_kl"):
+            return FULL_DISTRIBUTION
+        return TEACHER_NEEDS[self.loss.kind]
+
+    def _full_distribution_reason(self) -> str:
+        if TEACHER_NEEDS[self.loss.kind] == FULL_DISTRIBUTION:
+            return f"loss.kind={self.loss.kind}"
+        if self.loss.forward_kl_coef:
+            return f"loss.forward_kl_coef={self.loss.forward_kl_coef}"
+        return "loss.off_policy_kind=forward_kl"
+
+    def student_fraction_at(self, step: int) -> float:
+        """GKD's lambda at a step (from 1): a linear ramp from student_fraction_start over the ramp steps."""
+        rollout = self.rollout
+        if rollout.student_fraction_start is None or rollout.student_fraction_ramp_steps == 0:
+            return rollout.student_fraction
+        progress = min(1.0, (step - 1) / rollout.student_fraction_ramp_steps)
+        return rollout.student_fraction_start + progress * (rollout.student_fraction - rollout.student_fraction_start)
 
     @property
     def decay_steps(self) -> int:

@@ -44,6 +44,11 @@ class PromptBatch:
     def __len__(self) -> int:
         return len(self.token_ids)
 
+    def split(self, count: int) -> tuple["PromptBatch", "PromptBatch"]:
+        """The first `count` prompts, and the rest."""
+        return (PromptBatch(self.token_ids[:count], self.row_index[:count], self.rows[:count]),
+                PromptBatch(self.token_ids[count:], self.row_index[count:], self.rows[count:]))
+
 
 @dataclass
 class PromptSet:

@@ -19,3 +19,7 @@ class ModelError(OpdError):
 
 class TrainingDiverged(OpdError):
     pass
+
+
+class StudentCollapsed(TrainingDiverged):
+    """The collapse guard fired with run.collapse_guard: stop."""

@@ -4,9 +4,11 @@ and run them with the same precision and chunking choices."""
 from __future__ import annotations
 
 from opd.answers import DatasetAnswers
+from opd.batch import TEACHER
 from opd.config import Config, RolloutConfig
 from opd.data import PromptSet
 from opd.loading import LoadedModel, load_model
+from opd.mixture import RolloutMix
 from opd.precision import Precision
 from opd.sampling import ModelSampler, Sampler, SamplingSettings
 from opd.teacher import LocalTeacher
@@ -29,12 +31,18 @@ def load_teacher(path: str, key: str, precision: Precision, temperature: float =
     return LocalTeacher(loaded, temperature, tokens_per_chunk(chunk_size, loaded.vocab_size), precision)
 
 
-def make_rollout_source(config: Config, student_sampler: ModelSampler, teacher: LocalTeacher | None,
-                        prompts: PromptSet, precision: Precision) -> Sampler:
-    """Who writes the training completions (`rollout.source`): the student, the teacher, or the data."""
-    if config.rollout.source == "student":
-        return student_sampler
-    if config.rollout.source == "teacher":
-        return make_sampler(teacher.loaded, sampling_settings(config.rollout), precision)
-    tokenizer = student_sampler.policy.tokenizer
-    return DatasetAnswers(prompts, tokenizer, config.rollout.max_new_tokens, precision.device)
+def make_rollouts(config: Config, student_sampler: ModelSampler, teacher: LocalTeacher | None, prompts: PromptSet,
+                  precision: Precision) -> RolloutMix:
+    """Who writes the training completions: `rollout.source` (the student, the teacher or the data),
+    and with GKD's lambda below 1 the student mixed with `rollout.off_policy_source`."""
+
+    def source(name: str) -> Sampler:
+        if name == "student":
+            return student_sampler
+        if name == "teacher":
+            return ModelSampler(teacher.loaded, sampling_settings(config.rollout), precision, source=TEACHER)
+        return DatasetAnswers(prompts, student_sampler.policy.tokenizer, config.rollout.max_new_tokens, precision.device)
+
+    secondary = source(config.rollout.off_policy_source) if config.mixed else None
+    return RolloutMix(source(config.rollout.source), secondary, config.student_fraction_at,
+                      student_sampler.policy.tokenizer.pad_token_id)

@@ -54,6 +54,15 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) per row, -sum p log p with 0 log 0 = 0. (..., V) -> (...)."""
+    logits = logits.float()
+    log_normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)
+    probs = (logits - log_normalizer).exp()
+    finite = logits.clamp(min=torch.finfo(logits.dtype).min)  # -inf entries have p = 0: no NaN from 0 * inf
+    return log_normalizer.squeeze(-1) - torch.linalg.vecdot(probs, finite)
+
+
 def discounted_advantages(
     student_logprobs: torch.Tensor,
     teacher_logprobs: torch.Tensor,

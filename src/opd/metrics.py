@@ -19,8 +19,8 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
 
 
 def rollout_metrics(batch: StepBatch, prefix: str = "") -> dict[str, float]:
-    """logprob/*, perplexity/*, distill/reverse_kl and generation/* of one batch. Without teacher
-    log-probs (no teacher), only the student's and the length figures."""
+    """logprob/*, perplexity/*, distill/reverse_kl, entropy/* and generation/* of one batch. Without
+    teacher log-probs (no teacher), only the student's, the entropy and the length figures."""
     mask, teacher_logprobs = batch.completion_mask, batch.teacher_logprobs
     student_lp = masked_mean(batch.sampler_logprobs, mask)
     metrics = {f"{prefix}logprob/student": student_lp, f"{prefix}perplexity/student": math.exp(-student_lp)}
@@ -31,8 +31,31 @@ def rollout_metrics(batch: StepBatch, prefix: str = "") -> dict[str, float]:
             f"{prefix}perplexity/teacher": math.exp(-teacher_lp),
             f"{prefix}distill/reverse_kl": masked_mean(batch.sampler_logprobs - teacher_logprobs, mask),
         })
+    if batch.sampler_entropy is not None:
+        metrics[f"{prefix}entropy/student"] = masked_mean(batch.sampler_entropy, mask)
+    if batch.teacher_entropy is not None:
+        metrics[f"{prefix}entropy/teacher"] = masked_mean(batch.teacher_entropy, mask)
     return {
         **metrics,
         f"{prefix}generation/avg_length": float(mask.sum(1).float().mean()),
         f"{prefix}generation/eos_fraction": float(batch.finished.float().mean()),
+        f"{prefix}generation/repetition": repetition(batch.completion_ids, mask),
     }
+
+
+REPETITION_N = 4
+
+
+def repetition(completion_ids: torch.Tensor, mask: torch.Tensor, n: int = REPETITION_N) -> float:
+    """The fraction of the completions' n-grams that repeat an earlier n-gram of the same completion,
+    pooled over the batch: near 0 for varied text, near 1 for a loop ("\n\n\n\n..."). (B, T) inputs."""
+    repeated = total = 0
+    for ids, keep in zip(completion_ids.tolist(), mask.tolist()):
+        tokens = [token for token, kept in zip(ids, keep) if kept]
+        seen = set()
+        for start in range(len(tokens) - n + 1):
+            gram = tuple(tokens[start : start + n])
+            repeated += gram in seen
+            seen.add(gram)
+        total += max(len(tokens) - n + 1, 0)
+    return repeated / total if total else 0.0

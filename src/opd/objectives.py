@@ -1,10 +1,11 @@
 """The training objectives: `loss.kind` mapped once, in setup, to one object.
 
 Each objective declares what it needs from the teacher (`needs`: sampled-token log-probs, the full
-distribution, or nothing), whether its rows are the student's own samples (`on_policy`), prepares the
-step's batch (advantages), and turns one chunk of completion tokens into per-token loss values. The
-update's chunk loop and the trainer never look at the kind. Adding a loss means adding one class here,
-one entry in `OBJECTIVES`, its entry in `config.TEACHER_NEEDS`, and its reference test.
+distribution, or nothing), prepares the step's batch (advantages), and turns one chunk of completion
+tokens into per-token loss values. The update's chunk loop and the trainer never look at the kind.
+Adding a loss means adding one class here, one entry in `OBJECTIVES`, its entry in
+`config.TEACHER_NEEDS`, and its reference test. A step that mixes the student's samples with someone
+else's (GKD's lambda) trains each row with the objective for its source (`BySource`).
 """
 
 from __future__ import annotations
@@ -15,14 +16,13 @@ from typing import Callable, Protocol
 import torch
 
 from opd import losses
-from opd.batch import StepBatch, TokenChunk
+from opd.batch import STUDENT, StepBatch, TokenChunk
 from opd.config import FULL_DISTRIBUTION, TOKEN_LOGPROBS, Config
 from opd.teacher import FullDistributionTeacher
 
 
 class Objective(Protocol):
     needs: str | None  # TOKEN_LOGPROBS, FULL_DISTRIBUTION, or None (the teacher only adds metrics)
-    on_policy: bool  # the rows are the student's own samples, so rho = exp(log pi_theta - ℓˢ) means something
 
     def prepare(self, batch: StepBatch) -> StepBatch:
         """The batch with whatever this objective computes once per step (advantages)."""
@@ -37,15 +37,19 @@ class Objective(Protocol):
 
 class PolicyGradient:
     """`reverse_kl_pg`: -rho_t * A_t with A_t = -c * sum_j gamma^(j-t) (ℓˢ_j - ℓᵀ_j), log pi_theta taken
-    under the sampler's temperature and truncation (the sampled token always inside the support)."""
+    under the sampler's temperature and truncation (the sampled token always inside the support).
 
-    needs = TOKEN_LOGPROBS
-    on_policy = True
+    With forward_kl_coef = w > 0, plus w * KL(pi_T || pi_theta) at every position of the same samples: a
+    mass-covering term that keeps the student's probability wherever the teacher's is, which the
+    sampled-token reward alone does not (it can settle on one high-reward token and lose the rest).
+    """
 
     def __init__(self, temperature: float, top_k: int, top_p: float, ratio_clip: float | None, kl_coef: float,
-                 discount: float):
+                 discount: float, forward_kl_coef: float = 0.0):
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.ratio_clip, self.kl_coef, self.discount = ratio_clip, kl_coef, discount
+        self.forward_kl_coef = forward_kl_coef
+        self.needs = FULL_DISTRIBUTION if forward_kl_coef else TOKEN_LOGPROBS
 
     def prepare(self, batch: StepBatch) -> StepBatch:
         advantages = losses.discounted_advantages(batch.sampler_logprobs, batch.teacher_logprobs, batch.completion_mask,
@@ -55,7 +59,10 @@ class PolicyGradient:
     def per_token(self, student_logits, chunk, teacher):
         processed = losses.process_logits(student_logits, self.temperature, self.top_k, self.top_p, keep=chunk.tokens)
         logprobs = losses.token_logprobs(processed, chunk.tokens)  # (c,)
-        return losses.reverse_kl_pg(logprobs, chunk.sampler_logprobs, chunk.advantages, self.ratio_clip), logprobs
+        values = losses.reverse_kl_pg(logprobs, chunk.sampler_logprobs, chunk.advantages, self.ratio_clip)
+        if self.forward_kl_coef:  # processed == logits / T here: the config requires no truncation
+            values = values + self.forward_kl_coef * losses.forward_kl(processed, teacher.logits(chunk.teacher_hidden))
+        return values, logprobs
 
 
 class Divergence:
@@ -63,7 +70,6 @@ class Divergence:
     sampling temperature and the teacher's at its own, at every completion position."""
 
     needs = FULL_DISTRIBUTION
-    on_policy = True
 
     def __init__(self, divergence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], temperature: float):
         self.divergence, self.temperature = divergence, temperature
@@ -82,7 +88,6 @@ class NegativeLogLikelihood:
     data set's answers)."""
 
     needs = None
-    on_policy = False
 
     def prepare(self, batch: StepBatch) -> StepBatch:
         return batch
@@ -92,10 +97,35 @@ class NegativeLogLikelihood:
         return -logprobs, logprobs
 
 
+class BySource:
+    """GKD's mixture: the student's own samples train with the on-policy objective, every other row (the
+    teacher's samples, the data's answers) with the off-policy one, all in one step normalized by all
+    of its tokens."""
+
+    def __init__(self, on_policy: Objective, off_policy: Objective):
+        self.on_policy, self.off_policy = on_policy, off_policy
+        needs = {on_policy.needs, off_policy.needs}
+        self.needs = FULL_DISTRIBUTION if FULL_DISTRIBUTION in needs else TOKEN_LOGPROBS if TOKEN_LOGPROBS in needs else None
+
+    def prepare(self, batch: StepBatch) -> StepBatch:
+        return self.off_policy.prepare(self.on_policy.prepare(batch))
+
+    def per_token(self, student_logits, chunk, teacher):
+        on = chunk.source == STUDENT  # (c,)
+        values = student_logits.new_zeros(on.shape)
+        logprobs = student_logits.new_zeros(on.shape)
+        for objective, rows in ((self.on_policy, on), (self.off_policy, ~on)):
+            if bool(rows.any()):
+                part_values, part_logprobs = objective.per_token(student_logits[rows], chunk.subset(rows), teacher)
+                values = values.index_put((rows,), part_values.to(values.dtype))
+                logprobs = logprobs.index_put((rows,), part_logprobs.detach().to(logprobs.dtype))
+        return values, logprobs
+
+
 OBJECTIVES: dict[str, Callable[[Config], Objective]] = {
     "reverse_kl_pg": lambda config: PolicyGradient(
         config.rollout.temperature, config.rollout.top_k, config.rollout.top_p, config.loss.ratio_clip,
-        config.loss.kl_coef, config.loss.discount),
+        config.loss.kl_coef, config.loss.discount, config.loss.forward_kl_coef),
     "forward_kl": lambda config: Divergence(losses.forward_kl, config.rollout.temperature),
     "reverse_kl": lambda config: Divergence(losses.reverse_kl, config.rollout.temperature),
     "jsd": lambda config: Divergence(partial(losses.generalized_jsd, beta=config.loss.jsd_beta),
@@ -105,5 +135,9 @@ OBJECTIVES: dict[str, Callable[[Config], Objective]] = {
 
 
 def build_objective(config: Config) -> Objective:
-    """The objective of `loss.kind`; its `needs` is config.TEACHER_NEEDS[kind] (a test holds them equal)."""
-    return OBJECTIVES[config.loss.kind](config)
+    """The objective of `loss.kind` (its `needs` is config.teacher_needs; a test holds them equal), by
+    source when the run mixes in someone else's rows."""
+    objective = OBJECTIVES[config.loss.kind](config)
+    if config.mixed:
+        objective = BySource(objective, OBJECTIVES[config.loss.off_policy_kind](config))
+    return objective

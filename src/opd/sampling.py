@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from opd.batch import StepBatch, left_pad
+from opd.batch import STUDENT, StepBatch, left_pad
 from opd.data import PromptBatch
 from opd.decoding import HFDecoder, LeanDecoder, make_decoder
 from opd.errors import TrainingDiverged
@@ -38,9 +38,9 @@ class SamplingSettings:
     top_p: float = 1.0
 
 
-def draw(logits: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def draw(logits: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One token per row of softmax(logits) (B, V) by inverse-CDF sampling with one uniform number per
-    row; returns the tokens (B,) and their log-probabilities (B,).
+    row; returns the tokens (B,), their log-probabilities (B,) and the distribution's entropy (B,).
 
     torch.multinomial draws an exponential number per vocabulary entry, which on a CPU costs more than
     the rest of a small model's decoding step. The CDF is summed in float64 so that even tiny
@@ -56,8 +56,12 @@ def draw(logits: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor
     if bool(no_mass.any()):  # rounding put the target at the very top: the last token with mass then
         last_with_mass = logits.shape[-1] - 1 - (weights.flip(-1) > 0).int().argmax(-1, keepdim=True)
         tokens = torch.where(no_mass, last_with_mass, tokens)
-    logprobs = shifted.gather(-1, tokens) - total.log().to(shifted.dtype)  # (B, 1)
-    return tokens.squeeze(-1), logprobs.squeeze(-1)
+    log_total = total.log().to(shifted.dtype)  # (B, 1)
+    logprobs = shifted.gather(-1, tokens) - log_total  # (B, 1)
+    # H = log Z - sum_v w_v s_v / Z with w = exp(s); a -inf entry has w = 0 and adds nothing (clamped, not NaN).
+    weighted = torch.linalg.vecdot(weights, shifted.clamp(min=torch.finfo(shifted.dtype).min))  # (B,)
+    entropy = log_total.squeeze(-1) - weighted / total.squeeze(-1).to(shifted.dtype)
+    return tokens.squeeze(-1), logprobs.squeeze(-1), entropy
 
 
 class ModelSampler:
@@ -73,9 +77,11 @@ class ModelSampler:
     """
 
     def __init__(self, policy: LoadedModel, settings: SamplingSettings, precision: Precision,
-                 low_precision_copy: bool | None = None):
-        """low_precision_copy: sample from a bf16 copy of fp32 weights; None = on GPUs only."""
+                 low_precision_copy: bool | None = None, source: int = STUDENT):
+        """low_precision_copy: sample from a bf16 copy of fp32 weights; None = on GPUs only.
+        source: what the rows are marked as (STUDENT, or TEACHER when the teacher samples)."""
         self.policy = policy
+        self.source = source
         self.settings = settings
         first = next(policy.model.parameters())
         wanted = low_precision_copy if low_precision_copy is not None else first.device.type == "cuda"
@@ -109,16 +115,18 @@ class ModelSampler:
 
         tokens = torch.full((batch, settings.max_new_tokens), pad_id, dtype=torch.long, device=device)  # (B, T)
         logprobs = torch.zeros((batch, settings.max_new_tokens), device=device)  # (B, T)
+        entropies = torch.zeros((batch, settings.max_new_tokens), device=device)  # (B, T)
         live = torch.zeros((batch, settings.max_new_tokens), dtype=torch.long, device=device)  # (B, T)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,)
         for t in range(settings.max_new_tokens):
             logits = process_logits(logits, settings.temperature, settings.top_k, settings.top_p)  # (B, V)
-            next_token, next_logprob = draw(logits, generator)  # (B,), (B,)
+            next_token, next_logprob, entropy = draw(logits, generator)  # (B,) each
             if not bool(torch.isfinite(next_logprob).all()):  # NaN or +inf logits make the whole row NaN
                 raise TrainingDiverged("the sampling model's logits are not finite")
             live[:, t] = (~finished).long()
             tokens[:, t] = torch.where(finished, pad_id, next_token)
             logprobs[:, t] = torch.where(finished, 0.0, next_logprob)
+            entropies[:, t] = torch.where(finished, 0.0, entropy)
             finished |= torch.isin(next_token, stop_ids)
             if bool(finished.all()) or t == settings.max_new_tokens - 1:
                 break
@@ -134,4 +142,6 @@ class ModelSampler:
             prompt_index=torch.arange(len(prompts), device=device).repeat_interleave(samples_per_prompt),
             row_index=torch.tensor(prompts.row_index, device=device).repeat_interleave(samples_per_prompt),
             rows=[row for row in prompts.rows for _ in range(samples_per_prompt)],
+            source=torch.full((batch,), self.source, dtype=torch.long, device=device),
+            sampler_entropy=entropies,
         ).trimmed()

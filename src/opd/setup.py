@@ -20,13 +20,15 @@ from opd.checkpoint import latest_checkpoint, load_trainer_state, restore_rng
 from opd.config import Config, dump_config
 from opd.data import PromptSet, PromptStream, load_prompts
 from opd.errors import ConfigError
-from opd.factory import load_teacher, make_rollout_source, make_sampler, sampling_settings
+from opd.factory import load_teacher, make_rollouts, make_sampler, sampling_settings
 from opd.flops import matmul_parameters
+from opd.guard import CollapseGuard
 from opd.host_memory import keep_freed_memory
 from opd.loading import LoadedModel, check_same_vocabulary, check_source, load_model, load_tokenizer
 from opd.objectives import Objective, build_objective
 from opd.precision import Precision
-from opd.sampling import ModelSampler, Sampler
+from opd.mixture import RolloutMix
+from opd.sampling import ModelSampler
 from opd.sinks import check_trackers
 from opd.teacher import LocalTeacher
 from opd.update import tokens_per_chunk
@@ -39,7 +41,7 @@ class Session:
     student: LoadedModel
     teacher: LocalTeacher | None  # None only in SFT on the data set's answers without a teacher
     objective: Objective
-    sampler: Sampler  # writes the training rollouts: the student, or for sft the teacher or the data
+    rollouts: RolloutMix  # writes the training rollouts: the student, for sft the teacher or the data, or a mix
     student_sampler: ModelSampler  # the student's own samples, for evaluation
     scored_by_sampler: bool  # the sampler's log-probs are already ℓᵀ (see sampled_by_teacher_distribution)
     chunk_size: int  # completion tokens per chunk of full-vocabulary logits
@@ -50,6 +52,7 @@ class Session:
     generator: torch.Generator
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    guard: CollapseGuard
     start_step: int
     start_flops: float  # training FLOPs spent before start_step (see opd.flops)
 
@@ -156,7 +159,7 @@ def prepare(config: Config, resume: bool, log=print) -> Session:
     prompt_options = (tokenizer, data.max_prompt_tokens, data.system_prompt, data.chat_template_kwargs)
     train_prompts = load_prompts(data.train, "data.train", *prompt_options)
     eval_prompts = load_prompts(data.eval, "data.eval", *prompt_options) if data.eval else None
-    if config.rollout.source == "dataset":
+    if config.rollout.source == "dataset" or (config.mixed and config.rollout.off_policy_source == "dataset"):
         DatasetAnswers.check(train_prompts)  # before any weight loads
     for prompts in filter(None, (train_prompts, eval_prompts)):
         if prompts.skipped_too_long:
@@ -187,6 +190,9 @@ def prepare(config: Config, resume: bool, log=print) -> Session:
     generator = torch.Generator(device=precision.device).manual_seed(config.run.seed)
     stream = PromptStream(len(train_prompts), config.run.seed, config.data.shuffle)
 
+    run = config.run
+    guard = CollapseGuard(run.collapse_guard, run.collapse_entropy_fraction, run.collapse_reference,
+                          run.collapse_repetition, run.collapse_patience)
     start_step, start_flops = 0, 0.0
     if checkpoint is not None:
         state = load_trainer_state(checkpoint)
@@ -196,6 +202,8 @@ def prepare(config: Config, resume: bool, log=print) -> Session:
         stream.consumed = state["prompts_consumed"]
         start_flops = state.get("flops", 0.0)
         start_step = state["step"]
+        if state.get("guard"):
+            guard.load_state_dict(state["guard"])
         log(f"resuming from {checkpoint} (step {start_step})")
     elif resume:
         log(f"no complete checkpoint in '{output_dir}'; starting from step 0")
@@ -207,11 +215,11 @@ def prepare(config: Config, resume: bool, log=print) -> Session:
     return Session(
         output_dir=output_dir, precision=precision, student=student, teacher=teacher,
         objective=build_objective(config),
-        sampler=make_rollout_source(config, student_sampler, teacher, train_prompts, precision),
+        rollouts=make_rollouts(config, student_sampler, teacher, train_prompts, precision),
         student_sampler=student_sampler,
         scored_by_sampler=sampled_by_teacher_distribution(config),
         chunk_size=tokens_per_chunk(config.loss.chunk_size, student.vocab_size),
         student_params=matmul_parameters(student.model),
         train_prompts=train_prompts, eval_prompts=eval_prompts, stream=stream, generator=generator,
-        optimizer=optimizer, scheduler=scheduler, start_step=start_step, start_flops=start_flops,
+        optimizer=optimizer, scheduler=scheduler, guard=guard, start_step=start_step, start_flops=start_flops,
     )

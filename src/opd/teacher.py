@@ -19,13 +19,14 @@ from opd.batch import StepBatch
 from opd.flops import forward_flops, matmul_parameters
 from opd.forward import completion_hidden_states_of, logits_from_hidden
 from opd.loading import LoadedModel
-from opd.losses import token_logprobs
+from opd.losses import entropy, token_logprobs
 from opd.precision import Precision
 
 
 @dataclass
 class TeacherScores:
-    """logprobs: (B, T) ℓᵀ of the completion tokens, 0 outside the completion mask.
+    """logprobs: (B, T) ℓᵀ of the completion tokens, 0 outside the completion mask; entropy: (B, T) of
+    the teacher's distribution there, where the whole distribution is at hand.
     hidden: (B, T, H) final hidden states, kept only when a full-vocabulary loss asks for them.
     topk_ids, topk_logprobs: (B, T, K), where a scorer gives the teacher's top-k."""
 
@@ -33,10 +34,12 @@ class TeacherScores:
     hidden: torch.Tensor | None = None
     topk_ids: torch.Tensor | None = None
     topk_logprobs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None  # (B, T), where the whole distribution is at hand
 
     def attach(self, batch: StepBatch) -> StepBatch:
         return batch.replace(teacher_logprobs=self.logprobs, teacher_hidden=self.hidden,
-                             teacher_topk_ids=self.topk_ids, teacher_topk_logprobs=self.topk_logprobs)
+                             teacher_topk_ids=self.topk_ids, teacher_topk_logprobs=self.topk_logprobs,
+                             teacher_entropy=self.entropy)
 
 
 @runtime_checkable
@@ -97,7 +100,11 @@ class LocalTeacher:
                                                  batch.prompt_index)  # (B, T, H)
         flat_hidden, flat_tokens = hidden.flatten(0, 1), batch.completion_ids.flatten()
         flat_logprobs = torch.zeros(flat_tokens.shape, device=hidden.device)  # (B*T,)
+        flat_entropy = torch.zeros(flat_tokens.shape, device=hidden.device)  # (B*T,)
         for chunk in batch.token_chunks(self.chunk_size):  # (c,) flat indices
-            flat_logprobs[chunk] = token_logprobs(self.logits(flat_hidden[chunk]), flat_tokens[chunk])
-        logprobs = flat_logprobs.view(batch.completion_ids.shape)  # (B, T), 0 outside the mask
-        return TeacherScores(logprobs=logprobs, hidden=hidden if keep_hidden else None)
+            logits = self.logits(flat_hidden[chunk])  # (c, V)
+            flat_logprobs[chunk] = token_logprobs(logits, flat_tokens[chunk])
+            flat_entropy[chunk] = entropy(logits)
+        shape = batch.completion_ids.shape
+        return TeacherScores(logprobs=flat_logprobs.view(shape), hidden=hidden if keep_hidden else None,
+                             entropy=flat_entropy.view(shape))  # (B, T) each, 0 outside the mask

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from opd.batch import StepBatch
+from opd.batch import SOURCE_NAMES, STUDENT, StepBatch
 from opd.checkpoint import latest_checkpoint, save_checkpoint, save_model
 from opd.config import FULL_DISTRIBUTION, Config
-from opd.errors import TrainingDiverged
+from opd.errors import StudentCollapsed, TrainingDiverged
 from opd.evaluate import evaluate
 from opd.flops import step_flops
 from opd.metrics import rollout_metrics
@@ -27,6 +27,9 @@ from opd.progress import ProgressBar
 from opd.setup import Session, prepare
 from opd.sinks import MetricSinks
 from opd.update import update_student
+
+
+SOURCE_IDS = {name: source for source, name in SOURCE_NAMES.items()}
 
 
 @dataclass
@@ -52,7 +55,7 @@ def train(config: Config, resume: bool = False, log=print, time_limit_s: float |
             sinks.write(0, first_eval)
         loop_started = time.perf_counter()
         for step in range(session.start_step + 1, run.max_steps + 1):
-            metrics, step_cost = train_step(session, config)
+            metrics, step_cost = train_step(session, config, step, log)
             flops += step_cost
             metrics["compute/flops"] = flops
             last_step = step == run.max_steps or (
@@ -65,7 +68,7 @@ def train(config: Config, resume: bool = False, log=print, time_limit_s: float |
             progress.update(step, metrics)
             if run.save_every and step % run.save_every == 0:
                 save_checkpoint(session.output_dir, step, session.student, session.optimizer, session.scheduler,
-                                session.generator, session.stream.consumed, flops)
+                                session.generator, session.stream.consumed, flops, session.guard.state_dict())
             if last_step:
                 break
     except TrainingDiverged as exc:
@@ -78,18 +81,31 @@ def train(config: Config, resume: bool = False, log=print, time_limit_s: float |
     return TrainResult(session.output_dir, first_eval, last_eval, step - session.start_step)
 
 
-def train_step(session: Session, config: Config) -> tuple[dict[str, float], float]:
-    """One optimizer step: sample, score, update. Returns the step's metrics and its FLOPs."""
+def train_step(session: Session, config: Config, step: int, log=print) -> tuple[dict[str, float], float]:
+    """One optimizer step: sample, score, check for collapse, update. Returns the step's metrics and FLOPs.
+    Raises StudentCollapsed, before the update, when the guard fires under run.collapse_guard: stop."""
     started = time.perf_counter()
     prompts = session.train_prompts.batch(session.stream.take(config.batch.prompts_per_step))
-    batch = session.sampler.sample(prompts, config.rollout.samples_per_prompt, session.generator)
+    batch = session.rollouts.sample(prompts, config.rollout.samples_per_prompt, session.generator, step)
     sampled = time.perf_counter()
     batch, teacher_flops = score(session, batch)
     scored = time.perf_counter()
+    metrics = sample_metrics(config, batch)
+    alarm = session.guard.check(step, metrics)
+    if alarm and config.run.collapse_guard == "stop":
+        raise StudentCollapsed(f"{alarm}; stopped without applying the update")
+    if alarm:
+        log(f"warning: {alarm}")
     update = update_student(session, config, batch)
     finished = time.perf_counter()
-    costs = step_flops(batch, session.sampler.sampling_flops(batch), teacher_flops, session.student_params)
-    return {**step_metrics(config, batch, update, (started, sampled, scored, finished)), **costs}, sum(costs.values())
+    costs = step_flops(batch, session.rollouts.sampling_flops(batch), teacher_flops, session.student_params)
+    metrics.update(update_metrics(config, update))
+    metrics.update({
+        "timing/rollout_s": sampled - started, "timing/teacher_s": scored - sampled,
+        "timing/update_s": finished - scored, "throughput/tokens_per_s": batch.num_tokens / (finished - started),
+        **costs,
+    })
+    return metrics, sum(costs.values())
 
 
 def score(session: Session, batch: StepBatch) -> tuple[StepBatch, float]:
@@ -103,19 +119,36 @@ def score(session: Session, batch: StepBatch) -> tuple[StepBatch, float]:
     return scores.attach(batch), session.teacher.scoring_flops(batch)
 
 
-def step_metrics(config: Config, batch: StepBatch, update: dict[str, float],
-                 times: tuple[float, float, float, float]) -> dict[str, float]:
-    """The metrics of one training step, named as in the README. times: (start, sampled, scored, updated)."""
-    started, sampled, scored, finished = times
-    metrics = {
-        **rollout_metrics(batch), **{key: value for key, value in update.items() if key != "student_logprob"},
-        "timing/rollout_s": sampled - started, "timing/teacher_s": scored - sampled,
-        "timing/update_s": finished - scored, "throughput/tokens_per_s": batch.num_tokens / (finished - started),
-    }
-    if config.rollout.source != "student":  # someone else's tokens: no ℓˢ, and no reverse-KL estimate
-        metrics.pop("distill/reverse_kl", None)
-        metrics["logprob/student"] = update["student_logprob"]
-        metrics["perplexity/student"] = math.exp(-update["student_logprob"])
+def sample_metrics(config: Config, batch: StepBatch) -> dict[str, float]:
+    """The figures of the step's samples, before the update: the rows of `rollout.source` under the
+    plain names, a mixture's other rows under `from_SOURCE/`. Figures that describe the student's own
+    sampling (ℓˢ, entropy/student, the reverse-KL estimate) are left out for rows it did not sample;
+    update_metrics adds the student's log-prob of those tokens."""
+    metrics = {}
+    primary = SOURCE_IDS[config.rollout.source]
+    for source in sorted(set(batch.row_sources().tolist())):
+        rows = batch.rows_from(source)
+        part = batch if len(rows) == len(batch) else batch.select(rows)
+        prefix = "" if source == primary else f"from_{SOURCE_NAMES[source]}/"
+        figures = rollout_metrics(part, prefix)
+        if source != STUDENT:
+            for name in ("distill/reverse_kl", "logprob/student", "perplexity/student", "entropy/student"):
+                figures.pop(prefix + name, None)
+        if prefix:
+            figures[prefix + "rows_fraction"] = len(rows) / len(batch)
+        metrics.update(figures)
+    return metrics
+
+
+def update_metrics(config: Config, update: dict[str, float]) -> dict[str, float]:
+    """loss, grad_norm, lr, ratio/*, and the student's log-prob of tokens it did not sample."""
+    metrics = {key: value for key, value in update.items() if not key.startswith("student_logprob/")}
+    primary = config.rollout.source
+    for name in ("teacher", "dataset"):
+        if f"student_logprob/{name}" in update:
+            prefix = "" if name == primary else f"from_{name}/"
+            metrics[f"{prefix}logprob/student"] = update[f"student_logprob/{name}"]
+            metrics[f"{prefix}perplexity/student"] = math.exp(-update[f"student_logprob/{name}"])
     return metrics
 
 

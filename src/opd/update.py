@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from opd import losses
-from opd.batch import StepBatch
+from opd.batch import SOURCE_NAMES, STUDENT, StepBatch
 from opd.errors import TrainingDiverged
 from opd.forward import completion_hidden_states_of, logits_from_hidden
 from opd.loading import LoadedModel
@@ -38,8 +38,9 @@ def tokens_per_chunk(configured: int | None, vocab_size: int) -> int:
 @dataclass
 class MicroBatchResult:
     loss: float  # this micro-batch's share of the step loss
-    logprob_sum: float  # sum of the student's log-probs of its tokens
-    far_tokens: int  # tokens with |log rho| > FAR_LOG_RATIO (on-policy objectives only)
+    logprob_sums: torch.Tensor  # (3,) sums of the student's log-probs of its tokens, by source
+    token_counts: torch.Tensor  # (3,) its tokens, by source
+    far_tokens: int  # student-sampled tokens with |log rho| > FAR_LOG_RATIO
     max_abs_log_ratio: float
 
 
@@ -62,7 +63,8 @@ def backward_micro_batch(
                                              part.completion_mask, part.prompt_index)  # (b, T, H)
     hidden_leaf = hidden.detach().requires_grad_()
     flat_hidden = hidden_leaf.flatten(0, 1)  # (b*T, H)
-    total, logprob_sum, far_tokens, max_abs_log_ratio = 0.0, 0.0, 0, 0.0
+    total, far_tokens, max_abs_log_ratio = 0.0, 0, 0.0
+    logprob_sums, token_counts = torch.zeros(len(SOURCE_NAMES), dtype=torch.float64), torch.zeros(len(SOURCE_NAMES))
     for flat_index in part.token_chunks(chunk_size):  # (c,) flat indices of completion tokens
         chunk = part.tokens_at(flat_index)
         with precision.autocast():
@@ -72,23 +74,25 @@ def backward_micro_batch(
         chunk_loss = losses.reduce_tokens(per_token, every, step_tokens)
         chunk_loss.backward()
         total += chunk_loss.item()
-        logprobs = logprobs.detach()
-        logprob_sum += float(logprobs.sum())
-        if objective.on_policy:
-            log_ratio = (logprobs - chunk.sampler_logprobs).abs()  # (c,)
+        logprobs, source = logprobs.detach(), chunk.source.cpu()
+        logprob_sums.index_add_(0, source, logprobs.double().cpu())
+        token_counts.index_add_(0, source, torch.ones(len(source)))
+        sampled = chunk.source == STUDENT  # rho means something only where the student drew the token
+        if bool(sampled.any()):
+            log_ratio = (logprobs[sampled] - chunk.sampler_logprobs[sampled]).abs()  # (c_student,)
             far_tokens += int((log_ratio > FAR_LOG_RATIO).sum())
             max_abs_log_ratio = max(max_abs_log_ratio, float(log_ratio.max()))
     if hidden_leaf.grad is not None:  # None when the micro-batch holds no completion token
         hidden.backward(hidden_leaf.grad)
-    return MicroBatchResult(total, logprob_sum, far_tokens, max_abs_log_ratio)
+    return MicroBatchResult(total, logprob_sums, token_counts, far_tokens, max_abs_log_ratio)
 
 
 def update_student(session, config, batch: StepBatch) -> dict[str, float]:
     """The objective's per-step preparation, loss and backward over micro-batches, clipping, one AdamW step.
 
     session: an opd.setup.Session; batch: the step's scored batch. Returns loss, grad_norm, lr, the
-    student's mean log-prob of the batch's tokens, and for on-policy objectives the importance-ratio
-    figures ratio/far_fraction and ratio/max_abs_log. Raises TrainingDiverged, before touching the
+    student's mean log-prob of each source's tokens (student_logprob/SOURCE), and where the student
+    sampled the importance-ratio figures ratio/far_fraction and ratio/max_abs_log. Raises TrainingDiverged, before touching the
     weights, when the loss or gradient norm is not finite.
     """
     batch = session.objective.prepare(batch)
@@ -107,10 +111,13 @@ def update_student(session, config, batch: StepBatch) -> dict[str, float]:
     lr = session.scheduler.get_last_lr()[0]
     session.optimizer.step()
     session.scheduler.step()
-    tokens = max(batch.num_tokens, 1)
-    figures = {"loss": loss, "grad_norm": grad_norm, "lr": lr,
-               "student_logprob": sum(result.logprob_sum for result in results) / tokens}
-    if session.objective.on_policy:
-        figures["ratio/far_fraction"] = sum(result.far_tokens for result in results) / tokens
+    logprob_sums = sum(result.logprob_sums for result in results)
+    token_counts = sum(result.token_counts for result in results)
+    figures = {"loss": loss, "grad_norm": grad_norm, "lr": lr}
+    for source, name in SOURCE_NAMES.items():
+        if token_counts[source]:  # the student's mean log-prob of the tokens this source wrote
+            figures[f"student_logprob/{name}"] = float(logprob_sums[source] / token_counts[source])
+    if token_counts[STUDENT]:
+        figures["ratio/far_fraction"] = sum(result.far_tokens for result in results) / float(token_counts[STUDENT])
         figures["ratio/max_abs_log"] = max(result.max_abs_log_ratio for result in results)
     return figures

@@ -1,0 +1,44 @@
+"""Who writes a step's completions: the configured source, or GKD's mixture of the student's own samples
+with the teacher's samples or the data's answers (Agarwal et al., "On-Policy Distillation of Language
+Models: Learning from Self-Generated Mistakes", ICLR 2024: the student-data fraction lambda)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from opd.batch import StepBatch
+from opd.data import PromptBatch
+from opd.sampling import Sampler
+
+
+class RolloutMix:
+    """`primary` writes a step's completions; with a `secondary` and lambda(step) < 1, the primary (the
+    student) takes the first round(lambda * prompts) prompts of the step and the secondary the rest, so
+    each prompt's samples stay together (one shared prompt encoding) and the split is reproducible.
+    Without a secondary this is exactly the primary."""
+
+    def __init__(self, primary: Sampler, secondary: Sampler | None = None,
+                 student_fraction: Callable[[int], float] = lambda step: 1.0, pad_id: int = 0):
+        self.primary, self.secondary = primary, secondary
+        self.student_fraction, self.pad_id = student_fraction, pad_id
+
+    def sample(self, prompts: PromptBatch, samples_per_prompt: int, generator: torch.Generator,
+               step: int) -> StepBatch:
+        if self.secondary is None:
+            return self.primary.sample(prompts, samples_per_prompt, generator)
+        own, others = prompts.split(int(self.student_fraction(step) * len(prompts) + 0.5))
+        parts = [sampler.sample(part, samples_per_prompt, generator)
+                 for sampler, part in ((self.primary, own), (self.secondary, others)) if len(part)]
+        return StepBatch.concat(parts, self.pad_id)
+
+    def sampling_flops(self, batch: StepBatch) -> float:
+        if self.secondary is None:
+            return self.primary.sampling_flops(batch)
+        total = 0.0
+        for sampler in (self.primary, self.secondary):
+            rows = batch.rows_from(sampler.source)
+            if len(rows):
+                total += sampler.sampling_flops(batch.select(rows))
+        return total
