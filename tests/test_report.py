@@ -27,6 +27,14 @@ def test_report_overlays_runs_into_png_and_self_contained_html(tiny_config, tmp_
     assert "run-a" in page and "run-b" in page
     first_eval = json.loads((runs[0] / "metrics.jsonl").read_text().splitlines()[0])
     assert f"{first_eval['eval/distill/reverse_kl']:.3f}" in page
+    from opd.report import PANELS, _series, load_runs
+
+    drawn = {key for key, _ in PANELS}
+    assert {"entropy/student", "generation/repetition"} <= drawn
+    for rows in load_runs(runs).values():  # every panel has a curve to draw
+        for key in drawn - {"accuracy"}:
+            assert _series(rows, key)[0], key
+        assert _series(rows, "eval/accuracy")[0]
 
 
 def test_report_on_a_folder_without_metrics_is_a_one_line_error(tmp_path):

@@ -152,13 +152,13 @@ def test_metrics_file_has_every_named_figure(tiny_config):
     names = ["loss", "logprob/student", "logprob/teacher", "perplexity/student", "perplexity/teacher",
              "distill/reverse_kl", "generation/avg_length", "generation/eos_fraction", "grad_norm", "lr",
              "timing/rollout_s", "timing/teacher_s", "timing/update_s", "throughput/tokens_per_s",
-             "ratio/far_fraction", "ratio/max_abs_log"]
+             "ratio/far_fraction", "ratio/max_abs_log", "entropy/student", "entropy/teacher", "generation/repetition"]
     assert [row["step"] for row in rows] == [0, 1, 2]
     for row in rows[1:]:
         assert set(names) <= row.keys()
         assert row["perplexity/teacher"] == pytest.approx(torch.tensor(-row["logprob/teacher"]).exp().item(), rel=1e-6)
     for row in rows:
-        for name in names[1:8]:
+        for name in names[1:8] + ["entropy/student", "entropy/teacher", "generation/repetition"]:
             assert f"eval/{name}" in row
         assert 0.0 <= row["eval/accuracy"] <= 1.0
 

@@ -5,8 +5,8 @@ On a far-apart pair, the sampled-token reward of `reverse_kl_pg` can find a dege
 repeating a token the teacher finds likely, while `distill/reverse_kl` still falls. Two figures of the
 student's samples show it: the entropy of the distribution that drew them (`entropy/student`) and how
 much of each completion repeats itself (`generation/repetition`). The guard fires when, for `patience`
-steps in a row, the entropy is below a fraction of its reference (the student's own at the first step,
-or the teacher's on the same samples) or the repetition is above a threshold.
+steps in a row, the entropy is below a fraction of its reference (the untrained student's own, or the
+teacher's on the same samples) or the repetition is above a threshold.
 """
 
 from __future__ import annotations
@@ -21,17 +21,24 @@ class CollapseGuard:
     reference: str  # start | teacher
     max_repetition: float
     patience: int
-    start_entropy: float | None = None  # entropy/student at the first step this run trained
+    start_entropy: float | None = None  # the student's entropy before training (see observe_start)
     streak: int = 0
 
+    def observe_start(self, entropy: float | None) -> None:
+        """The untrained student's entropy, from the held-out evaluation at step 0 where there is one.
+        Otherwise the first step with student samples sets it, which is the same policy unless a
+        mixture started with none."""
+        if self.start_entropy is None and entropy is not None:
+            self.start_entropy = entropy
+
     def check(self, step: int, figures: dict[str, float]) -> str | None:
-        """Update with one step's figures of the student's samples; return a one-line message when the
-        guard fires (at `patience` collapsed steps in a row, and again every `patience` steps after)."""
+        """Update with one step's figures of the student's samples; return a one-line message (without
+        the step, which the caller adds) when the guard fires: at `patience` collapsed steps in a row,
+        and again every `patience` steps after."""
         if self.mode == "off" or "entropy/student" not in figures:
             return None
         entropy = figures["entropy/student"]
-        if self.start_entropy is None:
-            self.start_entropy = entropy
+        self.observe_start(entropy)
         reference = figures.get("entropy/teacher") if self.reference == "teacher" else self.start_entropy
         low_entropy = reference is not None and entropy < self.entropy_fraction * reference
         repetitive = figures.get("generation/repetition", 0.0) > self.max_repetition
@@ -40,7 +47,7 @@ class CollapseGuard:
             return None
         reference_name = "the teacher's" if self.reference == "teacher" else "its first step's"
         reference_text = "n/a" if reference is None else f"{reference:.3g}"
-        return (f"step {step}: the student's samples look collapsed for {self.streak} steps in a row: "
+        return (f"the student's samples look collapsed for {self.streak} steps in a row: "
                 f"entropy/student {entropy:.3g} vs {reference_name} {reference_text} "
                 f"(limit {self.entropy_fraction:g}x), generation/repetition {figures.get('generation/repetition', 0):.2f} "
                 f"(limit {self.max_repetition:g}); read its samples (run.collapse_guard)")

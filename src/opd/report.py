@@ -1,7 +1,8 @@
 """`opd report`: the curves users judge a distillation run by, as a PNG and a self-contained HTML page.
 
 Panels: teacher perplexity of the student's samples, teacher log-prob, reverse KL, student
-perplexity (the four curves of ArcticTraining's validation), then held-out accuracy and throughput.
+perplexity (the four curves of ArcticTraining's validation), the two that show a collapsing student
+(its sampling entropy, and repeated 4-grams in its samples), held-out accuracy and throughput.
 Training figures are lines; held-out (`eval/`) figures are markers of the same colour. Several run
 directories overlay.
 """
@@ -21,6 +22,8 @@ PANELS = [
     ("logprob/teacher", "teacher log-prob (nats/token)"),
     ("distill/reverse_kl", "reverse KL (nats/token)"),
     ("perplexity/student", "student perplexity"),
+    ("entropy/student", "entropy of the student's sampling distribution"),
+    ("generation/repetition", "repeated 4-grams in the student's samples"),
     ("accuracy", "held-out accuracy"),
     ("throughput/tokens_per_s", "throughput (completion tokens/s)"),
 ]
@@ -58,7 +61,7 @@ def plot(runs: dict[str, list[dict]], png_path: Path) -> None:
     matplotlib.use("Agg")  # files only; never a window
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
+    figure, axes = plt.subplots(2, 4, figsize=(20, 8), constrained_layout=True)
     for index, (name, rows) in enumerate(runs.items()):
         colour = f"C{index % 10}"
         for axis, (key, title) in zip(axes.flat, PANELS):
@@ -112,7 +115,9 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
 </head><body>
 <h1>opd report</h1>
 <p>Healthy on-policy distillation: teacher perplexity falls, teacher log-prob rises, reverse KL falls;
-student perplexity may rise first, then fall. Lines are training batches, markers held-out evaluations.</p>
+student perplexity may rise first, then fall. A student whose entropy drops towards 0 or whose samples
+repeat themselves is collapsing, whatever the reverse KL says. Lines are training batches, markers
+held-out evaluations.</p>
 <table><tr>{"".join(f"<th>{html.escape(h)}</th>" for h in header)}</tr>{cells}</table>
 <p><img alt="training curves" src="data:image/png;base64,{image}"></p>
 </body></html>

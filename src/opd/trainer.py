@@ -53,6 +53,7 @@ def train(config: Config, resume: bool = False, log=print, time_limit_s: float |
         if session.start_step == 0 and session.eval_prompts is not None:
             first_eval = last_eval = run_eval(session, config)
             sinks.write(0, first_eval)
+            session.guard.observe_start(first_eval.get("eval/entropy/student"))
         loop_started = time.perf_counter()
         for step in range(session.start_step + 1, run.max_steps + 1):
             metrics, step_cost = train_step(session, config, step, log)
@@ -73,7 +74,7 @@ def train(config: Config, resume: bool = False, log=print, time_limit_s: float |
                 break
     except TrainingDiverged as exc:
         last_good = latest_checkpoint(session.output_dir)
-        raise TrainingDiverged(f"step {step}: {exc} (last good checkpoint: {last_good or 'none'})") from None
+        raise type(exc)(f"step {step}: {exc} (last good checkpoint: {last_good or 'none'})") from None
     finally:
         progress.close()
         sinks.close()
@@ -95,7 +96,7 @@ def train_step(session: Session, config: Config, step: int, log=print) -> tuple[
     if alarm and config.run.collapse_guard == "stop":
         raise StudentCollapsed(f"{alarm}; stopped without applying the update")
     if alarm:
-        log(f"warning: {alarm}")
+        log(f"warning: step {step}: {alarm}")
     update = update_student(session, config, batch)
     finished = time.perf_counter()
     costs = step_flops(batch, session.rollouts.sampling_flops(batch), teacher_flops, session.student_params)
