@@ -32,7 +32,8 @@ CPU = Precision(torch.device("cpu"))
 
 
 def as_batch(token_ids: list[list[int]]) -> PromptBatch:
-    return PromptBatch(token_ids, list(range(len(token_ids))), [Example("", None, None, 0)] * len(token_ids))
+    keys = list(range(len(token_ids)))
+    return PromptBatch(token_ids, keys, [Example("", None, None, 0)] * len(token_ids), keys)
 
 VOCAB = 8192
 
@@ -84,12 +85,12 @@ def main() -> None:
     sampler = ModelSampler(student, SamplingSettings(new_tokens), CPU)
 
     def sample_batched():
-        sampler.sample(batch_prompts, 4, torch.Generator().manual_seed(0))
+        sampler.sample(batch_prompts, 4, 0)
 
     def sample_one_by_one():
         for prompt in batch_prompts.token_ids:
             for _ in range(4):
-                sampler.sample(as_batch([prompt]), 1, torch.Generator().manual_seed(0))
+                sampler.sample(as_batch([prompt]), 1, 0)
 
     tokens = 8 * 4 * new_tokens
     batched, serial = median_time(sample_batched, 2), median_time(sample_one_by_one, 1)
@@ -99,19 +100,19 @@ def main() -> None:
     lean_sampler = sampler
     hf_sampler = ModelSampler(student, SamplingSettings(new_tokens), CPU)
     hf_sampler._decoder = HFDecoder(student.model)  # what the sampler falls back to for other architectures
-    lean, hf = (median_time(lambda s=s: s.sample(batch_prompts, 4, torch.Generator().manual_seed(0)), 2)
+    lean, hf = (median_time(lambda s=s: s.sample(batch_prompts, 4, 0), 2)
                 for s in (lean_sampler, hf_sampler))
     rows.append(("sampling, same work", "lean Llama-family step", tokens / lean, "Hugging Face forward", tokens / hf,
                  "tokens/s"))
     copy_sampler = ModelSampler(student, SamplingSettings(new_tokens), Precision(CPU.device, torch.bfloat16),
                                 low_precision_copy=True)
-    bf16_copy = median_time(lambda: copy_sampler.sample(batch_prompts, 4, torch.Generator().manual_seed(0)), 2)
+    bf16_copy = median_time(lambda: copy_sampler.sample(batch_prompts, 4, 0), 2)
     rows.append(("sampling, same work", "fp32 weights (CPU default)", tokens / lean, "bf16 weight copy", tokens / bf16_copy,
                  "tokens/s"))
     hook.remove()
 
     logits = torch.randn(32, VOCAB)
-    inverse_cdf = median_time(lambda: [draw(logits, torch.Generator().manual_seed(0)) for _ in range(100)])
+    inverse_cdf = median_time(lambda: [draw(logits, torch.rand(32)) for _ in range(100)])
     multinomial = median_time(lambda: [torch.multinomial(torch.softmax(logits, -1), 1, generator=torch.Generator().manual_seed(0))
                                        for _ in range(100)])
     rows.append(("drawing 32 tokens from 8k-way distributions", "inverse CDF (1 uniform/row)", 3200 / inverse_cdf,

@@ -106,7 +106,8 @@ def prompt_batch(token_ids: list[list[int]], answers: list[str | None] | None = 
     """Prompts as a PromptBatch, each its own row (row_index 0..n-1)."""
     answers = answers or [None] * len(token_ids)
     rows = [Example(prompt="", messages=None, answer=answer, line=index + 1) for index, answer in enumerate(answers)]
-    return PromptBatch(token_ids=token_ids, row_index=list(range(len(token_ids))), rows=rows)
+    return PromptBatch(token_ids=token_ids, row_index=list(range(len(token_ids))), rows=rows,
+                       keys=list(range(len(token_ids))))
 
 
 def model_sampler(model, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,

@@ -117,7 +117,7 @@ def test_dataset_answers_are_found_by_row_so_duplicate_prompts_keep_their_own(tm
     tokenizer = build_tokenizer()
     prompts = load_prompts(str(path), "data.train", tokenizer, 64)
     assert prompts.token_ids[0] == prompts.token_ids[1]
-    batch = DatasetAnswers(prompts, tokenizer, 8, torch.device("cpu")).sample(prompts.batch([1, 0]), 2, torch.Generator())
+    batch = DatasetAnswers(prompts, tokenizer, 8, torch.device("cpu")).sample(prompts.batch([1, 0]), 2, 0)
     texts = [tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
              for ids, mask in zip(batch.completion_ids, batch.completion_mask)]
     assert texts == ["#### 3", "#### 3", "#### 2", "#### 2"]

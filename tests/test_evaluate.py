@@ -20,7 +20,7 @@ class ScriptedSampler:
     def __init__(self, tokenizer, texts: list[str]):
         self.tokenizer, self.texts = tokenizer, list(texts)
 
-    def sample(self, prompts: PromptBatch, samples_per_prompt, generator):
+    def sample(self, prompts: PromptBatch, samples_per_prompt, seed):
         rows = [self.tokenizer(self.texts.pop(0))["input_ids"] + [self.tokenizer.eos_token_id]
                 for _ in range(len(prompts) * samples_per_prompt)]
         prompt_ids, prompt_mask = left_pad([p for p in prompts.token_ids for _ in range(samples_per_prompt)], 0,
@@ -45,7 +45,7 @@ def test_pass_at_1_and_pass_at_k_are_counted_per_prompt():
     # prompt 0: 1 of 3 correct; prompt 1: none correct; prompt 2: not checkable.
     texts = ["#### 3", "#### 2", "#### 9", "#### 1", "#### 5", "#### 6", "#### 7", "#### 8", "#### 9"]
     metrics = evaluate(ScriptedSampler(tokenizer, texts), None, prompts, tokenizer, samples_per_prompt=3,
-                       batch_prompts=2, generator=torch.Generator())
+                       batch_prompts=2, seed=0)
     assert metrics["eval/accuracy"] == pytest.approx(1 / 6)
     assert metrics["eval/pass@3"] == pytest.approx(1 / 2)
     assert metrics["eval/generation/avg_length"] == pytest.approx(3.0)  # "####", number, EOS

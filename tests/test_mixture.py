@@ -12,12 +12,12 @@ from safetensors.torch import load_file
 from opd import losses
 from opd.batch import DATASET, STUDENT, TEACHER, TokenChunk
 from opd.config import ConfigError, validate
-from opd.objectives import BySource, Divergence, NegativeLogLikelihood, PolicyGradient
+from opd.objectives import BySource, NegativeLogLikelihood, PolicyGradient
 from opd.setup import prepare
 from opd.sinks import read_metrics
 from opd.trainer import train, train_step
 
-from test_trainer import assert_same_weights, final_weights, one_step
+from test_trainer import assert_same_weights, one_step
 
 
 def mixed(tiny_config, **rollout) -> dict:
@@ -49,7 +49,7 @@ def test_a_mixed_step_has_rows_of_both_sources_and_metrics_split_by_source(tiny_
     config = validate(raw)
     session = prepare(config, resume=False, log=lambda *_: None)
     prompts = session.train_prompts.batch([0, 1, 2, 3])
-    batch = session.rollouts.sample(prompts, 2, session.generator, step=1)
+    batch = session.rollouts.sample(prompts, 2, 0, step=1)
     off_id = {"teacher": TEACHER, "dataset": DATASET}[off_source]
     assert batch.row_sources().tolist() == [STUDENT] * 4 + [off_id] * 4  # 2 prompts each, their samples together
     assert batch.row_index.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]

@@ -48,7 +48,7 @@ def prompts(tokenizer):
 def test_sampler_logprobs_are_those_of_the_sampling_distribution(models, temperature, top_k, top_p):
     student = models["student"]
     sampler = model_sampler(student, 12, temperature=temperature, top_k=top_k, top_p=top_p)
-    rollouts = sampler.sample(prompt_batch(prompts(student.tokenizer)), 3, torch.Generator().manual_seed(0))
+    rollouts = sampler.sample(prompt_batch(prompts(student.tokenizer)), 3, 0)
     reference = recompute_logprobs(student, rollouts, temperature, top_k, top_p)
     torch.testing.assert_close(rollouts.sampler_logprobs, reference * rollouts.completion_mask, atol=2e-5, rtol=0)
     if temperature != 1.0:  # scoring at 1.0 instead would describe another distribution (ArcticTraining #344)
@@ -69,7 +69,7 @@ def test_draw_follows_the_softmax_and_returns_its_log_probabilities(vocab):
     draws = 40_000  # per row
     counts = torch.zeros_like(probs)
     for _ in range(draws // 1000):
-        tokens, logprobs, entropy = draw(logits.repeat_interleave(1000, 0), generator)
+        tokens, logprobs, entropy = draw(logits.repeat_interleave(1000, 0), torch.rand(4000, generator=generator))
         rows = torch.arange(4).repeat_interleave(1000)
         counts.index_put_((rows, tokens), torch.ones(len(tokens)), accumulate=True)
         torch.testing.assert_close(logprobs, probs.log()[rows, tokens], atol=1e-5, rtol=1e-5)
@@ -83,13 +83,12 @@ def test_draw_follows_the_softmax_and_returns_its_log_probabilities(vocab):
     assert counts[3, -1] == draws
 
 
-def test_a_draw_at_the_very_top_of_the_cdf_takes_the_last_token_with_mass(monkeypatch):
+def test_a_draw_at_the_very_top_of_the_cdf_takes_the_last_token_with_mass():
     """A uniform number of 1 (which rounding can produce) lands past the CDF's end; the tokens at the end
     of the vocabulary have probability 0 here, so the draw must step back to the last one that doesn't."""
     logits = torch.zeros(2, 10)
     logits[0, 7:] = float("-inf")
-    monkeypatch.setattr(torch, "rand", lambda *shape, **kwargs: torch.ones(*shape, dtype=kwargs.get("dtype")))
-    tokens, logprobs, _ = draw(logits, torch.Generator())
+    tokens, logprobs, _ = draw(logits, torch.ones(2, dtype=torch.float64))
     assert tokens.tolist() == [6, 9]
     torch.testing.assert_close(logprobs, torch.tensor([-math.log(7), -math.log(10)]))
 
@@ -108,7 +107,7 @@ def sample_with_early_eos(models):
 
     handle = head.register_forward_hook(favour_eos)
     try:
-        return model_sampler(student, 12).sample(prompt_batch(prompts(student.tokenizer)), 8, torch.Generator().manual_seed(3))
+        return model_sampler(student, 12).sample(prompt_batch(prompts(student.tokenizer)), 8, 3)
     finally:
         handle.remove()
 
@@ -170,8 +169,8 @@ def test_left_padding_keeps_positions(models):
     sampler = model_sampler(student, 6)
     short, long = prompts(student.tokenizer)[1], prompts(student.tokenizer)[0]
     assert len(long) > len(short)
-    together = sampler.sample(prompt_batch([long, short]), 1, torch.Generator().manual_seed(0))
-    alone = sampler.sample(prompt_batch([short]), 1, torch.Generator().manual_seed(0))
+    together = sampler.sample(prompt_batch([long, short]), 1, 0)
+    alone = sampler.sample(prompt_batch([short]), 1, 0)
     # Same completion tokens for the short prompt, scored alone and padded:
     forced = alone.replace(completion_ids=together.completion_ids[1:], completion_mask=together.completion_mask[1:],
                            sampler_logprobs=together.sampler_logprobs[1:], finished=together.finished[1:])
@@ -193,7 +192,7 @@ def test_padding_rows_of_the_embedding_are_ignored(models):
         saved = head.weight[-1].clone()
         head.weight[-1] = 50 * head.weight.abs().max()
     try:
-        rollouts = model_sampler(teacher, 6).sample(prompt_batch(prompts(teacher.tokenizer)), 4, torch.Generator().manual_seed(0))
+        rollouts = model_sampler(teacher, 6).sample(prompt_batch(prompts(teacher.tokenizer)), 4, 0)
     finally:
         with torch.no_grad():
             head.weight[-1] = saved
@@ -241,7 +240,7 @@ def test_sampling_stops_at_every_stop_token_of_the_generation_config(models):
 
     handle = student.model.get_output_embeddings().register_forward_hook(favour_stop)
     try:
-        rollouts = model_sampler(student, 12).sample(prompt_batch(prompts(student.tokenizer)), 6, torch.Generator().manual_seed(0))
+        rollouts = model_sampler(student, 12).sample(prompt_batch(prompts(student.tokenizer)), 6, 0)
     finally:
         handle.remove()
         student.model.generation_config.eos_token_id = original
@@ -256,7 +255,7 @@ def test_sampling_stops_at_every_stop_token_of_the_generation_config(models):
 def test_bf16_sampling_uses_a_copy_of_the_current_master_weights(tiny_models):
     student = load_model(str(tiny_models["student"]), "student", CPU.device)  # fp32 master weights
     sampler = model_sampler(student, 12, precision=Precision(CPU.device, torch.bfloat16), low_precision_copy=True)
-    rollouts = sampler.sample(prompt_batch(prompts(student.tokenizer)), 3, torch.Generator().manual_seed(0))
+    rollouts = sampler.sample(prompt_batch(prompts(student.tokenizer)), 3, 0)
     # ℓˢ is the bf16 model's: close to the fp32 recompute of the same tokens, within bf16 rounding.
     reference = recompute_logprobs(student, rollouts, 1.0) * rollouts.completion_mask
     difference = (rollouts.sampler_logprobs - reference).abs()
@@ -295,3 +294,28 @@ def test_micro_batches_of_different_lengths_give_the_whole_batch_gradient(models
     split_loss, split = gradient_of(student, teacher, rollouts, objective, 4, chunk_size=7)
     assert split_loss == pytest.approx(whole_loss, rel=1e-5)
     torch.testing.assert_close(split, whole, atol=1e-6, rtol=1e-4)
+
+
+def test_a_prompts_samples_depend_on_its_key_not_on_the_batch_it_is_in(models):
+    """Each prompt draws from the stream of (seed, its key): sampled beside other prompts or alone, in
+    another order, it gives the same tokens and log-probs. This is what makes 2 ranks x P prompts equal
+    1 rank x 2P prompts. Another key gives other samples."""
+    student = models["student"]
+    first, second = prompts(student.tokenizer)
+    sampler = model_sampler(student, 10)
+
+    def keyed(token_ids, keys):
+        batch = prompt_batch(token_ids)
+        batch.keys = keys
+        return sampler.sample(batch, 3, seed=7)
+
+    together = keyed([first, second], [5, 9])
+    alone = keyed([second], [9])
+    swapped = keyed([second, first], [9, 5])
+    for part, rows in ((alone, slice(0, 3)), (swapped, slice(0, 3))):
+        width = int(together.completion_mask[3:].sum(1).max())
+        assert torch.equal(part.completion_ids[rows, :width], together.completion_ids[3:, :width])
+        torch.testing.assert_close(part.sampler_logprobs[rows, :width], together.sampler_logprobs[3:, :width],
+                                   atol=1e-5, rtol=0)
+    other_key = keyed([second], [10])
+    assert not torch.equal(other_key.completion_ids, alone.completion_ids)

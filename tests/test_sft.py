@@ -30,7 +30,7 @@ def reference_nll(model, rollouts) -> float:
 def test_dataset_rollouts_are_the_answers_and_the_loss_is_their_nll(tiny_config):
     session = prepare(validate(sft_config(tiny_config)), resume=False, log=lambda *_: None)
     tokenizer = session.student.tokenizer
-    rollouts = session.rollouts.primary.sample(session.train_prompts.batch([0, 1]), 2, session.generator)
+    rollouts = session.rollouts.primary.sample(session.train_prompts.batch([0, 1]), 2, 0)
     first_answer = session.train_prompts.answers[0]
     expected = tokenizer(first_answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     length = int(rollouts.completion_mask[0].sum())
@@ -45,7 +45,7 @@ def test_dataset_rollouts_are_the_answers_and_the_loss_is_their_nll(tiny_config)
 
 def test_long_answers_are_cut_and_marked_unfinished(tiny_config):
     session = prepare(validate(sft_config(tiny_config, max_new_tokens=5)), resume=False, log=lambda *_: None)
-    rollouts = session.rollouts.primary.sample(session.train_prompts.batch([0, 1, 2]), 1, session.generator)
+    rollouts = session.rollouts.primary.sample(session.train_prompts.batch([0, 1, 2]), 1, 0)
     assert rollouts.completion_ids.shape[1] == 5 and not rollouts.finished.any()
     assert (rollouts.completion_ids != session.student.tokenizer.eos_token_id).all()
 
@@ -53,7 +53,7 @@ def test_long_answers_are_cut_and_marked_unfinished(tiny_config):
 def test_teacher_rollouts_carry_the_teachers_own_logprobs(tiny_config):
     config = validate(sft_config(tiny_config, source="teacher"))
     session = prepare(config, resume=False, log=lambda *_: None)
-    rollouts = session.rollouts.primary.sample(session.train_prompts.batch([0, 1]), 2, session.generator)
+    rollouts = session.rollouts.primary.sample(session.train_prompts.batch([0, 1]), 2, 0)
     torch.testing.assert_close(rollouts.sampler_logprobs, session.teacher.score(rollouts).logprobs, atol=2e-5, rtol=0)
 
 
@@ -127,7 +127,7 @@ def test_teacher_samples_are_scored_again_only_under_another_distribution(tiny_c
     raw["teacher"] = {**raw["teacher"], "temperature": teacher_temperature}
     config = validate(raw)
     session = prepare(config, resume=False, log=lambda *_: None)
-    rollouts = session.rollouts.primary.sample(session.train_prompts.batch([0, 1]), 2, session.generator)
+    rollouts = session.rollouts.primary.sample(session.train_prompts.batch([0, 1]), 2, 0)
     forwards = []
     original = session.teacher.score
     monkeypatch.setattr(session.teacher, "score", lambda *a, **k: forwards.append(1) or original(*a, **k))

@@ -37,7 +37,7 @@ class DatasetAnswers:
     def sampling_flops(self, batch: StepBatch) -> float:
         return 0.0  # no model ran
 
-    def sample(self, prompts: PromptBatch, samples_per_prompt: int, generator: torch.Generator) -> StepBatch:
+    def sample(self, prompts: PromptBatch, samples_per_prompt: int, seed: int) -> StepBatch:
         def each(values: list) -> list:  # one entry per row: a prompt's samples are consecutive
             return [value for value in values for _ in range(samples_per_prompt)]
 

@@ -52,17 +52,17 @@ def save_model(student: LoadedModel, folder: Path) -> Path:
     return _write_atomically(folder, lambda temporary: _write_model(student, temporary))
 
 
-def rng_state(sampler_generator: torch.Generator) -> dict[str, Any]:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(), "sampler": sampler_generator.get_state()}
+def rng_state() -> dict[str, Any]:
+    """Global random states. Sampling needs none: its draws are keyed by the prompts' stream positions."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def restore_rng(state: dict[str, Any], sampler_generator: torch.Generator) -> None:
+def restore_rng(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-    sampler_generator.set_state(state["sampler"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -73,7 +73,6 @@ def save_checkpoint(
     student: LoadedModel,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    sampler_generator: torch.Generator,
     prompts_consumed: int,
     flops: float = 0.0,
     guard_state: dict | None = None,
@@ -83,7 +82,7 @@ def save_checkpoint(
         "step": step,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "rng": rng_state(sampler_generator),
+        "rng": rng_state(),
         "prompts_consumed": prompts_consumed,
         "flops": flops,
     }

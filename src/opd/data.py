@@ -35,19 +35,22 @@ class Example:
 
 @dataclass
 class PromptBatch:
-    """Prompts for one sampling call: token ids, and where each came from (its PromptSet position and row)."""
+    """Prompts for one sampling call: token ids, where each came from (its PromptSet position and row),
+    and each prompt's random-stream key. The key names the prompt's draw in the whole run (its position
+    in the prompt stream), so its samples are the same whichever rank or micro-batch it lands in."""
 
     token_ids: list[list[int]]
     row_index: list[int]
     rows: list[Example]
+    keys: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.token_ids)
 
     def split(self, count: int) -> tuple["PromptBatch", "PromptBatch"]:
         """The first `count` prompts, and the rest."""
-        return (PromptBatch(self.token_ids[:count], self.row_index[:count], self.rows[:count]),
-                PromptBatch(self.token_ids[count:], self.row_index[count:], self.rows[count:]))
+        return (PromptBatch(self.token_ids[:count], self.row_index[:count], self.rows[:count], self.keys[:count]),
+                PromptBatch(self.token_ids[count:], self.row_index[count:], self.rows[count:], self.keys[count:]))
 
 
 @dataclass
@@ -66,8 +69,10 @@ class PromptSet:
     def answers(self) -> list[str | None]:
         return [example.answer for example in self.examples]
 
-    def batch(self, indices: list[int]) -> PromptBatch:
-        return PromptBatch([self.token_ids[i] for i in indices], list(indices), [self.examples[i] for i in indices])
+    def batch(self, indices: list[int], keys: list[int] | None = None) -> PromptBatch:
+        """Prompts at `indices`; their random-stream keys default to the indices (held-out sets)."""
+        return PromptBatch([self.token_ids[i] for i in indices], list(indices), [self.examples[i] for i in indices],
+                           list(indices) if keys is None else list(keys))
 
 
 def read_jsonl(path: str | Path, key: str) -> list[Example]:
@@ -226,11 +231,16 @@ class PromptStream:
 
     def take(self, count: int, rank: int = 0, world_size: int = 1) -> list[int]:
         """The next step's indices for `rank`: `count` per rank, `count * world_size` in all."""
+        return self.take_keyed(count, rank, world_size)[0]
+
+    def take_keyed(self, count: int, rank: int = 0, world_size: int = 1) -> tuple[list[int], list[int]]:
+        """As take, with each prompt's position in the stream: a key that names the draw in the whole
+        run, whatever the world size (the random stream of its samples)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside a world of {world_size}")
-        indices = []
-        for position in range(self.consumed, self.consumed + count * world_size):
+        indices, positions = [], list(range(self.consumed, self.consumed + count * world_size))
+        for position in positions:
             epoch, offset = divmod(position, self.size)
             indices.append(self._order(epoch)[offset])
         self.consumed += count * world_size
-        return indices[rank::world_size]
+        return indices[rank::world_size], positions[rank::world_size]

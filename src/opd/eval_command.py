@@ -3,7 +3,6 @@ Models are built by `opd.factory`, as `opd train` builds them."""
 
 from __future__ import annotations
 
-import torch
 
 from opd.data import load_prompts
 from opd.evaluate import evaluate
@@ -38,6 +37,6 @@ def evaluate_model(
         teacher = load_teacher(teacher_path, "--teacher", precision)
     sampler = make_sampler(student, SamplingSettings(max_new_tokens, temperature), precision)
     metrics = evaluate(sampler, teacher, prompts, student.tokenizer, samples, max(1, batch_rollouts // samples),
-                       torch.Generator(device=precision.device).manual_seed(seed), max_prompts)
+                       seed, max_prompts)
     metrics["eval/prompts"] = min(len(prompts), max_prompts or len(prompts))
     return metrics

@@ -1,20 +1,20 @@
 """Held-out evaluation: the training metrics under `eval/`, plus accuracy where answers are checkable.
 
 Eval samples at the training temperature (rollout.temperature, with its top-k/top-p), so eval/*
-figures measure the same distribution the trainer optimizes. Its sampler generator is re-seeded from a
-fixed seed at every evaluation, so before/after comparisons see the same random numbers. Accuracy is
+figures measure the same distribution the trainer optimizes. Each held-out prompt draws from its own
+random stream, keyed by its index and a fixed seed, so every evaluation sees the same random numbers
+(before/after comparisons share them) however the prompts are batched or split across ranks. Accuracy is
 the mean over eval.samples_per_prompt samples, i.e. pass@1 at that temperature.
 """
 
 from __future__ import annotations
 
-import math
 
-import torch
 
 from opd.batch import StepBatch
 from opd.data import PromptSet
-from opd.metrics import rollout_metrics
+from opd.distributed import World
+from opd.metrics import combine, rollout_metrics
 from opd.sampling import Sampler
 from opd.tasks.gsm8k import is_correct
 from opd.teacher import TokenScorer
@@ -34,19 +34,22 @@ def evaluate(
     tokenizer,
     samples_per_prompt: int,
     batch_prompts: int,
-    generator: torch.Generator,
+    seed: int,
     max_prompts: int | None = None,
+    world: World = World(),
 ) -> dict[str, float]:
     """Returns eval/ metrics averaged over completion tokens of all held-out rollouts.
 
-    `generator` should be freshly seeded by the caller so every evaluation draws the same numbers.
+    seed: the evaluation's sampling seed, the same at every evaluation. Under several ranks each takes
+    every world.size-th prompt and the figures are combined over ranks, token-weighted, so they equal
+    one process's (each prompt's samples come from its own keyed stream).
     """
     count = min(len(prompts), max_prompts or len(prompts))
+    mine = list(range(world.rank, count, world.size))
     token_weights: list[tuple[dict[str, float], int, int]] = []
     verdicts: dict[int, list[bool]] = {}  # prompt index -> correctness of each of its samples
-    for start in range(0, count, batch_prompts):
-        batch = sampler.sample(prompts.batch(list(range(start, min(start + batch_prompts, count)))),
-                               samples_per_prompt, generator)
+    for start in range(0, len(mine), batch_prompts):
+        batch = sampler.sample(prompts.batch(mine[start : start + batch_prompts]), samples_per_prompt, seed)
         if teacher is not None:
             batch = teacher.score(batch).attach(batch)
         token_weights.append((rollout_metrics(batch), batch.num_tokens, len(batch)))
@@ -54,25 +57,12 @@ def evaluate(
             verdict = is_correct(text, row.answer) if row.answer is not None else None
             if verdict is not None:
                 verdicts.setdefault(row_index, []).append(verdict)
-    totals = _combine(token_weights)
+    gathered = world.gather((token_weights, verdicts))
+    token_weights = [part for parts, _ in gathered for part in parts]
+    verdicts = {index: each for _, rank_verdicts in gathered for index, each in rank_verdicts.items()}
+    totals = combine(token_weights)
     if verdicts:
         totals["accuracy"] = sum(map(sum, verdicts.values())) / sum(map(len, verdicts.values()))  # pass@1
         if samples_per_prompt > 1:
             totals[f"pass@{samples_per_prompt}"] = sum(any(v) for v in verdicts.values()) / len(verdicts)
     return {f"eval/{key}": value for key, value in totals.items()}
-
-
-def _combine(parts: list[tuple[dict[str, float], int, int]]) -> dict[str, float]:
-    """Token-weighted means for per-token figures, rollout-weighted for per-sequence ones."""
-    per_sequence = ("generation/avg_length", "generation/eos_fraction")
-    combined = {}
-    for key in parts[0][0]:
-        if key.startswith("perplexity/"):
-            continue
-        weight_index = 2 if key in per_sequence else 1
-        total_weight = sum(part[weight_index] for part in parts)
-        combined[key] = sum(part[0][key] * part[weight_index] for part in parts) / max(total_weight, 1)
-    for who in ("student", "teacher"):
-        if f"logprob/{who}" in combined:
-            combined[f"perplexity/{who}"] = math.exp(-combined[f"logprob/{who}"])
-    return combined

@@ -59,3 +59,24 @@ def repetition(completion_ids: torch.Tensor, mask: torch.Tensor, n: int = REPETI
             seen.add(gram)
         total += max(len(tokens) - n + 1, 0)
     return repeated / total if total else 0.0
+
+
+def combine(parts: list[tuple[dict[str, float], int, int]]) -> dict[str, float]:
+    """Figures of several batches (or ranks) as one: parts are (figures, completion tokens, rows).
+    Token-weighted means for per-token figures, row-weighted for per-sequence ones, maxima for maxima;
+    perplexities from the combined log-probs."""
+    per_sequence = ("generation/avg_length", "generation/eos_fraction")
+    combined = {}
+    for key in parts[0][0]:
+        if key.startswith("perplexity/"):
+            continue
+        if key.endswith("max_abs_log"):
+            combined[key] = max(part[0][key] for part in parts)
+            continue
+        weight_index = 2 if key in per_sequence else 1
+        total_weight = sum(part[weight_index] for part in parts)
+        combined[key] = sum(part[0][key] * part[weight_index] for part in parts) / max(total_weight, 1)
+    for who in ("student", "teacher"):
+        if f"logprob/{who}" in combined:
+            combined[f"perplexity/{who}"] = math.exp(-combined[f"logprob/{who}"])
+    return combined

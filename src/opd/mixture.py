@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 
 from opd.batch import StepBatch
 from opd.data import PromptBatch
@@ -24,12 +23,11 @@ class RolloutMix:
         self.primary, self.secondary = primary, secondary
         self.student_fraction, self.pad_id = student_fraction, pad_id
 
-    def sample(self, prompts: PromptBatch, samples_per_prompt: int, generator: torch.Generator,
-               step: int) -> StepBatch:
+    def sample(self, prompts: PromptBatch, samples_per_prompt: int, seed: int, step: int) -> StepBatch:
         if self.secondary is None:
-            return self.primary.sample(prompts, samples_per_prompt, generator)
+            return self.primary.sample(prompts, samples_per_prompt, seed)
         own, others = prompts.split(int(self.student_fraction(step) * len(prompts) + 0.5))
-        parts = [sampler.sample(part, samples_per_prompt, generator)
+        parts = [sampler.sample(part, samples_per_prompt, seed)
                  for sampler, part in ((self.primary, own), (self.secondary, others)) if len(part)]
         return StepBatch.concat(parts, self.pad_id)
 

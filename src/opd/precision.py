@@ -14,11 +14,17 @@ import torch
 from opd.errors import ConfigError
 
 
-def resolve_device(choice: str) -> torch.device:
+def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
+    """cpu, or under torchrun this process's own GPU (LOCAL_RANK)."""
     if choice == "cuda" and not torch.cuda.is_available():
         raise ConfigError("run.device: 'cuda' was asked for but no CUDA device is available")
     if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"run.device: local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible)")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
     return torch.device(choice)
 
 
@@ -43,8 +49,8 @@ class Precision:
     autocast_dtype: torch.dtype | None = None
 
     @classmethod
-    def resolve(cls, precision: str = "auto", device: str = "auto") -> "Precision":
-        resolved = resolve_device(device)
+    def resolve(cls, precision: str = "auto", device: str = "auto", local_rank: int = 0) -> "Precision":
+        resolved = resolve_device(device, local_rank)
         return cls(resolved, resolve_autocast(precision, resolved))
 
     @property

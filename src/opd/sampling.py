@@ -25,7 +25,7 @@ from opd.precision import LowPrecisionCopy, Precision
 class Sampler(Protocol):
     """Writes a step's completions: `samples_per_prompt` rows per prompt, in prompt order."""
 
-    def sample(self, prompts: PromptBatch, samples_per_prompt: int, generator: torch.Generator) -> StepBatch: ...
+    def sample(self, prompts: PromptBatch, samples_per_prompt: int, seed: int) -> StepBatch: ...
 
     def sampling_flops(self, batch: StepBatch) -> float: ...
 
@@ -38,9 +38,23 @@ class SamplingSettings:
     top_p: float = 1.0
 
 
-def draw(logits: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One token per row of softmax(logits) (B, V) by inverse-CDF sampling with one uniform number per
-    row; returns the tokens (B,), their log-probabilities (B,) and the distribution's entropy (B,).
+def stream_seed(seed: int, key: int) -> int:
+    """A 63-bit seed for the random stream of one prompt's samples, from the run's seed and the prompt's key."""
+    return (seed * 0x9E3779B97F4A7C15 + (key + 1) * 0xBF58476D1CE4E5B9) % (2**63)
+
+
+def uniforms(prompts: PromptBatch, samples_per_prompt: int, steps: int, seed: int, device) -> torch.Tensor:
+    """(B, steps) float64 uniform numbers, one per row and decoding step, each prompt's rows from its own
+    stream (`stream_seed(seed, key)`): the draws do not depend on which prompts share the batch."""
+    rows = [torch.rand(samples_per_prompt, steps, dtype=torch.float64,
+                       generator=torch.Generator().manual_seed(stream_seed(seed, key))) for key in prompts.keys]
+    return torch.cat(rows).to(device)
+
+
+def draw(logits: torch.Tensor, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One token per row of softmax(logits) (B, V) by inverse-CDF sampling with the row's uniform number
+    uniform (B,) in [0, 1); returns the tokens (B,), their log-probabilities (B,) and the distribution's
+    entropy (B,).
 
     torch.multinomial draws an exponential number per vocabulary entry, which on a CPU costs more than
     the rest of a small model's decoding step. The CDF is summed in float64 so that even tiny
@@ -50,7 +64,7 @@ def draw(logits: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor
     weights = shifted.exp()  # (B, V) unnormalized probabilities
     cdf = weights.double().cumsum(-1)  # (B, V)
     total = cdf[:, -1:]  # (B, 1)
-    target = torch.rand(logits.shape[0], 1, generator=generator, device=logits.device, dtype=torch.float64) * total
+    target = uniform.to(torch.float64).view(-1, 1) * total
     tokens = torch.searchsorted(cdf, target, right=True).clamp(max=logits.shape[-1] - 1)  # (B, 1)
     no_mass = weights.gather(-1, tokens) == 0  # (B, 1)
     if bool(no_mass.any()):  # rounding put the target at the very top: the last token with mass then
@@ -98,7 +112,8 @@ class ModelSampler:
         return self._copy.current() if self._copy is not None else self.policy.model
 
     @torch.no_grad()
-    def sample(self, prompts: PromptBatch, samples_per_prompt: int, generator: torch.Generator) -> StepBatch:
+    def sample(self, prompts: PromptBatch, samples_per_prompt: int, seed: int) -> StepBatch:
+        """seed: the run's sampling seed; with each prompt's key it fixes that prompt's draws."""
         model, tokenizer, settings = self.sampling_model(), self.policy.tokenizer, self.settings
         if self._decoder is None or self._decoder.model is not model:
             self._decoder = make_decoder(model)
@@ -118,9 +133,10 @@ class ModelSampler:
         entropies = torch.zeros((batch, settings.max_new_tokens), device=device)  # (B, T)
         live = torch.zeros((batch, settings.max_new_tokens), dtype=torch.long, device=device)  # (B, T)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,)
+        random = uniforms(prompts, samples_per_prompt, settings.max_new_tokens, seed, device)  # (B, T)
         for t in range(settings.max_new_tokens):
             logits = process_logits(logits, settings.temperature, settings.top_k, settings.top_p)  # (B, V)
-            next_token, next_logprob, entropy = draw(logits, generator)  # (B,) each
+            next_token, next_logprob, entropy = draw(logits, random[:, t])  # (B,) each
             if not bool(torch.isfinite(next_logprob).all()):  # NaN or +inf logits make the whole row NaN
                 raise TrainingDiverged("the sampling model's logits are not finite")
             live[:, t] = (~finished).long()

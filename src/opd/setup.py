@@ -19,6 +19,7 @@ from opd.answers import DatasetAnswers
 from opd.checkpoint import latest_checkpoint, load_trainer_state, restore_rng
 from opd.config import Config, dump_config
 from opd.data import PromptSet, PromptStream, load_prompts
+from opd.distributed import World
 from opd.errors import ConfigError
 from opd.factory import load_teacher, make_rollouts, make_sampler, sampling_settings
 from opd.flops import matmul_parameters
@@ -37,6 +38,7 @@ from opd.update import tokens_per_chunk
 @dataclass
 class Session:
     output_dir: Path
+    world: World
     precision: Precision
     student: LoadedModel
     teacher: LocalTeacher | None  # None only in SFT on the data set's answers without a teacher
@@ -49,7 +51,6 @@ class Session:
     train_prompts: PromptSet
     eval_prompts: PromptSet | None
     stream: PromptStream
-    generator: torch.Generator
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     guard: CollapseGuard
@@ -141,10 +142,17 @@ def _check_context(model: LoadedModel, key: str, config: Config) -> None:
         )
 
 
-def prepare(config: Config, resume: bool, log=print) -> Session:
+def prepare(config: Config, resume: bool, log=print, world: World | None = None) -> Session:
+    """Check, load and build everything for a run. world: the torchrun world (default: from the
+    environment; a world of one without torchrun). Only rank 0 writes to the run directory."""
+    world = world or World.from_environment()
     output_dir = Path(config.run.output_dir)
     check_output_dir(output_dir, resume)
-    precision = Precision.resolve(config.run.precision, config.run.device)
+    if config.batch.prompts_per_step % world.size:
+        raise ConfigError(f"batch.prompts_per_step={config.batch.prompts_per_step} does not divide by the "
+                          f"world size {world.size}: each rank takes an equal share of a step's prompts")
+    precision = Precision.resolve(config.run.precision, config.run.device, world.local_rank)
+    world.start(precision.device)
     if precision.device.type == "cpu":
         keep_freed_memory()
     check_trackers(config.run.report_to)
@@ -187,7 +195,6 @@ def prepare(config: Config, resume: bool, log=print) -> Session:
         weight_decay=config.optim.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config))
-    generator = torch.Generator(device=precision.device).manual_seed(config.run.seed)
     stream = PromptStream(len(train_prompts), config.run.seed, config.data.shuffle)
 
     run = config.run
@@ -198,7 +205,7 @@ def prepare(config: Config, resume: bool, log=print) -> Session:
         state = load_trainer_state(checkpoint)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        restore_rng(state["rng"], generator)
+        restore_rng(state["rng"])
         stream.consumed = state["prompts_consumed"]
         start_flops = state.get("flops", 0.0)
         start_step = state["step"]
@@ -208,18 +215,20 @@ def prepare(config: Config, resume: bool, log=print) -> Session:
     elif resume:
         log(f"no complete checkpoint in '{output_dir}'; starting from step 0")
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(dump_config(config))
-    shutil.rmtree(output_dir / "final", ignore_errors=True)  # only a finished run may show a final model
+    world.barrier()  # every rank has checked the run directory before rank 0 writes to it
+    if world.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(dump_config(config))
+        shutil.rmtree(output_dir / "final", ignore_errors=True)  # only a finished run may show a final model
     student_sampler = make_sampler(student, sampling_settings(config.rollout), precision)
     return Session(
-        output_dir=output_dir, precision=precision, student=student, teacher=teacher,
+        output_dir=output_dir, world=world, precision=precision, student=student, teacher=teacher,
         objective=build_objective(config),
         rollouts=make_rollouts(config, student_sampler, teacher, train_prompts, precision),
         student_sampler=student_sampler,
         scored_by_sampler=sampled_by_teacher_distribution(config),
         chunk_size=tokens_per_chunk(config.loss.chunk_size, student.vocab_size),
         student_params=matmul_parameters(student.model),
-        train_prompts=train_prompts, eval_prompts=eval_prompts, stream=stream, generator=generator,
+        train_prompts=train_prompts, eval_prompts=eval_prompts, stream=stream,
         optimizer=optimizer, scheduler=scheduler, guard=guard, start_step=start_step, start_flops=start_flops,
     )

@@ -108,11 +108,14 @@ class WandbTracker:
 class MetricSinks:
     """metrics.jsonl plus the trackers `run.report_to` names; write() sends one row to each."""
 
-    def __init__(self, config: Config, output_dir: Path, start_step: int):
-        self.jsonl = MetricsLog(output_dir / "metrics.jsonl", start_step)
+    def __init__(self, config: Config, output_dir: Path, start_step: int, enabled: bool = True):
+        """enabled: False on every rank but the first, which alone writes."""
+        self.jsonl = MetricsLog(output_dir / "metrics.jsonl", start_step) if enabled else None
+        self.trackers: list[Tracker] = []
+        if not enabled:
+            return
         makers = {"tensorboard": lambda: TensorBoardTracker(output_dir, start_step),
                   "wandb": lambda: WandbTracker(config, output_dir)}
-        self.trackers: list[Tracker] = []
         for name in config.run.report_to:
             try:
                 self.trackers.append(makers[name]())
@@ -121,6 +124,8 @@ class MetricSinks:
                 raise ConfigError(f"run.report_to: {name} failed to start: {type(exc).__name__}: {exc}") from None
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
+        if self.jsonl is None:
+            return
         self.jsonl.write(step, metrics)
         for tracker in self.trackers:
             tracker.log(step, metrics)

@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from opd.batch import SOURCE_NAMES, STUDENT, StepBatch
 from opd.checkpoint import latest_checkpoint, save_checkpoint, save_model
@@ -22,7 +21,8 @@ from opd.config import FULL_DISTRIBUTION, Config
 from opd.errors import StudentCollapsed, TrainingDiverged
 from opd.evaluate import evaluate
 from opd.flops import step_flops
-from opd.metrics import rollout_metrics
+from opd.distributed import World
+from opd.metrics import combine, rollout_metrics
 from opd.progress import ProgressBar
 from opd.setup import Session, prepare
 from opd.sinks import MetricSinks
@@ -43,11 +43,14 @@ class TrainResult:
 def train(config: Config, resume: bool = False, log=print, time_limit_s: float | None = None) -> TrainResult:
     """Run (or with resume, continue) a run. time_limit_s: stop after the step during which that much
     training time has passed, and write final/ as usual (for equal-time benchmarks)."""
-    session = prepare(config, resume=resume, log=log)
+    world = World.from_environment()
+    main = world.is_main  # rank 0 alone writes metrics, checkpoints and final/, and speaks
+    log = log if main else (lambda *_: None)
+    session = prepare(config, resume=resume, log=log, world=world)
     run = config.run
-    sinks = MetricSinks(config, session.output_dir, session.start_step)
+    sinks = MetricSinks(config, session.output_dir, session.start_step, enabled=main)
     first_eval = last_eval = {}
-    progress = ProgressBar(run.max_steps, session.start_step, enabled=run.progress)
+    progress = ProgressBar(run.max_steps, session.start_step, enabled=run.progress and main)
     step, flops = session.start_step, session.start_flops
     try:
         if session.start_step == 0 and session.eval_prompts is not None:
@@ -59,17 +62,17 @@ def train(config: Config, resume: bool = False, log=print, time_limit_s: float |
             metrics, step_cost = train_step(session, config, step, log)
             flops += step_cost
             metrics["compute/flops"] = flops
-            last_step = step == run.max_steps or (
-                time_limit_s is not None and time.perf_counter() - loop_started >= time_limit_s)
+            last_step = step == run.max_steps or (  # the slowest rank decides, so all stop together
+                time_limit_s is not None and world.max(time.perf_counter() - loop_started) >= time_limit_s)
             if session.eval_prompts is not None and ((run.eval_every and step % run.eval_every == 0) or last_step):
                 last_eval = run_eval(session, config)
                 metrics.update(last_eval)
             if step % run.log_every == 0 or last_step or "eval/distill/reverse_kl" in metrics:
                 sinks.write(step, metrics)
             progress.update(step, metrics)
-            if run.save_every and step % run.save_every == 0:
+            if run.save_every and step % run.save_every == 0 and main:
                 save_checkpoint(session.output_dir, step, session.student, session.optimizer, session.scheduler,
-                                session.generator, session.stream.consumed, flops, session.guard.state_dict())
+                                session.stream.consumed, flops, session.guard.state_dict())
             if last_step:
                 break
     except TrainingDiverged as exc:
@@ -78,7 +81,10 @@ def train(config: Config, resume: bool = False, log=print, time_limit_s: float |
     finally:
         progress.close()
         sinks.close()
-    save_model(session.student, session.output_dir / "final")
+    if main:
+        save_model(session.student, session.output_dir / "final")
+    world.barrier()  # no rank leaves before final/ is complete
+    world.close()
     return TrainResult(session.output_dir, first_eval, last_eval, step - session.start_step)
 
 
@@ -86,12 +92,14 @@ def train_step(session: Session, config: Config, step: int, log=print) -> tuple[
     """One optimizer step: sample, score, check for collapse, update. Returns the step's metrics and FLOPs.
     Raises StudentCollapsed, before the update, when the guard fires under run.collapse_guard: stop."""
     started = time.perf_counter()
-    prompts = session.train_prompts.batch(session.stream.take(config.batch.prompts_per_step))
-    batch = session.rollouts.sample(prompts, config.rollout.samples_per_prompt, session.generator, step)
+    world = session.world
+    share = config.batch.prompts_per_step // world.size
+    prompts = session.train_prompts.batch(*session.stream.take_keyed(share, world.rank, world.size))
+    batch = session.rollouts.sample(prompts, config.rollout.samples_per_prompt, config.run.seed, step)
     sampled = time.perf_counter()
     batch, teacher_flops = score(session, batch)
     scored = time.perf_counter()
-    metrics = sample_metrics(config, batch)
+    metrics = sample_metrics(config, batch, world)
     alarm = session.guard.check(step, metrics)
     if alarm and config.run.collapse_guard == "stop":
         raise StudentCollapsed(f"{alarm}; stopped without applying the update")
@@ -103,10 +111,11 @@ def train_step(session: Session, config: Config, step: int, log=print) -> tuple[
     metrics.update(update_metrics(config, update))
     metrics.update({
         "timing/rollout_s": sampled - started, "timing/teacher_s": scored - sampled,
-        "timing/update_s": finished - scored, "throughput/tokens_per_s": batch.num_tokens / (finished - started),
-        **costs,
+        "timing/update_s": finished - scored,
+        "throughput/tokens_per_s": world.sum(batch.num_tokens) / world.max(finished - started),
+        **{key: world.sum(value) for key, value in costs.items()},
     })
-    return metrics, sum(costs.values())
+    return metrics, sum(metrics[key] for key in costs)
 
 
 def score(session: Session, batch: StepBatch) -> tuple[StepBatch, float]:
@@ -120,24 +129,29 @@ def score(session: Session, batch: StepBatch) -> tuple[StepBatch, float]:
     return scores.attach(batch), session.teacher.scoring_flops(batch)
 
 
-def sample_metrics(config: Config, batch: StepBatch) -> dict[str, float]:
-    """The figures of the step's samples, before the update: the rows of `rollout.source` under the
-    plain names, a mixture's other rows under `from_SOURCE/`. Figures that describe the student's own
-    sampling (ℓˢ, entropy/student, the reverse-KL estimate) are left out for rows it did not sample;
-    update_metrics adds the student's log-prob of those tokens."""
-    metrics = {}
-    primary = SOURCE_IDS[config.rollout.source]
+def sample_metrics(config: Config, batch: StepBatch, world: World) -> dict[str, float]:
+    """The figures of the step's samples, before the update, over every rank's rows: the rows of
+    `rollout.source` under the plain names, a mixture's other rows under `from_SOURCE/`. Figures that
+    describe the student's own sampling (ℓˢ, entropy/student, the reverse-KL estimate) are left out
+    for rows it did not sample; update_metrics adds the student's log-prob of those tokens."""
+    parts = {}  # source -> (figures, completion tokens, rows) of this rank
     for source in sorted(set(batch.row_sources().tolist())):
         rows = batch.rows_from(source)
         part = batch if len(rows) == len(batch) else batch.select(rows)
-        prefix = "" if source == primary else f"from_{SOURCE_NAMES[source]}/"
-        figures = rollout_metrics(part, prefix)
+        figures = rollout_metrics(part)
         if source != STUDENT:
             for name in ("distill/reverse_kl", "logprob/student", "perplexity/student", "entropy/student"):
-                figures.pop(prefix + name, None)
+                figures.pop(name, None)
+        parts[source] = (figures, part.num_tokens, len(rows))
+    gathered = world.gather(parts)
+    all_rows = sum(rows for rank_parts in gathered for _, _, rows in rank_parts.values())
+    metrics, primary = {}, SOURCE_IDS[config.rollout.source]
+    for source in sorted({source for rank_parts in gathered for source in rank_parts}):
+        pieces = [rank_parts[source] for rank_parts in gathered if source in rank_parts]
+        prefix = "" if source == primary else f"from_{SOURCE_NAMES[source]}/"
+        metrics.update({prefix + key: value for key, value in combine(pieces).items()})
         if prefix:
-            figures[prefix + "rows_fraction"] = len(rows) / len(batch)
-        metrics.update(figures)
+            metrics[prefix + "rows_fraction"] = sum(rows for _, _, rows in pieces) / all_rows
     return metrics
 
 
@@ -154,13 +168,12 @@ def update_metrics(config: Config, update: dict[str, float]) -> dict[str, float]
 
 
 def run_eval(session: Session, config: Config) -> dict[str, float]:
-    generator = torch.Generator(device=session.precision.device).manual_seed(config.run.seed + 1)
     return evaluate(
         session.student_sampler, session.teacher, session.eval_prompts, session.student.tokenizer,
         samples_per_prompt=config.rollout.eval_samples_per_prompt,
-        # As many rollouts per sampling call as a training step makes.
-        batch_prompts=max(1, rollouts_per_step(config) // config.rollout.eval_samples_per_prompt),
-        generator=generator, max_prompts=config.data.eval_max_prompts,
+        # As many rollouts per sampling call as a training step makes on a rank.
+        batch_prompts=max(1, rollouts_per_step(config) // session.world.size // config.rollout.eval_samples_per_prompt),
+        seed=config.run.seed + 1, max_prompts=config.data.eval_max_prompts, world=session.world,
     )
 
 

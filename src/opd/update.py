@@ -92,18 +92,22 @@ def update_student(session, config, batch: StepBatch) -> dict[str, float]:
 
     session: an opd.setup.Session; batch: the step's scored batch. Returns loss, grad_norm, lr, the
     student's mean log-prob of each source's tokens (student_logprob/SOURCE), and where the student
-    sampled the importance-ratio figures ratio/far_fraction and ratio/max_abs_log. Raises TrainingDiverged, before touching the
-    weights, when the loss or gradient norm is not finite.
+    sampled the importance-ratio figures ratio/far_fraction and ratio/max_abs_log, all over every rank.
+    Raises TrainingDiverged, before touching the weights, when the loss or gradient norm is not finite:
+    both are global, so every rank stops at the same step.
     """
+    world = session.world
     batch = session.objective.prepare(batch)
     session.optimizer.zero_grad(set_to_none=True)
     micro = config.batch.micro_batch_size
+    step_tokens = world.sum(batch.num_tokens)  # every rank's tokens: the one normalizer of the step
     results = [
         backward_micro_batch(session.student, session.teacher, batch.select(slice(row, row + micro)), session.objective,
-                             batch.num_tokens, session.chunk_size, session.precision)
+                             step_tokens, session.chunk_size, session.precision)
         for row in range(0, len(batch), micro)
     ]
-    loss = sum(result.loss for result in results)
+    world.sum_gradients(session.student.model.parameters())
+    loss = world.sum(sum(result.loss for result in results))
     parameters = session.student.model.parameters()
     grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, config.optim.max_grad_norm or math.inf))
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -111,13 +115,13 @@ def update_student(session, config, batch: StepBatch) -> dict[str, float]:
     lr = session.scheduler.get_last_lr()[0]
     session.optimizer.step()
     session.scheduler.step()
-    logprob_sums = sum(result.logprob_sums for result in results)
-    token_counts = sum(result.token_counts for result in results)
+    logprob_sums = world.sum_tensor(sum(result.logprob_sums for result in results))
+    token_counts = world.sum_tensor(sum(result.token_counts for result in results))
     figures = {"loss": loss, "grad_norm": grad_norm, "lr": lr}
     for source, name in SOURCE_NAMES.items():
         if token_counts[source]:  # the student's mean log-prob of the tokens this source wrote
             figures[f"student_logprob/{name}"] = float(logprob_sums[source] / token_counts[source])
     if token_counts[STUDENT]:
-        figures["ratio/far_fraction"] = sum(result.far_tokens for result in results) / float(token_counts[STUDENT])
-        figures["ratio/max_abs_log"] = max(result.max_abs_log_ratio for result in results)
+        figures["ratio/far_fraction"] = world.sum(sum(result.far_tokens for result in results)) / float(token_counts[STUDENT])
+        figures["ratio/max_abs_log"] = world.max(max(result.max_abs_log_ratio for result in results))
     return figures

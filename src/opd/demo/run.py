@@ -12,7 +12,6 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from safetensors import safe_open
 from rich.table import Table
@@ -54,7 +53,7 @@ def teacher_accuracy(config: Config) -> float:
     prompts = load_prompts(config.data.eval, "data.eval", teacher.tokenizer, config.data.max_prompt_tokens)
     sampler = make_sampler(teacher, sampling_settings(config.rollout), precision)
     metrics = evaluate(sampler, None, prompts, teacher.tokenizer, samples_per_prompt=1, batch_prompts=256,
-                       generator=torch.Generator().manual_seed(config.run.seed + 1), max_prompts=config.data.eval_max_prompts)
+                       seed=config.run.seed + 1, max_prompts=config.data.eval_max_prompts)
     return metrics["eval/accuracy"]
 
 
