@@ -12,8 +12,9 @@ held-out problems:
 - `reverse_kl_pg`: the default objective, guard on `warn`;
 - `reverse_kl_pg`, guard on `stop`;
 - `reverse_kl_pg` + 1.0 x forward KL on the same samples (`loss.forward_kl_coef`);
-- GKD's mixture: lambda rising linearly from 0 to 1 over 60 steps, teacher samples trained with the
-  forward KL (`rollout.student_fraction_start: 0`, `student_fraction_ramp_steps: 60`).
+- GKD's mixture: lambda rising linearly from 0 to 0.5 over 50 steps, then half of each step's prompts
+  sampled by the teacher and trained with the forward KL (`rollout.student_fraction: 0.5`,
+  `student_fraction_start: 0`, `student_fraction_ramp_steps: 50`).
 Writes OUT/far_apart.md (table) and OUT/far_apart.png (curves).
 """
 
@@ -40,8 +41,8 @@ RUNS = {
     "reverse_kl_pg": {},
     "reverse_kl_pg, guard stop": {"run.collapse_guard": "stop"},
     "reverse_kl_pg + forward KL": {"loss.forward_kl_coef": 1.0},
-    "mixture, lambda 0 -> 1": {"rollout.student_fraction": 1.0, "rollout.student_fraction_start": 0.0,
-                               "rollout.student_fraction_ramp_steps": 60},
+    "mixture, lambda 0 -> 0.5": {"rollout.student_fraction": 0.5, "rollout.student_fraction_start": 0.0,
+                                 "rollout.student_fraction_ramp_steps": 50},
 }
 
 

@@ -43,13 +43,29 @@ def _write_atomically(folder: Path, write) -> Path:
 
 
 def _write_model(student: LoadedModel, folder: Path) -> None:
-    student.model.save_pretrained(folder, safe_serialization=True)
+    """The student's trained weights: the whole model, or with LoRA only its adapters (peft format)."""
+    if student.adapter is not None:
+        student.adapter.save_pretrained(folder, safe_serialization=True)
+    else:
+        student.model.save_pretrained(folder, safe_serialization=True)
     student.tokenizer.save_pretrained(folder)
 
 
 def save_model(student: LoadedModel, folder: Path) -> Path:
-    """Write the student and its tokenizer to `folder` atomically (safetensors weights)."""
-    return _write_atomically(folder, lambda temporary: _write_model(student, temporary))
+    """Write the student and its tokenizer to `folder` atomically (safetensors weights). With LoRA the
+    folder holds the merged model, loadable by from_pretrained as it is, and the adapters in adapter/.
+    Merging changes the model in place: call this when training is over."""
+
+    def write(temporary: Path) -> None:
+        if student.adapter is None:
+            _write_model(student, temporary)
+            return
+        _write_model(student, temporary / "adapter")
+        merged = student.adapter.merge_and_unload()
+        merged.save_pretrained(temporary, safe_serialization=True)
+        student.tokenizer.save_pretrained(temporary)
+
+    return _write_atomically(folder, write)
 
 
 def rng_state() -> dict[str, Any]:

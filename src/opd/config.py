@@ -69,8 +69,26 @@ class ModelConfig(_Strict):
     trust_remote_code: bool = False
 
 
+class LoraSettings(_Strict):
+    r: int = Field(16, ge=1, description="Rank of each adapter.")
+    alpha: float = Field(32.0, gt=0, description="Scale: the adapter's update is multiplied by alpha / r.")
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="Must be 0: the policy that samples must be the one trained (on-policy)."
+    )
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names (e.g. [q_proj, v_proj]) or all-linear (every linear layer but the LM head)."
+    )
+
+    @model_validator(mode="after")
+    def _no_dropout(self) -> "LoraSettings":
+        if self.dropout:
+            raise ValueError(f"student.lora.dropout={self.dropout}: opd keeps the student in eval mode so that the "
+                             "policy it trains is the one that sampled (rho = 1); adapter dropout would be ignored")
+        return self
+
+
 class StudentConfig(ModelConfig):
-    pass
+    lora: LoraSettings | None = Field(None, description="Train LoRA adapters (peft) instead of every weight.")
 
 
 class TeacherConfig(ModelConfig):

@@ -89,6 +89,8 @@ class LeanDecoder:
             and (getattr(config, "sliding_window", None) is None or getattr(config, "use_sliding_window", True) is False)
             and getattr(config, "mlp_bias", False) is False
             and getattr(config, "hidden_act", "silu") == "silu"
+            # LoRA adapters live in the modules' forwards, which this step bypasses by reading weights.
+            and not any(hasattr(module, "lora_A") for module in model.modules())
         )
 
     def _fuse_weights(self) -> None:

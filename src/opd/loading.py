@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -19,9 +20,13 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 @dataclass
 class LoadedModel:
+    """model: the Hugging Face model that every forward runs through (with LoRA, the base model with
+    its adapter layers in place); adapter: the peft wrapper that saves and merges them, or None."""
+
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     source: str
+    adapter: Any = None
 
     @property
     def vocab_size(self) -> int:

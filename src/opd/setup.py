@@ -26,6 +26,7 @@ from opd.flops import matmul_parameters
 from opd.guard import CollapseGuard
 from opd.host_memory import keep_freed_memory
 from opd.loading import LoadedModel, check_same_vocabulary, check_source, load_model, load_tokenizer
+from opd.lora import add_adapters, check_lora
 from opd.objectives import Objective, build_objective
 from opd.precision import Precision
 from opd.mixture import RolloutMix
@@ -157,6 +158,8 @@ def prepare(config: Config, resume: bool, log=print, world: World | None = None)
         keep_freed_memory()
     check_trackers(config.run.report_to)
     check_source(config.student.path, "student.path")
+    if config.student.lora is not None:
+        check_lora(config.student.lora, config.student.path, config.student.trust_remote_code)
     teacher_config = config.teacher
     if teacher_config is not None:
         check_source(teacher_config.path, "teacher.path")
@@ -179,8 +182,12 @@ def prepare(config: Config, resume: bool, log=print, world: World | None = None)
     checkpoint = latest_checkpoint(output_dir) if resume else None
     if checkpoint is not None:
         _check_resumable(output_dir, config)
-    student_source = (str(checkpoint), "resumed checkpoint") if checkpoint else (config.student.path, "student.path")
+    lora = config.student.lora
+    student_source = (str(checkpoint), "resumed checkpoint") if checkpoint and not lora else (config.student.path,
+                                                                                              "student.path")
     student = load_model(*student_source, precision.device, config.student.trust_remote_code)
+    if lora is not None:  # the base from student.path; the adapters new, or the checkpoint's
+        student = add_adapters(student, lora, saved=checkpoint)
     _check_context(student, "student.path", config)
     teacher = None
     if teacher_config is not None:
@@ -191,7 +198,7 @@ def prepare(config: Config, resume: bool, log=print, world: World | None = None)
     # On-policy: the policy that is trained must be the one that sampled, so dropout stays off.
     student.model.eval()
     optimizer = torch.optim.AdamW(
-        student.model.parameters(), lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps,
+        [parameter for parameter in student.model.parameters() if parameter.requires_grad], lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps,
         weight_decay=config.optim.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config))
