@@ -1,0 +1,95 @@
+"""Data-parallel scaling on this machine: completion tokens per second with 1 and 2 ranks (torchrun,
+gloo on CPU), and each step's communication volume.
+
+    python benchmarks/scaling.py [--steps 6] [--work runs/vs-trl/work]
+
+Models and prompts are benchmarks/vs_trl.py's (built there on first use): a 5.2M-parameter Qwen3
+student and a 23M teacher, 8 GSM8K prompts x 4 samples x up to 128 new tokens per step, fp32,
+full-vocabulary reverse KL. Each configuration is one `opd train` run; the first step is a warm-up and
+left out. With R ranks of T threads each, R x T is the machine's 2 cores in every row.
+
+Communication per step and rank, data-parallel: one all-reduce of the student's gradients (a ring
+all-reduce sends and receives 2 (R - 1) / R of the gradient bytes) plus a few scalars and the
+gathered metrics (a few kilobytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+from opd.flops import matmul_parameters
+from opd.loading import load_model
+from opd.sinks import read_metrics
+
+HERE = Path(__file__).resolve().parent
+
+
+def run(work: Path, ranks: int, threads: int, steps: int, scratch: Path) -> dict:
+    output_dir = scratch / f"ranks-{ranks}"
+    config = {
+        "run": {"output_dir": str(output_dir), "max_steps": steps, "precision": "fp32", "device": "cpu",
+                "progress": False},
+        "student": {"path": str(work / "models" / "student")},
+        "teacher": {"path": str(work / "models" / "teacher")},
+        "data": {"train": str(work / "data" / "train.jsonl"), "shuffle": False, "max_prompt_tokens": 512},
+        "rollout": {"samples_per_prompt": 4, "max_new_tokens": 128},
+        "loss": {"kind": "reverse_kl"},
+        "batch": {"prompts_per_step": 8, "micro_batch_size": 32},
+        "optim": {"lr": 1e-3, "schedule": "constant"},
+    }
+    path = scratch / f"ranks-{ranks}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    launcher = [sys.executable] if ranks == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    done = subprocess.run([*launcher, "-m", "opd", "train", str(path)], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"{ranks} ranks failed: {done.stderr.strip().splitlines()[-1]}")
+    rows = [row for row in read_metrics(output_dir / "metrics.jsonl") if row["step"] > 1]
+    seconds = sum(row["timing/rollout_s"] + row["timing/teacher_s"] + row["timing/update_s"] for row in rows)
+    tokens = sum(row["generation/avg_length"] * 32 for row in rows)
+    return {"ranks": ranks, "threads": threads, "tokens_per_s": tokens / seconds, "steps": len(rows),
+            "split": [sum(row[key] for row in rows) / seconds
+                      for key in ("timing/rollout_s", "timing/teacher_s", "timing/update_s")]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--work", type=Path, default=HERE.parent / "runs" / "vs-trl" / "work")
+    parser.add_argument("--gsm8k", type=Path, default=HERE.parent.parent / "shared" / "data" / "gsm8k")
+    args = parser.parse_args()
+    sys.path.insert(0, str(HERE))
+    from vs_trl import build_work
+
+    work = build_work(args.work, args.gsm8k)
+    student = load_model(str(work / "models" / "student"), "student", torch.device("cpu")).model
+    gradient_bytes = 4 * sum(p.numel() for p in student.parameters())
+    with tempfile.TemporaryDirectory() as scratch:
+        results = [run(work, ranks, threads, args.steps, Path(scratch)) for ranks, threads in ((1, 2), (2, 1))]
+    lines = ["| ranks x threads | completion tokens/s | rollout / teacher / update | gradient all-reduce per step and rank |",
+             "| --- | ---: | --- | ---: |"]
+    for result in results:
+        ranks = result["ranks"]
+        sent = 2 * (ranks - 1) / ranks * gradient_bytes
+        split = " / ".join(f"{part:.0%}" for part in result["split"])
+        lines.append(f"| {ranks} x {result['threads']} | {result['tokens_per_s']:,.0f} | {split} "
+                     f"| {sent / 2**20:.1f} MiB sent and received |" if ranks > 1 else
+                     f"| {ranks} x {result['threads']} | {result['tokens_per_s']:,.0f} | {split} | none |")
+    print(f"student: {matmul_parameters(student) / 1e6:.1f}M parameters in matrix products, "
+          f"{gradient_bytes / 2**20:.1f} MiB of fp32 gradients")
+    print("\n".join(lines))
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
