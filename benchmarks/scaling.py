@@ -33,12 +33,12 @@ from opd.sinks import read_metrics
 HERE = Path(__file__).resolve().parent
 
 
-def run(work: Path, ranks: int, threads: int, steps: int, scratch: Path) -> dict:
-    output_dir = scratch / f"ranks-{ranks}"
+def run(work: Path, ranks: int, threads: int, steps: int, scratch: Path, shard: bool = False) -> dict:
+    output_dir = scratch / f"ranks-{ranks}-{shard}"
     config = {
         "run": {"output_dir": str(output_dir), "max_steps": steps, "precision": "fp32", "device": "cpu",
                 "progress": False},
-        "student": {"path": str(work / "models" / "student")},
+        "student": {"path": str(work / "models" / "student"), "shard": shard},
         "teacher": {"path": str(work / "models" / "teacher")},
         "data": {"train": str(work / "data" / "train.jsonl"), "shuffle": False, "max_prompt_tokens": 512},
         "rollout": {"samples_per_prompt": 4, "max_new_tokens": 128},
@@ -46,7 +46,7 @@ def run(work: Path, ranks: int, threads: int, steps: int, scratch: Path) -> dict
         "batch": {"prompts_per_step": 8, "micro_batch_size": 32},
         "optim": {"lr": 1e-3, "schedule": "constant"},
     }
-    path = scratch / f"ranks-{ranks}.yaml"
+    path = scratch / f"ranks-{ranks}-{shard}.yaml"
     path.write_text(yaml.safe_dump(config))
     launcher = [sys.executable] if ranks == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
@@ -57,7 +57,7 @@ def run(work: Path, ranks: int, threads: int, steps: int, scratch: Path) -> dict
     rows = [row for row in read_metrics(output_dir / "metrics.jsonl") if row["step"] > 1]
     seconds = sum(row["timing/rollout_s"] + row["timing/teacher_s"] + row["timing/update_s"] for row in rows)
     tokens = sum(row["generation/avg_length"] * 32 for row in rows)
-    return {"ranks": ranks, "threads": threads, "tokens_per_s": tokens / seconds, "steps": len(rows),
+    return {"ranks": ranks, "threads": threads, "shard": shard, "tokens_per_s": tokens / seconds, "steps": len(rows),
             "split": [sum(row[key] for row in rows) / seconds
                       for key in ("timing/rollout_s", "timing/teacher_s", "timing/update_s")]}
 
@@ -75,16 +75,21 @@ def main() -> None:
     student = load_model(str(work / "models" / "student"), "student", torch.device("cpu")).model
     gradient_bytes = 4 * sum(p.numel() for p in student.parameters())
     with tempfile.TemporaryDirectory() as scratch:
-        results = [run(work, ranks, threads, args.steps, Path(scratch)) for ranks, threads in ((1, 2), (2, 1))]
-    lines = ["| ranks x threads | completion tokens/s | rollout / teacher / update | gradient all-reduce per step and rank |",
-             "| --- | ---: | --- | ---: |"]
+        results = [run(work, ranks, threads, args.steps, Path(scratch), shard)
+                   for ranks, threads, shard in ((1, 2, False), (2, 1, False), (2, 1, True))]
+    lines = ["| ranks x threads | student | completion tokens/s | rollout / teacher / update | communication per step and rank |",
+             "| --- | --- | ---: | --- | ---: |"]
     for result in results:
-        ranks = result["ranks"]
-        sent = 2 * (ranks - 1) / ranks * gradient_bytes
+        ranks, share = result["ranks"], (result["ranks"] - 1) / result["ranks"]
+        if ranks == 1:
+            volume = "none"
+        elif result["shard"]:  # all-gathers for sampling, the update's forward and its backward; one reduce-scatter
+            volume = f"about {4 * share * gradient_bytes / 2**20:.0f} MiB (3 all-gathers + 1 reduce-scatter)"
+        else:
+            volume = f"{2 * share * gradient_bytes / 2**20:.0f} MiB (1 all-reduce)"
         split = " / ".join(f"{part:.0%}" for part in result["split"])
-        lines.append(f"| {ranks} x {result['threads']} | {result['tokens_per_s']:,.0f} | {split} "
-                     f"| {sent / 2**20:.1f} MiB sent and received |" if ranks > 1 else
-                     f"| {ranks} x {result['threads']} | {result['tokens_per_s']:,.0f} | {split} | none |")
+        layout = "sharded (FSDP2)" if result["shard"] else "replicated"
+        lines.append(f"| {ranks} x {result['threads']} | {layout} | {result['tokens_per_s']:,.0f} | {split} | {volume} |")
     print(f"student: {matmul_parameters(student) / 1e6:.1f}M parameters in matrix products, "
           f"{gradient_bytes / 2**20:.1f} MiB of fp32 gradients")
     print("\n".join(lines))

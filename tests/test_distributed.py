@@ -71,16 +71,23 @@ def test_two_ranks_equal_one_rank_with_the_whole_batch(tiny_config, tmp_path, mi
     assert rows_two[1]["compute/flops"] == pytest.approx(rows_one[1]["compute/flops"], rel=1e-6)
 
 
-def test_a_checkpoint_of_two_ranks_resumes_on_one_and_back(tiny_config, tmp_path):
+@pytest.mark.parametrize("shard", [False, True])
+def test_a_checkpoint_of_two_ranks_resumes_on_one_and_back(tiny_config, tmp_path, shard):
+    """Checkpoints hold whole states (a sharded student's gathered), so any world size resumes them."""
     start = load_file(Path(tiny_config["student"]["path"]) / "model.safetensors")
     straight = launch(run_config(tiny_config, tmp_path / "straight", 4, 4), tmp_path, "straight", 1)
     assert straight.returncode == 0, straight.stderr[-2000:]
+
+    def config(output_dir, steps):
+        raw = run_config(tiny_config, output_dir, steps, 4, save_every=1)
+        raw["student"] = {**raw["student"], "shard": shard}
+        return raw
+
     for first, then in ((2, 1), (1, 2)):
         output_dir = tmp_path / f"from-{first}-to-{then}"
-        begun = launch(run_config(tiny_config, output_dir, 2, 4, save_every=1), tmp_path, f"begin-{first}", first)
+        begun = launch(config(output_dir, 2), tmp_path, f"begin-{first}", first)
         assert begun.returncode == 0, begun.stderr[-2000:]
-        resumed = launch(run_config(tiny_config, output_dir, 4, 4, save_every=1), tmp_path, f"resume-{then}", then,
-                         "--resume")
+        resumed = launch(config(output_dir, 4), tmp_path, f"resume-{then}", then, "--resume")
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         assert "resuming from" in resumed.stdout
         assert_same_update(weights(tmp_path / "straight"), weights(output_dir), start)
@@ -112,3 +119,16 @@ def test_a_rank_that_dies_ends_the_job_without_a_final_model(tiny_config, tmp_pa
     _, stderr = job.communicate(timeout=180)
     assert job.returncode != 0 and time.time() - killed_at < 120
     assert not (output_dir / "final").exists()
+
+
+@pytest.mark.parametrize("micro", [8, 2])
+def test_a_student_sharded_with_fsdp2_on_two_ranks_equals_one_rank(tiny_config, tmp_path, micro):
+    start = load_file(Path(tiny_config["student"]["path"]) / "model.safetensors")
+    one = launch(run_config(tiny_config, tmp_path / "one", 3, micro), tmp_path, "one", 1)
+    assert one.returncode == 0, one.stderr[-2000:]
+    sharded = run_config(tiny_config, tmp_path / "sharded", 3, micro)
+    sharded["student"] = {**sharded["student"], "shard": True}
+    two = launch(sharded, tmp_path, "sharded", 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert_same_update(weights(tmp_path / "one"), weights(tmp_path / "sharded"), start)
+    assert weights(tmp_path / "sharded").keys() == start.keys()  # final/ is a plain Hugging Face folder

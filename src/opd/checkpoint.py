@@ -42,23 +42,26 @@ def _write_atomically(folder: Path, write) -> Path:
     return folder
 
 
-def _write_model(student: LoadedModel, folder: Path) -> None:
-    """The student's trained weights: the whole model, or with LoRA only its adapters (peft format)."""
+def _write_model(student: LoadedModel, folder: Path, weights: dict | None = None) -> None:
+    """The student's trained weights: the whole model, or with LoRA only its adapters (peft format).
+    weights: the full state dict of a sharded student, gathered by the caller."""
     if student.adapter is not None:
         student.adapter.save_pretrained(folder, safe_serialization=True)
+    elif weights is not None:
+        student.model.save_pretrained(folder, safe_serialization=True, state_dict=dict(weights))  # it pops entries
     else:
         student.model.save_pretrained(folder, safe_serialization=True)
     student.tokenizer.save_pretrained(folder)
 
 
-def save_model(student: LoadedModel, folder: Path) -> Path:
+def save_model(student: LoadedModel, folder: Path, weights: dict | None = None) -> Path:
     """Write the student and its tokenizer to `folder` atomically (safetensors weights). With LoRA the
     folder holds the merged model, loadable by from_pretrained as it is, and the adapters in adapter/.
     Merging changes the model in place: call this when training is over."""
 
     def write(temporary: Path) -> None:
         if student.adapter is None:
-            _write_model(student, temporary)
+            _write_model(student, temporary, weights)
             return
         _write_model(student, temporary / "adapter")
         merged = student.adapter.merge_and_unload()
@@ -92,11 +95,15 @@ def save_checkpoint(
     prompts_consumed: int,
     flops: float = 0.0,
     guard_state: dict | None = None,
+    weights: dict | None = None,
+    optimizer_state: dict | None = None,
 ) -> Path:
+    """weights, optimizer_state: full (unsharded) states of a sharded student, gathered by the caller;
+    a checkpoint always holds whole states, so any world size resumes it."""
     state = {
         "guard": guard_state,
         "step": step,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": rng_state(),
         "prompts_consumed": prompts_consumed,
@@ -104,7 +111,7 @@ def save_checkpoint(
     }
 
     def write(temporary: Path) -> None:
-        _write_model(student, temporary)
+        _write_model(student, temporary, weights)
         torch.save(state, temporary / STATE_FILE)
 
     return _write_atomically(Path(output_dir) / "checkpoints" / f"step-{step}", write)

@@ -108,8 +108,11 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             from opd.trainer import train
 
+            from opd.distributed import World
+
             result = train(config, resume=args.resume)
-            print(f"done: {result.steps_run} steps; final student in {result.output_dir / 'final'}")
+            if World.from_environment().is_main:
+                print(f"done: {result.steps_run} steps; final student in {result.output_dir / 'final'}")
         elif args.command == "eval":
             _evaluate(args)
         elif args.command == "report":

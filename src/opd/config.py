@@ -89,6 +89,13 @@ class LoraSettings(_Strict):
 
 class StudentConfig(ModelConfig):
     lora: LoraSettings | None = Field(None, description="Train LoRA adapters (peft) instead of every weight.")
+    shard: bool = Field(False, description="Under torchrun, shard the student with FSDP2 instead of replicating it.")
+
+    @model_validator(mode="after")
+    def _not_both(self) -> "StudentConfig":
+        if self.shard and self.lora is not None:
+            raise ValueError("student.shard with student.lora: LoRA students are replicated for now (set shard: false)")
+        return self
 
 
 class TeacherConfig(ModelConfig):

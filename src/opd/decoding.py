@@ -89,8 +89,10 @@ class LeanDecoder:
             and (getattr(config, "sliding_window", None) is None or getattr(config, "use_sliding_window", True) is False)
             and getattr(config, "mlp_bias", False) is False
             and getattr(config, "hidden_act", "silu") == "silu"
-            # LoRA adapters live in the modules' forwards, which this step bypasses by reading weights.
-            and not any(hasattr(module, "lora_A") for module in model.modules())
+            # LoRA adapters live in the modules' forwards, and FSDP2 gathers weights in them: this step
+            # reads weights directly, so it refuses both.
+            and not any(hasattr(module, "lora_A") or type(module).__name__.startswith("FSDP")
+                        for module in model.modules())
         )
 
     def _fuse_weights(self) -> None:

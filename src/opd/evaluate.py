@@ -48,8 +48,15 @@ def evaluate(
     mine = list(range(world.rank, count, world.size))
     token_weights: list[tuple[dict[str, float], int, int]] = []
     verdicts: dict[int, list[bool]] = {}  # prompt index -> correctness of each of its samples
-    for start in range(0, len(mine), batch_prompts):
-        batch = sampler.sample(prompts.batch(mine[start : start + batch_prompts]), samples_per_prompt, seed)
+    shares = [mine[start : start + batch_prompts] for start in range(0, len(mine), batch_prompts)]
+    # Every rank makes as many sampling calls (a sharded student gathers its weights in each); a rank
+    # with fewer prompts samples one of them again and drops the result.
+    calls = int(world.max(len(shares))) if world.size > 1 else len(shares)
+    for call in range(calls):
+        if call >= len(shares):
+            sampler.sample(prompts.batch([0]), 1, seed)
+            continue
+        batch = sampler.sample(prompts.batch(shares[call]), samples_per_prompt, seed)
         if teacher is not None:
             batch = teacher.score(batch).attach(batch)
         token_weights.append((rollout_metrics(batch), batch.num_tokens, len(batch)))

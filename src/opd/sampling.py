@@ -20,6 +20,7 @@ from opd.flops import forward_flops, matmul_parameters
 from opd.loading import LoadedModel
 from opd.losses import process_logits
 from opd.precision import LowPrecisionCopy, Precision
+from opd.sharding import gathered_for_sampling
 
 
 class Sampler(Protocol):
@@ -111,9 +112,13 @@ class ModelSampler:
         """The model to sample with: the policy itself, or its low-precision copy with the current weights."""
         return self._copy.current() if self._copy is not None else self.policy.model
 
-    @torch.no_grad()
     def sample(self, prompts: PromptBatch, samples_per_prompt: int, seed: int) -> StepBatch:
         """seed: the run's sampling seed; with each prompt's key it fixes that prompt's draws."""
+        with gathered_for_sampling(self.policy.model):  # a sharded student gathers once per call
+            return self._sample(prompts, samples_per_prompt, seed)
+
+    @torch.no_grad()
+    def _sample(self, prompts: PromptBatch, samples_per_prompt: int, seed: int) -> StepBatch:
         model, tokenizer, settings = self.sampling_model(), self.policy.tokenizer, self.settings
         if self._decoder is None or self._decoder.model is not model:
             self._decoder = make_decoder(model)
@@ -148,6 +153,12 @@ class ModelSampler:
                 break
             logits = self._decoder.step(tokens[:, t : t + 1])[:, :vocab]
         self._decoder.release()
+        return self._finish(prompts, samples_per_prompt, prompt_ids, prompt_mask, tokens, live, logprobs, finished,
+                            entropies)
+
+    def _finish(self, prompts, samples_per_prompt, prompt_ids, prompt_mask, tokens, live, logprobs, finished,
+                entropies) -> StepBatch:
+        device, batch = tokens.device, tokens.shape[0]
         return StepBatch(
             prompt_ids=prompt_ids,
             prompt_mask=prompt_mask,

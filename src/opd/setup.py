@@ -31,6 +31,7 @@ from opd.objectives import Objective, build_objective
 from opd.precision import Precision
 from opd.mixture import RolloutMix
 from opd.sampling import ModelSampler
+from opd.sharding import load_optimizer_state, shard_student
 from opd.sinks import check_trackers
 from opd.teacher import LocalTeacher
 from opd.update import tokens_per_chunk
@@ -40,6 +41,7 @@ from opd.update import tokens_per_chunk
 class Session:
     output_dir: Path
     world: World
+    sharded: bool  # the student is sharded with FSDP2 across the world's ranks
     precision: Precision
     student: LoadedModel
     teacher: LocalTeacher | None  # None only in SFT on the data set's answers without a teacher
@@ -197,6 +199,9 @@ def prepare(config: Config, resume: bool, log=print, world: World | None = None)
 
     # On-policy: the policy that is trained must be the one that sampled, so dropout stays off.
     student.model.eval()
+    sharded = config.student.shard and world.size > 1
+    if sharded:
+        shard_student(student.model, precision.autocast_dtype)
     optimizer = torch.optim.AdamW(
         [parameter for parameter in student.model.parameters() if parameter.requires_grad], lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps,
         weight_decay=config.optim.weight_decay,
@@ -210,7 +215,7 @@ def prepare(config: Config, resume: bool, log=print, world: World | None = None)
     start_step, start_flops = 0, 0.0
     if checkpoint is not None:
         state = load_trainer_state(checkpoint)
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(student.model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         restore_rng(state["rng"])
         stream.consumed = state["prompts_consumed"]
@@ -229,7 +234,7 @@ def prepare(config: Config, resume: bool, log=print, world: World | None = None)
         shutil.rmtree(output_dir / "final", ignore_errors=True)  # only a finished run may show a final model
     student_sampler = make_sampler(student, sampling_settings(config.rollout), precision)
     return Session(
-        output_dir=output_dir, world=world, precision=precision, student=student, teacher=teacher,
+        output_dir=output_dir, world=world, sharded=sharded, precision=precision, student=student, teacher=teacher,
         objective=build_objective(config),
         rollouts=make_rollouts(config, student_sampler, teacher, train_prompts, precision),
         student_sampler=student_sampler,

@@ -25,6 +25,7 @@ from opd.distributed import World
 from opd.metrics import combine, rollout_metrics
 from opd.progress import ProgressBar
 from opd.setup import Session, prepare
+from opd.sharding import full_model_state, full_optimizer_state
 from opd.sinks import MetricSinks
 from opd.update import update_student
 
@@ -70,9 +71,8 @@ def train(config: Config, resume: bool = False, log=print, time_limit_s: float |
             if step % run.log_every == 0 or last_step or "eval/distill/reverse_kl" in metrics:
                 sinks.write(step, metrics)
             progress.update(step, metrics)
-            if run.save_every and step % run.save_every == 0 and main:
-                save_checkpoint(session.output_dir, step, session.student, session.optimizer, session.scheduler,
-                                session.stream.consumed, flops, session.guard.state_dict())
+            if run.save_every and step % run.save_every == 0:
+                save(session, step, flops)
             if last_step:
                 break
     except TrainingDiverged as exc:
@@ -81,11 +81,24 @@ def train(config: Config, resume: bool = False, log=print, time_limit_s: float |
     finally:
         progress.close()
         sinks.close()
-    if main:
-        save_model(session.student, session.output_dir / "final")
+    save(session)
     world.barrier()  # no rank leaves before final/ is complete
     world.close()
     return TrainResult(session.output_dir, first_eval, last_eval, step - session.start_step)
+
+
+def save(session: Session, step: int | None = None, flops: float = 0.0) -> None:
+    """A checkpoint at `step`, or final/ without one. Rank 0 writes; a sharded student's whole weights
+    and optimizer state are gathered from every rank first (every rank must call this)."""
+    weights = full_model_state(session.student.model) if session.sharded else None
+    if step is None:
+        if session.world.is_main:
+            save_model(session.student, session.output_dir / "final", weights)
+        return
+    optimizer_state = full_optimizer_state(session.student.model, session.optimizer)
+    if session.world.is_main:
+        save_checkpoint(session.output_dir, step, session.student, session.optimizer, session.scheduler,
+                        session.stream.consumed, flops, session.guard.state_dict(), weights, optimizer_state)
 
 
 def train_step(session: Session, config: Config, step: int, log=print) -> tuple[dict[str, float], float]:

@@ -52,11 +52,14 @@ def backward_micro_batch(
     step_tokens: int,
     chunk_size: int,
     precision: Precision,
+    chunks: int | None = None,
 ) -> MicroBatchResult:
     """Accumulate the gradient of one micro-batch's share of the step loss.
 
     part: the micro-batch, already selected from the step's batch. step_tokens: the completion tokens
-    of the whole step, the one normalizer, so the shares add up to the step loss.
+    of the whole step, the one normalizer, so the shares add up to the step loss. chunks: run this many
+    chunks, the last ones empty where this rank has fewer tokens (a sharded LM head must be called
+    equally often on every rank).
     """
     with precision.autocast():
         hidden = completion_hidden_states_of(student.model, part.prompt_ids, part.prompt_mask, part.completion_ids,
@@ -65,7 +68,10 @@ def backward_micro_batch(
     flat_hidden = hidden_leaf.flatten(0, 1)  # (b*T, H)
     total, far_tokens, max_abs_log_ratio = 0.0, 0, 0.0
     logprob_sums, token_counts = torch.zeros(len(SOURCE_NAMES), dtype=torch.float64), torch.zeros(len(SOURCE_NAMES))
-    for flat_index in part.token_chunks(chunk_size):  # (c,) flat indices of completion tokens
+    flat_chunks = list(part.token_chunks(chunk_size))
+    empty = torch.zeros(0, dtype=torch.long, device=part.completion_ids.device)
+    flat_chunks += [empty] * ((chunks or 0) - len(flat_chunks))
+    for flat_index in flat_chunks:  # (c,) flat indices of completion tokens
         chunk = part.tokens_at(flat_index)
         with precision.autocast():
             logits = logits_from_hidden(student.model, flat_hidden[flat_index], student.vocab_size)  # (c, V)
@@ -78,6 +84,8 @@ def backward_micro_batch(
         logprob_sums.index_add_(0, source, logprobs.double().cpu())
         token_counts.index_add_(0, source, torch.ones(len(source)))
         sampled = chunk.source == STUDENT  # rho means something only where the student drew the token
+        if not len(sampled):
+            continue
         if bool(sampled.any()):
             log_ratio = (logprobs[sampled] - chunk.sampler_logprobs[sampled]).abs()  # (c_student,)
             far_tokens += int((log_ratio > FAR_LOG_RATIO).sum())
@@ -101,15 +109,20 @@ def update_student(session, config, batch: StepBatch) -> dict[str, float]:
     session.optimizer.zero_grad(set_to_none=True)
     micro = config.batch.micro_batch_size
     step_tokens = world.sum(batch.num_tokens)  # every rank's tokens: the one normalizer of the step
-    results = [
-        backward_micro_batch(session.student, session.teacher, batch.select(slice(row, row + micro)), session.objective,
-                             step_tokens, session.chunk_size, session.precision)
-        for row in range(0, len(batch), micro)
-    ]
-    world.sum_gradients(session.student.model.parameters())
-    loss = world.sum(sum(result.loss for result in results))
-    parameters = session.student.model.parameters()
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, config.optim.max_grad_norm or math.inf))
+    # FSDP2's reduce-scatter averages over ranks: dividing by step_tokens / world size makes it the sum.
+    normalizer = step_tokens / world.size if session.sharded else step_tokens
+    results = []
+    for row in range(0, len(batch), micro):
+        part = batch.select(slice(row, row + micro))
+        chunks = int(world.max(-(-part.num_tokens // session.chunk_size))) if session.sharded else None
+        results.append(backward_micro_batch(session.student, session.teacher, part, session.objective, normalizer,
+                                            session.chunk_size, session.precision, chunks))
+    if not session.sharded:  # FSDP2 already reduce-scattered the sharded gradients
+        world.sum_gradients(session.student.model.parameters())
+    loss = world.sum(sum(result.loss for result in results)) * normalizer / step_tokens
+    parameters = [parameter for parameter in session.student.model.parameters() if parameter.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(parameters, config.optim.max_grad_norm or math.inf)
+    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         raise TrainingDiverged(f"loss={loss} grad_norm={grad_norm} is not finite; stopped without applying the update")
     lr = session.scheduler.get_last_lr()[0]
