@@ -38,14 +38,14 @@ def gsm8k_dir() -> Path:
 
 
 def make_tiny_model(folder: Path, hidden: int = 32, layers: int = 2, seed: int = 0, extra_vocab_rows: int = 0,
-                    tokenizer=None) -> Path:
+                    tokenizer=None, tied: bool = False) -> Path:
     """A randomly initialised Qwen3 and the demo tokenizer (pad == eos), saved as an HF folder."""
     tokenizer = tokenizer or build_tokenizer()
     torch.manual_seed(seed)
     config = Qwen3Config(
         vocab_size=len(tokenizer) + extra_vocab_rows, hidden_size=hidden, intermediate_size=2 * hidden,
         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-        max_position_embeddings=256, tie_word_embeddings=False,
+        max_position_embeddings=256, tie_word_embeddings=tied,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     model = Qwen3ForCausalLM(config)

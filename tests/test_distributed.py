@@ -94,6 +94,16 @@ def test_a_checkpoint_of_two_ranks_resumes_on_one_and_back(tiny_config, tmp_path
         assert [row["step"] for row in read_metrics(output_dir / "metrics.jsonl")] == [0, 1, 2, 3, 4]
 
 
+def test_a_tied_student_is_not_sharded_and_says_so_before_weights_load(tiny_config, tmp_path):
+    from conftest import make_tiny_model
+
+    config = run_config(tiny_config, tmp_path / "run", 2, 4)
+    config["student"] = {"path": str(make_tiny_model(tmp_path / "tied", seed=4, tied=True)), "shard": True}
+    result = launch(config, tmp_path, "tied", 2)
+    assert result.returncode != 0 and result.stderr.count("error: student.shard: ") == 2
+    assert "ties its LM head" in result.stderr and not (tmp_path / "run").exists()
+
+
 def test_prompts_that_do_not_split_evenly_fail_on_every_rank_before_weights_load(tiny_config, tmp_path):
     config = run_config(tiny_config, tmp_path / "run", 2, 4)
     config["batch"]["prompts_per_step"] = 3

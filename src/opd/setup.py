@@ -31,7 +31,7 @@ from opd.objectives import Objective, build_objective
 from opd.precision import Precision
 from opd.mixture import RolloutMix
 from opd.sampling import ModelSampler
-from opd.sharding import load_optimizer_state, shard_student
+from opd.sharding import check_shardable, load_optimizer_state, shard_student
 from opd.sinks import check_trackers
 from opd.teacher import LocalTeacher
 from opd.update import tokens_per_chunk
@@ -162,6 +162,8 @@ def prepare(config: Config, resume: bool, log=print, world: World | None = None)
     check_source(config.student.path, "student.path")
     if config.student.lora is not None:
         check_lora(config.student.lora, config.student.path, config.student.trust_remote_code)
+    if config.student.shard and world.size > 1:
+        check_shardable(config.student.path, config.student.trust_remote_code)
     teacher_config = config.teacher
     if teacher_config is not None:
         check_source(teacher_config.path, "teacher.path")

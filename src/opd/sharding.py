@@ -24,6 +24,19 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from opd.errors import ConfigError
+
+
+def check_shardable(path: str, trust_remote_code: bool = False) -> None:
+    """Before weights load: a student whose LM head shares its input embeddings can't be sharded yet.
+    Its chunked LM head would need the shared unit's gathered weight after that unit's backward hook
+    has run (measured: a crash); such students train replicated."""
+    from transformers import AutoConfig
+
+    if getattr(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), "tie_word_embeddings", False):
+        raise ConfigError(f"student.shard: {path} ties its LM head to its input embeddings, which opd cannot shard "
+                          "yet; set student.shard: false (the student is then replicated on every rank)")
+
 
 def shard_student(model: torch.nn.Module, autocast_dtype: torch.dtype | None) -> None:
     """fully_shard the units above, in place; bf16 compute with fp32 master weights and fp32 gradient
@@ -36,9 +49,11 @@ def shard_student(model: torch.nn.Module, autocast_dtype: torch.dtype | None) ->
             fully_shard(module, mp_policy=policy)
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
     tied = head is not None and head.weight is embeddings.weight
-    # Tied: the head's weight lives in the body's unit, which must stay gathered until backward.
-    fully_shard(model.base_model, mp_policy=policy, reshard_after_forward=not tied)
-    if head is not None and not tied:
+    if tied:
+        raise ConfigError("student.shard: this student ties its LM head to its input embeddings, which opd "
+                          "cannot shard yet; set student.shard: false")
+    fully_shard(model.base_model, mp_policy=policy)
+    if head is not None:
         fully_shard(head, mp_policy=policy)
     fully_shard(model, mp_policy=policy, reshard_after_forward=True)
 
