@@ -99,3 +99,15 @@ def test_a_forced_collapse_trips_the_guard(tiny_config, mode):
         assert len(warnings) == 1 and (output_dir / "final").is_dir()
     rows = read_metrics(output_dir / "metrics.jsonl")
     assert rows[2]["entropy/student"] < 0.2 * rows[0]["entropy/student"]  # the collapse the guard saw
+
+
+def test_repetition_of_several_batches_combines_as_if_pooled():
+    from conftest import make_batch
+    from opd.metrics import combine, rollout_metrics
+
+    ids = torch.tensor([[1, 2, 3, 4, 1, 2, 3, 4, 9, 9], [5, 6, 7, 0, 0, 0, 0, 0, 0, 0]])
+    mask = torch.tensor([[1] * 10, [1] * 3 + [0] * 7])
+    parts = [make_batch(torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long), ids[i : i + 1],
+                        mask[i : i + 1]) for i in range(2)]
+    pieces = [(rollout_metrics(part), part.num_tokens, len(part)) for part in parts]
+    assert combine(pieces)["generation/repetition"] == pytest.approx(repetition(ids, mask))

@@ -98,3 +98,62 @@ def test_a_ramped_mixture_trains_end_to_end(tiny_config):
     rows = [row for row in read_metrics(result.output_dir / "metrics.jsonl") if "loss" in row]
     assert [row.get("from_teacher/rows_fraction", 0.0) for row in rows] == [1.0, 0.5, 0.0]
     assert "entropy/student" not in rows[0] and "entropy/student" in rows[2]  # step 1: no student rows yet
+
+
+class KeyedSampler:
+    """Records which keys it was asked to sample; returns a one-token completion per row."""
+
+    def __init__(self, source):
+        self.source, self.keys = source, []
+
+    def sample(self, prompts, samples_per_prompt, seed):
+        from conftest import make_batch
+
+        self.keys += prompts.keys
+        rows = len(prompts) * samples_per_prompt
+        return make_batch(torch.ones(rows, 2, dtype=torch.long), torch.ones(rows, 2, dtype=torch.long),
+                          torch.ones(rows, 1, dtype=torch.long), torch.ones(rows, 1, dtype=torch.long)).replace(
+            source=torch.full((rows,), self.source))
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.5, 0.75])
+def test_the_student_share_is_counted_over_the_whole_step_whatever_the_world_size(fraction):
+    """With 4 prompts a step, lambda = 0.75 is 3 student prompts on 1 rank and on 2 ranks alike (rounding
+    each rank's share would give 4), and the student takes the same prompts (the step's first keys)."""
+    from conftest import prompt_batch
+    from opd.mixture import RolloutMix
+
+    def student_keys(shares):
+        student, teacher = KeyedSampler(STUDENT), KeyedSampler(TEACHER)
+        mix = RolloutMix(student, teacher, lambda step: fraction)
+        for keys in shares:
+            batch = prompt_batch([[1]] * len(keys))
+            batch.keys = keys
+            mix.sample(batch, 2, 0, step=1, step_keys=range(0, 4))
+        return sorted(student.keys)
+
+    alone = student_keys([[0, 1, 2, 3]])
+    assert alone == list(range(int(fraction * 4 + 0.5)))
+    assert student_keys([[0, 2], [1, 3]]) == alone
+
+
+def test_an_empty_chunk_of_a_mixed_step_still_backpropagates():
+    """A sharded student pads a rank's chunks with empty ones; their loss must still reach the graph."""
+    logits = torch.randn(0, 9, requires_grad=True)
+    chunk = TokenChunk(completion_ids=torch.zeros(0, dtype=torch.long), sampler_logprobs=torch.zeros(0),
+                       teacher_logprobs=None, teacher_hidden=None, teacher_topk_ids=None, teacher_topk_logprobs=None,
+                       advantages=torch.zeros(0), source=torch.zeros(0, dtype=torch.long))
+    values, _ = BySource(PolicyGradient(1.0, 0, 1.0, None, 1.0, 0.0), NegativeLogLikelihood()).per_token(logits, chunk, None)
+    values.sum().backward()
+    assert logits.grad is not None and logits.grad.shape == (0, 9)
+
+
+def test_dataset_rows_keep_the_student_rows_entropy_and_the_guard_working(tiny_config):
+    raw = mixed(tiny_config, off_policy_source="dataset")
+    raw["loss"] = {"off_policy_kind": "sft"}
+    raw["batch"] = {"prompts_per_step": 4, "micro_batch_size": 8}
+    raw["data"] = {**raw["data"], "eval": None}
+    config = validate(raw)
+    session = prepare(config, resume=False, log=lambda *_: None)
+    metrics, _ = train_step(session, config, step=1)
+    assert metrics["entropy/student"] > 0 and session.guard.start_entropy == metrics["entropy/student"]

@@ -130,8 +130,13 @@ class StepBatch:
                 joined[spec.name] = torch.cat(groups)
             elif spec.name == "source":
                 joined[spec.name] = torch.cat([batch.row_sources() for batch in batches])
-            elif any(value is None for value in values):
+            elif all(value is None for value in values) or (layout != "completion" and None in values):
                 joined[spec.name] = None
+            elif any(value is None for value in values):  # e.g. no sampler entropy for the data's answers
+                present = next(value for value in values if value is not None)
+                values = [present.new_zeros((*batch.completion_ids.shape, *present.shape[2:])) if value is None
+                          else value for batch, value in zip(batches, values)]
+                joined[spec.name] = torch.cat([_pad_columns(value, completion_width, 0, left=False) for value in values])
             elif isinstance(values[0], list):
                 joined[spec.name] = [item for value in values for item in value]
             elif layout == "row":

@@ -73,9 +73,11 @@ def combine(parts: list[tuple[dict[str, float], int, int]]) -> dict[str, float]:
         if key.endswith("max_abs_log"):
             combined[key] = max(part[0][key] for part in parts)
             continue
-        weight_index = 2 if key in per_sequence else 1
-        total_weight = sum(part[weight_index] for part in parts)
-        combined[key] = sum(part[0][key] * part[weight_index] for part in parts) / max(total_weight, 1)
+        if key.endswith("generation/repetition"):  # pooled over n-grams: about tokens - (n - 1) per row
+            weights = [max(part[1] - (REPETITION_N - 1) * part[2], 0) for part in parts]
+        else:
+            weights = [part[2] if key in per_sequence else part[1] for part in parts]
+        combined[key] = sum(part[0][key] * weight for part, weight in zip(parts, weights)) / max(sum(weights), 1)
     for who in ("student", "teacher"):
         if f"logprob/{who}" in combined:
             combined[f"perplexity/{who}"] = math.exp(-combined[f"logprob/{who}"])

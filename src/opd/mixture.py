@@ -14,19 +14,25 @@ from opd.sampling import Sampler
 
 class RolloutMix:
     """`primary` writes a step's completions; with a `secondary` and lambda(step) < 1, the primary (the
-    student) takes the first round(lambda * prompts) prompts of the step and the secondary the rest, so
-    each prompt's samples stay together (one shared prompt encoding) and the split is reproducible.
-    Without a secondary this is exactly the primary."""
+    student) takes the first round(lambda * prompts) prompts of the whole step (by stream position, over
+    every rank) and the secondary the rest, so each prompt's samples stay together (one shared prompt
+    encoding) and the split is the same whatever the world size. Without a secondary this is exactly
+    the primary."""
 
     def __init__(self, primary: Sampler, secondary: Sampler | None = None,
                  student_fraction: Callable[[int], float] = lambda step: 1.0, pad_id: int = 0):
         self.primary, self.secondary = primary, secondary
         self.student_fraction, self.pad_id = student_fraction, pad_id
 
-    def sample(self, prompts: PromptBatch, samples_per_prompt: int, seed: int, step: int) -> StepBatch:
+    def sample(self, prompts: PromptBatch, samples_per_prompt: int, seed: int, step: int,
+               step_keys: range | None = None) -> StepBatch:
+        """step_keys: the keys of the whole step's prompts, every rank's (default: this batch's)."""
         if self.secondary is None:
             return self.primary.sample(prompts, samples_per_prompt, seed)
-        own, others = prompts.split(int(self.student_fraction(step) * len(prompts) + 0.5))
+        step_keys = step_keys if step_keys is not None else range(min(prompts.keys), max(prompts.keys) + 1)
+        student_count = int(self.student_fraction(step) * len(step_keys) + 0.5)
+        # This rank's keys rise through the step, so its student prompts are a prefix of its share.
+        own, others = prompts.split(sum(key < step_keys.start + student_count for key in prompts.keys))
         parts = [sampler.sample(part, samples_per_prompt, seed)
                  for sampler, part in ((self.primary, own), (self.secondary, others)) if len(part)]
         return StepBatch.concat(parts, self.pad_id)

@@ -20,7 +20,7 @@ from opd.flops import forward_flops, matmul_parameters
 from opd.loading import LoadedModel
 from opd.losses import process_logits
 from opd.precision import LowPrecisionCopy, Precision
-from opd.sharding import gathered_for_sampling
+from opd.sharding import gathered_for_sampling, is_sharded
 
 
 class Sampler(Protocol):
@@ -100,7 +100,9 @@ class ModelSampler:
         self.settings = settings
         first = next(policy.model.parameters())
         wanted = low_precision_copy if low_precision_copy is not None else first.device.type == "cuda"
-        use_copy = wanted and precision.autocast_dtype is not None and first.dtype != precision.autocast_dtype
+        # A sharded student samples in bf16 through FSDP2's own param_dtype (and cannot be copied).
+        use_copy = (wanted and precision.autocast_dtype is not None and first.dtype != precision.autocast_dtype
+                    and not is_sharded(policy.model))
         self._copy = LowPrecisionCopy(policy.model, precision.autocast_dtype) if use_copy else None
         self._decoder: LeanDecoder | HFDecoder | None = None
         self._matmul_parameters = matmul_parameters(policy.model)
