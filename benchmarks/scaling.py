@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -49,9 +50,13 @@ def run(work: Path, ranks: int, threads: int, steps: int, scratch: Path, shard: 
     }
     path = scratch / f"ranks-{ranks}-{shard}.yaml"
     path.write_text(yaml.safe_dump(config))
+    with socket.socket() as probe:  # a free port on the loopback interface
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     launcher = [sys.executable] if ranks == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--node-rank=0", "--master-addr=127.0.0.1",
+        f"--master-port={port}", f"--nproc-per-node={ranks}"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "GLOO_SOCKET_IFNAME": "lo"}
     done = subprocess.run([*launcher, "-m", "opd", "train", str(path)], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"{ranks} ranks failed: {done.stderr.strip().splitlines()[-1]}")

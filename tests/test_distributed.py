@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -23,17 +25,46 @@ from opd.checkpoint import latest_checkpoint
 from opd.sinks import read_metrics
 
 
-def launch(config: dict, tmp_path: Path, name: str, ranks: int, *extra: str, wait: bool = True):
-    """`opd train` on `ranks` processes (torchrun --standalone), or plainly for one rank."""
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def command(config: dict, tmp_path: Path, name: str, ranks: int, *extra: str) -> tuple[list[str], dict]:
+    """`opd train` on `ranks` processes (torchrun, its rendezvous and gloo on 127.0.0.1 only), or plainly
+    for one rank; with the environment to run it in."""
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     opd = ["-m", "opd", "train", str(path), *extra]
-    command = [sys.executable, *opd] if ranks == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *opd]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if not wait:
-        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    launcher = [sys.executable] if ranks == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--node-rank=0", "--master-addr=127.0.0.1",
+        f"--master-port={free_port()}", f"--nproc-per-node={ranks}"]
+    return [*launcher, *opd], {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+
+
+@contextmanager
+def started(argv: list[str], env: dict):
+    """The job in a process group of its own, which is killed whole on the way out, pass or fail."""
+    job = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                           start_new_session=True)
+    try:
+        yield job
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+        job.communicate()
+        try:  # workers the launcher left behind, if any
+            os.killpg(job.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def launch(config: dict, tmp_path: Path, name: str, ranks: int, *extra: str) -> subprocess.CompletedProcess:
+    argv, env = command(config, tmp_path, name, ranks, *extra)
+    with started(argv, env) as job:
+        stdout, stderr = job.communicate(timeout=600)
+    return subprocess.CompletedProcess(argv, job.returncode, stdout, stderr)
 
 
 def run_config(tiny_config, output_dir: Path, steps: int, micro: int, **run) -> dict:
@@ -117,17 +148,18 @@ def test_a_rank_that_dies_ends_the_job_without_a_final_model(tiny_config, tmp_pa
     output_dir = tmp_path / "run"
     config = run_config(tiny_config, output_dir, 400, 4, save_every=1)
     config["data"]["eval"] = None
-    job = launch(config, tmp_path, "doomed", 2, wait=False)
-    deadline = time.time() + 120
-    while latest_checkpoint(output_dir) is None and time.time() < deadline and job.poll() is None:
-        time.sleep(0.2)
-    assert latest_checkpoint(output_dir) is not None, job.communicate()[1][-2000:]
-    workers = subprocess.run(["pgrep", "-f", "-P", str(job.pid), "opd"], capture_output=True, text=True).stdout.split()
-    assert len(workers) == 2
-    os.kill(int(workers[-1]), signal.SIGKILL)
-    killed_at = time.time()
-    _, stderr = job.communicate(timeout=180)
-    assert job.returncode != 0 and time.time() - killed_at < 120
+    with started(*command(config, tmp_path, "doomed", 2)) as job:
+        deadline = time.time() + 120
+        while latest_checkpoint(output_dir) is None and time.time() < deadline and job.poll() is None:
+            time.sleep(0.2)
+        assert latest_checkpoint(output_dir) is not None
+        workers = subprocess.run(["pgrep", "-f", "-P", str(job.pid), "opd"], capture_output=True,
+                                 text=True).stdout.split()
+        assert len(workers) == 2
+        os.kill(int(workers[-1]), signal.SIGKILL)
+        killed_at = time.time()
+        job.wait(timeout=180)
+        assert job.returncode != 0 and time.time() - killed_at < 120
     assert not (output_dir / "final").exists()
 
 
