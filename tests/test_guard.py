@@ -28,6 +28,10 @@ def test_entropy_matches_the_definition_with_zero_probability_entries():
         probs = [w / sum(weights) for w in weights]
         expected.append(-sum(p * math.log(p) for p in probs if p > 0))
     torch.testing.assert_close(losses.entropy(logits), torch.tensor(expected), atol=1e-6, rtol=1e-6)
+    tokens = torch.tensor([2, 0, 3])
+    logprobs, shared = losses.token_logprobs_and_entropy(logits, tokens)  # one logsumexp for both
+    torch.testing.assert_close(shared, losses.entropy(logits))
+    torch.testing.assert_close(logprobs, losses.token_logprobs(logits, tokens))
     assert losses.entropy(logits)[1] == pytest.approx(math.log(2))
 
 

@@ -37,21 +37,22 @@ def evaluate(
     seed: int,
     max_prompts: int | None = None,
     world: World = World(),
+    equal_calls: bool = False,
 ) -> dict[str, float]:
     """Returns eval/ metrics averaged over completion tokens of all held-out rollouts.
 
     seed: the evaluation's sampling seed, the same at every evaluation. Under several ranks each takes
     every world.size-th prompt and the figures are combined over ranks, token-weighted, so they equal
-    one process's (each prompt's samples come from its own keyed stream).
+    one process's (each prompt's samples come from its own keyed stream). equal_calls: every rank makes
+    as many sampling calls (a sharded student gathers its weights in each, a collective).
     """
     count = min(len(prompts), max_prompts or len(prompts))
     mine = list(range(world.rank, count, world.size))
     token_weights: list[tuple[dict[str, float], int, int]] = []
     verdicts: dict[int, list[bool]] = {}  # prompt index -> correctness of each of its samples
     shares = [mine[start : start + batch_prompts] for start in range(0, len(mine), batch_prompts)]
-    # Every rank makes as many sampling calls (a sharded student gathers its weights in each); a rank
-    # with fewer prompts samples one of them again and drops the result.
-    calls = int(world.max(len(shares))) if world.size > 1 else len(shares)
+    # With equal_calls, a rank with fewer prompts samples one of them again and drops the result.
+    calls = int(world.max(len(shares))) if equal_calls else len(shares)
     for call in range(calls):
         if call >= len(shares):
             sampler.sample(prompts.batch([0]), 1, seed)

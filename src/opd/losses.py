@@ -57,7 +57,18 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of softmax(logits) per row, -sum p log p with 0 log 0 = 0. (..., V) -> (...)."""
     logits = logits.float()
+    return _entropy(logits, torch.logsumexp(logits, dim=-1, keepdim=True))
+
+
+def token_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """token_logprobs and entropy of the same logits, sharing one logsumexp pass. (..., V), (...) -> (...), (...)."""
+    logits = logits.float()
     log_normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)
+    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return picked - log_normalizer.squeeze(-1), _entropy(logits, log_normalizer)
+
+
+def _entropy(logits: torch.Tensor, log_normalizer: torch.Tensor) -> torch.Tensor:
     probs = (logits - log_normalizer).exp()
     finite = logits.clamp(min=torch.finfo(logits.dtype).min)  # -inf entries have p = 0: no NaN from 0 * inf
     return log_normalizer.squeeze(-1) - torch.linalg.vecdot(probs, finite)

@@ -19,7 +19,7 @@ from opd.batch import StepBatch
 from opd.flops import forward_flops, matmul_parameters
 from opd.forward import completion_hidden_states_of, logits_from_hidden
 from opd.loading import LoadedModel
-from opd.losses import entropy, token_logprobs
+from opd.losses import token_logprobs_and_entropy
 from opd.precision import Precision
 
 
@@ -102,9 +102,8 @@ class LocalTeacher:
         flat_logprobs = torch.zeros(flat_tokens.shape, device=hidden.device)  # (B*T,)
         flat_entropy = torch.zeros(flat_tokens.shape, device=hidden.device)  # (B*T,)
         for chunk in batch.token_chunks(self.chunk_size):  # (c,) flat indices
-            logits = self.logits(flat_hidden[chunk])  # (c, V)
-            flat_logprobs[chunk] = token_logprobs(logits, flat_tokens[chunk])
-            flat_entropy[chunk] = entropy(logits)
+            flat_logprobs[chunk], flat_entropy[chunk] = token_logprobs_and_entropy(
+                self.logits(flat_hidden[chunk]), flat_tokens[chunk])  # from (c, V) logits
         shape = batch.completion_ids.shape
         return TeacherScores(logprobs=flat_logprobs.view(shape), hidden=hidden if keep_hidden else None,
                              entropy=flat_entropy.view(shape))  # (B, T) each, 0 outside the mask

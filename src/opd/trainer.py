@@ -173,7 +173,7 @@ def update_metrics(config: Config, update: dict[str, float]) -> dict[str, float]
     """loss, grad_norm, lr, ratio/*, and the student's log-prob of tokens it did not sample."""
     metrics = {key: value for key, value in update.items() if not key.startswith("student_logprob/")}
     primary = config.rollout.source
-    for name in ("teacher", "dataset"):
+    for name in (name for source, name in SOURCE_NAMES.items() if source != STUDENT):
         if f"student_logprob/{name}" in update:
             prefix = "" if name == primary else f"from_{name}/"
             metrics[f"{prefix}logprob/student"] = update[f"student_logprob/{name}"]
@@ -188,6 +188,7 @@ def run_eval(session: Session, config: Config) -> dict[str, float]:
         # As many rollouts per sampling call as a training step makes on a rank.
         batch_prompts=max(1, rollouts_per_step(config) // session.world.size // config.rollout.eval_samples_per_prompt),
         seed=config.run.seed + 1, max_prompts=config.data.eval_max_prompts, world=session.world,
+        equal_calls=session.sharded,
     )
 
 
