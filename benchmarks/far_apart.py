@@ -32,7 +32,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from opd.config import validate
 from opd.demo.run import ASSETS
 from opd.demo.task import write_split
+from opd.data import load_prompts
 from opd.errors import StudentCollapsed
+from opd.evaluate import decode_completions
+from opd.factory import make_sampler
+from opd.loading import load_model
+from opd.precision import Precision
+from opd.sampling import SamplingSettings
 from opd.sinks import read_metrics
 from opd.trainer import train
 
@@ -119,6 +125,15 @@ def plot(curves: dict[str, list[dict]], path: Path) -> None:
     plt.close(figure)
 
 
+def completions(model_dir: Path, work: Path, count: int = 3) -> list[str]:
+    """A few held-out completions of a student, sampled as evaluation samples them (T = 1, fixed seed)."""
+    precision = Precision(torch.device("cpu"))
+    student = load_model(str(model_dir), "student", precision.device)
+    prompts = load_prompts(str(work / "eval.jsonl"), "eval", student.tokenizer, 64)
+    batch = make_sampler(student, SamplingSettings(40), precision).sample(prompts.batch(list(range(count))), 1, seed=1)
+    return decode_completions(batch, student.tokenizer)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=100)
@@ -130,6 +145,7 @@ def main() -> None:
         write_split(work / "eval.jsonl", 200, seed=2)
         student = pruned_student(work / "student", keep=[3])
         summaries, curves = [], {}
+        samples = {"untrained student": completions(student, work)}
         for name, changes in RUNS.items():
             print(f"{name} ...", flush=True)
             raw = config(work, name.replace(" ", "_").replace(",", ""), student, args.steps, changes)
@@ -142,6 +158,8 @@ def main() -> None:
                 outcome = f"stopped by the guard at {STEP.search(str(exc)).group()}"
             rows = read_metrics(Path(raw["run"]["output_dir"]) / "metrics.jsonl")
             curves[name] = rows
+            if (Path(raw["run"]["output_dir"]) / "final").is_dir():
+                samples[name] = completions(Path(raw["run"]["output_dir"]) / "final", work)
             summaries.append(summarize(name, rows, outcome))
             print(json.dumps(summaries[-1]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -155,6 +173,8 @@ def main() -> None:
                      f"| {change:+.0%} | {s['entropy_min_fraction']:.0%} | {s['repetition_max']:.2f} "
                      f"| {s['accuracy_end']:.1%} |")
     table = "\n".join(lines)
+    reading = "\n".join(f"- {name}:\n" + "\n".join(f"  - `{text!r}`" for text in texts)
+                        for name, texts in samples.items())
     (args.out / "far_apart.md").write_text(
         "# A far-apart pair: collapse, the guard, and two remedies\n\n"
         f"`python benchmarks/far_apart.py --steps {args.steps}` (see its docstring for the pair and the settings).\n\n"
@@ -162,7 +182,9 @@ def main() -> None:
         "Reading it: the entropy and repetition columns are over the training steps' own samples, against the "
         "untrained student's held-out entropy; the two `reverse_kl_pg` runs share their first steps exactly "
         "(same seed), so the stopped run shows what the guard cut short. One seed per run: treat differences "
-        "of a few tenths of a nat as noise.\n")
+        "of a few tenths of a nat as noise.\n\n"
+        "## The final students' own words\n\nThe first three held-out problems, sampled at T = 1 from each final "
+        "student (the stopped run has none):\n\n" + reading + "\n")
     print(table)
 
 
