@@ -143,3 +143,15 @@ def recompute_logprobs(model, rollouts: StepBatch, temperature: float, top_k: in
         values[:length] = losses.token_logprobs(processed, ids[0, len(prompt):])
         rows.append(values)
     return torch.stack(rows)
+
+
+def checkpoint_state(folder: Path) -> dict:
+    """A DCP checkpoint's state ({"model": …, "optimizer": …}) as one plain dict, read in this process."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    plain = Path(folder).parent / f".{Path(folder).name}.plain.pt"
+    dcp_to_torch_save(Path(folder) / "state", plain)
+    try:
+        return torch.load(plain, weights_only=False)
+    finally:
+        plain.unlink()

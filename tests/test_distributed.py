@@ -31,12 +31,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def command(config: dict, tmp_path: Path, name: str, ranks: int, *extra: str) -> tuple[list[str], dict]:
+def command(config: dict, tmp_path: Path, name: str, ranks: int, *extra: str,
+            program: list[str] = ("-m", "opd")) -> tuple[list[str], dict]:
     """`opd train` on `ranks` processes (torchrun, its rendezvous and gloo on 127.0.0.1 only), or plainly
     for one rank; with the environment to run it in."""
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    opd = ["-m", "opd", "train", str(path), *extra]
+    opd = [*program, "train", str(path), *extra]
     launcher = [sys.executable] if ranks == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--node-rank=0", "--master-addr=127.0.0.1",
         f"--master-port={free_port()}", f"--nproc-per-node={ranks}"]
@@ -87,15 +88,54 @@ def assert_same_update(a: dict, b: dict, start: dict, fraction: float = 0.01) ->
     assert difference <= fraction * moved, (difference, moved)
 
 
-@pytest.mark.parametrize("micro", [8, 2])
-def test_two_ranks_equal_one_rank_with_the_whole_batch(tiny_config, tmp_path, micro):
-    start = load_file(Path(tiny_config["student"]["path"]) / "model.safetensors")
-    one = launch(run_config(tiny_config, tmp_path / "one", 3, micro), tmp_path, "one", 1)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = launch(run_config(tiny_config, tmp_path / "two", 3, micro), tmp_path, "two", 2)
-    assert two.returncode == 0, two.stderr[-2000:]
-    assert_same_update(weights(tmp_path / "one"), weights(tmp_path / "two"), start)
-    rows_one, rows_two = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("one", "two"))
+@pytest.fixture(scope="module")
+def one_rank(tiny_models, tiny_data, tmp_path_factory):
+    """final/ weights, metrics and student path of one-process runs (3 steps, 4 prompts a step), by
+    (micro-batch, student variant, LoRA), each run once for the module."""
+    from conftest import make_tiny_model, tiny_raw_config
+
+    root, runs = tmp_path_factory.mktemp("one-rank"), {}
+    students = {"untied": tiny_models["student"], "tied": None}
+
+    def run(micro: int, student: str = "untied", lora: bool = False) -> tuple[dict, list, Path]:
+        key = (micro, student, lora)
+        if key not in runs:
+            if students[student] is None:
+                students[student] = make_tiny_model(root / "tied-model", seed=4, tied=True)
+            base = tiny_raw_config(root / "unused", {**tiny_models, "student": students[student]}, tiny_data)
+            output_dir = root / f"{micro}-{student}-{lora}"
+            config = run_config(base, output_dir, 3, micro)
+            if lora:
+                config["student"]["lora"] = LORA
+            result = launch(config, root, output_dir.name, 1)
+            assert result.returncode == 0, result.stderr[-2000:]
+            runs[key] = (weights(output_dir), read_metrics(output_dir / "metrics.jsonl"), students[student])
+        return runs[key]
+
+    return run
+
+
+LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "lm_head"]}
+
+
+@pytest.mark.parametrize("micro, shard_student, shard_teacher, student", [
+    (8, False, False, "untied"), (2, False, False, "untied"),  # replicated, with and without micro-batching
+    (2, False, True, "untied"),  # the teacher sharded
+    (8, True, True, "untied"), (2, True, False, "untied"),  # the student sharded
+    (2, True, False, "tied"),  # a student whose LM head is its input embeddings (Qwen3-1.7B's layout)
+])
+def test_two_ranks_equal_one_rank_with_the_whole_batch(one_rank, tiny_config, tmp_path, micro, shard_student,
+                                                       shard_teacher, student):
+    expected, rows_one, student_path = one_rank(micro, student)
+    config = run_config(tiny_config, tmp_path / "two", 3, micro)
+    config["student"]["path"] = str(student_path)
+    config["student"]["shard"], config["teacher"]["shard"] = shard_student, shard_teacher
+    start = load_file(Path(config["student"]["path"]) / "model.safetensors")
+    two = launch(config, tmp_path, "two", 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert_same_update(expected, weights(tmp_path / "two"), start)
+    assert weights(tmp_path / "two").keys() == start.keys()  # final/ is a plain Hugging Face folder
+    rows_two = read_metrics(tmp_path / "two" / "metrics.jsonl")
     assert [row["step"] for row in rows_two] == [0, 1, 2, 3]  # one metrics file, written by rank 0 alone
     for key in ("logprob/teacher", "distill/reverse_kl", "generation/avg_length", "eval/distill/reverse_kl"):
         assert rows_two[-1][key] == pytest.approx(rows_one[-1][key], rel=1e-3, abs=1e-4), key
@@ -103,36 +143,48 @@ def test_two_ranks_equal_one_rank_with_the_whole_batch(tiny_config, tmp_path, mi
 
 
 @pytest.mark.parametrize("shard", [False, True])
-def test_a_checkpoint_of_two_ranks_resumes_on_one_and_back(tiny_config, tmp_path, shard):
-    """Checkpoints hold whole states (a sharded student's gathered), so any world size resumes them."""
+def test_a_lora_student_on_two_ranks_equals_one_rank(one_rank, tiny_config, tmp_path, shard):
+    """Adapters only train, replicated or under FSDP2; final/ is the merged model with adapter/ beside it."""
+    expected, _, _ = one_rank(4, lora=True)
+    config = run_config(tiny_config, tmp_path / "two", 3, 4)
+    config["student"].update(shard=shard, lora=LORA)
+    two = launch(config, tmp_path, "two", 2)
+    assert two.returncode == 0, two.stderr[-3000:]
     start = load_file(Path(tiny_config["student"]["path"]) / "model.safetensors")
-    straight = launch(run_config(tiny_config, tmp_path / "straight", 4, 4), tmp_path, "straight", 1)
-    assert straight.returncode == 0, straight.stderr[-2000:]
+    assert_same_update(expected, weights(tmp_path / "two"), start)
+    assert (tmp_path / "two" / "final" / "adapter" / "adapter_model.safetensors").is_file()
 
-    def config(output_dir, steps):
-        raw = run_config(tiny_config, output_dir, steps, 4, save_every=1)
-        raw["student"] = {**raw["student"], "shard": shard}
+
+def killed_at_step(config: dict, tmp_path: Path, name: str, ranks: int, step: int) -> None:
+    """Run until every process kills itself with SIGKILL on reaching `step`."""
+    argv, env = command(config, tmp_path, name, ranks, program=[str(Path(__file__).parent / "sigkill_at_step.py")])
+    with started(argv, {**env, "OPD_SIGKILL_AT_STEP": str(step)}) as job:
+        job.wait(timeout=300)
+    assert job.returncode != 0 and not (Path(config["run"]["output_dir"]) / "final").exists()
+
+
+@pytest.mark.parametrize("shard", [False, True])
+def test_a_run_killed_on_two_ranks_resumes_on_one_and_back(one_rank, tiny_config, tmp_path, shard):
+    """DCP checkpoints reshard: killed by SIGKILL after a checkpoint on N ranks, resumed on M, the weights
+    of an uninterrupted run."""
+    expected, _, _ = one_rank(4)
+    start = load_file(Path(tiny_config["student"]["path"]) / "model.safetensors")
+
+    def config(output_dir):
+        raw = run_config(tiny_config, output_dir, 3, 4, save_every=1)
+        raw["student"]["shard"] = shard
         return raw
 
     for first, then in ((2, 1), (1, 2)):
         output_dir = tmp_path / f"from-{first}-to-{then}"
-        begun = launch(config(output_dir, 2), tmp_path, f"begin-{first}", first)
-        assert begun.returncode == 0, begun.stderr[-2000:]
-        resumed = launch(config(output_dir, 4), tmp_path, f"resume-{then}", then, "--resume")
+        killed_at_step(config(output_dir), tmp_path, f"begin-{first}", first, step=3)
+        checkpoint = latest_checkpoint(output_dir)
+        assert checkpoint.name == "step-2"
+        resumed = launch(config(output_dir), tmp_path, f"resume-{then}", then, "--resume")
         assert resumed.returncode == 0, resumed.stderr[-2000:]
-        assert "resuming from" in resumed.stdout
-        assert_same_update(weights(tmp_path / "straight"), weights(output_dir), start)
-        assert [row["step"] for row in read_metrics(output_dir / "metrics.jsonl")] == [0, 1, 2, 3, 4]
-
-
-def test_a_tied_student_is_not_sharded_and_says_so_before_weights_load(tiny_config, tmp_path):
-    from conftest import make_tiny_model
-
-    config = run_config(tiny_config, tmp_path / "run", 2, 4)
-    config["student"] = {"path": str(make_tiny_model(tmp_path / "tied", seed=4, tied=True)), "shard": True}
-    result = launch(config, tmp_path, "tied", 2)
-    assert result.returncode != 0 and result.stderr.count("error: student.shard: ") == 2
-    assert "ties its LM head" in result.stderr and not (tmp_path / "run").exists()
+        assert f"resuming from {checkpoint} (step 2, written by {first} ranks)" in resumed.stdout
+        assert_same_update(expected, weights(output_dir), start)
+        assert [row["step"] for row in read_metrics(output_dir / "metrics.jsonl")][-1] == 3
 
 
 def test_prompts_that_do_not_split_evenly_fail_on_every_rank_before_weights_load(tiny_config, tmp_path):
@@ -161,16 +213,3 @@ def test_a_rank_that_dies_ends_the_job_without_a_final_model(tiny_config, tmp_pa
         job.wait(timeout=180)
         assert job.returncode != 0 and time.time() - killed_at < 120
     assert not (output_dir / "final").exists()
-
-
-@pytest.mark.parametrize("micro", [8, 2])
-def test_a_student_sharded_with_fsdp2_on_two_ranks_equals_one_rank(tiny_config, tmp_path, micro):
-    start = load_file(Path(tiny_config["student"]["path"]) / "model.safetensors")
-    one = launch(run_config(tiny_config, tmp_path / "one", 3, micro), tmp_path, "one", 1)
-    assert one.returncode == 0, one.stderr[-2000:]
-    sharded = run_config(tiny_config, tmp_path / "sharded", 3, micro)
-    sharded["student"] = {**sharded["student"], "shard": True}
-    two = launch(sharded, tmp_path, "sharded", 2)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert_same_update(weights(tmp_path / "one"), weights(tmp_path / "sharded"), start)
-    assert weights(tmp_path / "sharded").keys() == start.keys()  # final/ is a plain Hugging Face folder

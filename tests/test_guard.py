@@ -4,11 +4,11 @@ guard on a forced collapse (warn continues, stop ends before the update like a N
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from opd import losses
 from opd.checkpoint import latest_checkpoint
@@ -74,10 +74,19 @@ def test_the_guard_reads_repetition_and_the_teachers_entropy_and_can_be_off():
 
 
 def collapse_checkpoint(folder: Path) -> None:
-    """Make the student's next-token distribution nearly one-hot: its LM head x 100."""
-    weights = load_file(folder / "model.safetensors")
-    weights["lm_head.weight"] = weights["lm_head.weight"] * 100
-    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    """Make the student's next-token distribution nearly one-hot: its LM head x 100 (the DCP state
+    rewritten through a plain torch.save file)."""
+    from torch.distributed.checkpoint.format_utils import torch_save_to_dcp
+
+    from conftest import checkpoint_state
+
+    plain = folder.parent / "plain.pt"
+    state = checkpoint_state(folder)
+    state["model"]["lm_head.weight"] = state["model"]["lm_head.weight"] * 100
+    torch.save(state, plain)
+    shutil.rmtree(folder / "state")
+    torch_save_to_dcp(plain, folder / "state")
+    plain.unlink()
 
 
 @pytest.mark.parametrize("mode", ["stop", "warn"])

@@ -137,17 +137,6 @@ def test_the_student_share_is_counted_over_the_whole_step_whatever_the_world_siz
     assert student_keys([[0, 2], [1, 3]]) == alone
 
 
-def test_an_empty_chunk_of_a_mixed_step_still_backpropagates():
-    """A sharded student pads a rank's chunks with empty ones; their loss must still reach the graph."""
-    logits = torch.randn(0, 9, requires_grad=True)
-    chunk = TokenChunk(completion_ids=torch.zeros(0, dtype=torch.long), sampler_logprobs=torch.zeros(0),
-                       teacher_logprobs=None, teacher_hidden=None, teacher_topk_ids=None, teacher_topk_logprobs=None,
-                       advantages=torch.zeros(0), source=torch.zeros(0, dtype=torch.long))
-    values, _ = BySource(PolicyGradient(1.0, 0, 1.0, None, 1.0, 0.0), NegativeLogLikelihood()).per_token(logits, chunk, None)
-    values.sum().backward()
-    assert logits.grad is not None and logits.grad.shape == (0, 9)
-
-
 def test_dataset_rows_keep_the_student_rows_entropy_and_the_guard_working(tiny_config):
     raw = mixed(tiny_config, off_policy_source="dataset")
     raw["loss"] = {"off_policy_kind": "sft"}

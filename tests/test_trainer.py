@@ -103,16 +103,16 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_config, tmp_path):
 
 def test_crash_mid_save_leaves_no_complete_looking_checkpoint(tiny_config, tmp_path, monkeypatch):
     raw = {**tiny_config, "run": {**tiny_config["run"], "max_steps": 3, "save_every": 1}}
-    real_save = torch.save
+    real_write = checkpoint_module.write_trainer_state
     calls = {"count": 0}
 
-    def crash_on_second(obj, path, *args, **kwargs):
+    def crash_on_second(*args):  # after every rank's DCP shard of step 2 is written, before the rename
         calls["count"] += 1
         if calls["count"] == 2:
             raise OSError("disk full")
-        return real_save(obj, path, *args, **kwargs)
+        return real_write(*args)
 
-    monkeypatch.setattr(checkpoint_module.torch, "save", crash_on_second)
+    monkeypatch.setattr(checkpoint_module, "write_trainer_state", crash_on_second)
     with pytest.raises(OSError):
         train(validate(raw), log=lambda *_: None)
     output_dir = Path(raw["run"]["output_dir"])

@@ -91,15 +91,10 @@ class StudentConfig(ModelConfig):
     lora: LoraSettings | None = Field(None, description="Train LoRA adapters (peft) instead of every weight.")
     shard: bool = Field(False, description="Under torchrun, shard the student with FSDP2 instead of replicating it.")
 
-    @model_validator(mode="after")
-    def _not_both(self) -> "StudentConfig":
-        if self.shard and self.lora is not None:
-            raise ValueError("student.shard with student.lora: LoRA students are replicated for now (set shard: false)")
-        return self
-
 
 class TeacherConfig(ModelConfig):
     temperature: float = Field(1.0, gt=0, description="Temperature of the teacher's log-probs.")
+    shard: bool = Field(False, description="Under torchrun, shard the teacher with FSDP2 instead of replicating it.")
 
 
 class DataConfig(_Strict):
@@ -221,6 +216,11 @@ class Config(_Strict):
                 f"loss.kind={self.loss.kind} with rollout.source={self.rollout.source}: distillation losses need the "
                 "student's own samples (source student); sft needs someone else's (source teacher or dataset)"
             )
+        if self.teacher_needs == FULL_DISTRIBUTION and self.teacher is not None and self.teacher.shard:
+            raise ValueError(
+                f"teacher.shard: {self._full_distribution_reason()} needs the teacher's full distribution at every "
+                "token inside the student's loss, where a sharded teacher's LM head is not gathered; use "
+                "loss.kind=reverse_kl_pg (token log-probs) or teacher.shard: false")
         if self.teacher_needs == FULL_DISTRIBUTION and (self.rollout.top_k or self.rollout.top_p < 1):
             raise ValueError(
                 f"{self._full_distribution_reason()} compares full distributions; it needs rollout.top_k=0 and "

@@ -44,7 +44,7 @@ def evaluate(
     seed: the evaluation's sampling seed, the same at every evaluation. Under several ranks each takes
     every world.size-th prompt and the figures are combined over ranks, token-weighted, so they equal
     one process's (each prompt's samples come from its own keyed stream). equal_calls: every rank makes
-    as many sampling calls (a sharded student gathers its weights in each, a collective).
+    as many sampling and scoring calls (a sharded model gathers its weights in each, a collective).
     """
     count = min(len(prompts), max_prompts or len(prompts))
     mine = list(range(world.rank, count, world.size))
@@ -54,12 +54,13 @@ def evaluate(
     # With equal_calls, a rank with fewer prompts samples one of them again and drops the result.
     calls = int(world.max(len(shares))) if equal_calls else len(shares)
     for call in range(calls):
-        if call >= len(shares):
-            sampler.sample(prompts.batch([0]), 1, seed)
-            continue
-        batch = sampler.sample(prompts.batch(shares[call]), samples_per_prompt, seed)
+        padding = call >= len(shares)
+        batch = sampler.sample(prompts.batch([0] if padding else shares[call]), 1 if padding else samples_per_prompt,
+                               seed)
         if teacher is not None:
             batch = teacher.score(batch).attach(batch)
+        if padding:
+            continue
         token_weights.append((rollout_metrics(batch), batch.num_tokens, len(batch)))
         for text, row_index, row in zip(decode_completions(batch, tokenizer), batch.row_index.tolist(), batch.rows):
             verdict = is_correct(text, row.answer) if row.answer is not None else None

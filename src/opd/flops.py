@@ -19,7 +19,9 @@ def matmul_parameters(model: torch.nn.Module) -> int:
     embedding = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
     total = sum(parameter.numel() for parameter in model.parameters())
-    tied = head.data_ptr() == embedding.data_ptr()
+    # Sharded (DTensor) parameters have no storage of their own to compare: identity tells tying there.
+    plain = not any(hasattr(weight, "device_mesh") for weight in (head, embedding))
+    tied = head is embedding or (plain and head.data_ptr() == embedding.data_ptr())
     return total - embedding.numel() + (head.numel() if tied else 0)
 
 

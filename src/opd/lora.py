@@ -41,16 +41,13 @@ def check_lora(settings: LoraSettings, student_path: str, trust_remote_code: boo
                           f"(its linear layers: {', '.join(linear)})")
 
 
-def add_adapters(student: LoadedModel, settings: LoraSettings, saved: Path | None = None) -> LoadedModel:
-    """The student with LoRA adapters: new ones, or those saved in `saved` (a checkpoint), trainable."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+def add_adapters(student: LoadedModel, settings: LoraSettings) -> LoadedModel:
+    """The student with new, trainable LoRA adapters (a checkpoint's are loaded into them after)."""
+    from peft import LoraConfig, get_peft_model
 
-    if saved is not None:
-        wrapper = PeftModel.from_pretrained(student.model, saved, is_trainable=True)
-    else:
-        config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=0.0,
-                            target_modules=settings.target_modules, bias="none")
-        wrapper = get_peft_model(student.model, config)
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=0.0,
+                        target_modules=settings.target_modules, bias="none")
+    wrapper = get_peft_model(student.model, config)
     return LoadedModel(model=wrapper.get_base_model(), tokenizer=student.tokenizer, source=student.source,
                        adapter=wrapper)
 

@@ -112,8 +112,7 @@ class BySource:
 
     def per_token(self, student_logits, chunk, teacher):
         on = chunk.source == STUDENT  # (c,)
-        # Tied to the logits' graph even when empty: a sharded student's padded empty chunks backpropagate too.
-        values = student_logits.new_zeros(on.shape) + 0 * student_logits.sum()
+        values = student_logits.new_zeros(on.shape)
         logprobs = student_logits.new_zeros(on.shape)
         for objective, rows in ((self.on_policy, on), (self.off_policy, ~on)):
             if bool(rows.any()):

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from opd.answers import DatasetAnswers
-from opd.checkpoint import latest_checkpoint, load_trainer_state, restore_rng
+from opd.checkpoint import check_checkpoint, latest_checkpoint, load_checkpoint
 from opd.config import Config, dump_config
 from opd.data import PromptSet, PromptStream, load_prompts
 from opd.distributed import World
@@ -31,7 +31,7 @@ from opd.objectives import Objective, build_objective
 from opd.precision import Precision
 from opd.mixture import RolloutMix
 from opd.sampling import ModelSampler
-from opd.sharding import check_shardable, load_optimizer_state, shard_student
+from opd.sharding import shard_model
 from opd.sinks import check_trackers
 from opd.teacher import LocalTeacher
 from opd.update import tokens_per_chunk
@@ -162,8 +162,6 @@ def prepare(config: Config, resume: bool, log=print, world: World | None = None)
     check_source(config.student.path, "student.path")
     if config.student.lora is not None:
         check_lora(config.student.lora, config.student.path, config.student.trust_remote_code)
-    if config.student.shard and world.size > 1:
-        check_shardable(config.student.path, config.student.trust_remote_code)
     teacher_config = config.teacher
     if teacher_config is not None:
         check_source(teacher_config.path, "teacher.path")
@@ -186,24 +184,25 @@ def prepare(config: Config, resume: bool, log=print, world: World | None = None)
     checkpoint = latest_checkpoint(output_dir) if resume else None
     if checkpoint is not None:
         _check_resumable(output_dir, config)
-    lora = config.student.lora
-    student_source = (str(checkpoint), "resumed checkpoint") if checkpoint and not lora else (config.student.path,
-                                                                                              "student.path")
-    student = load_model(*student_source, precision.device, config.student.trust_remote_code)
-    if lora is not None:  # the base from student.path; the adapters new, or the checkpoint's
-        student = add_adapters(student, lora, saved=checkpoint)
+        check_checkpoint(checkpoint)
+    # The initial student; a checkpoint's weights are loaded into it once it is laid out for this world.
+    student = load_model(config.student.path, "student.path", precision.device, config.student.trust_remote_code)
+    if config.student.lora is not None:
+        student = add_adapters(student, config.student.lora)
     _check_context(student, "student.path", config)
     teacher = None
     if teacher_config is not None:
         teacher = load_teacher(teacher_config.path, "teacher.path", precision, teacher_config.temperature,
                                config.loss.chunk_size, teacher_config.trust_remote_code)
         _check_context(teacher.loaded, "teacher.path", config)
+        if teacher_config.shard and world.size > 1:
+            shard_model(teacher.model)  # in its own dtype: bf16 under bf16, no optimizer
 
     # On-policy: the policy that is trained must be the one that sampled, so dropout stays off.
     student.model.eval()
     sharded = config.student.shard and world.size > 1
     if sharded:
-        shard_student(student.model, precision.autocast_dtype)
+        shard_model(student.model, precision.autocast_dtype)
     optimizer = torch.optim.AdamW(
         [parameter for parameter in student.model.parameters() if parameter.requires_grad], lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps,
         weight_decay=config.optim.weight_decay,
@@ -216,16 +215,14 @@ def prepare(config: Config, resume: bool, log=print, world: World | None = None)
                           run.collapse_repetition, run.collapse_patience)
     start_step, start_flops = 0, 0.0
     if checkpoint is not None:
-        state = load_trainer_state(checkpoint)
-        load_optimizer_state(student.model, optimizer, state["optimizer"])
+        state = load_checkpoint(checkpoint, student, optimizer, world)
         scheduler.load_state_dict(state["scheduler"])
-        restore_rng(state["rng"])
         stream.consumed = state["prompts_consumed"]
         start_flops = state.get("flops", 0.0)
         start_step = state["step"]
         if state.get("guard"):
             guard.load_state_dict(state["guard"])
-        log(f"resuming from {checkpoint} (step {start_step})")
+        log(f"resuming from {checkpoint} (step {start_step}, written by {state.get('world_size', 1)} ranks)")
     elif resume:
         log(f"no complete checkpoint in '{output_dir}'; starting from step 0")
 

@@ -1,61 +1,57 @@
-"""The student sharded with FSDP2 (`student.shard: true` under torchrun).
+"""Models sharded with FSDP2 under torchrun: the student (`student.shard`), the teacher (`teacher.shard`).
 
-Units: every decoder layer (the model's `_no_split_modules` classes), the body without its layers (input
-embeddings and final norm: opd calls the body, `model.base_model`, for hidden states), the LM head
-when it is not tied (opd calls it as a module, chunk by chunk), and the root. Each of those is called
-through its own forward, so its hooks gather its parameters, and after backward reduce-scatter its
-gradients. FSDP2 averages gradients over ranks, and the loss is already divided by the tokens of every
-rank, so the update multiplies each rank's loss by the world size (gloo has no pre-multiplied sum for
-`set_gradient_divide_factor`).
+Units: every decoder layer (the model's `_no_split_modules` classes), and the root, which keeps the
+rest: input embeddings, final norm and LM head, tied to the embeddings or not. opd calls the body and
+the LM head itself (hidden states of completion positions only, logits chunk by chunk), so a sharded
+model's loss or scoring runs inside the root's forward (`through_root`): the root's hooks gather its
+parameters for the whole computation, each layer's hooks gather that layer, and in backward FSDP2
+gathers again and reduce-scatters the gradients. Every rank must call a sharded model equally often.
 
-Every rank must call each unit equally often: the update pads its LM-head chunks to the largest count
-over ranks. Sampling keeps every unit gathered from the first decoding step to the last
-(`gathered_for_sampling`), so ranks that stop decoding at different steps don't wait on each other,
-and reshards after.
+FSDP2 averages gradients over ranks; the update divides the loss by the tokens of every rank, so it
+multiplies each rank's loss by the world size (gloo has no pre-multiplied sum for
+`set_gradient_divide_factor`). Sampling keeps every unit gathered from the first decoding step to the
+last (`gathered_for_sampling`), so ranks that stop decoding at different steps don't wait on each
+other, and reshards after.
 """
 
 from __future__ import annotations
 
+import types
 from contextlib import contextmanager
+from typing import Callable, TypeVar
 
 import torch
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict,
-)
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-from opd.errors import ConfigError
-
-
-def check_shardable(path: str, trust_remote_code: bool = False) -> None:
-    """Before weights load: a student whose LM head shares its input embeddings can't be sharded yet.
-    Its chunked LM head would need the shared unit's gathered weight after that unit's backward hook
-    has run (measured: a crash); such students train replicated."""
-    from transformers import AutoConfig
-
-    if getattr(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), "tie_word_embeddings", False):
-        raise ConfigError(f"student.shard: {path} ties its LM head to its input embeddings, which opd cannot shard "
-                          "yet; set student.shard: false (the student is then replicated on every rank)")
+Result = TypeVar("Result")
+_ROOT_CALL = "opd_root_call"
 
 
-def shard_student(model: torch.nn.Module, autocast_dtype: torch.dtype | None) -> None:
-    """fully_shard the units above, in place; bf16 compute with fp32 master weights and fp32 gradient
-    reduction under bf16."""
-    policy = MixedPrecisionPolicy(param_dtype=autocast_dtype, reduce_dtype=torch.float32) if autocast_dtype \
+def layer_classes(model: torch.nn.Module) -> set[str]:
+    return set(getattr(model, "_no_split_modules", None) or [])
+
+
+def shard_model(model: torch.nn.Module, compute_dtype: torch.dtype | None = None) -> None:
+    """fully_shard the units above, in place, every one resharding after its forward (set on the root
+    too: left unset, a root's parameters stay gathered after a forward without gradients).
+    compute_dtype: bf16 compute on fp32 master weights, with gradients reduced in fp32; None computes in
+    the weights' own dtype (a bf16 teacher, or fp32)."""
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype \
         else MixedPrecisionPolicy()
-    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
+    classes = layer_classes(model)
     for module in model.modules():
-        if type(module).__name__ in layer_classes:
-            fully_shard(module, mp_policy=policy)
-    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
-    tied = head is not None and head.weight is embeddings.weight
-    if tied:
-        raise ConfigError("student.shard: this student ties its LM head to its input embeddings, which opd "
-                          "cannot shard yet; set student.shard: false")
-    fully_shard(model.base_model, mp_policy=policy)
-    if head is not None:
-        fully_shard(head, mp_policy=policy)
+        if type(module).__name__ in classes:
+            fully_shard(module, mp_policy=policy, reshard_after_forward=True)
     fully_shard(model, mp_policy=policy, reshard_after_forward=True)
+    model.opd_root_call = types.MethodType(lambda self, function: function(), model)
+    register_fsdp_forward_method(model, _ROOT_CALL)
+
+
+def through_root(model: torch.nn.Module, function: Callable[[], Result]) -> Result:
+    """function() inside the root's forward of a sharded model, so its hooks gather the embeddings, final
+    norm and LM head for it (and, where the result needs gradients, for its backward); plainly otherwise."""
+    return getattr(model, _ROOT_CALL)(function) if is_sharded(model) else function()
 
 
 def units(model: torch.nn.Module) -> list[FSDPModule]:
@@ -84,20 +80,8 @@ def gathered_for_sampling(model: torch.nn.Module):
             unit.set_reshard_after_forward(True)
 
 
-def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's weights on the CPU, gathered on every rank's call (a collective); rank 0 gets them."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """The optimizer's whole state keyed by parameter names (not positions), sharded or not, so that a
-    checkpoint from any world size and either layout loads into any other."""
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """A whole optimizer state into this optimizer; a sharded one keeps its shard of it."""
-    if all(isinstance(key, int) for key in state.get("state", {})):  # torch's own positional format
-        optimizer.load_state_dict(state)
-        return
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+def full_model_state(model: torch.nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """The model's whole weights on the CPU (a collective: every rank calls it; rank 0 gets them).
+    trainable_only: only the parameters that train (a LoRA student's adapters)."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    return get_model_state_dict(model, options=options)

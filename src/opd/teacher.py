@@ -21,6 +21,7 @@ from opd.forward import completion_hidden_states_of, logits_from_hidden
 from opd.loading import LoadedModel
 from opd.losses import token_logprobs_and_entropy
 from opd.precision import Precision
+from opd.sharding import through_root
 
 
 @dataclass
@@ -94,6 +95,10 @@ class LocalTeacher:
 
     @torch.no_grad()
     def score(self, batch: StepBatch, keep_hidden: bool = False) -> TeacherScores:
+        # A sharded teacher (teacher.shard) runs all of it inside its root's forward, which gathers its LM head.
+        return through_root(self.loaded.model, lambda: self._score(batch, keep_hidden))
+
+    def _score(self, batch: StepBatch, keep_hidden: bool) -> TeacherScores:
         with self.precision.autocast():
             hidden = completion_hidden_states_of(self.loaded.model, batch.prompt_ids, batch.prompt_mask,
                                                  batch.completion_ids, batch.completion_mask,

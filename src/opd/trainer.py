@@ -25,7 +25,8 @@ from opd.distributed import World
 from opd.metrics import combine, rollout_metrics
 from opd.progress import ProgressBar
 from opd.setup import Session, prepare
-from opd.sharding import full_model_state, full_optimizer_state
+from opd.export import save_with_adapters
+from opd.sharding import full_model_state, is_sharded
 from opd.sinks import MetricSinks
 from opd.update import update_student
 
@@ -72,7 +73,7 @@ def train(config: Config, resume: bool = False, log=print, time_limit_s: float |
                 sinks.write(step, metrics)
             progress.update(step, metrics)
             if run.save_every and step % run.save_every == 0:
-                save(session, step, flops)
+                save(session, config, step, flops)
             if last_step:
                 break
     except TrainingDiverged as exc:
@@ -81,24 +82,32 @@ def train(config: Config, resume: bool = False, log=print, time_limit_s: float |
     finally:
         progress.close()
         sinks.close()
-    save(session)
+    save(session, config)
     world.barrier()  # no rank leaves before final/ is complete
     world.close()
     return TrainResult(session.output_dir, first_eval, last_eval, step - session.start_step)
 
 
-def save(session: Session, step: int | None = None, flops: float = 0.0) -> None:
-    """A checkpoint at `step`, or final/ without one. Rank 0 writes; a sharded student's whole weights
-    and optimizer state are gathered from every rank first (every rank must call this)."""
-    weights = full_model_state(session.student.model) if session.sharded else None
-    if step is None:
-        if session.world.is_main:
-            save_model(session.student, session.output_dir / "final", weights)
+def save(session: Session, config: Config, step: int | None = None, flops: float = 0.0) -> None:
+    """A checkpoint at `step` (every rank writes its shard), or final/ without one (rank 0 writes the
+    whole student, gathered first where it is sharded). Every rank must call this."""
+    if step is not None:
+        trainer_state = {"scheduler": session.scheduler.state_dict(), "prompts_consumed": session.stream.consumed,
+                         "flops": flops, "guard": session.guard.state_dict()}
+        save_checkpoint(session.output_dir, step, session.student, session.optimizer, session.world, trainer_state)
         return
-    optimizer_state = full_optimizer_state(session.student.model, session.optimizer)
+    final = session.output_dir / "final"
+    if not session.sharded:
+        if session.world.is_main:
+            save_model(session.student, final)
+        return
+    lora = session.student.adapter is not None
+    weights = full_model_state(session.student.model, trainable_only=lora)
     if session.world.is_main:
-        save_checkpoint(session.output_dir, step, session.student, session.optimizer, session.scheduler,
-                        session.stream.consumed, flops, session.guard.state_dict(), weights, optimizer_state)
+        if lora:
+            save_with_adapters(config.student, weights, final)
+        else:
+            save_model(session.student, final, weights)
 
 
 def train_step(session: Session, config: Config, step: int, log=print) -> tuple[dict[str, float], float]:
@@ -188,7 +197,7 @@ def run_eval(session: Session, config: Config) -> dict[str, float]:
         # As many rollouts per sampling call as a training step makes on a rank.
         batch_prompts=max(1, rollouts_per_step(config) // session.world.size // config.rollout.eval_samples_per_prompt),
         seed=config.run.seed + 1, max_prompts=config.data.eval_max_prompts, world=session.world,
-        equal_calls=session.sharded,
+        equal_calls=session.sharded or (session.teacher is not None and is_sharded(session.teacher.model)),
     )
 
 

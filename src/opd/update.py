@@ -4,7 +4,7 @@ For each micro-batch (`StepBatch.select`, which trims every field alike) the stu
 are computed with gradients once. Only the completion tokens inside the mask are then gathered (no LM
 head on padding or after EOS), and the LM head, the log-probs and the loss run over chunks of
 `chunk_size` of those tokens, each chunk backpropagating into a detached copy of the hidden states
-before the next is built. At most one chunk of [chunk_size x V] logits is alive at a time, for the
+before the next is built (a sharded student recomputes each chunk in one backward instead). At most one chunk of [chunk_size x V] logits is alive at a time, for the
 student and the teacher alike, whatever the batch. The loss is normalized once, by the completion
 tokens of the whole step, so micro-batching does not change the gradient.
 """
@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from opd import losses
 from opd.batch import SOURCE_NAMES, STUDENT, StepBatch
@@ -23,6 +24,7 @@ from opd.forward import completion_hidden_states_of, logits_from_hidden
 from opd.loading import LoadedModel
 from opd.objectives import Objective
 from opd.precision import Precision
+from opd.sharding import is_sharded, through_root
 from opd.teacher import FullDistributionTeacher
 
 CHUNK_ELEMENTS = 2**24  # a [tokens x V] fp32 block of 64 MiB
@@ -44,55 +46,99 @@ class MicroBatchResult:
     max_abs_log_ratio: float
 
 
+class _ChunkFigures:
+    """What the update reports of a micro-batch's chunks: the student's log-probs by source, and the
+    importance ratio where the student sampled."""
+
+    def __init__(self):
+        self.logprob_sums = torch.zeros(len(SOURCE_NAMES), dtype=torch.float64)
+        self.token_counts = torch.zeros(len(SOURCE_NAMES))
+        self.far_tokens, self.max_abs_log_ratio = 0, 0.0
+
+    def add(self, chunk, logprobs: torch.Tensor) -> None:
+        logprobs, source = logprobs.detach(), chunk.source.cpu()
+        self.logprob_sums.index_add_(0, source, logprobs.double().cpu())
+        self.token_counts.index_add_(0, source, torch.ones(len(source)))
+        sampled = chunk.source == STUDENT  # rho means something only where the student drew the token
+        if bool(sampled.any()):
+            log_ratio = (logprobs[sampled] - chunk.sampler_logprobs[sampled]).abs()  # (c_student,)
+            self.far_tokens += int((log_ratio > FAR_LOG_RATIO).sum())
+            self.max_abs_log_ratio = max(self.max_abs_log_ratio, float(log_ratio.max()))
+
+    def result(self, loss: float) -> MicroBatchResult:
+        return MicroBatchResult(loss, self.logprob_sums, self.token_counts, self.far_tokens, self.max_abs_log_ratio)
+
+
 def backward_micro_batch(
     student: LoadedModel,
     teacher: FullDistributionTeacher | None,
     part: StepBatch,
     objective: Objective,
-    step_tokens: int,
+    step_tokens: float,
     chunk_size: int,
     precision: Precision,
-    chunks: int | None = None,
 ) -> MicroBatchResult:
     """Accumulate the gradient of one micro-batch's share of the step loss.
 
     part: the micro-batch, already selected from the step's batch. step_tokens: the completion tokens
-    of the whole step, the one normalizer, so the shares add up to the step loss. chunks: run this many
-    chunks, the last ones empty where this rank has fewer tokens (a sharded LM head must be called
-    equally often on every rank).
+    of the whole step, the one normalizer, so the shares add up to the step loss.
     """
-    with precision.autocast():
-        hidden = completion_hidden_states_of(student.model, part.prompt_ids, part.prompt_mask, part.completion_ids,
-                                             part.completion_mask, part.prompt_index)  # (b, T, H)
+    figures = _ChunkFigures()
+
+    def hidden_states() -> torch.Tensor:  # (b, T, H)
+        with precision.autocast():
+            return completion_hidden_states_of(student.model, part.prompt_ids, part.prompt_mask, part.completion_ids,
+                                               part.completion_mask, part.prompt_index)
+
+    def chunk_loss(flat_hidden: torch.Tensor, flat_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chunk's share of the step loss, and the student's log-probs of its tokens (c,)."""
+        with precision.autocast():
+            logits = logits_from_hidden(student.model, flat_hidden, student.vocab_size)  # (c, V)
+        per_token, logprobs = objective.per_token(logits, part.tokens_at(flat_index), teacher)  # (c,), (c,)
+        every = torch.ones_like(per_token, dtype=torch.bool)  # the chunk holds only tokens inside the mask
+        return losses.reduce_tokens(per_token, every, step_tokens), logprobs
+
+    if is_sharded(student.model):
+        return _backward_through_root(student, part, hidden_states, chunk_loss, chunk_size, figures)
+    hidden = hidden_states()
     hidden_leaf = hidden.detach().requires_grad_()
     flat_hidden = hidden_leaf.flatten(0, 1)  # (b*T, H)
-    total, far_tokens, max_abs_log_ratio = 0.0, 0, 0.0
-    logprob_sums, token_counts = torch.zeros(len(SOURCE_NAMES), dtype=torch.float64), torch.zeros(len(SOURCE_NAMES))
-    flat_chunks = list(part.token_chunks(chunk_size))
-    empty = torch.zeros(0, dtype=torch.long, device=part.completion_ids.device)
-    flat_chunks += [empty] * ((chunks or 0) - len(flat_chunks))
-    for flat_index in flat_chunks:  # (c,) flat indices of completion tokens
-        chunk = part.tokens_at(flat_index)
-        with precision.autocast():
-            logits = logits_from_hidden(student.model, flat_hidden[flat_index], student.vocab_size)  # (c, V)
-        per_token, logprobs = objective.per_token(logits, chunk, teacher)  # (c,), (c,)
-        every = torch.ones_like(per_token, dtype=torch.bool)  # the chunk holds only tokens inside the mask
-        chunk_loss = losses.reduce_tokens(per_token, every, step_tokens)
-        chunk_loss.backward()
-        total += chunk_loss.item()
-        logprobs, source = logprobs.detach(), chunk.source.cpu()
-        logprob_sums.index_add_(0, source, logprobs.double().cpu())
-        token_counts.index_add_(0, source, torch.ones(len(source)))
-        sampled = chunk.source == STUDENT  # rho means something only where the student drew the token
-        if not len(sampled):
-            continue
-        if bool(sampled.any()):
-            log_ratio = (logprobs[sampled] - chunk.sampler_logprobs[sampled]).abs()  # (c_student,)
-            far_tokens += int((log_ratio > FAR_LOG_RATIO).sum())
-            max_abs_log_ratio = max(max_abs_log_ratio, float(log_ratio.max()))
+    total = 0.0
+    for flat_index in part.token_chunks(chunk_size):  # (c,) flat indices of completion tokens
+        loss, logprobs = chunk_loss(flat_hidden[flat_index], flat_index)
+        loss.backward()  # frees this chunk's logits before the next chunk's are built
+        total += loss.item()
+        figures.add(part.tokens_at(flat_index), logprobs)
     if hidden_leaf.grad is not None:  # None when the micro-batch holds no completion token
         hidden.backward(hidden_leaf.grad)
-    return MicroBatchResult(total, logprob_sums, token_counts, far_tokens, max_abs_log_ratio)
+    return figures.result(total)
+
+
+def _backward_through_root(student, part, hidden_states, chunk_loss, chunk_size, figures) -> MicroBatchResult:
+    """A sharded student: the micro-batch's whole loss inside the root's forward, then one backward.
+
+    Its LM head (perhaps tied to the embeddings) is gathered by the root for the forward and again for
+    the backward, and can't be called chunk by chunk outside it; instead each chunk's logits are
+    recomputed in the backward (activation checkpointing), so one chunk of logits is alive at a time
+    here too, for one more LM-head forward per chunk. Every rank runs the backward, tokens or not:
+    FSDP2's gradient reduce-scatter is a collective.
+    """
+
+    def loss_inside_root() -> torch.Tensor:
+        flat_hidden = hidden_states().flatten(0, 1)  # (b*T, H)
+        # Tied to every parameter, the LM head's included, even on a rank without tokens: FSDP2 reduce-scatters
+        # the gradients that exist, and every rank must send the same ones.
+        head = student.model.get_output_embeddings().parameters()
+        total = 0 * flat_hidden.sum() + sum(0 * parameter.sum() for parameter in head)
+        for flat_index in part.token_chunks(chunk_size):
+            loss, logprobs = checkpoint(chunk_loss, flat_hidden[flat_index], flat_index, use_reentrant=False)
+            total = total + loss
+            figures.add(part.tokens_at(flat_index), logprobs)
+        return total
+
+    total = through_root(student.model, loss_inside_root)
+    total.backward()
+    return figures.result(float(total))
 
 
 def update_student(session, config, batch: StepBatch) -> dict[str, float]:
@@ -114,9 +160,8 @@ def update_student(session, config, batch: StepBatch) -> dict[str, float]:
     results = []
     for row in range(0, len(batch), micro):
         part = batch.select(slice(row, row + micro))
-        chunks = int(world.max(-(-part.num_tokens // session.chunk_size))) if session.sharded else None
         results.append(backward_micro_batch(session.student, session.teacher, part, session.objective, normalizer,
-                                            session.chunk_size, session.precision, chunks))
+                                            session.chunk_size, session.precision))
     if not session.sharded:  # FSDP2 already reduce-scattered the sharded gradients
         world.sum_gradients(session.student.model.parameters())
     loss = world.sum(sum(result.loss for result in results)) * normalizer / step_tokens
