@@ -6,8 +6,10 @@ gloo on CPU), and each step's communication volume.
 Models and prompts are benchmarks/vs_trl.py's (built there on first use): a 5.2M-parameter Qwen3
 student and a 23M teacher, 8 GSM8K prompts x 4 samples x up to 128 new tokens per step, fp32,
 full-vocabulary reverse KL. Each configuration is one `opd train` run; the first step is a warm-up and
-left out. With R ranks of T threads each, R x T is the machine's 2 cores in every row. The student ties
-its LM head to its embeddings, which `student.shard` refuses for now, so both rows replicate it.
+left out. With R ranks of T threads each, R x T is the machine's 2 cores in every row. The student (its
+LM head tied to its embeddings) is replicated in the first two rows and sharded with FSDP2 in the third,
+where sampling runs Hugging Face's forward instead of the lean decoding step (which reads weights
+directly), so the rollout column also compares the two decoders.
 
 Communication per step and rank, data-parallel: one all-reduce of the student's gradients (a ring
 all-reduce sends and receives 2 (R - 1) / R of the gradient bytes) plus a few scalars and the
@@ -63,7 +65,9 @@ def run(work: Path, ranks: int, threads: int, steps: int, scratch: Path, shard: 
     rows = [row for row in read_metrics(output_dir / "metrics.jsonl") if row["step"] > 1]
     seconds = sum(row["timing/rollout_s"] + row["timing/teacher_s"] + row["timing/update_s"] for row in rows)
     tokens = sum(row["generation/avg_length"] * 32 for row in rows)
+    rollout_s = sum(row["timing/rollout_s"] for row in rows)
     return {"ranks": ranks, "threads": threads, "shard": shard, "tokens_per_s": tokens / seconds, "steps": len(rows),
+            "rollout_tokens_per_s": tokens / rollout_s,
             "split": [sum(row[key] for row in rows) / seconds
                       for key in ("timing/rollout_s", "timing/teacher_s", "timing/update_s")]}
 
@@ -82,9 +86,10 @@ def main() -> None:
     gradient_bytes = 4 * sum(p.numel() for p in student.parameters())
     with tempfile.TemporaryDirectory() as scratch:
         results = [run(work, ranks, threads, args.steps, Path(scratch), shard)
-                   for ranks, threads, shard in ((1, 2, False), (2, 1, False))]
-    lines = ["| ranks x threads | student | completion tokens/s | rollout / teacher / update | communication per step and rank |",
-             "| --- | --- | ---: | --- | ---: |"]
+                   for ranks, threads, shard in ((1, 2, False), (2, 1, False), (2, 1, True))]
+    lines = ["| ranks x threads | student | completion tokens/s | sampling tokens/s | rollout / teacher / update "
+             "| communication per step and rank |",
+             "| --- | --- | ---: | ---: | --- | ---: |"]
     for result in results:
         ranks, share = result["ranks"], (result["ranks"] - 1) / result["ranks"]
         if ranks == 1:
@@ -95,7 +100,8 @@ def main() -> None:
             volume = f"{2 * share * gradient_bytes / 2**20:.0f} MiB (1 all-reduce)"
         split = " / ".join(f"{part:.0%}" for part in result["split"])
         layout = "sharded (FSDP2)" if result["shard"] else "replicated"
-        lines.append(f"| {ranks} x {result['threads']} | {layout} | {result['tokens_per_s']:,.0f} | {split} | {volume} |")
+        lines.append(f"| {ranks} x {result['threads']} | {layout} | {result['tokens_per_s']:,.0f} | "
+                     f"{result['rollout_tokens_per_s']:,.0f} | {split} | {volume} |")
     print(f"student: {matmul_parameters(student) / 1e6:.1f}M parameters in matrix products, "
           f"{gradient_bytes / 2**20:.1f} MiB of fp32 gradients")
     print("\n".join(lines))

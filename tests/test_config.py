@@ -316,3 +316,12 @@ def test_full_vocabulary_loss_with_truncated_sampling_is_rejected(tmp_path):
     raw = with_keys(minimal_raw(str(tmp_path)), {"loss.kind": "jsd", "rollout.top_p": 0.9})
     with pytest.raises(ConfigError, match=r"loss.kind=jsd.*top_p=1.*0.9"):
         validate(raw)
+
+
+@pytest.mark.parametrize("changes", [{"loss.kind": "forward_kl"}, {"rollout.student_fraction": 0.5,
+                                                                   "loss.off_policy_kind": "forward_kl"}])
+def test_a_sharded_teacher_with_a_full_vocabulary_loss_is_rejected_with_the_reason(tmp_path, changes):
+    raw = with_keys(minimal_raw(str(tmp_path)), {"teacher.shard": True, **changes})
+    with pytest.raises(ConfigError, match=r"teacher.shard: .*forward_kl.* full distribution .*reverse_kl_pg"):
+        validate(raw)
+    validate(with_keys(minimal_raw(str(tmp_path)), {"teacher.shard": True}))  # reverse_kl_pg: fine

@@ -32,16 +32,16 @@ def free_port() -> int:
 
 
 def command(config: dict, tmp_path: Path, name: str, ranks: int, *extra: str,
-            program: list[str] = ("-m", "opd")) -> tuple[list[str], dict]:
+            program: list[str] = ("-m", "opd"), env: dict | None = None) -> tuple[list[str], dict]:
     """`opd train` on `ranks` processes (torchrun, its rendezvous and gloo on 127.0.0.1 only), or plainly
-    for one rank; with the environment to run it in."""
+    for one rank; with the environment to run it in (ours, one thread per rank, and `env`)."""
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     opd = [*program, "train", str(path), *extra]
     launcher = [sys.executable] if ranks == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--node-rank=0", "--master-addr=127.0.0.1",
         f"--master-port={free_port()}", f"--nproc-per-node={ranks}"]
-    return [*launcher, *opd], {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    return [*launcher, *opd], {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", **(env or {})}
 
 
 @contextmanager
@@ -61,8 +61,9 @@ def started(argv: list[str], env: dict):
             pass
 
 
-def launch(config: dict, tmp_path: Path, name: str, ranks: int, *extra: str) -> subprocess.CompletedProcess:
-    argv, env = command(config, tmp_path, name, ranks, *extra)
+def launch(config: dict, tmp_path: Path, name: str, ranks: int, *extra: str,
+           env: dict | None = None) -> subprocess.CompletedProcess:
+    argv, env = command(config, tmp_path, name, ranks, *extra, env=env)
     with started(argv, env) as job:
         stdout, stderr = job.communicate(timeout=600)
     return subprocess.CompletedProcess(argv, job.returncode, stdout, stderr)

@@ -73,6 +73,13 @@ def test_resume_is_exact_and_final_is_a_merged_model_with_the_adapters_beside_it
     for name, value in load_file(tmp_path / "parted" / "final" / "model.safetensors").items():
         assert torch.equal(value, merged[name]), name
 
+    from opd.export import export_checkpoint
+
+    exported = export_checkpoint(tmp_path / "parted" / "checkpoints" / "step-4", tmp_path / "exported")
+    for name, value in load_file(exported / "model.safetensors").items():  # merged, as final/ is
+        assert torch.equal(value, merged[name]), name
+    assert (exported / "adapter" / "adapter_model.safetensors").is_file()
+
     final = straight.output_dir / "final"
     plain = AutoModelForCausalLM.from_pretrained(final).eval()
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_config["student"]["path"]),

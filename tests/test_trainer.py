@@ -20,6 +20,8 @@ from opd.errors import TrainingDiverged
 from opd.sinks import read_metrics
 from opd.trainer import train
 
+from conftest import run_cli
+
 
 def final_weights(output_dir) -> dict[str, torch.Tensor]:
     return load_file(Path(output_dir) / "final" / "model.safetensors")
@@ -171,6 +173,9 @@ def test_resume_refuses_a_changed_config_but_allows_more_steps(tiny_config):
     changed = {**raw, "optim": {**raw["optim"], "lr": 5e-3}}
     with pytest.raises(ConfigError, match=r"optim.lr: 0.001 -> 0.005"):
         train(validate(changed), resume=True, log=lambda *_: None)
+    lora = {**raw, "student": {**raw["student"], "lora": {"r": 4}}}  # a full checkpoint into adapters
+    with pytest.raises(ConfigError, match=r"student.lora.r: None -> 4"):
+        train(validate(lora), resume=True, log=lambda *_: None)
     longer = {**raw, "run": {**raw["run"], "max_steps": 3}}
     result = train(validate(longer), resume=True, log=lambda *_: None)
     assert result.steps_run == 1
@@ -266,3 +271,33 @@ def test_no_lm_head_call_sees_more_than_a_chunk_of_tokens(tiny_config, kind):
     assert metrics["generation/avg_length"] * 4 > 5  # the step has more tokens than one chunk
     assert seen["student"] and seen["teacher"]
     assert max(seen["student"] + seen["teacher"]) <= 5, seen
+
+
+def test_opd_export_writes_a_checkpoint_as_the_final_model_would_be(tiny_config, tmp_path):
+    raw = {**tiny_config, "run": {**tiny_config["run"], "max_steps": 2, "save_every": 2}}
+    train(validate(raw), log=lambda *_: None)
+    output_dir = Path(raw["run"]["output_dir"])
+    result = run_cli("export", str(output_dir / "checkpoints" / "step-2"), str(tmp_path / "exported"))
+    assert result.returncode == 0, result.stderr
+    exported, final = (load_file(folder / "model.safetensors") for folder in (tmp_path / "exported", output_dir / "final"))
+    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
+    assert (tmp_path / "exported" / "tokenizer.json").is_file()
+    bad = run_cli("export", str(output_dir), str(tmp_path / "nothing"))
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "not a complete checkpoint" in bad.stderr
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_a_checkpoint_this_opd_cannot_read_is_refused_before_any_weight_loads(tiny_config, monkeypatch):
+    from opd.errors import ConfigError
+
+    raw = {**tiny_config, "run": {**tiny_config["run"], "max_steps": 1, "save_every": 1},
+           "data": {**tiny_config["data"], "eval": None}, "optim": {"lr": 1e-3, "schedule": "constant"}}
+    train(validate(raw), log=lambda *_: None)
+    checkpoint = Path(raw["run"]["output_dir"]) / "checkpoints" / "step-1"
+    for item in (checkpoint / "state").iterdir():  # as written by an opd before DCP checkpoints
+        item.unlink()
+    (checkpoint / "state").rmdir()
+    monkeypatch.setattr("opd.setup.load_model", lambda *a, **k: pytest.fail("weights loaded before the check"))
+    longer = {**raw, "run": {**raw["run"], "max_steps": 2}}
+    with pytest.raises(ConfigError, match=r"--resume: .*step-1 has no state/"):
+        train(validate(longer), resume=True, log=lambda *_: None)

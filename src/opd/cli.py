@@ -25,7 +25,10 @@ def _parser() -> argparse.ArgumentParser:
                              help="override config keys, e.g. --set optim.lr=1e-5 run.max_steps=50")
         command.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
         command.add_argument("--dry-run", action="store_true",
-                             help="validate the config and its local paths, load no weights, touch no network")
+                             help="validate the config and its local paths and print the memory plan per rank; "
+                                  "loads no weights, touches no network")
+        command.add_argument("--nproc-per-node", type=int, metavar="N",
+                             help="with --dry-run: plan for N ranks (default: WORLD_SIZE under torchrun, else 1)")
 
     evaluation = commands.add_parser("eval", help="accuracy (pass@1, pass@K) of a model, and with a teacher the distillation metrics")
     evaluation.add_argument("--model", required=True, help="model folder or hub id")
@@ -44,14 +47,24 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     report.add_argument("--out", help="folder for report.png and report.html (default: the first RUN_DIR)")
 
+    export = commands.add_parser("export", help="write a checkpoint as a Hugging Face folder, like final/")
+    export.add_argument("checkpoint", help="RUN_DIR/checkpoints/step-N")
+    export.add_argument("out", help="folder to write (safetensors and tokenizer; with LoRA merged, adapter/ beside)")
+
     demo = commands.add_parser("demo", help="distill a tiny model on a synthetic task; no network needed")
     demo.add_argument("--out", default="opd-demo", help="run directory to create (default: ./opd-demo)")
     return parser
 
 
-def _dry_run(config) -> None:
-    """Check what can be checked without weights or network: the config, local paths, local data."""
+def _dry_run(config, ranks: int | None) -> None:
+    """Check what can be checked without weights or network: the config, local paths, local data; then
+    print the memory plan of each rank."""
+    import os
     from pathlib import Path
+
+    import torch
+
+    from opd.memory import plan_memory
 
     from opd.data import read_jsonl
     from opd.loading import check_source
@@ -71,6 +84,12 @@ def _dry_run(config) -> None:
     print(f"config OK: {config.run.max_steps} steps of {config.batch.prompts_per_step} prompts x "
           f"{config.rollout.samples_per_prompt} samples = {rollouts} rollouts, loss {config.loss.kind}; "
           + "; ".join(f"{key}: {value}" for key, value in counts.items()))
+    ranks = ranks or int(os.environ.get("WORLD_SIZE", 1))
+    if ranks < 1 or config.batch.prompts_per_step % ranks:
+        raise ConfigError(f"--nproc-per-node {ranks}: batch.prompts_per_step={config.batch.prompts_per_step} must "
+                          "divide by the number of ranks")
+    device = config.run.device if config.run.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    print("\n".join(plan_memory(config, ranks, device).lines(ranks)))
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -104,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             defaults = {"loss.kind": "sft", "rollout.source": "dataset"} if args.command == "sft" else {}
             config = load_config(args.config, args.overrides, defaults)  # before the heavy imports: typos fail fast
             if args.dry_run:
-                _dry_run(config)
+                _dry_run(config, args.nproc_per_node)
                 return 0
             from opd.trainer import train
 
@@ -120,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
 
             png, page = write_report(args.run_dirs, args.out)
             print(f"wrote {png} and {page}")
+        elif args.command == "export":
+            from opd.export import export_checkpoint
+
+            print(f"wrote {export_checkpoint(args.checkpoint, args.out)}")
         elif args.command == "demo":
             from opd.demo.run import run_demo
 

@@ -27,6 +27,7 @@ from opd.guard import CollapseGuard
 from opd.host_memory import keep_freed_memory
 from opd.loading import LoadedModel, check_same_vocabulary, check_source, load_model, load_tokenizer
 from opd.lora import add_adapters, check_lora
+from opd.memory import PeakMemory
 from opd.objectives import Objective, build_objective
 from opd.precision import Precision
 from opd.mixture import RolloutMix
@@ -59,6 +60,7 @@ class Session:
     guard: CollapseGuard
     start_step: int
     start_flops: float  # training FLOPs spent before start_step (see opd.flops)
+    peak_memory: PeakMemory
 
 
 def sampled_by_teacher_distribution(config: Config) -> bool:
@@ -155,6 +157,8 @@ def prepare(config: Config, resume: bool, log=print, world: World | None = None)
         raise ConfigError(f"batch.prompts_per_step={config.batch.prompts_per_step} does not divide by the "
                           f"world size {world.size}: each rank takes an equal share of a step's prompts")
     precision = Precision.resolve(config.run.precision, config.run.device, world.local_rank)
+    peak_memory = PeakMemory(precision.device)
+    peak_memory.start()  # before any weights: the growth from here is what the memory plan predicts
     world.start(precision.device)
     if precision.device.type == "cpu":
         keep_freed_memory()
@@ -242,4 +246,5 @@ def prepare(config: Config, resume: bool, log=print, world: World | None = None)
         student_params=matmul_parameters(student.model),
         train_prompts=train_prompts, eval_prompts=eval_prompts, stream=stream,
         optimizer=optimizer, scheduler=scheduler, guard=guard, start_step=start_step, start_flops=start_flops,
+        peak_memory=peak_memory,
     )

@@ -22,6 +22,7 @@ from opd.errors import StudentCollapsed, TrainingDiverged
 from opd.evaluate import evaluate
 from opd.flops import step_flops
 from opd.distributed import World
+from opd.memory import GIB
 from opd.metrics import combine, rollout_metrics
 from opd.progress import ProgressBar
 from opd.setup import Session, prepare
@@ -137,6 +138,7 @@ def train_step(session: Session, config: Config, step: int, log=print) -> tuple[
         "timing/update_s": finished - scored,
         "throughput/tokens_per_s": world.sum(batch.num_tokens) / world.max(finished - started),
         **{key: world.sum(value) for key, value in costs.items()},
+        "memory/peak_gib": world.max(session.peak_memory.bytes()) / GIB,  # the largest rank's, so far
     })
     return metrics, sum(metrics[key] for key in costs)
 
