@@ -51,6 +51,20 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="RUN_DIR/checkpoints/step-N")
     export.add_argument("out", help="folder to write (safetensors and tokenizer; with LoRA merged, adapter/ beside)")
 
+    serve = commands.add_parser("serve-teacher", help="score token sequences with a model over HTTP "
+                                                      "(vLLM-compatible /v1/completions; pip install 'opd[serve]')")
+    serve.add_argument("model", help="model folder or hub id")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", help="require Authorization: Bearer KEY (default: $OPD_SERVE_API_KEY if set)")
+    serve.add_argument("--max-batch-tokens", type=int, default=16384, metavar="N",
+                       help="tokens scored together at most; a larger request gets 413 (default 16384)")
+    serve.add_argument("--max-logprobs", type=int, default=20, metavar="K", help="largest prompt_logprobs (default 20)")
+    serve.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    serve.add_argument("--served-model-name", help="the name clients ask for (default: MODEL)")
+    serve.add_argument("--trust-remote-code", action="store_true")
+
     demo = commands.add_parser("demo", help="distill a tiny model on a synthetic task; no network needed")
     demo.add_argument("--out", default="opd-demo", help="run directory to create (default: ./opd-demo)")
     return parser
@@ -71,7 +85,7 @@ def _dry_run(config, ranks: int | None) -> None:
     from opd.setup import check_output_dir
 
     check_source(config.student.path, "student.path")
-    if config.teacher is not None:
+    if config.teacher is not None and not config.teacher.remote:
         check_source(config.teacher.path, "teacher.path")
     counts = {}
     for key, source in (("data.train", config.data.train), ("data.eval", config.data.eval)):
@@ -143,6 +157,16 @@ def main(argv: list[str] | None = None) -> int:
             from opd.export import export_checkpoint
 
             print(f"wrote {export_checkpoint(args.checkpoint, args.out)}")
+        elif args.command == "serve-teacher":
+            import os
+
+            from opd.teacher_server import serve
+
+            if args.max_batch_tokens < 1 or args.max_logprobs < 0:
+                raise ConfigError("--max-batch-tokens must be at least 1 and --max-logprobs at least 0")
+            serve(args.model, args.host, args.port, args.api_key or os.environ.get("OPD_SERVE_API_KEY"),
+                  args.max_batch_tokens, args.precision, args.device, args.max_logprobs, args.served_model_name,
+                  args.trust_remote_code)
         elif args.command == "demo":
             from opd.demo.run import run_demo
 

@@ -20,9 +20,10 @@ from opd.errors import ConfigError
 # What each loss needs from the teacher. Sampled-token log-probs are what any teacher gives, a server
 # included; the full next-token distribution needs a teacher in this process; sft needs no teacher
 # (one only adds metrics). opd.objectives declares the same per objective.
-TOKEN_LOGPROBS, FULL_DISTRIBUTION = "token_logprobs", "full_distribution"
+TOKEN_LOGPROBS, TOP_K, FULL_DISTRIBUTION = "token_logprobs", "top_k", "full_distribution"
 TEACHER_NEEDS: dict[str, str | None] = {
     "reverse_kl_pg": TOKEN_LOGPROBS,
+    "topk_forward_kl": TOP_K,  # the teacher's top-k log-probs at every position (teacher.top_k)
     "forward_kl": FULL_DISTRIBUTION,
     "reverse_kl": FULL_DISTRIBUTION,
     "jsd": FULL_DISTRIBUTION,
@@ -92,9 +93,40 @@ class StudentConfig(ModelConfig):
     shard: bool = Field(False, description="Under torchrun, shard the student with FSDP2 instead of replicating it.")
 
 
-class TeacherConfig(ModelConfig):
+class TeacherConfig(_Strict):
+    path: str | None = Field(None, description="Local folder or hub id of a teacher in this process (or url).")
+    url: str | None = Field(None, description="A teacher on a server instead: its base URL, e.g. http://host:8000.")
+    api: Literal["opd", "vllm", "sglang"] = Field(
+        "opd", description="The server's protocol: opd serve-teacher, vllm serve (/v1/completions), sglang (/generate)."
+    )
+    model: str | None = Field(None, description="The served model's name (default: the server's only one).")
+    api_key: str | None = Field(None, description="Bearer token for the server; default: the api_key_env variable.")
+    api_key_env: str = Field("OPD_TEACHER_API_KEY", description="Environment variable holding the API key.")
+    timeout_s: float = Field(60.0, gt=0, description="Seconds one request may take before it is retried.")
+    concurrency: int = Field(4, ge=1, description="Requests in flight at once.")
+    request_tokens: int = Field(8192, ge=1, description="Tokens per request at most (a longer row goes alone).")
+    retry_deadline_s: float = Field(300.0, gt=0, description="Retry failed requests for this long, then stop the run.")
+    trust_remote_code: bool = False
     temperature: float = Field(1.0, gt=0, description="Temperature of the teacher's log-probs.")
+    top_k: int = Field(0, ge=0, description="Also take the teacher's top-k log-probs at every position (topk_forward_kl).")
     shard: bool = Field(False, description="Under torchrun, shard the teacher with FSDP2 instead of replicating it.")
+
+    @model_validator(mode="after")
+    def _where(self) -> "TeacherConfig":
+        if (self.path is None) == (self.url is None):
+            raise ValueError("teacher: give path (a teacher in this process) or url (one on a server), not both or neither")
+        if self.url is not None and self.shard:
+            raise ValueError("teacher.shard: a teacher on a server (teacher.url) is not sharded by opd")
+        if self.url is not None and self.api != "opd" and self.temperature != 1:
+            raise ValueError(
+                f"teacher.temperature={self.temperature}: {self.api} returns prompt log-probs at temperature 1 whatever "
+                "the request asks (vLLM and SGLang apply temperature to sampling only), so opd would train against "
+                "the wrong distribution; use temperature 1, or serve the teacher with opd serve-teacher (api: opd)")
+        return self
+
+    @property
+    def remote(self) -> bool:
+        return self.url is not None
 
 
 class DataConfig(_Strict):
@@ -137,7 +169,7 @@ class RolloutConfig(_Strict):
 
 
 class LossConfig(_Strict):
-    kind: Literal["reverse_kl_pg", "forward_kl", "reverse_kl", "jsd", "sft"] = "reverse_kl_pg"
+    kind: Literal["reverse_kl_pg", "topk_forward_kl", "forward_kl", "reverse_kl", "jsd", "sft"] = "reverse_kl_pg"
     kl_coef: float = Field(1.0, description="c in A_t = -c * sum_j gamma^(j-t) k_j.")
     discount: float = Field(0.0, ge=0, le=1, description="gamma; 0 makes A_t = -c * k_t.")
     ratio_clip: float | None = Field(
@@ -216,6 +248,18 @@ class Config(_Strict):
                 f"loss.kind={self.loss.kind} with rollout.source={self.rollout.source}: distillation losses need the "
                 "student's own samples (source student); sft needs someone else's (source teacher or dataset)"
             )
+        teacher = self.teacher
+        if teacher is not None and teacher.remote and self.teacher_needs == FULL_DISTRIBUTION:
+            raise ValueError(
+                f"teacher.url: {self._full_distribution_reason()} needs the teacher's whole distribution at every "
+                "token, which a server does not send; use loss.kind reverse_kl_pg or topk_forward_kl")
+        if teacher is not None and teacher.remote and (self.rollout.source == "teacher" or (
+                mixed and self.rollout.off_policy_source == "teacher")):
+            raise ValueError("teacher.url: a teacher on a server scores the rollouts; it does not write them "
+                             "(rollout.source / rollout.off_policy_source teacher need teacher.path)")
+        if self.teacher_needs == TOP_K and (teacher is None or not teacher.top_k):
+            raise ValueError(f"loss.kind={self.loss.kind} needs the teacher's top-k log-probs: set teacher.top_k "
+                             "(e.g. 20)")
         if self.teacher_needs == FULL_DISTRIBUTION and self.teacher is not None and self.teacher.shard:
             raise ValueError(
                 f"teacher.shard: {self._full_distribution_reason()} needs the teacher's full distribution at every "

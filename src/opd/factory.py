@@ -24,11 +24,11 @@ def make_sampler(policy: LoadedModel, settings: SamplingSettings, precision: Pre
 
 
 def load_teacher(path: str, key: str, precision: Precision, temperature: float = 1.0,
-                 chunk_size: int | None = None, trust_remote_code: bool = False) -> LocalTeacher:
+                 chunk_size: int | None = None, trust_remote_code: bool = False, top_k: int = 0) -> LocalTeacher:
     """A teacher in this process: weights in bf16 under bf16 (it has no optimizer), logits in chunks of
     `chunk_size` tokens (None: 64 MiB fp32 blocks at its vocabulary)."""
     loaded = load_model(path, key, precision.device, trust_remote_code, dtype=precision.frozen_weights_dtype)
-    return LocalTeacher(loaded, temperature, tokens_per_chunk(chunk_size, loaded.vocab_size), precision)
+    return LocalTeacher(loaded, temperature, tokens_per_chunk(chunk_size, loaded.vocab_size), precision, top_k)
 
 
 def make_rollouts(config: Config, student_sampler: ModelSampler, teacher: LocalTeacher | None, prompts: PromptSet,

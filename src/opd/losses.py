@@ -184,6 +184,32 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> to
     return _kl(F.log_softmax(teacher_logits.float(), dim=-1), F.log_softmax(student_logits.float(), dim=-1))
 
 
+def _log_one_minus_exp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - e^x) for x <= 0, accurate at both ends."""
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def topk_forward_kl(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(pi_T || pi_theta) over the teacher's top-k tokens S plus one tail bucket for the rest, per
+    position: sum_{i in S} p_i (log p_i - log q_i) + p_tail (log p_tail - log q_tail), where
+    p_tail = 1 - sum_S p_i and q_tail = 1 - sum_S q_i. The tail keeps the student from piling mass
+    outside S unpunished; with k = V it is empty and this is the full forward KL.
+
+    student_logits (..., V); teacher_ids, teacher_logprobs (..., K). Returns (...).
+    """
+    student_logp = F.log_softmax(student_logits.float(), dim=-1)
+    teacher_top = teacher_logprobs.float()
+    student_top = student_logp.gather(-1, teacher_ids)  # (..., K)
+    head = (teacher_top.exp() * (teacher_top - student_top)).sum(-1)
+    teacher_covered = teacher_top.logsumexp(-1).clamp(max=0.0)  # log sum_S p
+    has_tail = teacher_covered < -1e-6  # below that the tail is rounding of the top-k's own mass
+    # Where there is no tail, stand-ins keep log(1 - e^0) = -inf (and its infinite gradient) out of the graph.
+    student_covered = torch.where(has_tail, student_top.logsumexp(-1).clamp(max=0.0), torch.full_like(head, -1.0))
+    teacher_tail_log = _log_one_minus_exp(torch.where(has_tail, teacher_covered, torch.full_like(head, -1.0)))
+    tail = teacher_tail_log.exp() * (teacher_tail_log - _log_one_minus_exp(student_covered))
+    return head + torch.where(has_tail, tail, torch.zeros_like(tail))
+
+
 def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """KL(pi_theta || pi_T) at each position. (..., V), (..., V) -> (...)."""
     fused = _fused_kl(student_logits, teacher_logits, reverse=True)

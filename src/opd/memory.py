@@ -133,7 +133,8 @@ def plan_memory(config: Config, world_size: int, device: str = "cuda") -> Memory
     """The plan for `config` on `world_size` ranks of `device` (cuda: bf16 where run.precision allows)."""
     notes: list[str] = []
     student = model_shape(config.student.path, config.student.trust_remote_code, config.student.lora)
-    teacher = model_shape(config.teacher.path, config.teacher.trust_remote_code) if config.teacher else None
+    local_teacher = config.teacher is not None and not config.teacher.remote  # a server's memory is its own
+    teacher = model_shape(config.teacher.path, config.teacher.trust_remote_code) if local_teacher else None
     for key, shape in (("student.path", student), ("teacher.path", teacher)):
         if isinstance(shape, str):
             notes.append(f"{key}: {shape}")

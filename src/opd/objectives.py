@@ -17,7 +17,7 @@ import torch
 
 from opd import losses
 from opd.batch import STUDENT, StepBatch, TokenChunk
-from opd.config import FULL_DISTRIBUTION, TOKEN_LOGPROBS, Config
+from opd.config import FULL_DISTRIBUTION, TOKEN_LOGPROBS, TOP_K, Config
 from opd.teacher import FullDistributionTeacher
 
 
@@ -83,6 +83,25 @@ class Divergence:
         return values, losses.token_logprobs(scaled, chunk.tokens)
 
 
+class TopKForwardKL:
+    """`topk_forward_kl`: the forward KL over the teacher's top-k tokens plus a tail bucket, at every
+    completion position, the student at the sampling temperature. Needs only the teacher's top-k
+    log-probs, which a server sends."""
+
+    needs = TOP_K
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+
+    def prepare(self, batch: StepBatch) -> StepBatch:
+        return batch
+
+    def per_token(self, student_logits, chunk, teacher):
+        scaled = losses.process_logits(student_logits, self.temperature)  # (c, V) fp32
+        values = losses.topk_forward_kl(scaled, chunk.teacher_topk_ids, chunk.teacher_topk_logprobs)
+        return values, losses.token_logprobs(scaled, chunk.tokens)
+
+
 class NegativeLogLikelihood:
     """`sft`: -log pi_theta(y_t) at temperature 1 on someone else's tokens (the teacher's samples or the
     data set's answers)."""
@@ -105,7 +124,7 @@ class BySource:
     def __init__(self, on_policy: Objective, off_policy: Objective):
         self.on_policy, self.off_policy = on_policy, off_policy
         needs = {on_policy.needs, off_policy.needs}
-        self.needs = FULL_DISTRIBUTION if FULL_DISTRIBUTION in needs else TOKEN_LOGPROBS if TOKEN_LOGPROBS in needs else None
+        self.needs = next((need for need in (FULL_DISTRIBUTION, TOP_K, TOKEN_LOGPROBS) if need in needs), None)
 
     def prepare(self, batch: StepBatch) -> StepBatch:
         return self.off_policy.prepare(self.on_policy.prepare(batch))
@@ -126,6 +145,7 @@ OBJECTIVES: dict[str, Callable[[Config], Objective]] = {
     "reverse_kl_pg": lambda config: PolicyGradient(
         config.rollout.temperature, config.rollout.top_k, config.rollout.top_p, config.loss.ratio_clip,
         config.loss.kl_coef, config.loss.discount, config.loss.forward_kl_coef),
+    "topk_forward_kl": lambda config: TopKForwardKL(config.rollout.temperature),
     "forward_kl": lambda config: Divergence(losses.forward_kl, config.rollout.temperature),
     "reverse_kl": lambda config: Divergence(losses.reverse_kl, config.rollout.temperature),
     "jsd": lambda config: Divergence(partial(losses.generalized_jsd, beta=config.loss.jsd_beta),

@@ -34,6 +34,7 @@ from opd.mixture import RolloutMix
 from opd.sampling import ModelSampler
 from opd.sharding import shard_model
 from opd.sinks import check_trackers
+from opd.remote_teacher import RemoteTeacher
 from opd.teacher import LocalTeacher
 from opd.update import tokens_per_chunk
 
@@ -45,7 +46,7 @@ class Session:
     sharded: bool  # the student is sharded with FSDP2 across the world's ranks
     precision: Precision
     student: LoadedModel
-    teacher: LocalTeacher | None  # None only in SFT on the data set's answers without a teacher
+    teacher: LocalTeacher | RemoteTeacher | None  # None only in SFT on the data set's answers without a teacher
     objective: Objective
     rollouts: RolloutMix  # writes the training rollouts: the student, for sft the teacher or the data, or a mix
     student_sampler: ModelSampler  # the student's own samples, for evaluation
@@ -167,11 +168,16 @@ def prepare(config: Config, resume: bool, log=print, world: World | None = None)
     if config.student.lora is not None:
         check_lora(config.student.lora, config.student.path, config.student.trust_remote_code)
     teacher_config = config.teacher
-    if teacher_config is not None:
+    local_teacher = teacher_config is not None and not teacher_config.remote
+    if local_teacher:
         check_source(teacher_config.path, "teacher.path")
     tokenizer = load_tokenizer(config.student.path, "student.path", config.student.trust_remote_code)
-    if teacher_config is not None:
+    if local_teacher:
         check_same_vocabulary(tokenizer, load_tokenizer(teacher_config.path, "teacher.path", teacher_config.trust_remote_code))
+    remote = None
+    if teacher_config is not None and teacher_config.remote:  # asked before any weight loads
+        remote = RemoteTeacher(teacher_config, len(tokenizer))
+        remote.check(tokenizer)
     data = config.data
     prompt_options = (tokenizer, data.max_prompt_tokens, data.system_prompt, data.chat_template_kwargs)
     train_prompts = load_prompts(data.train, "data.train", *prompt_options)
@@ -194,10 +200,10 @@ def prepare(config: Config, resume: bool, log=print, world: World | None = None)
     if config.student.lora is not None:
         student = add_adapters(student, config.student.lora)
     _check_context(student, "student.path", config)
-    teacher = None
-    if teacher_config is not None:
+    teacher = remote
+    if local_teacher:
         teacher = load_teacher(teacher_config.path, "teacher.path", precision, teacher_config.temperature,
-                               config.loss.chunk_size, teacher_config.trust_remote_code)
+                               config.loss.chunk_size, teacher_config.trust_remote_code, teacher_config.top_k)
         _check_context(teacher.loaded, "teacher.path", config)
         if teacher_config.shard and world.size > 1:
             shard_model(teacher.model)  # in its own dtype: bf16 under bf16, no optimizer

@@ -58,7 +58,7 @@ def units(model: torch.nn.Module) -> list[FSDPModule]:
     return [module for module in model.modules() if isinstance(module, FSDPModule)]
 
 
-def is_sharded(model: torch.nn.Module) -> bool:
+def is_sharded(model: torch.nn.Module | None) -> bool:
     return isinstance(model, FSDPModule)
 
 

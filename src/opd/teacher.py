@@ -70,8 +70,10 @@ class LocalTeacher:
     at once.
     """
 
-    def __init__(self, loaded: LoadedModel, temperature: float, chunk_size: int, precision: Precision):
+    def __init__(self, loaded: LoadedModel, temperature: float, chunk_size: int, precision: Precision, top_k: int = 0):
+        """top_k: also give the teacher's top-k log-probs at every completion position."""
         self.loaded = loaded
+        self.top_k = top_k
         self.name = loaded.source
         self.temperature = temperature
         self.chunk_size = chunk_size
@@ -106,9 +108,16 @@ class LocalTeacher:
         flat_hidden, flat_tokens = hidden.flatten(0, 1), batch.completion_ids.flatten()
         flat_logprobs = torch.zeros(flat_tokens.shape, device=hidden.device)  # (B*T,)
         flat_entropy = torch.zeros(flat_tokens.shape, device=hidden.device)  # (B*T,)
+        k = self.top_k
+        flat_topk_ids = torch.zeros(*flat_tokens.shape, k, dtype=torch.long, device=hidden.device)  # (B*T, K)
+        flat_topk_logprobs = torch.zeros(*flat_tokens.shape, k, device=hidden.device)  # (B*T, K)
         for chunk in batch.token_chunks(self.chunk_size):  # (c,) flat indices
-            flat_logprobs[chunk], flat_entropy[chunk] = token_logprobs_and_entropy(
-                self.logits(flat_hidden[chunk]), flat_tokens[chunk])  # from (c, V) logits
+            logits = self.logits(flat_hidden[chunk])  # (c, V)
+            flat_logprobs[chunk], flat_entropy[chunk] = token_logprobs_and_entropy(logits, flat_tokens[chunk])
+            if k:
+                flat_topk_logprobs[chunk], flat_topk_ids[chunk] = logits.log_softmax(-1).topk(k, dim=-1)
         shape = batch.completion_ids.shape
+        topk = (flat_topk_ids.view(*shape, k), flat_topk_logprobs.view(*shape, k)) if k else (None, None)
         return TeacherScores(logprobs=flat_logprobs.view(shape), hidden=hidden if keep_hidden else None,
-                             entropy=flat_entropy.view(shape))  # (B, T) each, 0 outside the mask
+                             entropy=flat_entropy.view(shape),  # (B, T) each, 0 outside the mask
+                             topk_ids=topk[0], topk_logprobs=topk[1])  # (B, T, K) each

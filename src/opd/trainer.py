@@ -25,6 +25,7 @@ from opd.distributed import World
 from opd.memory import GIB
 from opd.metrics import combine, rollout_metrics
 from opd.progress import ProgressBar
+from opd.remote_teacher import TeacherUnavailable
 from opd.setup import Session, prepare
 from opd.export import save_with_adapters
 from opd.sharding import full_model_state, is_sharded
@@ -77,7 +78,7 @@ def train(config: Config, resume: bool = False, log=print, time_limit_s: float |
                 save(session, config, step, flops)
             if last_step:
                 break
-    except TrainingDiverged as exc:
+    except (TrainingDiverged, TeacherUnavailable) as exc:
         last_good = latest_checkpoint(session.output_dir)
         raise type(exc)(f"step {step}: {exc} (last good checkpoint: {last_good or 'none'})") from None
     finally:
@@ -199,7 +200,7 @@ def run_eval(session: Session, config: Config) -> dict[str, float]:
         # As many rollouts per sampling call as a training step makes on a rank.
         batch_prompts=max(1, rollouts_per_step(config) // session.world.size // config.rollout.eval_samples_per_prompt),
         seed=config.run.seed + 1, max_prompts=config.data.eval_max_prompts, world=session.world,
-        equal_calls=session.sharded or (session.teacher is not None and is_sharded(session.teacher.model)),
+        equal_calls=session.sharded or is_sharded(getattr(session.teacher, "model", None)),
     )
 
 
