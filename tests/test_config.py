@@ -319,9 +319,44 @@ def test_full_vocabulary_loss_with_truncated_sampling_is_rejected(tmp_path):
 
 
 @pytest.mark.parametrize("changes", [{"loss.kind": "forward_kl"}, {"rollout.student_fraction": 0.5,
+                                                                   "rollout.off_policy_source": "dataset",
                                                                    "loss.off_policy_kind": "forward_kl"}])
 def test_a_sharded_teacher_with_a_full_vocabulary_loss_is_rejected_with_the_reason(tmp_path, changes):
     raw = with_keys(minimal_raw(str(tmp_path)), {"teacher.shard": True, **changes})
     with pytest.raises(ConfigError, match=r"teacher.shard: .*forward_kl.* full distribution .*reverse_kl_pg"):
         validate(raw)
     validate(with_keys(minimal_raw(str(tmp_path)), {"teacher.shard": True}))  # reverse_kl_pg: fine
+
+
+def remote_raw(root: str, **teacher) -> dict:
+    raw = minimal_raw(root)
+    raw["teacher"] = {"url": "http://127.0.0.1:8000", **teacher}
+    return raw
+
+
+@pytest.mark.parametrize("teacher, changes, message", [
+    ({"path": "/x"}, {}, r"teacher.path or teacher.url: give one .*not both or neither"),
+    ({"api": "vllm", "temperature": 0.7}, {}, r"teacher.temperature=0.7: vllm returns prompt log-probs at temperature 1"),
+    ({"api": "sglang", "temperature": 2.0}, {}, r"sglang returns prompt log-probs at temperature 1"),
+    ({}, {"loss.kind": "jsd"}, r"teacher.url: loss.kind=jsd needs the teacher's whole distribution"),
+    ({}, {"loss.forward_kl_coef": 0.1}, r"teacher.url: loss.forward_kl_coef=0.1 needs"),
+    ({}, {"loss.kind": "sft", "rollout.source": "teacher"}, r"teacher.url: a teacher on a server scores the rollouts"),
+    ({}, {"loss.kind": "topk_forward_kl"}, r"loss.kind=topk_forward_kl needs the teacher's top-k log-probs: set teacher.top_k"),
+    ({"shard": True}, {}, r"teacher.shard: a teacher on a server"),
+])
+def test_a_remote_teacher_is_refused_where_it_cannot_serve(tmp_path, teacher, changes, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(with_keys(remote_raw(str(tmp_path), **teacher), changes))
+
+
+def test_a_remote_teacher_validates_where_it_can_serve(tmp_path):
+    validate(remote_raw(str(tmp_path), api="vllm"))  # reverse_kl_pg at temperature 1
+    validate(remote_raw(str(tmp_path), temperature=0.7))  # opd's own server applies it
+    validate(with_keys(remote_raw(str(tmp_path), api="sglang", top_k=20), {"loss.kind": "topk_forward_kl"}))
+
+
+def test_sharding_with_a_gkd_mixture_is_refused(tmp_path):
+    for shard in ({"student.shard": True}, {"teacher.shard": True}):
+        raw = with_keys(minimal_raw(str(tmp_path)), {"rollout.student_fraction": 0.5, **shard})
+        with pytest.raises(ConfigError, match=r"student.shard / teacher.shard with a GKD mixture"):
+            validate(raw)

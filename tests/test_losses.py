@@ -670,3 +670,46 @@ def test_reduce_tokens_of_pg_loss_with_minus_inf_padding_has_finite_gradient():
     assert torch.isfinite(logprobs.grad).all()
     expected = torch.where(mask, -torch.exp(logprobs.detach() - old) * advantages, 0.0) / int(mask.sum())
     torch.testing.assert_close(logprobs.grad.double(), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_topk_forward_kl_over_every_token_is_the_forward_kl():
+    torch.manual_seed(3)
+    student = torch.randn(4, 11, requires_grad=True)
+    teacher = torch.randn(4, 11)
+    values, ids = teacher.log_softmax(-1).topk(11, dim=-1)
+    topk = losses.topk_forward_kl(student, ids, values)
+    full = losses.forward_kl(student, teacher)
+    torch.testing.assert_close(topk, full, atol=1e-6, rtol=1e-6)
+    (grad_topk,) = torch.autograd.grad(topk.sum(), student)
+    (grad_full,) = torch.autograd.grad(losses.forward_kl(student, teacher).sum(), student)
+    assert torch.isfinite(grad_topk).all()
+    torch.testing.assert_close(grad_topk, grad_full, atol=1e-6, rtol=1e-6)
+
+
+def test_topk_forward_kl_matches_a_float64_reference_with_its_tail_bucket():
+    torch.manual_seed(4)
+    student = torch.randn(5, 13, dtype=torch.float64) * 2
+    teacher = torch.randn(5, 13, dtype=torch.float64) * 2
+    k = 3
+    teacher_logp, ids = teacher.log_softmax(-1).topk(k, dim=-1)
+
+    def reference(logits):  # explicit sums in float64, one position at a time
+        rows = []
+        for position in range(logits.shape[0]):
+            q = logits[position].softmax(-1)
+            p = teacher[position].softmax(-1)
+            top = ids[position]
+            value = sum(p[i] * (p[i].log() - q[i].log()) for i in top)
+            p_tail, q_tail = 1 - p[top].sum(), 1 - q[top].sum()
+            rows.append(value + p_tail * (p_tail.log() - q_tail.log()))
+        return torch.stack(rows)
+
+    leaf = student.clone().requires_grad_()
+    expected = reference(leaf)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), leaf)
+    mine_leaf = student.float().clone().requires_grad_()
+    mine = losses.topk_forward_kl(mine_leaf, ids, teacher_logp.float())
+    (mine_grad,) = torch.autograd.grad(mine.sum(), mine_leaf)
+    torch.testing.assert_close(mine.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mine_grad.double(), expected_grad, atol=1e-5, rtol=1e-5)
+    assert (mine > 0).all()  # the tail term is what keeps it a divergence: without it the value can go negative

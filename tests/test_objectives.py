@@ -23,7 +23,8 @@ def chunk(tokens, sampler_logprobs, advantages) -> TokenChunk:
 @pytest.mark.parametrize("kind", get_args(LossConfig.model_fields["kind"].annotation))
 def test_every_loss_kind_has_one_objective_that_declares_what_config_says_it_needs(kind, tiny_config):
     source = "dataset" if kind == "sft" else "student"
-    config = validate({**tiny_config, "loss": {"kind": kind}, "rollout": {"source": source}})
+    teacher = {**tiny_config["teacher"], "top_k": 4} if kind == "topk_forward_kl" else tiny_config["teacher"]
+    config = validate({**tiny_config, "loss": {"kind": kind}, "rollout": {"source": source}, "teacher": teacher})
     objective = build_objective(config)
     assert objective.needs == TEACHER_NEEDS[kind] == config.teacher_needs
     assert set(OBJECTIVES) == set(TEACHER_NEEDS)

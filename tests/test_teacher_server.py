@@ -178,3 +178,182 @@ def test_the_client_reads_vllm_and_sglang_answers():
     with pytest.raises(ValueError):
         parse_vllm(broken, rows, 2)
     json.dumps(sglang_fixture())  # both are plain JSON
+
+
+def remote_config(tiny_config, output_dir: Path, url: str, steps: int = 3, **teacher) -> dict:
+    return {**tiny_config, "run": {**tiny_config["run"], "output_dir": str(output_dir), "max_steps": steps},
+            "teacher": {"url": url, "retry_deadline_s": 60, "timeout_s": 5, **teacher},
+            "optim": {"lr": 1e-2, "schedule": "constant", "eps": 1e-3}}
+
+
+def local_config(tiny_config, output_dir: Path, steps: int = 3, **teacher) -> dict:
+    return {**tiny_config, "run": {**tiny_config["run"], "output_dir": str(output_dir), "max_steps": steps},
+            "teacher": {**tiny_config["teacher"], **teacher}, "optim": {"lr": 1e-2, "schedule": "constant", "eps": 1e-3}}
+
+
+def final_weights(output_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(Path(output_dir) / "final" / "model.safetensors")
+
+
+def assert_same_weights(a: dict, b: dict, student: str, fraction: float = 1e-3) -> None:
+    """The same weights up to `fraction` of the largest change training made (Adam's eps at 1e-3 keeps
+    near-zero gradients from turning ℓᵀ's last-bit differences into lr-sized steps)."""
+    from safetensors.torch import load_file
+
+    start = load_file(Path(student) / "model.safetensors")
+    assert a.keys() == b.keys()
+    moved = max(float((a[name] - start[name]).abs().max()) for name in a)
+    difference = max(float((a[name] - b[name]).abs().max()) for name in a)
+    assert moved > 1e-3 and difference <= fraction * moved, (difference, moved)
+
+
+@pytest.mark.parametrize("teacher", [{}, {"temperature": 0.8}, {"top_k": 4}])
+def test_training_against_the_server_equals_training_against_the_local_teacher(tiny_config, tmp_path, teacher):
+    from opd.config import validate
+    from opd.trainer import train
+
+    loss = {"loss": {"kind": "topk_forward_kl"}} if teacher.get("top_k") else {}
+    train(validate({**local_config(tiny_config, tmp_path / "local", **teacher), **loss}), log=lambda *_: None)
+    with served(Path(tiny_config["teacher"]["path"])) as url:
+        train(validate({**remote_config(tiny_config, tmp_path / "remote", url, **teacher), **loss}),
+              log=lambda *_: None)
+    assert_same_weights(final_weights(tmp_path / "local"), final_weights(tmp_path / "remote"), tiny_config["student"]["path"])
+
+
+def cli_train(config: dict, tmp_path: Path, name: str) -> subprocess.Popen:
+    import yaml
+
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return subprocess.Popen([sys.executable, "-m", "opd", "train", str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def wait_for_step(output_dir: Path, step: int, job: subprocess.Popen, timeout: float = 120) -> None:
+    from opd.sinks import read_metrics
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        metrics = output_dir / "metrics.jsonl"
+        if metrics.exists() and any(row["step"] >= step for row in read_metrics(metrics)):
+            return
+        assert job.poll() is None, job.communicate()[1][-2000:]
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} never came")
+
+
+def test_a_server_killed_and_restarted_mid_run_changes_nothing(tiny_config, tmp_path):
+    """Every step scored once, completely: the weights of an uninterrupted run, each metrics row once."""
+    from opd.config import validate
+    from opd.sinks import read_metrics
+    from opd.trainer import train
+
+    steps, teacher = 24, Path(tiny_config["teacher"]["path"])
+    train(validate(local_config(tiny_config, tmp_path / "local", steps)), log=lambda *_: None)
+    port = free_port()
+    with served(teacher, port=port) as url:
+        job = cli_train(remote_config(tiny_config, tmp_path / "remote", url, steps), tmp_path, "remote")
+        wait_for_step(tmp_path / "remote", 3, job)
+    assert job.poll() is None, "the run ended before the server was killed"
+    time.sleep(1.0)  # the run retries against a dead port meanwhile
+    with served(teacher, port=port):
+        _, stderr = job.communicate(timeout=300)
+    assert job.returncode == 0, stderr[-2000:]
+    assert_same_weights(final_weights(tmp_path / "local"), final_weights(tmp_path / "remote"), tiny_config["student"]["path"])
+    assert [row["step"] for row in read_metrics(tmp_path / "remote" / "metrics.jsonl")] == list(range(steps + 1))
+
+
+def test_past_the_deadline_the_run_stops_with_one_line_and_no_final_model(tiny_config, tmp_path):
+    with served(Path(tiny_config["teacher"]["path"])) as url:
+        config = remote_config(tiny_config, tmp_path / "run", url, 200, retry_deadline_s=2)
+        config["run"]["save_every"] = 1
+        job = cli_train(config, tmp_path, "doomed")
+        wait_for_step(tmp_path / "run", 2, job)
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode == 2 and "Traceback" not in stderr
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith("error: step ") and f"teacher server {url} gave no usable answer for 2 s" in line
+    assert "last good checkpoint: " in line and "step-" in line
+    assert not (tmp_path / "run" / "final").exists()
+
+
+class FaultyProxy:
+    """An HTTP proxy on 127.0.0.1 in front of the server that spoils the first attempt of every scoring
+    request, in turn with a 500, a reply slower than the client's timeout, a dropped connection and a
+    truncated body; retries, and the other requests, pass through."""
+
+    FAULTS = ("error", "slow", "drop", "truncate")
+
+    def __init__(self, target: str, delay_s: float):
+        import http.server
+        import threading
+
+        proxy = self
+        self.target, self.delay_s, self.spoiled, self.seen = target, delay_s, 0, set()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def forward(self, method: str):
+                body = self.rfile.read(int(self.headers.get("content-length", 0) or 0))
+                fault = None
+                if self.path == "/v1/completions" and body not in proxy.seen:
+                    proxy.seen.add(body)
+                    fault = proxy.FAULTS[len(proxy.seen) % len(proxy.FAULTS)]
+                if fault == "drop":
+                    proxy.spoiled += 1
+                    self.connection.close()
+                    return
+                if fault == "error":
+                    proxy.spoiled += 1
+                    self.send_response(500)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                    return
+                if fault == "slow":
+                    proxy.spoiled += 1
+                    time.sleep(proxy.delay_s)
+                answer = httpx.request(method, proxy.target + self.path, content=body,
+                                       headers={"content-type": "application/json"}, timeout=60)
+                content = answer.content
+                if fault == "truncate":
+                    proxy.spoiled += 1
+                    content = content[: len(content) // 2]
+                self.send_response(answer.status_code)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+            def do_GET(self):
+                self.forward("GET")
+
+            def do_POST(self):
+                self.forward("POST")
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+def test_errors_delays_and_dropped_connections_change_nothing(tiny_config, tmp_path):
+    from opd.config import validate
+    from opd.trainer import train
+
+    train(validate(local_config(tiny_config, tmp_path / "local")), log=lambda *_: None)
+    with served(Path(tiny_config["teacher"]["path"])) as url:
+        proxy = FaultyProxy(url, delay_s=2.5)
+        try:
+            config = remote_config(tiny_config, tmp_path / "remote", proxy.url, timeout_s=1, request_tokens=64)
+            train(validate(config), log=lambda *_: None)
+        finally:
+            proxy.close()
+    assert proxy.spoiled >= 8  # every kind of fault, at least twice
+    assert_same_weights(final_weights(tmp_path / "local"), final_weights(tmp_path / "remote"), tiny_config["student"]["path"])

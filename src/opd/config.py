@@ -114,7 +114,8 @@ class TeacherConfig(_Strict):
     @model_validator(mode="after")
     def _where(self) -> "TeacherConfig":
         if (self.path is None) == (self.url is None):
-            raise ValueError("teacher: give path (a teacher in this process) or url (one on a server), not both or neither")
+            raise ValueError("teacher.path or teacher.url: give one (a teacher in this process, or one on a server), "
+                             "not both or neither")
         if self.url is not None and self.shard:
             raise ValueError("teacher.shard: a teacher on a server (teacher.url) is not sharded by opd")
         if self.url is not None and self.api != "opd" and self.temperature != 1:
@@ -257,6 +258,11 @@ class Config(_Strict):
                 mixed and self.rollout.off_policy_source == "teacher")):
             raise ValueError("teacher.url: a teacher on a server scores the rollouts; it does not write them "
                              "(rollout.source / rollout.off_policy_source teacher need teacher.path)")
+        if mixed and (self.student.shard or (teacher is not None and teacher.shard
+                                             and self.rollout.off_policy_source == "teacher")):
+            raise ValueError("student.shard / teacher.shard with a GKD mixture (rollout.student_fraction below 1): "
+                             "a rank whose share of the step holds no prompt for a sharded sampler would skip its "
+                             "collectives; shard without the mixture, or replicate (shard: false)")
         if self.teacher_needs == TOP_K and (teacher is None or not teacher.top_k):
             raise ValueError(f"loss.kind={self.loss.kind} needs the teacher's top-k log-probs: set teacher.top_k "
                              "(e.g. 20)")
@@ -324,9 +330,10 @@ def _describe(error: dict[str, Any]) -> str:
         hint = difflib.get_close_matches(path, _known_keys(Config), n=1, cutoff=0.6)
         hint_text = f" (did you mean '{hint[0]}'?)" if hint else ""
         return f"{path}: unknown key{hint_text}"
-    if not path:
-        return error["msg"].removeprefix("Value error, ")
-    return f"{path}: {error['msg']} (got {error.get('input')!r})"
+    message = error["msg"].removeprefix("Value error, ")
+    if not path or error["type"] == "value_error":  # a validator's message names its keys itself
+        return message
+    return f"{path}: {message} (got {error.get('input')!r})"
 
 
 def validate(raw: dict[str, Any], source: str = "config") -> Config:

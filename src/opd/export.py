@@ -32,12 +32,14 @@ def save_with_adapters(student: StudentConfig, adapters: dict[str, torch.Tensor]
 
 def export_checkpoint(checkpoint: Path, output: Path) -> Path:
     """checkpoints/step-N of a run -> a Hugging Face folder (with LoRA: merged, and adapter/ beside)."""
-    checkpoint = Path(checkpoint)
+    checkpoint, output = Path(checkpoint), Path(output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise ConfigError(f"{output}: already exists and is not an empty folder; choose another")
     config_path = checkpoint.parent.parent / "config.yaml"
     if not (checkpoint / "trainer_state.pt").is_file() or not config_path.is_file():
         raise ConfigError(f"{checkpoint}: not a complete checkpoint of an opd run (expected RUN/checkpoints/step-N "
                           "with RUN/config.yaml)")
     config: Config = load_config(config_path)
-    student = plain_student(config.student)
+    student = plain_student(config.student)  # a relative student.path is read from where the run was launched
     load_checkpoint(checkpoint, student, optimizer=None)
     return save_model(student, output)

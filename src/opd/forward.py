@@ -10,6 +10,7 @@ import inspect
 import weakref
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from transformers import DynamicCache, PreTrainedModel
 
 
@@ -134,9 +135,12 @@ def completion_hidden_states_of(
     prompt_index: torch.Tensor,
 ) -> torch.Tensor:
     """(B, T, H) hidden states predicting each completion token: with prompts shared among their
-    samples when the model allows it (the same values, fewer positions), else the plain forward.
+    samples when the model allows it (the same values, fewer positions), else the plain forward (always
+    for a model sharded with FSDP2).
     Arguments as in `shared_prompt_hidden_states`."""
-    if len(torch.unique(prompt_index)) < len(prompt_index) and shares_prompts(model):
+    # A sharded model takes the plain path always: one body call whatever the batch holds (and no probe),
+    # so every rank makes the same collectives.
+    if not isinstance(model, FSDPModule) and len(torch.unique(prompt_index)) < len(prompt_index) and shares_prompts(model):
         return shared_prompt_hidden_states(model, prompt_ids, prompt_mask, completion_ids, completion_mask, prompt_index)
     return completion_hidden_states(model, torch.cat([prompt_ids, completion_ids], 1),
                                     torch.cat([prompt_mask, completion_mask], 1), completion_ids.shape[1])

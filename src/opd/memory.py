@@ -11,11 +11,14 @@ weights, no network) and counts, per rank:
   decoding step, and for a sharded student its whole weights in compute precision (sampling keeps every
   unit gathered);
 - at the peak of the update: the saved activations of one micro-batch, the loss's logit chunks, and for
-  a sharded student its root and two layers, gathered;
+  under bf16 autocast the bf16 casts of the weights saved for the backward (replicated), the teacher's
+  hidden states for full-vocabulary losses, and for a sharded student its root and two layers
+  gathered and the root's full-size gradients;
 - in AdamW's step: one fp32 temporary the size of the trained parameters;
 - at the peak of teacher scoring: its logit chunks and activations, and for a sharded teacher its
   root (embeddings and LM head) and a layer, gathered.
-The peak is the resident part plus the largest phase. Activation sizes are an estimate for
+The peak is the resident part plus the largest phase. Not counted: a teacher that writes the rollouts
+(its KV cache), allocator caches and communication buffers. Activation sizes are an estimate for
 decoder layers with a gated MLP (about 10 hidden-size and 4 MLP-size values per token and layer).
 
 Measured: on a GPU the allocator's peak (`torch.cuda.max_memory_allocated`); on a CPU the growth of the
@@ -183,7 +186,14 @@ def plan_memory(config: Config, world_size: int, device: str = "cuda") -> Memory
         f"activations of {micro} rollouts ({positions} positions)": positions * student.layers * per_token_layer,
         f"logit chunks ({blocks} x {chunk} tokens x {student.vocab})": blocks * chunk * student.vocab * 4,
     }
+    if bf16 and not sharded:  # autocast's bf16 copy of each weight, saved for the input gradients
+        update["bf16 weight casts kept for the backward"] = 2 * student.parameters
+    if teacher is not None and not isinstance(teacher, str) and config.teacher_needs == FULL_DISTRIBUTION:
+        update["teacher hidden states kept for the loss"] = \
+            rows * rollout.max_new_tokens * teacher.hidden * compute_bytes
     if sharded:
+        # Full-size root gradients (compute precision, then fp32 for the reduce-scatter) before they shard.
+        update["root gradients before the reduce-scatter"] = (compute_bytes + 4) * student.root
         # The root (embeddings, norm, LM head) stays gathered for the whole loss; a layer and the next prefetched.
         update["root and two layers, gathered"] = compute_bytes * (student.root + 2 * student.largest_layer)
     # AdamW's foreach step holds one moment-sized temporary (the denominator) over all its parameters.

@@ -97,9 +97,10 @@ def check_output_dir(output_dir: Path, resume: bool) -> None:
         )
 
 
-# Keys that may change between a run and its resumption: they don't change what the steps compute.
+# Keys that may change between a run and its resumption: they don't change what the steps compute
+# (sharding changes the layout only; DCP checkpoints load into either).
 _RESUMABLE_CHANGES = {"run.max_steps", "run.save_every", "run.eval_every", "run.log_every", "run.progress",
-                      "run.report_to", "run.wandb_project"}
+                      "run.report_to", "run.wandb_project", "student.shard", "teacher.shard"}
 
 
 def _check_resumable(output_dir: Path, config: Config) -> None:
@@ -206,13 +207,13 @@ def prepare(config: Config, resume: bool, log=print, world: World | None = None)
                                config.loss.chunk_size, teacher_config.trust_remote_code, teacher_config.top_k)
         _check_context(teacher.loaded, "teacher.path", config)
         if teacher_config.shard and world.size > 1:
-            shard_model(teacher.model)  # in its own dtype: bf16 under bf16, no optimizer
+            shard_model(teacher.model, precision.device)  # in its own dtype: bf16 under bf16, no optimizer
 
     # On-policy: the policy that is trained must be the one that sampled, so dropout stays off.
     student.model.eval()
     sharded = config.student.shard and world.size > 1
     if sharded:
-        shard_model(student.model, precision.autocast_dtype)
+        shard_model(student.model, precision.device, precision.autocast_dtype)
     optimizer = torch.optim.AdamW(
         [parameter for parameter in student.model.parameters() if parameter.requires_grad], lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps,
         weight_decay=config.optim.weight_decay,

@@ -21,7 +21,9 @@ from contextlib import contextmanager
 from typing import Callable, TypeVar
 
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 Result = TypeVar("Result")
@@ -32,18 +34,20 @@ def layer_classes(model: torch.nn.Module) -> set[str]:
     return set(getattr(model, "_no_split_modules", None) or [])
 
 
-def shard_model(model: torch.nn.Module, compute_dtype: torch.dtype | None = None) -> None:
+def shard_model(model: torch.nn.Module, device: torch.device, compute_dtype: torch.dtype | None = None) -> None:
     """fully_shard the units above, in place, every one resharding after its forward (set on the root
     too: left unset, a root's parameters stay gathered after a forward without gradients).
     compute_dtype: bf16 compute on fp32 master weights, with gradients reduced in fp32; None computes in
-    the weights' own dtype (a bf16 teacher, or fp32)."""
+    the weights' own dtype (a bf16 teacher, or fp32). The mesh is on `device`'s type (a CPU run on a
+    machine with GPUs stays on the CPU)."""
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype \
         else MixedPrecisionPolicy()
     classes = layer_classes(model)
     for module in model.modules():
         if type(module).__name__ in classes:
-            fully_shard(module, mp_policy=policy, reshard_after_forward=True)
-    fully_shard(model, mp_policy=policy, reshard_after_forward=True)
+            fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
     model.opd_root_call = types.MethodType(lambda self, function: function(), model)
     register_fsdp_forward_method(model, _ROOT_CALL)
 
