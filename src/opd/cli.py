@@ -85,10 +85,14 @@ def _dry_run(config, ranks: int | None) -> None:
     from opd.setup import check_output_dir
 
     check_source(config.student.path, "student.path")
-    if config.teacher is not None and not config.teacher.remote:
-        check_source(config.teacher.path, "teacher.path")
+    for name, teacher in config.teacher_configs.items():
+        if not teacher.remote:
+            check_source(teacher.path, "teacher.path" if config.teacher is not None else f"teachers[{name}].path")
     counts = {}
-    for key, source in (("data.train", config.data.train), ("data.eval", config.data.eval)):
+    train = config.data.train
+    train_sources = [("data.train", train)] if isinstance(train, str) else [
+        (f"data.train[{index}]", file.path) for index, file in enumerate(train)]
+    for key, source in (*train_sources, ("data.eval", config.data.eval)):
         if source and not source.startswith("hf:"):
             counts[key] = f"{len(read_jsonl(source, key))} rows"
         elif source:

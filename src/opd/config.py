@@ -130,8 +130,17 @@ class TeacherConfig(_Strict):
         return self.url is not None
 
 
+class NamedTeacher(TeacherConfig):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="How rows, files and metrics name this teacher.")
+
+
+class TrainFile(_Strict):
+    path: str = Field(description="JSONL path or hf:NAME[:CONFIG]:SPLIT.")
+    teacher: str | None = Field(None, description="The named teacher (teachers:) of this file's rows without their own.")
+
+
 class DataConfig(_Strict):
-    train: str = Field(
+    train: str | list[TrainFile] = Field(
         description="JSONL path, or hf:NAME[:CONFIG]:SPLIT; rows with a `prompt` string, chat `messages` or a `question`."
     )
     eval: str | None = Field(None, description="Held-out data in the same forms.")
@@ -214,6 +223,9 @@ class Config(_Strict):
     teacher: TeacherConfig | None = Field(
         None, description="Needed by every run except SFT on the data set's answers, where it only adds metrics."
     )
+    teachers: list[NamedTeacher] | None = Field(
+        None, description="Several named teachers instead of one; rows go to theirs by a `teacher` field or their file."
+    )
     data: DataConfig
     rollout: RolloutConfig = RolloutConfig()
     loss: LossConfig = LossConfig()
@@ -236,9 +248,10 @@ class Config(_Strict):
         if self.loss.forward_kl_coef and self.loss.kind != "reverse_kl_pg":
             raise ValueError(f"loss.forward_kl_coef={self.loss.forward_kl_coef} adds to reverse_kl_pg only "
                              f"(loss.kind={self.loss.kind})")
+        self._check_teachers()
         teacher_needed = self.teacher_needs is not None or self.rollout.source == "teacher" or (
             mixed and self.rollout.off_policy_source == "teacher")
-        if self.teacher is None and teacher_needed:
+        if self.teacher is None and not self.teachers and teacher_needed:
             raise ValueError(
                 f"teacher.path: required for loss.kind={self.loss.kind} with rollout.source={self.rollout.source}; "
                 "only SFT on the data set's answers (source dataset) runs without a teacher"
@@ -263,7 +276,7 @@ class Config(_Strict):
             raise ValueError("student.shard / teacher.shard with a GKD mixture (rollout.student_fraction below 1): "
                              "a rank whose share of the step holds no prompt for a sharded sampler would skip its "
                              "collectives; shard without the mixture, or replicate (shard: false)")
-        if self.teacher_needs == TOP_K and (teacher is None or not teacher.top_k):
+        if self.teacher_needs == TOP_K and not self.teachers and (teacher is None or not teacher.top_k):
             raise ValueError(f"loss.kind={self.loss.kind} needs the teacher's top-k log-probs: set teacher.top_k "
                              "(e.g. 20)")
         if self.teacher_needs == FULL_DISTRIBUTION and self.teacher is not None and self.teacher.shard:
@@ -277,6 +290,38 @@ class Config(_Strict):
                 f"rollout.top_p=1 (got {self.rollout.top_k} and {self.rollout.top_p})"
             )
         return self
+
+    def _check_teachers(self) -> None:
+        named = [file.teacher for file in self.data.train if file.teacher] if isinstance(self.data.train, list) else []
+        if self.teachers is None:
+            if named:
+                raise ValueError(f"data.train: files name teachers ({', '.join(named)}) but no teachers: list names them")
+            return
+        if self.teacher is not None:
+            raise ValueError("teacher and teachers: give one teacher, or a list of named teachers, not both")
+        names = [teacher.name for teacher in self.teachers]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"teachers: names must be given and distinct (got {names})")
+        unknown = sorted(set(named) - set(names))
+        if unknown:
+            raise ValueError(f"data.train: teacher {unknown[0]!r} is not one of the teachers {names}")
+        if self.loss.kind not in ("reverse_kl_pg", "topk_forward_kl") or self.teacher_needs == FULL_DISTRIBUTION:
+            raise ValueError(f"teachers: several teachers score token log-probs (loss.kind reverse_kl_pg or "
+                             f"topk_forward_kl, without forward-KL terms); got loss.kind={self.loss.kind}")
+        if self.rollout.source != "student" or self.mixed or any(teacher.shard for teacher in self.teachers):
+            raise ValueError("teachers: several teachers need the student's own samples (rollout.source student, "
+                             "no mixture) and replicated teachers (shard: false)")
+        if self.teacher_needs == TOP_K and not all(teacher.top_k for teacher in self.teachers):
+            raise ValueError(f"loss.kind={self.loss.kind} needs every teacher's top-k log-probs: set top_k on each")
+        if len({teacher.top_k for teacher in self.teachers}) > 1:
+            raise ValueError("teachers: give every teacher the same top_k")
+
+    @property
+    def teacher_configs(self) -> dict[str, TeacherConfig]:
+        """Every teacher by name: the one `teacher` (named "teacher"), or the `teachers` list."""
+        if self.teachers:
+            return {teacher.name: teacher for teacher in self.teachers}
+        return {"teacher": self.teacher} if self.teacher is not None else {}
 
     @property
     def mixed(self) -> bool:

@@ -31,6 +31,8 @@ class Example:
     line: int
     question: str | None = None
     fields: dict[str, Any] = field(default_factory=dict)
+    source: str = ""  # the file (or hub data set) it came from
+    teacher: str | None = None  # the named teacher that scores it: its `teacher` field, or its file's
 
 
 @dataclass
@@ -118,9 +120,13 @@ def _example_from_row(row: Any, path: Path, line_number: int) -> Example:
     answer = row.get("answer")
     if answer is not None and not isinstance(answer, str):
         answer = str(answer)
+    teacher = row.get("teacher")
+    if teacher is not None and not isinstance(teacher, str):
+        raise DataError(f"{where}: 'teacher' must be a teacher's name (a string)")
+    origin = {"line": line_number, "fields": row, "source": str(path), "teacher": teacher}
     if prompt is None and messages is None:
-        return Example(prompt=None, messages=None, answer=answer, line=line_number, question=question, fields=row)
-    return Example(prompt=prompt, messages=messages, answer=answer, line=line_number, fields=row)
+        return Example(prompt=None, messages=None, answer=answer, question=question, **origin)
+    return Example(prompt=prompt, messages=messages, answer=answer, **origin)
 
 
 def read_hub(source: str, key: str) -> list[Example]:
@@ -207,6 +213,23 @@ def load_prompts(
             f"{key}: all {len(examples)} prompts in '{path}' are longer than data.max_prompt_tokens={max_prompt_tokens}"
         )
     return PromptSet(token_ids=token_ids, examples=kept, skipped_too_long=skipped, source=path)
+
+
+def load_train_prompts(train, key: str, *options) -> PromptSet:
+    """data.train: one source, or a list of files (each perhaps naming the teacher of its rows), as one
+    PromptSet in file order. options: as load_prompts'."""
+    if isinstance(train, str):
+        return load_prompts(train, key, *options)
+    sets = []
+    for index, file in enumerate(train):
+        prompts = load_prompts(file.path, f"{key}[{index}]", *options)
+        for example in prompts.examples:
+            example.teacher = example.teacher or file.teacher
+        sets.append(prompts)
+    return PromptSet(token_ids=[ids for each in sets for ids in each.token_ids],
+                     examples=[example for each in sets for example in each.examples],
+                     skipped_too_long=sum(each.skipped_too_long for each in sets),
+                     source=", ".join(each.source for each in sets))
 
 
 class PromptStream:

@@ -136,9 +136,12 @@ def plan_memory(config: Config, world_size: int, device: str = "cuda") -> Memory
     """The plan for `config` on `world_size` ranks of `device` (cuda: bf16 where run.precision allows)."""
     notes: list[str] = []
     student = model_shape(config.student.path, config.student.trust_remote_code, config.student.lora)
-    local_teacher = config.teacher is not None and not config.teacher.remote  # a server's memory is its own
-    teacher = model_shape(config.teacher.path, config.teacher.trust_remote_code) if local_teacher else None
-    for key, shape in (("student.path", student), ("teacher.path", teacher)):
+    # The largest teacher in this process (several teachers: each adds its weights below); a server's is its own.
+    local = [settings for settings in config.teacher_configs.values() if not settings.remote]
+    shapes = [model_shape(settings.path, settings.trust_remote_code) for settings in local]
+    planned = [shape for shape in shapes if not isinstance(shape, str)]
+    teacher = max(planned, key=lambda shape: shape.parameters) if planned else next(iter(shapes), None)
+    for key, shape in (("student.path", student), *(("teacher.path", shape) for shape in shapes)):
         if isinstance(shape, str):
             notes.append(f"{key}: {shape}")
     if isinstance(student, str):
@@ -156,9 +159,10 @@ def plan_memory(config: Config, world_size: int, device: str = "cuda") -> Memory
     if bf16 and device == "cuda" and not sharded:
         resident["student bf16 copy for sampling"] = 2 * student.parameters
     teacher_sharded = bool(config.teacher and config.teacher.shard and world_size > 1)
-    if teacher is not None and not isinstance(teacher, str):
-        resident[f"teacher weights ({'bf16' if bf16 else 'fp32'}{', sharded' if teacher_sharded else ''})"] = \
-            compute_bytes * teacher.parameters / (world_size if teacher_sharded else 1)
+    for index, shape in enumerate(planned):
+        name = "teacher" if len(planned) == 1 else f"teacher {index + 1}"
+        resident[f"{name} weights ({'bf16' if bf16 else 'fp32'}{', sharded' if teacher_sharded else ''})"] = \
+            compute_bytes * shape.parameters / (world_size if teacher_sharded else 1)
 
     rollout, data = config.rollout, config.data
     rows = config.batch.prompts_per_step // world_size * rollout.samples_per_prompt

@@ -18,7 +18,7 @@ import yaml
 from opd.answers import DatasetAnswers
 from opd.checkpoint import check_checkpoint, latest_checkpoint, load_checkpoint
 from opd.config import Config, dump_config
-from opd.data import PromptSet, PromptStream, load_prompts
+from opd.data import PromptSet, PromptStream, load_prompts, load_train_prompts
 from opd.distributed import World
 from opd.errors import ConfigError
 from opd.factory import load_teacher, make_rollouts, make_sampler, sampling_settings
@@ -35,6 +35,7 @@ from opd.sampling import ModelSampler
 from opd.sharding import shard_model
 from opd.sinks import check_trackers
 from opd.remote_teacher import RemoteTeacher
+from opd.routing import RoutedTeachers, check_routes
 from opd.teacher import LocalTeacher
 from opd.update import tokens_per_chunk
 
@@ -46,7 +47,7 @@ class Session:
     sharded: bool  # the student is sharded with FSDP2 across the world's ranks
     precision: Precision
     student: LoadedModel
-    teacher: LocalTeacher | RemoteTeacher | None  # None only in SFT on the data set's answers without a teacher
+    teacher: LocalTeacher | RemoteTeacher | RoutedTeachers | None  # None only in SFT on the data's answers without one
     objective: Objective
     rollouts: RolloutMix  # writes the training rollouts: the student, for sft the teacher or the data, or a mix
     student_sampler: ModelSampler  # the student's own samples, for evaluation
@@ -149,6 +150,11 @@ def _check_context(model: LoadedModel, key: str, config: Config) -> None:
         )
 
 
+def _key(config: Config, name: str) -> str:
+    """The config key of a teacher, for messages: `teacher`, or `teachers[NAME]`."""
+    return "teacher" if config.teacher is not None else f"teachers[{name}]"
+
+
 def prepare(config: Config, resume: bool, log=print, world: World | None = None) -> Session:
     """Check, load and build everything for a run. world: the torchrun world (default: from the
     environment; a world of one without torchrun). Only rank 0 writes to the run directory."""
@@ -168,21 +174,26 @@ def prepare(config: Config, resume: bool, log=print, world: World | None = None)
     check_source(config.student.path, "student.path")
     if config.student.lora is not None:
         check_lora(config.student.lora, config.student.path, config.student.trust_remote_code)
-    teacher_config = config.teacher
-    local_teacher = teacher_config is not None and not teacher_config.remote
-    if local_teacher:
-        check_source(teacher_config.path, "teacher.path")
+    teacher_configs = config.teacher_configs  # by name; the one `teacher` is named "teacher"
+    for name, settings in teacher_configs.items():
+        if not settings.remote:
+            check_source(settings.path, f"{_key(config, name)}.path")
     tokenizer = load_tokenizer(config.student.path, "student.path", config.student.trust_remote_code)
-    if local_teacher:
-        check_same_vocabulary(tokenizer, load_tokenizer(teacher_config.path, "teacher.path", teacher_config.trust_remote_code))
-    remote = None
-    if teacher_config is not None and teacher_config.remote:  # asked before any weight loads
-        remote = RemoteTeacher(teacher_config, len(tokenizer))
-        remote.check(tokenizer)
+    scorers: dict = {}
+    for name, settings in teacher_configs.items():
+        if settings.remote:  # asked before any weight loads
+            scorers[name] = RemoteTeacher(settings, len(tokenizer))
+            scorers[name].check(tokenizer)
+        else:
+            check_same_vocabulary(tokenizer, load_tokenizer(settings.path, f"{_key(config, name)}.path",
+                                                            settings.trust_remote_code))
     data = config.data
     prompt_options = (tokenizer, data.max_prompt_tokens, data.system_prompt, data.chat_template_kwargs)
-    train_prompts = load_prompts(data.train, "data.train", *prompt_options)
+    train_prompts = load_train_prompts(data.train, "data.train", *prompt_options)
     eval_prompts = load_prompts(data.eval, "data.eval", *prompt_options) if data.eval else None
+    if config.teachers:
+        check_routes(train_prompts, list(teacher_configs), "data.train")
+        check_routes(eval_prompts, list(teacher_configs), "data.eval")
     if config.rollout.source == "dataset" or (config.mixed and config.rollout.off_policy_source == "dataset"):
         DatasetAnswers.check(train_prompts)  # before any weight loads
     for prompts in filter(None, (train_prompts, eval_prompts)):
@@ -201,13 +212,16 @@ def prepare(config: Config, resume: bool, log=print, world: World | None = None)
     if config.student.lora is not None:
         student = add_adapters(student, config.student.lora)
     _check_context(student, "student.path", config)
-    teacher = remote
-    if local_teacher:
-        teacher = load_teacher(teacher_config.path, "teacher.path", precision, teacher_config.temperature,
-                               config.loss.chunk_size, teacher_config.trust_remote_code, teacher_config.top_k)
-        _check_context(teacher.loaded, "teacher.path", config)
-        if teacher_config.shard and world.size > 1:
-            shard_model(teacher.model, precision.device)  # in its own dtype: bf16 under bf16, no optimizer
+    for name, settings in teacher_configs.items():
+        if settings.remote:
+            continue
+        key = f"{_key(config, name)}.path"
+        scorers[name] = load_teacher(settings.path, key, precision, settings.temperature, config.loss.chunk_size,
+                                     settings.trust_remote_code, settings.top_k)
+        _check_context(scorers[name].loaded, key, config)
+        if settings.shard and world.size > 1:
+            shard_model(scorers[name].model, precision.device)  # in its own dtype: bf16 under bf16, no optimizer
+    teacher = RoutedTeachers(scorers) if config.teachers else next(iter(scorers.values()), None)
 
     # On-policy: the policy that is trained must be the one that sampled, so dropout stays off.
     student.model.eval()

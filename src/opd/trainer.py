@@ -26,6 +26,7 @@ from opd.memory import GIB
 from opd.metrics import combine, rollout_metrics
 from opd.progress import ProgressBar
 from opd.remote_teacher import TeacherUnavailable
+from opd.routing import RoutedTeachers
 from opd.setup import Session, prepare
 from opd.export import save_with_adapters
 from opd.sharding import full_model_state, is_sharded
@@ -125,6 +126,8 @@ def train_step(session: Session, config: Config, step: int, log=print) -> tuple[
     batch, teacher_flops = score(session, batch)
     scored = time.perf_counter()
     metrics = sample_metrics(config, batch, world)
+    if isinstance(session.teacher, RoutedTeachers):
+        metrics.update(session.teacher.metrics(batch, world))
     alarm = session.guard.check(step, metrics)
     if alarm and config.run.collapse_guard == "stop":
         raise StudentCollapsed(f"{alarm}; stopped without applying the update")

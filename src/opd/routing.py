@@ -1,0 +1,96 @@
+"""Several named teachers (`teachers:`): every row is scored by its own.
+
+A row's teacher is its `teacher` field, else the teacher its training file names (`data.train` as a
+list of {path, teacher}), else the only teacher. Routes are checked before any weight loads: a row
+naming an unknown teacher, or none where there are several, is an error naming the file and line.
+Each teacher scores its rows (local or remote, as any TokenScorer); the advantages of each row then
+come from its own teacher's ℓᵀ. Metrics are reported overall and per teacher
+(`distill/reverse_kl/<name>`, `logprob/teacher/<name>`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opd.batch import StepBatch
+from opd.data import PromptSet
+from opd.distributed import World
+from opd.errors import DataError
+from opd.metrics import combine, rollout_metrics
+from opd.teacher import TeacherScores, TokenScorer
+
+PER_TEACHER = ("distill/reverse_kl", "logprob/teacher", "generation/avg_length")
+
+
+def check_routes(prompts: PromptSet | None, names: list[str], key: str) -> None:
+    """Every row has a known teacher (one line naming the file and line otherwise)."""
+    if prompts is None:
+        return
+    default = names[0] if len(names) == 1 else None
+    for example in prompts.examples:
+        name = example.teacher or default
+        where = f"{key}: {example.source}:{example.line}"
+        if name is None:
+            raise DataError(f"{where}: the row names no teacher (a 'teacher' field) and its file none; "
+                            f"one of {names}")
+        if name not in names:
+            raise DataError(f"{where}: teacher {name!r} is not one of the teachers {names}")
+
+
+class RoutedTeachers:
+    """A TokenScorer over named teachers: each row to its own (see the module's docstring)."""
+
+    def __init__(self, scorers: dict[str, TokenScorer]):
+        self.scorers = scorers
+        self.name = " + ".join(scorers)
+        self.default = next(iter(scorers)) if len(scorers) == 1 else None
+
+    def routes(self, batch: StepBatch) -> list[str]:
+        return [getattr(row, "teacher", None) or self.default for row in batch.rows]
+
+    def _parts(self, batch: StepBatch):
+        routes = self.routes(batch)
+        for name, scorer in self.scorers.items():
+            rows = [index for index, route in enumerate(routes) if route == name]
+            if rows:
+                yield name, scorer, rows, batch.select(rows)
+
+    def score(self, batch: StepBatch, keep_hidden: bool = False) -> TeacherScores:
+        shape = batch.completion_ids.shape
+        logprobs, entropy = torch.zeros(shape, device=batch.completion_ids.device), None
+        topk_ids = topk_logprobs = None
+        for _, scorer, rows, part in self._parts(batch):
+            scores = scorer.score(part)
+            width = part.completion_ids.shape[1]  # select trims the completion columns past the last EOS
+            logprobs[rows, :width] = scores.logprobs.to(logprobs.device)
+            if scores.entropy is not None:
+                entropy = torch.zeros_like(logprobs) if entropy is None else entropy
+                entropy[rows, :width] = scores.entropy.to(logprobs.device)
+            if scores.topk_ids is not None:
+                k = scores.topk_ids.shape[-1]
+                if topk_ids is None:
+                    topk_ids = torch.zeros(*shape, k, dtype=torch.long, device=logprobs.device)
+                    topk_logprobs = torch.zeros(*shape, k, device=logprobs.device)
+                topk_ids[rows, :width], topk_logprobs[rows, :width] = scores.topk_ids, scores.topk_logprobs
+        return TeacherScores(logprobs=logprobs, entropy=entropy, topk_ids=topk_ids, topk_logprobs=topk_logprobs)
+
+    def scoring_flops(self, batch: StepBatch) -> float:
+        return sum(scorer.scoring_flops(part) for _, scorer, _, part in self._parts(batch))
+
+    def metrics(self, batch: StepBatch, world: World) -> dict[str, float]:
+        """PER_TEACHER figures of each teacher's rows, over every rank: `<figure>/<name>`."""
+        routes = self.routes(batch)
+        mine = {}
+        for name in self.scorers:
+            rows = [index for index, route in enumerate(routes) if route == name]
+            if rows:
+                part = batch.select(rows)
+                mine[name] = (rollout_metrics(part), part.num_tokens, len(rows))
+        gathered = world.gather(mine)
+        figures = {}
+        for name in self.scorers:
+            pieces = [rank_parts[name] for rank_parts in gathered if name in rank_parts]
+            if pieces:
+                combined = combine(pieces)
+                figures.update({f"{key}/{name}": combined[key] for key in PER_TEACHER if key in combined})
+        return figures
