@@ -11,7 +11,7 @@ with `TeacherUnavailable`, before any update, so a step is scored completely or 
 4xx answers are errors at once.
 
 Response formats, as documented by the projects:
-- vLLM (DESIGN.md §7; vLLM's OpenAI-compatible server): `choices[i].prompt_logprobs` has one entry per
+- vLLM (its OpenAI-compatible server's `prompt_logprobs` extension): `choices[i].prompt_logprobs` has one entry per
   prompt position, the first null, each a dict keyed by token id as a string of
   `{logprob, rank, decoded_token}`, holding the position's token and the top k.
 - SGLang (`/generate`, docs/references/sampling_params.md; the scheduler's output processor):
@@ -49,7 +49,10 @@ class RemoteTeacher:
     """A TokenScorer whose teacher is on a server (see the module's docstring)."""
 
     def __init__(self, config: TeacherConfig, vocab_size: int):
-        import httpx
+        try:
+            import httpx
+        except ImportError:
+            raise ConfigError("teacher.url: a teacher on a server needs httpx: pip install 'opd[serve]'") from None
 
         self.config, self.vocab_size = config, vocab_size
         self.url = config.url.rstrip("/")
