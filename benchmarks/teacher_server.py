@@ -7,8 +7,8 @@ Reports:
    local teacher, and `opd serve-teacher` on 127.0.0.1 through opd's client;
 2. the server's throughput for many small requests (one prompt's 4 samples each) from 1 client and
    from 8 concurrent clients, which dynamic batching puts in one forward;
-3. the whole training step, local against remote teacher (`opd train` on the demo config), and where
-   the added time goes.
+3. one small request's round trip (the fixed cost of going over HTTP);
+4. the whole training step, local against remote teacher (`opd train` on the demo config).
 The server runs in its own process with one thread, the client side with one: the two share the
 machine's two cores, as a trainer and a server on one GPU box would share it.
 """
@@ -121,6 +121,8 @@ def main() -> None:
                     return timed(lambda: list(pool.map(remote.score, shares)), args.repeats)
 
             one_client, eight_clients = many(1), many(8)
+            tiny = batch.select([0])
+            round_trip = sorted(timed(lambda: remote.score(tiny), 1) for _ in range(20))[10]
         finally:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait()
@@ -137,6 +139,7 @@ def main() -> None:
     print("| --- | ---: | ---: |")
     print(f"| local (in the trainer's process) | {tokens / local_s:,.0f} | {local_s:.3f} |")
     print(f"| opd serve-teacher, 127.0.0.1 | {tokens / remote_s:,.0f} | {remote_s:.3f} |")
+    print(f"one row's round trip (median of 20): {round_trip * 1000:.1f} ms")
     print()
     print("| clients, 16 requests of 4 rows | scoring tokens/s |")
     print("| --- | ---: |")

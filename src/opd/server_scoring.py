@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from opd.forward import completion_hidden_states, logits_from_hidden
+from opd.forward import completion_hidden_states, completion_hidden_states_of, logits_from_hidden
 from opd.loading import LoadedModel
 from opd.precision import Precision
 
@@ -37,22 +37,15 @@ class Scored:
 def score_sequences(teacher: LoadedModel, precision: Precision, chunk_size: int, sequences: list[list[int]],
                     starts: list[int], temperatures: list[float], top_ks: list[int]) -> list[Scored]:
     """Log-probs of each sequence's tokens from position starts[i] (at least 1) on, under temperatures[i],
-    with the top_ks[i] most likely tokens there. Sequences are left-padded into one forward; only the
-    asked positions go through the LM head, chunk_size at a time."""
+    with the top_ks[i] most likely tokens there. Where every sequence starts past its first token, the
+    part before the start is a prompt, encoded once for the sequences that share it; otherwise the
+    sequences are left-padded into one forward. Only the asked positions go through the LM head,
+    chunk_size at a time."""
     device = precision.device
-    longest = max(map(len, sequences))
-    ids = torch.zeros(len(sequences), longest, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    rows, columns, targets, temperature_of = [], [], [], []
-    for row, (sequence, start, temperature) in enumerate(zip(sequences, starts, temperatures)):
-        offset = longest - len(sequence)
-        ids[row, offset:], mask[row, offset:] = torch.tensor(sequence), 1
-        for position in range(max(1, start), len(sequence)):  # hidden column c predicts padded column c + 1
-            rows.append(row), columns.append(offset + position - 1), targets.append(sequence[position])
-            temperature_of.append(temperature)
-    with precision.autocast():
-        hidden = completion_hidden_states(teacher.model, ids.to(device), mask.to(device), longest - 1)  # (B, L-1, H)
-    flat = hidden[torch.tensor(rows, device=device), torch.tensor(columns, device=device)]  # (N, H)
+    if min(starts) >= 1:
+        flat, targets, temperature_of = _split_hidden(teacher, precision, sequences, starts, temperatures)
+    else:
+        flat, targets, temperature_of = _whole_hidden(teacher, precision, sequences, starts, temperatures)
     targets_t = torch.tensor(targets, device=device)
     temperature_t = torch.tensor(temperature_of, device=device).unsqueeze(-1)
     k = max(top_ks)
@@ -76,6 +69,53 @@ def score_sequences(teacher: LoadedModel, precision: Precision, chunk_size: int,
                               topk_indices[begin:end, :top_k].tolist(), topk_values[begin:end, :top_k].tolist()))
         begin = end
     return results
+
+
+def _whole_hidden(teacher, precision, sequences, starts, temperatures):
+    """Hidden states (N, H) predicting every asked position, from one left-padded forward; with their
+    target tokens and temperatures."""
+    device = precision.device
+    longest = max(map(len, sequences))
+    ids = torch.zeros(len(sequences), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    rows, columns, targets, temperature_of = [], [], [], []
+    for row, (sequence, start, temperature) in enumerate(zip(sequences, starts, temperatures)):
+        offset = longest - len(sequence)
+        ids[row, offset:], mask[row, offset:] = torch.tensor(sequence), 1
+        for position in range(max(1, start), len(sequence)):  # hidden column c predicts padded column c + 1
+            rows.append(row), columns.append(offset + position - 1), targets.append(sequence[position])
+            temperature_of.append(temperature)
+    with precision.autocast():
+        hidden = completion_hidden_states(teacher.model, ids.to(device), mask.to(device), longest - 1)  # (B, L-1, H)
+    return hidden[torch.tensor(rows, device=device), torch.tensor(columns, device=device)], targets, temperature_of
+
+
+def _split_hidden(teacher, precision, sequences, starts, temperatures):
+    """As _whole_hidden, where every sequence is a prompt (before its start) and a completion: the
+    teacher's own forward of (prompt, completion) rows, each distinct prompt encoded once for all the
+    sequences that share it, the local teacher's computation exactly."""
+    device = precision.device
+    groups: dict[tuple[int, ...], int] = {}
+    prompt_index = [groups.setdefault(tuple(sequence[:start]), len(groups)) for sequence, start in zip(sequences, starts)]
+    prompts = [sequence[:start] for sequence, start in zip(sequences, starts)]
+    completions = [sequence[start:] for sequence, start in zip(sequences, starts)]
+    width, prompt_width = max(map(len, completions)), max(map(len, prompts))
+    prompt_ids = torch.zeros(len(sequences), prompt_width, dtype=torch.long)
+    prompt_mask = torch.zeros_like(prompt_ids)
+    completion_ids = torch.zeros(len(sequences), max(1, width), dtype=torch.long)
+    completion_mask = torch.zeros_like(completion_ids)
+    rows, columns, targets, temperature_of = [], [], [], []
+    for row, (prompt, completion, temperature) in enumerate(zip(prompts, completions, temperatures)):
+        prompt_ids[row, prompt_width - len(prompt):], prompt_mask[row, prompt_width - len(prompt):] = torch.tensor(prompt), 1
+        if completion:
+            completion_ids[row, : len(completion)], completion_mask[row, : len(completion)] = torch.tensor(completion), 1
+        for column, token in enumerate(completion):
+            rows.append(row), columns.append(column), targets.append(token), temperature_of.append(temperature)
+    with precision.autocast():
+        hidden = completion_hidden_states_of(teacher.model, prompt_ids.to(device), prompt_mask.to(device),
+                                             completion_ids.to(device), completion_mask.to(device),
+                                             torch.tensor(prompt_index, device=device))  # (B, T, H)
+    return hidden[torch.tensor(rows, device=device), torch.tensor(columns, device=device)], targets, temperature_of
 
 
 @dataclass

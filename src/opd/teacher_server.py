@@ -174,7 +174,9 @@ def create_app(teacher: LoadedModel, precision: Precision, model_name: str, api_
         except RequestError as exc:
             return error(exc.status, str(exc))
         scored = await batcher.submit(job)
-        return completion_response(model_name, job, scored, token_names)
+        # A response object goes out as it is: FastAPI's jsonable_encoder walk over thousands of
+        # per-position dicts would cost more than the scoring of a small model.
+        return JSONResponse(completion_response(model_name, job, scored, token_names))
 
     return app
 
