@@ -360,3 +360,12 @@ def test_sharding_with_a_gkd_mixture_is_refused(tmp_path):
         raw = with_keys(minimal_raw(str(tmp_path)), {"rollout.student_fraction": 0.5, **shard})
         with pytest.raises(ConfigError, match=r"student.shard / teacher.shard with a GKD mixture"):
             validate(raw)
+
+
+def test_a_servers_api_key_is_never_written_out(tmp_path):
+    from opd.config import dump_config
+
+    config = validate(remote_raw(str(tmp_path), api_key="sesame-secret"))
+    assert config.teacher.api_key == "sesame-secret" and "sesame-secret" not in dump_config(config)
+    with pytest.raises(ConfigError, match=r"teacher.url: 'localhost:8000' should start with http"):
+        validate(remote_raw(str(tmp_path), url="localhost:8000"))

@@ -713,3 +713,21 @@ def test_topk_forward_kl_matches_a_float64_reference_with_its_tail_bucket():
     torch.testing.assert_close(mine.double(), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(mine_grad.double(), expected_grad, atol=1e-5, rtol=1e-5)
     assert (mine > 0).all()  # the tail term is what keeps it a divergence: without it the value can go negative
+
+
+def test_topk_forward_kl_stays_finite_for_a_confident_student():
+    """The student's mass on S rounds to 1 in fp32; its tail must come from its own log-probs, not 1 - that."""
+    student = torch.zeros(2, 1000)
+    student[:, 3] = 40.0  # one token of S holds all but e^-40 of the mass
+    student.requires_grad_()
+    teacher = torch.randn(2, 1000, dtype=torch.float64)
+    values, ids = teacher.log_softmax(-1).topk(5, dim=-1)
+    ids[:, 0] = 3
+    loss = losses.topk_forward_kl(student, ids, values.float())
+    (grad,) = torch.autograd.grad(loss.sum(), student)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    q = student.detach().double().log_softmax(-1)
+    outside = q.scatter(-1, ids, float("-inf")).logsumexp(-1)
+    p_tail = 1 - values.exp().sum(-1)
+    expected = (values.exp() * (values - q.gather(-1, ids))).sum(-1) + p_tail * (p_tail.log() - outside)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=1e-4)

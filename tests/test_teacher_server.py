@@ -115,11 +115,14 @@ def test_bad_requests_get_a_4xx_and_the_server_goes_on(tiny_models):
         bad = {"malformed JSON": (None, b"{not json"), "token out of range": ({**good, "prompt": [5, 10**6]}, None),
                "empty prompt": ({**good, "prompt": []}, None), "text prompt": ({**good, "prompt": "hello"}, None),
                "oversized": ({**good, "prompt": [5] * 65}, None), "no prompt_logprobs": ({"prompt": [5, 6]}, None),
-               "unknown model": ({**good, "model": "other"}, None)}
+               "unknown model": ({**good, "model": "other"}, None),
+               "start past the end": ({**good, "logprob_start": 5}, None)}
         for name, (body, raw) in bad.items():
             response = post(url, body, key="sesame", raw=raw)
             assert 400 <= response.status_code < 500, name
             assert response.json()["error"]["message"], name
+        nothing = post(url, {**good, "logprob_start": 4}, key="sesame")  # no position asked: all null
+        assert nothing.status_code == 200 and nothing.json()["choices"][0]["prompt_logprobs"] == [None] * 4
         answer = post(url, good, key="sesame")
         assert answer.status_code == 200
         entries = answer.json()["choices"][0]["prompt_logprobs"]

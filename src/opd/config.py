@@ -100,7 +100,8 @@ class TeacherConfig(_Strict):
         "opd", description="The server's protocol: opd serve-teacher, vllm serve (/v1/completions), sglang (/generate)."
     )
     model: str | None = Field(None, description="The served model's name (default: the server's only one).")
-    api_key: str | None = Field(None, description="Bearer token for the server; default: the api_key_env variable.")
+    api_key: str | None = Field(None, exclude=True, description="Bearer token for the server; default: the "
+                                "api_key_env variable. Never written to the run's config.yaml or trackers.")
     api_key_env: str = Field("OPD_TEACHER_API_KEY", description="Environment variable holding the API key.")
     timeout_s: float = Field(60.0, gt=0, description="Seconds one request may take before it is retried.")
     concurrency: int = Field(4, ge=1, description="Requests in flight at once.")
@@ -113,6 +114,8 @@ class TeacherConfig(_Strict):
 
     @model_validator(mode="after")
     def _where(self) -> "TeacherConfig":
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"teacher.url: {self.url!r} should start with http:// or https://")
         if (self.path is None) == (self.url is None):
             raise ValueError("teacher.path or teacher.url: give one (a teacher in this process, or one on a server), "
                              "not both or neither")

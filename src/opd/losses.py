@@ -203,10 +203,13 @@ def topk_forward_kl(student_logits: torch.Tensor, teacher_ids: torch.Tensor, tea
     head = (teacher_top.exp() * (teacher_top - student_top)).sum(-1)
     teacher_covered = teacher_top.logsumexp(-1).clamp(max=0.0)  # log sum_S p
     has_tail = teacher_covered < -1e-6  # below that the tail is rounding of the top-k's own mass
-    # Where there is no tail, stand-ins keep log(1 - e^0) = -inf (and its infinite gradient) out of the graph.
-    student_covered = torch.where(has_tail, student_top.logsumexp(-1).clamp(max=0.0), torch.full_like(head, -1.0))
+    # The student's tail straight from its log-probs outside S (not 1 - its mass on S, which rounds to 0
+    # for a confident student); where there is no tail, zeros stand in so no -inf enters the graph.
+    outside = student_logp.scatter(-1, teacher_ids, float("-inf"))
+    outside = torch.where(has_tail.unsqueeze(-1), outside, torch.zeros_like(outside))
+    student_tail_log = outside.logsumexp(-1)
     teacher_tail_log = _log_one_minus_exp(torch.where(has_tail, teacher_covered, torch.full_like(head, -1.0)))
-    tail = teacher_tail_log.exp() * (teacher_tail_log - _log_one_minus_exp(student_covered))
+    tail = teacher_tail_log.exp() * (teacher_tail_log - student_tail_log)
     return head + torch.where(has_tail, tail, torch.zeros_like(tail))
 
 

@@ -123,6 +123,8 @@ class RemoteTeacher:
         for indices, answer in zip(requests, answers):
             for row, (token_logprobs, ids, values) in zip(indices, answer):
                 n = len(token_logprobs)
+                if not n:
+                    continue
                 logprobs[row, :n] = torch.tensor(token_logprobs)
                 if k:
                     topk_ids[row, :n], topk_logprobs[row, :n] = torch.tensor(ids), torch.tensor(values)

@@ -59,10 +59,12 @@ class RoutedTeachers:
         shape = batch.completion_ids.shape
         logprobs, entropy = torch.zeros(shape, device=batch.completion_ids.device), None
         topk_ids = topk_logprobs = None
+        every_entropy = True  # the teacher's entropy is reported only where every teacher gives it
         for _, scorer, rows, part in self._parts(batch):
             scores = scorer.score(part)
             width = part.completion_ids.shape[1]  # select trims the completion columns past the last EOS
             logprobs[rows, :width] = scores.logprobs.to(logprobs.device)
+            every_entropy &= scores.entropy is not None
             if scores.entropy is not None:
                 entropy = torch.zeros_like(logprobs) if entropy is None else entropy
                 entropy[rows, :width] = scores.entropy.to(logprobs.device)
@@ -72,7 +74,8 @@ class RoutedTeachers:
                     topk_ids = torch.zeros(*shape, k, dtype=torch.long, device=logprobs.device)
                     topk_logprobs = torch.zeros(*shape, k, device=logprobs.device)
                 topk_ids[rows, :width], topk_logprobs[rows, :width] = scores.topk_ids, scores.topk_logprobs
-        return TeacherScores(logprobs=logprobs, entropy=entropy, topk_ids=topk_ids, topk_logprobs=topk_logprobs)
+        return TeacherScores(logprobs=logprobs, entropy=entropy if every_entropy else None, topk_ids=topk_ids,
+                             topk_logprobs=topk_logprobs)
 
     def scoring_flops(self, batch: StepBatch) -> float:
         return sum(scorer.scoring_flops(part) for _, scorer, _, part in self._parts(batch))

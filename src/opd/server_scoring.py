@@ -42,6 +42,8 @@ def score_sequences(teacher: LoadedModel, precision: Precision, chunk_size: int,
     sequences are left-padded into one forward. Only the asked positions go through the LM head,
     chunk_size at a time."""
     device = precision.device
+    if all(len(sequence) <= max(1, start) for sequence, start in zip(sequences, starts)):  # nothing to score
+        return [Scored([], [], [], []) for _ in sequences]
     if min(starts) >= 1:
         flat, targets, temperature_of = _split_hidden(teacher, precision, sequences, starts, temperatures)
     else:
@@ -87,7 +89,8 @@ def _whole_hidden(teacher, precision, sequences, starts, temperatures):
             temperature_of.append(temperature)
     with precision.autocast():
         hidden = completion_hidden_states(teacher.model, ids.to(device), mask.to(device), longest - 1)  # (B, L-1, H)
-    return hidden[torch.tensor(rows, device=device), torch.tensor(columns, device=device)], targets, temperature_of
+    return hidden[torch.tensor(rows, dtype=torch.long, device=device),
+                  torch.tensor(columns, dtype=torch.long, device=device)], targets, temperature_of
 
 
 def _split_hidden(teacher, precision, sequences, starts, temperatures):
@@ -115,7 +118,8 @@ def _split_hidden(teacher, precision, sequences, starts, temperatures):
         hidden = completion_hidden_states_of(teacher.model, prompt_ids.to(device), prompt_mask.to(device),
                                              completion_ids.to(device), completion_mask.to(device),
                                              torch.tensor(prompt_index, device=device))  # (B, T, H)
-    return hidden[torch.tensor(rows, device=device), torch.tensor(columns, device=device)], targets, temperature_of
+    return hidden[torch.tensor(rows, dtype=torch.long, device=device),
+                  torch.tensor(columns, dtype=torch.long, device=device)], targets, temperature_of
 
 
 @dataclass

@@ -101,7 +101,10 @@ def check_output_dir(output_dir: Path, resume: bool) -> None:
 # Keys that may change between a run and its resumption: they don't change what the steps compute
 # (sharding changes the layout only; DCP checkpoints load into either).
 _RESUMABLE_CHANGES = {"run.max_steps", "run.save_every", "run.eval_every", "run.log_every", "run.progress",
-                      "run.report_to", "run.wandb_project", "student.shard", "teacher.shard"}
+                      "run.report_to", "run.wandb_project", "student.shard", "teacher.shard",
+                      # where and how a teacher on a server is reached (it must serve the same model)
+                      "teacher.url", "teacher.api_key_env", "teacher.timeout_s", "teacher.concurrency",
+                      "teacher.request_tokens", "teacher.retry_deadline_s"}
 
 
 def _check_resumable(output_dir: Path, config: Config) -> None:

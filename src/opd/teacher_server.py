@@ -65,7 +65,11 @@ def parse_completion_request(body, vocab_size: int, context: int, max_batch_toke
     if not isinstance(starts, list) or len(starts) != len(sequences) or not all(
             isinstance(start, int) and start >= 0 for start in starts):
         raise RequestError(400, "logprob_start: expected a non-negative integer, or one per prompt")
-    for sequence in sequences:
+    for sequence, start in zip(sequences, starts):
+        if start > len(sequence):
+            raise RequestError(400, f"logprob_start: {start} is past the prompt's {len(sequence)} tokens")
+        if any(isinstance(token, bool) for token in sequence):
+            raise RequestError(400, "prompt: token ids must be integers, not booleans")
         if min(sequence) < 0 or max(sequence) >= vocab_size:
             raise RequestError(400, f"prompt: token id {max(sequence) if max(sequence) >= vocab_size else min(sequence)} "
                                     f"is outside this model's vocabulary of {vocab_size}")
