@@ -138,7 +138,7 @@ def _backward_through_root(student, part, hidden_states, chunk_loss, chunk_size,
 
     total = through_root(student.model, loss_inside_root)
     total.backward()
-    return figures.result(float(total))
+    return figures.result(float(total.detach()))
 
 
 def update_student(session, config, batch: StepBatch) -> dict[str, float]:
