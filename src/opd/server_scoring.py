@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from opd.batch import left_pad, right_pad
 from opd.forward import completion_hidden_states, completion_hidden_states_of, logits_from_hidden
 from opd.loading import LoadedModel
 from opd.precision import Precision
@@ -41,15 +42,12 @@ def score_sequences(teacher: LoadedModel, precision: Precision, chunk_size: int,
     part before the start is a prompt, encoded once for the sequences that share it; otherwise the
     sequences are left-padded into one forward. Only the asked positions go through the LM head,
     chunk_size at a time."""
-    device = precision.device
     if all(len(sequence) <= max(1, start) for sequence, start in zip(sequences, starts)):  # nothing to score
         return [Scored([], [], [], []) for _ in sequences]
     if min(starts) >= 1:
-        flat, targets, temperature_of = _split_hidden(teacher, precision, sequences, starts, temperatures)
+        flat, targets, temperature = _split_hidden(teacher, precision, sequences, starts, temperatures)
     else:
-        flat, targets, temperature_of = _whole_hidden(teacher, precision, sequences, starts, temperatures)
-    targets_t = torch.tensor(targets, device=device)
-    temperature_t = torch.tensor(temperature_of, device=device).unsqueeze(-1)
+        flat, targets, temperature = _whole_hidden(teacher, precision, sequences, starts, temperatures)
     k = max(top_ks)
     logprobs, ranks = torch.empty(len(targets)), torch.empty(len(targets), dtype=torch.long)
     topk_values, topk_indices = torch.empty(len(targets), k), torch.empty(len(targets), k, dtype=torch.long)
@@ -57,8 +55,8 @@ def score_sequences(teacher: LoadedModel, precision: Precision, chunk_size: int,
         part = slice(begin, begin + chunk_size)
         with precision.autocast():
             logits = logits_from_hidden(teacher.model, flat[part], teacher.vocab_size)
-        chunk = (logits.float() / temperature_t[part]).log_softmax(-1)  # (c, V)
-        own = chunk.gather(-1, targets_t[part].unsqueeze(-1))  # (c, 1)
+        chunk = (logits.float() / temperature[part].unsqueeze(-1)).log_softmax(-1)  # (c, V)
+        own = chunk.gather(-1, targets[part].unsqueeze(-1))  # (c, 1)
         logprobs[part] = own.squeeze(-1).cpu()
         ranks[part] = ((chunk > own).sum(-1) + 1).cpu()
         if k:
@@ -75,22 +73,14 @@ def score_sequences(teacher: LoadedModel, precision: Precision, chunk_size: int,
 
 def _whole_hidden(teacher, precision, sequences, starts, temperatures):
     """Hidden states (N, H) predicting every asked position, from one left-padded forward; with their
-    target tokens and temperatures."""
-    device = precision.device
-    longest = max(map(len, sequences))
-    ids = torch.zeros(len(sequences), longest, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    rows, columns, targets, temperature_of = [], [], [], []
-    for row, (sequence, start, temperature) in enumerate(zip(sequences, starts, temperatures)):
-        offset = longest - len(sequence)
-        ids[row, offset:], mask[row, offset:] = torch.tensor(sequence), 1
-        for position in range(max(1, start), len(sequence)):  # hidden column c predicts padded column c + 1
-            rows.append(row), columns.append(offset + position - 1), targets.append(sequence[position])
-            temperature_of.append(temperature)
+    target tokens (N,) and temperatures (N,), sequence by sequence."""
+    ids, mask = left_pad(sequences, 0, precision.device)  # (B, L)
+    asked = torch.zeros_like(mask, dtype=torch.bool)
+    for row, (sequence, start) in enumerate(zip(sequences, starts)):
+        asked[row, ids.shape[1] - len(sequence) + max(1, start):] = True
     with precision.autocast():
-        hidden = completion_hidden_states(teacher.model, ids.to(device), mask.to(device), longest - 1)  # (B, L-1, H)
-    return hidden[torch.tensor(rows, dtype=torch.long, device=device),
-                  torch.tensor(columns, dtype=torch.long, device=device)], targets, temperature_of
+        hidden = completion_hidden_states(teacher.model, ids, mask, ids.shape[1] - 1)  # column c predicts c + 1
+    return _asked(hidden, ids[:, 1:], asked[:, 1:], temperatures)
 
 
 def _split_hidden(teacher, precision, sequences, starts, temperatures):
@@ -100,26 +90,20 @@ def _split_hidden(teacher, precision, sequences, starts, temperatures):
     device = precision.device
     groups: dict[tuple[int, ...], int] = {}
     prompt_index = [groups.setdefault(tuple(sequence[:start]), len(groups)) for sequence, start in zip(sequences, starts)]
-    prompts = [sequence[:start] for sequence, start in zip(sequences, starts)]
-    completions = [sequence[start:] for sequence, start in zip(sequences, starts)]
-    width, prompt_width = max(map(len, completions)), max(map(len, prompts))
-    prompt_ids = torch.zeros(len(sequences), prompt_width, dtype=torch.long)
-    prompt_mask = torch.zeros_like(prompt_ids)
-    completion_ids = torch.zeros(len(sequences), max(1, width), dtype=torch.long)
-    completion_mask = torch.zeros_like(completion_ids)
-    rows, columns, targets, temperature_of = [], [], [], []
-    for row, (prompt, completion, temperature) in enumerate(zip(prompts, completions, temperatures)):
-        prompt_ids[row, prompt_width - len(prompt):], prompt_mask[row, prompt_width - len(prompt):] = torch.tensor(prompt), 1
-        if completion:
-            completion_ids[row, : len(completion)], completion_mask[row, : len(completion)] = torch.tensor(completion), 1
-        for column, token in enumerate(completion):
-            rows.append(row), columns.append(column), targets.append(token), temperature_of.append(temperature)
+    prompt_ids, prompt_mask = left_pad([sequence[:start] for sequence, start in zip(sequences, starts)], 0, device)
+    completion_ids, completion_mask = right_pad([sequence[start:] for sequence, start in zip(sequences, starts)], 0,
+                                                device)
     with precision.autocast():
-        hidden = completion_hidden_states_of(teacher.model, prompt_ids.to(device), prompt_mask.to(device),
-                                             completion_ids.to(device), completion_mask.to(device),
+        hidden = completion_hidden_states_of(teacher.model, prompt_ids, prompt_mask, completion_ids, completion_mask,
                                              torch.tensor(prompt_index, device=device))  # (B, T, H)
-    return hidden[torch.tensor(rows, dtype=torch.long, device=device),
-                  torch.tensor(columns, dtype=torch.long, device=device)], targets, temperature_of
+    return _asked(hidden, completion_ids, completion_mask.bool(), temperatures)
+
+
+def _asked(hidden: torch.Tensor, targets: torch.Tensor, asked: torch.Tensor, temperatures: list[float]):
+    """hidden (B, T, H), targets (B, T), asked (B, T) -> the asked positions' hidden states (N, H), target
+    tokens (N,) and temperatures (N,), in row-major order."""
+    per_row = torch.tensor(temperatures, device=hidden.device).repeat_interleave(asked.sum(1))
+    return hidden[asked], targets[asked], per_row
 
 
 @dataclass
