@@ -155,3 +155,12 @@ def checkpoint_state(folder: Path) -> dict:
         return torch.load(plain, weights_only=False)
     finally:
         plain.unlink()
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 for a server or a torchrun rendezvous started by a test."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

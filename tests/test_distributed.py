@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,14 +21,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from conftest import free_port
 from opd.checkpoint import latest_checkpoint
 from opd.sinks import read_metrics
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def command(config: dict, tmp_path: Path, name: str, ranks: int, *extra: str,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,16 +18,10 @@ import torch
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from conftest import CPU, make_batch  # noqa: E402
+from conftest import CPU, free_port, make_batch  # noqa: E402
 from opd.config import TeacherConfig  # noqa: E402
 from opd.factory import load_teacher  # noqa: E402
 from opd.remote_teacher import RemoteTeacher  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextmanager

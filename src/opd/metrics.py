@@ -82,3 +82,11 @@ def combine(parts: list[tuple[dict[str, float], int, int]]) -> dict[str, float]:
         if f"logprob/{who}" in combined:
             combined[f"perplexity/{who}"] = math.exp(-combined[f"logprob/{who}"])
     return combined
+
+
+def pieces_over_ranks(parts: dict, world) -> dict:
+    """This rank's {key: (figures, completion tokens, rows)} -> {key: every rank's pieces}, for combine;
+    a key some rank lacks has only the others' pieces. world: an opd.distributed.World (a collective)."""
+    gathered = world.gather(parts)
+    keys = sorted({key for rank_parts in gathered for key in rank_parts})
+    return {key: [rank_parts[key] for rank_parts in gathered if key in rank_parts] for key in keys}

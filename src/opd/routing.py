@@ -16,7 +16,7 @@ from opd.batch import StepBatch
 from opd.data import PromptSet
 from opd.distributed import World
 from opd.errors import DataError
-from opd.metrics import combine, rollout_metrics
+from opd.metrics import combine, pieces_over_ranks, rollout_metrics
 from opd.teacher import TeacherScores, TokenScorer
 
 PER_TEACHER = ("distill/reverse_kl", "logprob/teacher", "generation/avg_length")
@@ -89,11 +89,8 @@ class RoutedTeachers:
             if rows:
                 part = batch.select(rows)
                 mine[name] = (rollout_metrics(part), part.num_tokens, len(rows))
-        gathered = world.gather(mine)
         figures = {}
-        for name in self.scorers:
-            pieces = [rank_parts[name] for rank_parts in gathered if name in rank_parts]
-            if pieces:
-                combined = combine(pieces)
-                figures.update({f"{key}/{name}": combined[key] for key in PER_TEACHER if key in combined})
+        for name, pieces in pieces_over_ranks(mine, world).items():
+            combined = combine(pieces)
+            figures.update({f"{key}/{name}": combined[key] for key in PER_TEACHER if key in combined})
         return figures

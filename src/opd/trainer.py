@@ -23,7 +23,7 @@ from opd.evaluate import evaluate
 from opd.flops import step_flops
 from opd.distributed import World
 from opd.memory import GIB
-from opd.metrics import combine, rollout_metrics
+from opd.metrics import combine, pieces_over_ranks, rollout_metrics
 from opd.progress import ProgressBar
 from opd.remote_teacher import TeacherUnavailable
 from opd.routing import RoutedTeachers
@@ -172,11 +172,10 @@ def sample_metrics(config: Config, batch: StepBatch, world: World) -> dict[str, 
             for name in ("distill/reverse_kl", "logprob/student", "perplexity/student", "entropy/student"):
                 figures.pop(name, None)
         parts[source] = (figures, part.num_tokens, len(rows))
-    gathered = world.gather(parts)
-    all_rows = sum(rows for rank_parts in gathered for _, _, rows in rank_parts.values())
+    by_source = pieces_over_ranks(parts, world)
+    all_rows = sum(rows for pieces in by_source.values() for _, _, rows in pieces)
     metrics, primary = {}, SOURCE_IDS[config.rollout.source]
-    for source in sorted({source for rank_parts in gathered for source in rank_parts}):
-        pieces = [rank_parts[source] for rank_parts in gathered if source in rank_parts]
+    for source, pieces in by_source.items():
         prefix = "" if source == primary else f"from_{SOURCE_NAMES[source]}/"
         metrics.update({prefix + key: value for key, value in combine(pieces).items()})
         if prefix:
