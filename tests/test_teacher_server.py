@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
@@ -25,21 +25,27 @@ from opd.remote_teacher import RemoteTeacher  # noqa: E402
 
 
 @contextmanager
-def served(model: Path, *options: str, port: int | None = None):
-    """`opd serve-teacher MODEL` in its own process group; yields its base URL once /health answers."""
-    port = port or free_port()
-    job = subprocess.Popen([sys.executable, "-m", "opd", "serve-teacher", str(model), "--port", str(port),
-                            "--precision", "fp32", "--device", "cpu", *options],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+def running(argv: list[str]):
+    """A process in a group of its own, killed whole on the way out, pass or fail."""
+    job = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, job)
-        yield url
+        yield job
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
         job.communicate()
+
+
+@contextmanager
+def served(model: Path, *options: str, port: int | None = None):
+    """`opd serve-teacher MODEL` on 127.0.0.1; yields its base URL once /health answers."""
+    port = port or free_port()
+    with running([sys.executable, "-m", "opd", "serve-teacher", str(model), "--port", str(port),
+                  "--precision", "fp32", "--device", "cpu", *options]) as job:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, job)
+        yield url
 
 
 def wait_healthy(url: str, job: subprocess.Popen | None = None, timeout: float = 120) -> None:
@@ -218,14 +224,15 @@ def test_training_against_the_server_equals_training_against_the_local_teacher(t
     assert_same_weights(final_weights(tmp_path / "local"), final_weights(tmp_path / "remote"), tiny_config["student"]["path"])
 
 
-def cli_train(config: dict, tmp_path: Path, name: str) -> subprocess.Popen:
+@contextmanager
+def training(config: dict, tmp_path: Path, name: str):
+    """`opd train` on `config` as a process, killed on the way out if it is still running."""
     import yaml
 
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    return subprocess.Popen([sys.executable, "-m", "opd", "train", str(path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    with running([sys.executable, "-m", "opd", "train", str(path)]) as job:
+        yield job
 
 
 def wait_for_step(output_dir: Path, step: int, job: subprocess.Popen, timeout: float = 120) -> None:
@@ -250,25 +257,28 @@ def test_a_server_killed_and_restarted_mid_run_changes_nothing(tiny_config, tmp_
     steps, teacher = 24, Path(tiny_config["teacher"]["path"])
     train(validate(local_config(tiny_config, tmp_path / "local", steps)), log=lambda *_: None)
     port = free_port()
-    with served(teacher, port=port) as url:
-        job = cli_train(remote_config(tiny_config, tmp_path / "remote", url, steps), tmp_path, "remote")
-        wait_for_step(tmp_path / "remote", 3, job)
-    assert job.poll() is None, "the run ended before the server was killed"
-    time.sleep(1.0)  # the run retries against a dead port meanwhile
-    with served(teacher, port=port):
-        _, stderr = job.communicate(timeout=300)
+    with ExitStack() as cleanup:  # the run outlives the first server, and is killed last
+        with served(teacher, port=port) as url:
+            job = cleanup.enter_context(training(remote_config(tiny_config, tmp_path / "remote", url, steps),
+                                                 tmp_path, "remote"))
+            wait_for_step(tmp_path / "remote", 3, job)
+        assert job.poll() is None, "the run ended before the server was killed"
+        time.sleep(1.0)  # the run retries against a dead port meanwhile
+        with served(teacher, port=port):
+            _, stderr = job.communicate(timeout=300)
     assert job.returncode == 0, stderr[-2000:]
     assert_same_weights(final_weights(tmp_path / "local"), final_weights(tmp_path / "remote"), tiny_config["student"]["path"])
     assert [row["step"] for row in read_metrics(tmp_path / "remote" / "metrics.jsonl")] == list(range(steps + 1))
 
 
 def test_past_the_deadline_the_run_stops_with_one_line_and_no_final_model(tiny_config, tmp_path):
-    with served(Path(tiny_config["teacher"]["path"])) as url:
-        config = remote_config(tiny_config, tmp_path / "run", url, 200, retry_deadline_s=2)
-        config["run"]["save_every"] = 1
-        job = cli_train(config, tmp_path, "doomed")
-        wait_for_step(tmp_path / "run", 2, job)
-    _, stderr = job.communicate(timeout=120)
+    with ExitStack() as cleanup:  # the run outlives the server, and is killed last
+        with served(Path(tiny_config["teacher"]["path"])) as url:
+            config = remote_config(tiny_config, tmp_path / "run", url, 200, retry_deadline_s=2)
+            config["run"]["save_every"] = 1
+            job = cleanup.enter_context(training(config, tmp_path, "doomed"))
+            wait_for_step(tmp_path / "run", 2, job)
+        _, stderr = job.communicate(timeout=120)
     assert job.returncode == 2 and "Traceback" not in stderr
     line = stderr.strip().splitlines()[-1]
     assert line.startswith("error: step ") and f"teacher server {url} gave no usable answer for 2 s" in line
