@@ -183,6 +183,7 @@ def different_tokenizer(root, tiny_models, tiny_data):
     teacher = make_tiny_model(root / "foreign-teacher", hidden=32, layers=1, seed=3, tokenizer=tokenizer)
     config = base_config(root, tiny_models, tiny_data)
     config["teacher"]["path"] = str(teacher)
+    config["loss"] = {**config.get("loss", {}), "kind": "forward_kl"}
     return train_args(root, config)
 
 
@@ -357,9 +358,9 @@ def test_existing_run_without_resume_is_refused_and_left_alone(cli_runs):
 
 
 @uses("different_tokenizer")
-def test_teacher_with_a_different_tokenizer_is_refused(cli_runs):
-    line = assert_error_before_training(cli_runs["different_tokenizer"], "tokenizers differ")
-    assert "teacher" in line
+def test_teacher_with_a_different_tokenizer_and_a_full_vocabulary_loss_is_refused(cli_runs):
+    line = assert_error_before_training(cli_runs["different_tokenizer"], "tokenizer differs")
+    assert "teacher" in line and "loss.kind=forward_kl" in line and "reverse_kl_pg" in line
 
 
 @uses("padding_rows_and_long_prompts")

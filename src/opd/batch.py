@@ -47,6 +47,9 @@ class StepBatch:
     teacher_hidden:    (B, T, H) the teacher's final hidden states, kept only for full-vocabulary losses.
     teacher_topk_ids, teacher_topk_logprobs: (B, T, K) the teacher's top-k, where a scorer gives them.
     advantages:        (B, T) per-token advantages, for losses that use them.
+    chunk_index:       (B, T) with a teacher of another tokenizer (opd.alignment): each token's chunk in
+                       its row, or a negative code for a token left out of the loss; then
+                       teacher_logprobs holds each chunk's Σ ℓᵀ at its last token. None: per token.
     """
 
     prompt_ids: torch.Tensor = field(metadata=PROMPT)
@@ -66,6 +69,7 @@ class StepBatch:
     teacher_topk_ids: torch.Tensor | None = field(default=None, metadata=COMPLETION)
     teacher_topk_logprobs: torch.Tensor | None = field(default=None, metadata=COMPLETION)
     advantages: torch.Tensor | None = field(default=None, metadata=COMPLETION)
+    chunk_index: torch.Tensor | None = field(default=None, metadata=COMPLETION)
 
     @property
     def input_ids(self) -> torch.Tensor:

@@ -34,7 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--model", required=True, help="model folder or hub id")
     evaluation.add_argument("--data", required=True, help="JSONL path or hf:NAME[:CONFIG]:SPLIT")
     evaluation.add_argument("--samples", type=int, default=1, metavar="K", help="samples per prompt (pass@K); default 1")
-    evaluation.add_argument("--teacher", help="teacher model: adds logprob/*, perplexity/* and distill/reverse_kl")
+    evaluation.add_argument("--teacher", help="teacher model: adds logprob/*, perplexity/* and distill/reverse_kl "
+                            "(distill/seq_reverse_kl for a teacher with another tokenizer)")
+    evaluation.add_argument("--teacher-chat-template", choices=["student", "own"], default="student",
+                            help="render the teacher's prompts with the student's template (default) or its own")
     evaluation.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     evaluation.add_argument("--max-new-tokens", type=int, default=256)
     evaluation.add_argument("--max-prompts", type=int, help="evaluate only the first N prompts")
@@ -122,7 +125,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     if args.temperature <= 0:
         raise ConfigError(f"--temperature must be positive (got {args.temperature})")
     metrics = evaluate_model(args.model, args.data, args.samples, args.teacher, args.temperature,
-                             args.max_new_tokens, args.max_prompts, args.system_prompt, precision=args.precision)
+                             args.max_new_tokens, args.max_prompts, args.system_prompt, precision=args.precision,
+                             teacher_chat_template=args.teacher_chat_template)
     width = max(map(len, metrics))
     for name, value in metrics.items():
         print(f"{name:<{width}}  {value:.4f}" if isinstance(value, float) else f"{name:<{width}}  {value}")

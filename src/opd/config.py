@@ -94,7 +94,8 @@ class StudentConfig(ModelConfig):
 
 
 class TeacherConfig(_Strict):
-    path: str | None = Field(None, description="Local folder or hub id of a teacher in this process (or url).")
+    path: str | None = Field(None, description="Local folder or hub id of a teacher in this process (or url); "
+                             "`student`: the frozen initial student (self-distillation, with privileged context).")
     url: str | None = Field(None, description="A teacher on a server instead: its base URL, e.g. http://host:8000.")
     api: Literal["opd", "vllm", "sglang"] = Field(
         "opd", description="The server's protocol: opd serve-teacher, vllm serve (/v1/completions), sglang (/generate)."
@@ -111,6 +112,14 @@ class TeacherConfig(_Strict):
     temperature: float = Field(1.0, gt=0, description="Temperature of the teacher's log-probs.")
     top_k: int = Field(0, ge=0, description="Also take the teacher's top-k log-probs at every position (topk_forward_kl).")
     shard: bool = Field(False, description="Under torchrun, shard the teacher with FSDP2 instead of replicating it.")
+    chat_template: Literal["student", "own"] = Field(
+        "student", description="The teacher's prompt: rendered by the student's template, or by the teacher's own "
+        "tokenizer and template (its end-of-turn token in place of the student's).")
+    tokenizer: str | None = Field(None, description="The teacher's tokenizer (folder or hub id); default: its path, "
+                                  "and for a teacher on a server the student's.")
+    alignment: Literal["auto", "tokens", "chunks"] = Field(
+        "auto", description="Matching teacher scores to student tokens: one for one (tokens; one vocabulary), the "
+        "chunk estimator (chunks; any two tokenizers), or auto: chunks where the vocabularies differ.")
 
     @model_validator(mode="after")
     def _where(self) -> "TeacherConfig":
@@ -148,6 +157,11 @@ class DataConfig(_Strict):
     )
     eval: str | None = Field(None, description="Held-out data in the same forms.")
     system_prompt: str | None = Field(None, description="Prepended as a system turn to chat and question rows.")
+    teacher_system_prompt: str | None = Field(
+        None, description="The teacher's system turn instead of system_prompt; the student never sees it.")
+    teacher_context_format: str = Field(
+        "{context}\n\n{prompt}", description="Where a row's `teacher_context` field (teacher only) goes in the last "
+        "user turn, question or prompt text.")
     chat_template_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Extra chat-template variables, e.g. {enable_thinking: false} for Qwen3."
     )
@@ -252,6 +266,7 @@ class Config(_Strict):
             raise ValueError(f"loss.forward_kl_coef={self.loss.forward_kl_coef} adds to reverse_kl_pg only "
                              f"(loss.kind={self.loss.kind})")
         self._check_teachers()
+        self._check_teacher_views()
         teacher_needed = self.teacher_needs is not None or self.rollout.source == "teacher" or (
             mixed and self.rollout.off_policy_source == "teacher")
         if self.teacher is None and not self.teachers and teacher_needed:
@@ -293,6 +308,27 @@ class Config(_Strict):
                 f"rollout.top_p=1 (got {self.rollout.top_k} and {self.rollout.top_p})"
             )
         return self
+
+    def _check_teacher_views(self) -> None:
+        """`teacher.path: student`, and what a teacher that reads rows its own way can do."""
+        if "{context}" not in self.data.teacher_context_format:
+            raise ValueError(f"data.teacher_context_format: {self.data.teacher_context_format!r} must contain {{context}}")
+        for teacher in self.teacher_configs.values():
+            if teacher.path == "student":
+                teacher.path = self.student.path  # the initial student's weights, frozen
+            own_view = teacher.chat_template == "own" or self.data.teacher_system_prompt is not None
+            writes = self.rollout.source == "teacher" or (self.mixed and self.rollout.off_policy_source == "teacher")
+            if (own_view or teacher.alignment == "chunks") and writes:
+                raise ValueError("teacher.chat_template / data.teacher_system_prompt / teacher.alignment: a teacher that "
+                                 "reads rows its own way scores the student's samples; it can't write rollouts for "
+                                 "the student (rollout.source / rollout.off_policy_source teacher)")
+            if teacher.alignment == "chunks" and self.teacher_needs in (TOP_K, FULL_DISTRIBUTION):
+                raise ValueError(f"teacher.alignment=chunks: {self._teacher_need_reason()} compares the two models' "
+                                 "distributions over one vocabulary at every token; across tokenizers only the "
+                                 "sampled text's log-probs compare (chunk by chunk), so use loss.kind reverse_kl_pg")
+
+    def _teacher_need_reason(self) -> str:
+        return "loss.kind=topk_forward_kl" if self.teacher_needs == TOP_K else self._full_distribution_reason()
 
     def _check_teachers(self) -> None:
         named = [file.teacher for file in self.data.train if file.teacher] if isinstance(self.data.train, list) else []

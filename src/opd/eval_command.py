@@ -7,9 +7,10 @@ from __future__ import annotations
 from opd.data import load_prompts
 from opd.evaluate import evaluate
 from opd.factory import load_teacher, make_sampler
-from opd.loading import check_same_vocabulary, load_model, load_tokenizer
+from opd.loading import load_model, load_tokenizer
 from opd.precision import Precision
 from opd.sampling import SamplingSettings
+from opd.teacher_view import TeacherView, ViewedTeacher, ViewSettings
 
 
 def evaluate_model(
@@ -24,17 +25,23 @@ def evaluate_model(
     batch_rollouts: int = 64,
     seed: int = 0,
     precision: str = "auto",
+    teacher_chat_template: str = "student",
 ) -> dict[str, float]:
     """`opd eval`: pass@1, pass@K and length of a model on a data set, and with a teacher the
-    held-out distillation metrics. Samples at `temperature` (pass@1 is the mean over K samples).
+    held-out distillation metrics (a teacher with another tokenizer: distill/seq_reverse_kl, from the chunk
+    estimator). Samples at `temperature` (pass@1 is the mean over K samples).
     precision as `run.precision`: the same sampler, teacher and chunking as `opd train` builds."""
     precision = Precision.resolve(precision, "auto")
     student = load_model(model_path, "--model", precision.device)
     prompts = load_prompts(data, "--data", student.tokenizer, max_prompt_tokens=10**9, system_prompt=system_prompt)
     teacher = None
     if teacher_path is not None:
-        check_same_vocabulary(student.tokenizer, load_tokenizer(teacher_path, "--teacher"))
+        # A teacher with another tokenizer (or template) scores its own view of each row: distill/seq_reverse_kl.
+        view = TeacherView(student.tokenizer, load_tokenizer(teacher_path, "--teacher"), student.stop_token_ids,
+                           ViewSettings(teacher_chat_template, system_prompt, student_system_prompt=system_prompt))
         teacher = load_teacher(teacher_path, "--teacher", precision)
+        if view.chunked or view.swaps_end_of_turn or view.changes_prompts(prompts.examples):
+            teacher = ViewedTeacher(teacher, view)
     sampler = make_sampler(student, SamplingSettings(max_new_tokens, temperature), precision)
     metrics = evaluate(sampler, teacher, prompts, student.tokenizer, samples, max(1, batch_rollouts // samples),
                        seed, max_prompts)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from opd.errors import ModelError
@@ -36,9 +36,21 @@ class LoadedModel:
     @property
     def stop_token_ids(self) -> list[int]:
         """The tokenizer's EOS and every EOS of the generation config (e.g. Llama 3's <|eot_id|>)."""
-        configured = getattr(self.model.generation_config, "eos_token_id", None)
-        configured = configured if isinstance(configured, list) else [configured]
-        return sorted({self.tokenizer.eos_token_id, *(i for i in configured if i is not None)})
+        return _stop_ids(self.tokenizer, getattr(self.model.generation_config, "eos_token_id", None))
+
+
+def _stop_ids(tokenizer: PreTrainedTokenizerBase, configured) -> list[int]:
+    configured = configured if isinstance(configured, list) else [configured]
+    return sorted({tokenizer.eos_token_id, *(i for i in configured if i is not None)})
+
+
+def stop_token_ids(path: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """A model's stop tokens (as LoadedModel.stop_token_ids) from its generation config, before its weights load."""
+    try:
+        configured = GenerationConfig.from_pretrained(path).eos_token_id
+    except Exception:  # no generation_config.json (or no network for a hub id): the tokenizer's EOS
+        configured = None
+    return _stop_ids(tokenizer, configured)
 
 
 def check_source(path: str, key: str) -> None:

@@ -97,6 +97,31 @@ def discounted_advantages(
     return -coef * returns * mask
 
 
+def chunk_advantages(
+    student_logprobs: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    chunk_index: torch.Tensor,
+    mask: torch.Tensor,
+    coef: float = 1.0,
+    discount: float = 0.0,
+) -> torch.Tensor:
+    """The chunk estimator's advantages (opd.alignment): A_C = -coef * sum_{C'>=C} discount^(C'-C) Δ_C'
+    with Δ_C = Σ_{t∈C} (ℓˢ_t - ℓ̃ᵀ_t), where ℓ̃ᵀ holds each chunk's Σ ℓᵀ at its last token; every student
+    token of chunk C gets A_C (a chunk is one action: its log-prob is the sum of its tokens'); tokens
+    with a negative chunk code, or outside the mask, get 0.
+
+    All inputs (B, T); returns (B, T). With one token per chunk it is `discounted_advantages`.
+    """
+    rows, width = chunk_index.shape
+    kept = mask.bool() & (chunk_index >= 0)
+    slot = chunk_index.clamp(min=0)
+    per_token = torch.where(kept, student_logprobs - teacher_logprobs, 0.0)
+    deltas = torch.zeros(rows, width, dtype=per_token.dtype, device=per_token.device)  # (B, chunks <= T)
+    deltas.scatter_add_(1, slot, per_token)
+    chunk_values = discounted_advantages(deltas, torch.zeros_like(deltas), torch.ones_like(deltas), coef, discount)
+    return torch.where(kept, chunk_values.gather(1, slot), 0.0)
+
+
 def reverse_kl_pg(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,

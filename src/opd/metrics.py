@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from opd.alignment import TRUNCATED, UNREPRESENTABLE
 from opd.batch import StepBatch
 
 
@@ -25,12 +26,20 @@ def rollout_metrics(batch: StepBatch, prefix: str = "") -> dict[str, float]:
     student_lp = masked_mean(batch.sampler_logprobs, mask)
     metrics = {f"{prefix}logprob/student": student_lp, f"{prefix}perplexity/student": math.exp(-student_lp)}
     if teacher_logprobs is not None:
-        teacher_lp = masked_mean(teacher_logprobs, mask)
+        # With another tokenizer (chunk_index), ℓ̃ᵀ holds each chunk's Σ ℓᵀ: its means are per student token
+        # over the chunks kept, and only the sequence-level figure is defined.
+        scored = mask if batch.chunk_index is None else mask.bool() & (batch.chunk_index >= 0)
+        teacher_lp = masked_mean(teacher_logprobs, scored)
+        log_ratio = masked_mean(batch.sampler_logprobs - teacher_logprobs, scored)
         metrics.update({
             f"{prefix}logprob/teacher": teacher_lp,
             f"{prefix}perplexity/teacher": math.exp(-teacher_lp),
-            f"{prefix}distill/reverse_kl": masked_mean(batch.sampler_logprobs - teacher_logprobs, mask),
+            f"{prefix}distill/seq_reverse_kl": log_ratio,
         })
+        if batch.chunk_index is None:
+            metrics[f"{prefix}distill/reverse_kl"] = log_ratio
+        else:
+            metrics.update(alignment_metrics(batch.chunk_index, mask, prefix))
     if batch.sampler_entropy is not None:
         metrics[f"{prefix}entropy/student"] = masked_mean(batch.sampler_entropy, mask)
     if batch.teacher_entropy is not None:
@@ -40,6 +49,21 @@ def rollout_metrics(batch: StepBatch, prefix: str = "") -> dict[str, float]:
         f"{prefix}generation/avg_length": float(mask.sum(1).float().mean()),
         f"{prefix}generation/eos_fraction": float(batch.finished.float().mean()),
         f"{prefix}generation/repetition": repetition(batch.completion_ids, mask),
+    }
+
+
+def alignment_metrics(chunk_index: torch.Tensor, mask: torch.Tensor, prefix: str = "") -> dict[str, float]:
+    """The chunk estimator's bookkeeping (opd.alignment): the share of completion tokens left out of the
+    loss as a cut completion's trailing chunk, or as bytes the teacher could not encode; and student
+    tokens per kept chunk."""
+    inside = mask.bool()
+    tokens = max(int(inside.sum()), 1)
+    kept = inside & (chunk_index >= 0)
+    last = kept & (torch.cat([chunk_index[:, 1:], torch.full_like(chunk_index[:, :1], -1)], 1) != chunk_index)
+    return {
+        f"{prefix}align/truncated_fraction": int((inside & (chunk_index == TRUNCATED)).sum()) / tokens,
+        f"{prefix}align/unrepresentable_fraction": int((inside & (chunk_index == UNREPRESENTABLE)).sum()) / tokens,
+        f"{prefix}align/tokens_per_chunk": int(kept.sum()) / max(int(last.sum()), 1),
     }
 
 

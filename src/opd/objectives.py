@@ -52,8 +52,12 @@ class PolicyGradient:
         self.needs = FULL_DISTRIBUTION if forward_kl_coef else TOKEN_LOGPROBS
 
     def prepare(self, batch: StepBatch) -> StepBatch:
-        advantages = losses.discounted_advantages(batch.sampler_logprobs, batch.teacher_logprobs, batch.completion_mask,
-                                                  self.kl_coef, self.discount)  # (B, T)
+        if batch.chunk_index is not None:  # a teacher of another tokenizer: one advantage per chunk
+            advantages = losses.chunk_advantages(batch.sampler_logprobs, batch.teacher_logprobs, batch.chunk_index,
+                                                 batch.completion_mask, self.kl_coef, self.discount)  # (B, T)
+        else:
+            advantages = losses.discounted_advantages(batch.sampler_logprobs, batch.teacher_logprobs,
+                                                      batch.completion_mask, self.kl_coef, self.discount)  # (B, T)
         return batch.replace(advantages=advantages)
 
     def per_token(self, student_logits, chunk, teacher):

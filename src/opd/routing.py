@@ -58,7 +58,7 @@ class RoutedTeachers:
     def score(self, batch: StepBatch, keep_hidden: bool = False) -> TeacherScores:
         shape = batch.completion_ids.shape
         logprobs, entropy = torch.zeros(shape, device=batch.completion_ids.device), None
-        topk_ids = topk_logprobs = None
+        topk_ids = topk_logprobs = chunk_index = None
         every_entropy = True  # the teacher's entropy is reported only where every teacher gives it
         for _, scorer, rows, part in self._parts(batch):
             scores = scorer.score(part)
@@ -68,6 +68,10 @@ class RoutedTeachers:
             if scores.entropy is not None:
                 entropy = torch.zeros_like(logprobs) if entropy is None else entropy
                 entropy[rows, :width] = scores.entropy.to(logprobs.device)
+            if scores.chunk_index is not None:  # a teacher of another tokenizer; the others' rows: a chunk per token
+                if chunk_index is None:
+                    chunk_index = torch.arange(shape[1], device=logprobs.device).expand(shape).clone()
+                chunk_index[rows, :width] = scores.chunk_index.to(logprobs.device)
             if scores.topk_ids is not None:
                 k = scores.topk_ids.shape[-1]
                 if topk_ids is None:
@@ -75,7 +79,7 @@ class RoutedTeachers:
                     topk_logprobs = torch.zeros(*shape, k, device=logprobs.device)
                 topk_ids[rows, :width], topk_logprobs[rows, :width] = scores.topk_ids, scores.topk_logprobs
         return TeacherScores(logprobs=logprobs, entropy=entropy if every_entropy else None, topk_ids=topk_ids,
-                             topk_logprobs=topk_logprobs)
+                             topk_logprobs=topk_logprobs, chunk_index=chunk_index)
 
     def scoring_flops(self, batch: StepBatch) -> float:
         return sum(scorer.scoring_flops(part) for _, scorer, _, part in self._parts(batch))

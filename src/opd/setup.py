@@ -17,7 +17,7 @@ import yaml
 
 from opd.answers import DatasetAnswers
 from opd.checkpoint import check_checkpoint, latest_checkpoint, load_checkpoint
-from opd.config import Config, dump_config
+from opd.config import FULL_DISTRIBUTION, TOP_K, Config, dump_config
 from opd.data import PromptSet, PromptStream, load_prompts, load_train_prompts
 from opd.distributed import World
 from opd.errors import ConfigError
@@ -25,7 +25,7 @@ from opd.factory import load_teacher, make_rollouts, make_sampler, sampling_sett
 from opd.flops import matmul_parameters
 from opd.guard import CollapseGuard
 from opd.host_memory import keep_freed_memory
-from opd.loading import LoadedModel, check_same_vocabulary, check_source, load_model, load_tokenizer
+from opd.loading import LoadedModel, check_source, load_model, load_tokenizer, stop_token_ids
 from opd.lora import add_adapters, check_lora
 from opd.memory import PeakMemory
 from opd.objectives import Objective, build_objective
@@ -37,6 +37,7 @@ from opd.sinks import check_trackers
 from opd.remote_teacher import RemoteTeacher
 from opd.routing import RoutedTeachers, check_routes
 from opd.teacher import LocalTeacher
+from opd.teacher_view import TeacherView, ViewedTeacher, ViewSettings
 from opd.update import tokens_per_chunk
 
 
@@ -158,6 +159,33 @@ def _key(config: Config, name: str) -> str:
     return "teacher" if config.teacher is not None else f"teachers[{name}]"
 
 
+def teacher_view(config: Config, name: str, student_tokenizer, prompt_sets: list[PromptSet | None]) -> TeacherView | None:
+    """The teacher's own view of the rows (opd.teacher_view), or None where it reads them as the student does:
+    one vocabulary, the student's template, no privileged context. Checked before any weight loads."""
+    settings, key = config.teacher_configs[name], _key(config, name)
+    source = settings.tokenizer or (None if settings.remote else settings.path)
+    teacher_tokenizer = student_tokenizer if source is None else load_tokenizer(
+        source, f"{key}.tokenizer" if settings.tokenizer else f"{key}.path", settings.trust_remote_code)
+    examples = [example for prompts in prompt_sets if prompts is not None for example in prompts.examples]
+    data = config.data
+    view_settings = ViewSettings(settings.chat_template, data.teacher_system_prompt or data.system_prompt,
+                                 data.teacher_context_format, data.chat_template_kwargs, settings.alignment,
+                                 student_system_prompt=data.system_prompt)
+    try:
+        view = TeacherView(student_tokenizer, teacher_tokenizer,
+                           stop_token_ids(config.student.path, student_tokenizer), view_settings)
+    except ValueError as exc:
+        raise ConfigError(f"{key}.alignment: {exc}") from None
+    if view.chunked and config.teacher_needs in (TOP_K, FULL_DISTRIBUTION):
+        raise ConfigError(f"{key}: its tokenizer differs from the student's, and loss.kind={config.loss.kind} (or a "
+                          "forward-KL term) compares distributions over one vocabulary at every token; across "
+                          "tokenizers only the sampled text's log-probs compare, chunk by chunk: use reverse_kl_pg")
+    if view.swaps_end_of_turn and config.teacher_needs == FULL_DISTRIBUTION:
+        raise ConfigError(f"{key}.chat_template=own: the teacher ends turns with another token than the student, so "
+                          "their distributions at the last position are over different events; use reverse_kl_pg")
+    return view if view.chunked or view.swaps_end_of_turn or view.changes_prompts(examples) else None
+
+
 def prepare(config: Config, resume: bool, log=print, world: World | None = None) -> Session:
     """Check, load and build everything for a run. world: the torchrun world (default: from the
     environment; a world of one without torchrun). Only rank 0 writes to the run directory."""
@@ -182,18 +210,18 @@ def prepare(config: Config, resume: bool, log=print, world: World | None = None)
         if not settings.remote:
             check_source(settings.path, f"{_key(config, name)}.path")
     tokenizer = load_tokenizer(config.student.path, "student.path", config.student.trust_remote_code)
-    scorers: dict = {}
-    for name, settings in teacher_configs.items():
-        if settings.remote:  # asked before any weight loads
-            scorers[name] = RemoteTeacher(settings, len(tokenizer))
-            scorers[name].check(tokenizer)
-        else:
-            check_same_vocabulary(tokenizer, load_tokenizer(settings.path, f"{_key(config, name)}.path",
-                                                            settings.trust_remote_code))
     data = config.data
     prompt_options = (tokenizer, data.max_prompt_tokens, data.system_prompt, data.chat_template_kwargs)
     train_prompts = load_train_prompts(data.train, "data.train", *prompt_options)
     eval_prompts = load_prompts(data.eval, "data.eval", *prompt_options) if data.eval else None
+    views = {name: teacher_view(config, name, tokenizer, [train_prompts, eval_prompts])
+             for name, settings in teacher_configs.items()}
+    scorers: dict = {}
+    for name, settings in teacher_configs.items():
+        if settings.remote:  # asked before any weight loads
+            teacher_tokenizer = views[name].teacher_tokenizer if views[name] else tokenizer
+            scorers[name] = RemoteTeacher(settings, len(teacher_tokenizer))
+            scorers[name].check(teacher_tokenizer)
     if config.teachers:
         check_routes(train_prompts, list(teacher_configs), "data.train")
         check_routes(eval_prompts, list(teacher_configs), "data.eval")
@@ -224,6 +252,7 @@ def prepare(config: Config, resume: bool, log=print, world: World | None = None)
         _check_context(scorers[name].loaded, key, config)
         if settings.shard and world.size > 1:
             shard_model(scorers[name].model, precision.device)  # in its own dtype: bf16 under bf16, no optimizer
+    scorers = {name: ViewedTeacher(scorer, views[name]) if views[name] else scorer for name, scorer in scorers.items()}
     teacher = RoutedTeachers(scorers) if config.teachers else next(iter(scorers.values()), None)
 
     # On-policy: the policy that is trained must be the one that sampled, so dropout stays off.

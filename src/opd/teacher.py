@@ -29,18 +29,21 @@ class TeacherScores:
     """logprobs: (B, T) ℓᵀ of the completion tokens, 0 outside the completion mask; entropy: (B, T) of
     the teacher's distribution there, where the whole distribution is at hand.
     hidden: (B, T, H) final hidden states, kept only when a full-vocabulary loss asks for them.
-    topk_ids, topk_logprobs: (B, T, K), where a scorer gives the teacher's top-k."""
+    topk_ids, topk_logprobs: (B, T, K), where a scorer gives the teacher's top-k.
+    chunk_index: (B, T) for a teacher of another tokenizer: each token's chunk (see opd.alignment); its
+    logprobs are then each chunk's Σ ℓᵀ at the chunk's last token."""
 
     logprobs: torch.Tensor
     hidden: torch.Tensor | None = None
     topk_ids: torch.Tensor | None = None
     topk_logprobs: torch.Tensor | None = None
     entropy: torch.Tensor | None = None  # (B, T), where the whole distribution is at hand
+    chunk_index: torch.Tensor | None = None
 
     def attach(self, batch: StepBatch) -> StepBatch:
         return batch.replace(teacher_logprobs=self.logprobs, teacher_hidden=self.hidden,
                              teacher_topk_ids=self.topk_ids, teacher_topk_logprobs=self.topk_logprobs,
-                             teacher_entropy=self.entropy)
+                             teacher_entropy=self.entropy, chunk_index=self.chunk_index)
 
 
 @runtime_checkable
