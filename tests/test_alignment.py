@@ -218,7 +218,7 @@ def test_privileged_context_reaches_the_teacher_and_never_the_student(tmp_path):
     assert all("127" not in text and "€5" not in text for text in student_texts)
     view = TeacherView(tokenizer, tokenizer, [end_of_turn_id(tokenizer)],
                        ViewSettings(system_prompt="you see the answer", context_format="{prompt}\nHint: {context}"))
-    chat, plain = (tokenizer.decode(view.teacher_prompt(example)[1]) for example in prompts.examples)
+    chat, plain = (tokenizer.decode(view.teacher_prompt(example).ids) for example in prompts.examples)
     assert chat == ("<|im_start|>system\nyou see the answer<|im_end|>\n<|im_start|>user\nhello world\nHint: the answer "
                     "is 127<|im_end|>\n<|im_start|>assistant\n")
     assert plain == "price:\nHint: €5"

@@ -1,0 +1,171 @@
+"""A student's completions in a teacher's tokens: exact bytes, the teacher's encoding, the chunk alignment.
+
+The student's sampled ids become the bytes they stand for (one gather over the byte table for the
+whole batch; never a re-encoding on the student's side). The teacher encodes its prompt followed by
+that text in one batched tokenizer call, so the seam is tokenized as its template would: to save
+encoding the whole prompt again per sample, each row is encoded after its prompt's last tokens only
+(an anchor), and the row falls back to the whole prompt where the anchor does not tokenize as it does
+inside the prompt. Then `opd.alignment` splits both sides into chunks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from opd.alignment import TRUNCATED, UNREPRESENTABLE, ChunkAlignment, align_chunks
+from opd.token_bytes import TokenBytes, utf8_lengths, valid_utf8_prefix
+
+
+@dataclass
+class TeacherPrompt:
+    """A row's prompt on the teacher's side: its text, its ids, and the anchor that precedes a completion
+    in the teacher's encoding (the text of its last plain tokens, and those tokens)."""
+
+    text: str
+    ids: list[int]
+    anchor_text: str
+    anchor_ids: list[int]
+
+
+@dataclass
+class TeacherCompletions:
+    """rows: each row's teacher completion ids (its end-of-turn token last where the student's turn ended);
+    ended: (B,) whether it did; alignment: the chunks."""
+
+    rows: list[list[int]]
+    ended: list[bool]
+    alignment: ChunkAlignment
+
+
+class CrossTokenizer:
+    """Turns a batch's completions into a teacher's tokens (see the module's docstring)."""
+
+    def __init__(self, student_tokenizer, teacher_tokenizer, stop_ids: torch.Tensor, end_id: int):
+        self.student_bytes, self.teacher_bytes = TokenBytes.of(student_tokenizer), TokenBytes.of(teacher_tokenizer)
+        self.teacher_tokenizer, self.stop_ids, self.end_id = teacher_tokenizer, stop_ids, end_id
+
+    def completions(self, completion_ids: torch.Tensor, completion_mask: torch.Tensor, finished: torch.Tensor,
+                    prompts: list[TeacherPrompt]) -> TeacherCompletions:
+        """completion_ids, completion_mask: (B, T) the student's; finished: (B,); prompts: each row's."""
+        ids, mask = completion_ids.cpu(), completion_mask.cpu().bool()
+        rows, width = ids.shape
+        lengths = mask.sum(1)  # (B,)
+        last = (lengths - 1).clamp(min=0)
+        ended = (finished.cpu().bool() & (lengths > 0)
+                 & torch.isin(ids.gather(1, last.unsqueeze(1)).squeeze(1), self.stop_ids))  # (B,)
+        text_mask = mask & ~(ended.unsqueeze(1) & (torch.arange(width) == last.unsqueeze(1)))  # (B, T)
+        token_lengths = self.student_bytes.lengths[ids] * text_mask  # (B, T) bytes of each text token
+        data = self.student_bytes.bytes_of(ids[text_mask])  # every row's text bytes, row after row
+        row_bytes = token_lengths.sum(1).tolist()
+        ends = token_lengths.cumsum(1)  # (B, T)
+        texts, keeps, codes, ended = [], [], [], ended.tolist()
+        offset, text_tokens = 0, text_mask.sum(1).tolist()
+        for row in range(rows):
+            row_data = data[offset : offset + row_bytes[row]]
+            offset += row_bytes[row]
+            usable, tail_code = _usable_bytes(row_data, ends[row, : text_tokens[row]], ended[row])
+            texts.append(row_data[:usable].decode("utf-8"))
+            keeps.append(int((ends[row, : text_tokens[row]] <= usable).sum()) if usable < len(row_data)
+                         else text_tokens[row])
+            codes.append(tail_code)
+            ended[row] = ended[row] and usable == len(row_data)  # the end-of-turn chunk needs all the text
+        teacher_ids, teacher_lengths, unknown = self._encode(texts, prompts)
+        aligned = [row for row in range(rows) if teacher_lengths[row] is not None]
+        one = torch.ones(1, dtype=torch.long)
+        pairs = align_chunks(
+            [torch.cat([token_lengths[row, : keeps[row]], one]) if ended[row] else token_lengths[row, : keeps[row]]
+             for row in aligned],
+            [torch.cat([teacher_lengths[row], one]) if ended[row] else teacher_lengths[row] for row in aligned])
+        teacher_rows = [ids_ + [self.end_id] if ended[row] or teacher_lengths[row] is None or not ids_ else ids_
+                        for row, ids_ in enumerate(teacher_ids)]  # never an empty row: a placeholder, unscored
+        student_chunk = torch.full((rows, width), TRUNCATED, dtype=torch.long)
+        teacher_chunk = torch.full((rows, max(map(len, teacher_rows))), -1, dtype=torch.long)
+        for row, length in enumerate(lengths.tolist()):
+            student_chunk[row, :length] = codes[row] if teacher_lengths[row] is not None else UNREPRESENTABLE
+        for row, (student, teacher) in zip(aligned, pairs):
+            student_chunk[row, : len(student)] = student
+            teacher_chunk[row, : len(teacher)] = teacher
+            if bool(unknown[row].any()) or not ended[row]:
+                _drop_chunks(student_chunk[row, : len(student)], teacher_chunk[row, : len(teacher)], unknown[row],
+                             trailing=not ended[row])
+        return TeacherCompletions(teacher_rows, ended, ChunkAlignment(student_chunk, teacher_chunk))
+
+    def _encode(self, texts: list[str], prompts: list[TeacherPrompt]):
+        """Each text encoded by the teacher after its prompt's anchor, in one call. Returns per row the teacher's
+        completion ids, their byte lengths (None where they don't give back the text's bytes), and which are
+        unknown tokens."""
+        tokenizer, table = self.teacher_tokenizer, self.teacher_bytes
+        backend = tokenizer.backend_tokenizer  # its Encodings: ids now, character offsets only where needed
+        sources = [prompt.anchor_text + text for prompt, text in zip(prompts, texts)]
+        encodings = backend.encode_batch(sources, add_special_tokens=False)
+        all_ids, starts = [encoding.ids for encoding in encodings], [0] * len(texts)
+        for row, prompt in enumerate(prompts):
+            if all_ids[row][: len(prompt.anchor_ids)] != prompt.anchor_ids:  # the seam moved: the whole prompt
+                sources[row] = prompt.text + texts[row]
+                encodings[row] = backend.encode(sources[row], add_special_tokens=False)
+                prefix = backend.encode(prompt.text, add_special_tokens=False).ids
+                prompt_tokens = len(prefix) if encodings[row].ids[: len(prefix)] == prefix else None
+            else:
+                prompt_tokens = len(prompt.anchor_ids)
+            if prompt_tokens is None:  # the text merged into the prompt's last token: encode it alone
+                sources[row], encodings[row], prompt_tokens = texts[row], backend.encode(texts[row], add_special_tokens=False), 0
+            all_ids[row], starts[row] = encodings[row].ids[prompt_tokens:], prompt_tokens
+        counts = [len(ids) for ids in all_ids]
+        flat = torch.tensor([token for ids in all_ids for token in ids], dtype=torch.long)
+        lengths = list(table.lengths[flat].split(counts))
+        unknowns = list((flat == table.unk_id).split(counts) if table.unk_id is not None
+                        else torch.zeros(len(flat), dtype=torch.bool).split(counts))
+        result = []
+        for row, text in enumerate(texts):
+            if bool(unknowns[row].any()):  # an unknown token stands for the text since the previous token's end
+                source = sources[row]
+                base = len(source) - len(text)
+                byte_at = np.concatenate([[0], np.cumsum(utf8_lengths(source))]) - len(source[:base].encode())
+                offsets = encodings[row].offsets[starts[row]:]
+                for position in unknowns[row].nonzero().flatten().tolist():
+                    start, end = offsets[position]
+                    lengths[row][position] = int(byte_at[end]) - int(lengths[row][:position].sum())
+                    unknowns[row][position] = source[start:end] != tokenizer.unk_token  # the literal is no failure
+            matches = int(lengths[row].sum()) == len(text.encode("utf-8"))
+            result.append((all_ids[row], lengths[row] if matches else None, unknowns[row]))
+        return tuple(map(list, zip(*result))) if result else ([], [], [])
+
+
+def _usable_bytes(data: bytes, token_ends: torch.Tensor, ended: bool) -> tuple[int, int]:
+    """How many of a completion's bytes the teacher can read (whole UTF-8 characters, ending at a
+    student token boundary), and the code of the student tokens past them: TRUNCATED where the bytes
+    stop mid-character at the end of a cut completion, UNREPRESENTABLE where they are not text."""
+    if valid_utf8_prefix(data) == len(data):
+        return len(data), TRUNCATED
+    usable = len(data)
+    while True:
+        prefix = valid_utf8_prefix(data[:usable])
+        inside = token_ends[token_ends <= prefix]
+        at_boundary = int(inside.max()) if len(inside) else 0
+        if at_boundary == usable:
+            break
+        usable = at_boundary
+    try:  # only an incomplete last character (a cut completion) is truncation
+        data[valid_utf8_prefix(data):].decode("utf-8")
+        cut_character = False
+    except UnicodeDecodeError as exc:
+        cut_character = exc.reason == "unexpected end of data" and not ended
+    return usable, TRUNCATED if cut_character else UNREPRESENTABLE
+
+
+def _drop_chunks(student_chunk: torch.Tensor, teacher_chunk: torch.Tensor, unknown: torch.Tensor,
+                 trailing: bool) -> None:
+    """In place: chunks holding a teacher unknown token become UNREPRESENTABLE; a cut completion's last
+    chunk becomes TRUNCATED unless it is one token on each side (see opd.alignment)."""
+    if bool(unknown.any()):
+        bad = torch.unique(teacher_chunk[: len(unknown)][unknown])
+        teacher_chunk[torch.isin(teacher_chunk, bad)] = -1
+        student_chunk[torch.isin(student_chunk, bad)] = UNREPRESENTABLE
+    if trailing:
+        last = int(student_chunk.max()) if bool((student_chunk >= 0).any()) else -1
+        if last >= 0 and not (int((student_chunk == last).sum()) == 1 and int((teacher_chunk == last).sum()) == 1):
+            student_chunk[student_chunk == last] = TRUNCATED
+            teacher_chunk[teacher_chunk == last] = -1
