@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_tiny_model
+from conftest import make_tiny_model, run_cli
 from opd.config import validate
 from opd.errors import ConfigError
 from opd.trainer import train
@@ -119,3 +119,33 @@ def test_a_different_tokenizer_with_alignment_tokens_is_refused_before_weights_l
     with pytest.raises(ConfigError, match="teacher.alignment: .*tokenizer differs"):
         train(validate(raw), log=lambda *_: None)
     assert not (tmp_path / "refused").exists()
+
+
+def test_opd_eval_reports_the_sequence_level_kl_of_a_teacher_with_another_tokenizer(tiny_config, bpe_teacher, tmp_path):
+    out = tmp_path / "eval.json"
+    process = run_cli("eval", "--model", tiny_config["student"]["path"], "--teacher", str(bpe_teacher), "--data",
+                      tiny_config["data"]["eval"], "--max-new-tokens", "8", "--precision", "fp32", "--json", str(out))
+    assert process.returncode == 0, process.stderr
+    figures = json.loads(out.read_text())
+    assert figures["eval/distill/seq_reverse_kl"] > 0 and "eval/distill/reverse_kl" not in figures
+    assert "eval/align/truncated_fraction" in figures and "distill/seq_reverse_kl" in process.stdout
+
+
+def test_a_row_the_teachers_template_cannot_render_fails_before_training_with_its_file_and_line(tiny_config, tmp_path):
+    teacher = make_tiny_model(tmp_path / "chat-teacher", hidden=32, layers=1, seed=5, tokenizer=byte_level_bpe())
+    (teacher / "chat_template.jinja").write_text(  # a template that refuses some content, as real ones raise
+        "{% for m in messages %}{% if 'forbidden' in m['content'] %}{{ raise_exception('cannot render') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}")
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"question": "Mia has 3 apples ?"}\n{"question": "forbidden ?"}\n')
+    raw = with_teacher(tiny_config, tmp_path / "run", path=str(teacher), chat_template="own")
+    raw["data"] = {**raw["data"], "train": str(data), "eval": None}
+    process_config = tmp_path / "config.yaml"
+    import yaml
+
+    process_config.write_text(yaml.safe_dump(raw))
+    process = run_cli("train", str(process_config))
+    assert process.returncode == 2
+    lines = process.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{data}:2" in lines[0] and "teacher's prompt" in lines[0], process.stderr
+    assert not (tmp_path / "run").exists()

@@ -70,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="distill a tiny model on a synthetic task; no network needed")
     demo.add_argument("--out", default="opd-demo", help="run directory to create (default: ./opd-demo)")
+    demo.add_argument("--teacher-tokenizer", choices=["same", "other"], default="same",
+                      help="other: a teacher with its own (byte-level BPE) tokenizer, through the chunk estimator")
+    demo.add_argument("--self-distill", action="store_true",
+                      help="no teacher model: the frozen student, shown the reference answer, teaches itself")
     return parser
 
 
@@ -178,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             from opd.demo.run import run_demo
 
-            run_demo(args.out)
+            run_demo(args.out, args.teacher_tokenizer, args.self_distill)
     except OpdError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

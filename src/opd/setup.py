@@ -183,7 +183,10 @@ def teacher_view(config: Config, name: str, student_tokenizer, prompt_sets: list
     if view.swaps_end_of_turn and config.teacher_needs == FULL_DISTRIBUTION:
         raise ConfigError(f"{key}.chat_template=own: the teacher ends turns with another token than the student, so "
                           "their distributions at the last position are over different events; use reverse_kl_pg")
-    return view if view.chunked or view.swaps_end_of_turn or view.changes_prompts(examples) else None
+    if not (view.chunked or view.swaps_end_of_turn or view.changes_prompts(examples)):
+        return None
+    view.teacher_prompts(examples)  # every row rendered for the teacher now: a row it can't render fails here
+    return view
 
 
 def prepare(config: Config, resume: bool, log=print, world: World | None = None) -> Session:

@@ -1,5 +1,12 @@
 """`opd demo`: distill a tiny teacher into a tinier student on the synthetic task, offline.
 
+Variants, each an ordinary opd run too:
+- `--teacher-tokenizer other`: the teacher reads byte-level BPE tokens (`assets/teacher_bpe`), the
+  student word-level ones; the chunk estimator bridges them.
+- `--self-distill`: no teacher model: the frozen initial student, shown the reference answer's last
+  line (`#### N`) before the question, teaches itself without it (`assets/student_hinted`, a student
+  that learned to use such a hint).
+
 The run directory it leaves is an ordinary opd run: data/ and models/ hold the inputs, config.yaml
 points at them, and `opd train DIR/config.yaml --set run.output_dir=NEW` repeats the run.
 """
@@ -29,15 +36,22 @@ from opd.trainer import train
 ASSETS = Path(__file__).parent / "assets"
 
 
-def demo_config(out: Path) -> Config:
+# The hint a self-distilling teacher sees before the question: the reference answer's last line.
+HINT_FORMAT = "{context} \n {prompt}"
+
+
+def demo_config(out: Path, teacher: str = "teacher", student: str = "student") -> Config:
+    """teacher: a folder under models/, or `student` (self-distillation, the hint shown to the teacher)."""
+    hinted = teacher == "student"
     return validate(
         {
             "run": {"output_dir": str(out), "seed": 0, "max_steps": 150, "save_every": 50, "eval_every": 50,
                     "precision": "fp32"},
-            "student": {"path": str(out / "models" / "student")},
-            "teacher": {"path": str(out / "models" / "teacher")},
+            "student": {"path": str(out / "models" / student)},
+            "teacher": {"path": teacher if hinted else str(out / "models" / teacher)},
             "data": {"train": str(out / "data" / "train.jsonl"), "eval": str(out / "data" / "eval.jsonl"),
-                     "max_prompt_tokens": 64, "eval_max_prompts": 200},
+                     "max_prompt_tokens": 64, "eval_max_prompts": 200,
+                     **({"teacher_context_format": HINT_FORMAT} if hinted else {})},
             "rollout": {"samples_per_prompt": 4, "max_new_tokens": 40, "temperature": 1.0},
             "loss": {"kind": "reverse_kl_pg"},
             "batch": {"prompts_per_step": 16, "micro_batch_size": 64},
@@ -47,38 +61,52 @@ def demo_config(out: Path) -> Config:
     )
 
 
-def teacher_accuracy(config: Config) -> float:
+def teacher_accuracy(config: Config, eval_path: Path | None = None) -> float:
+    """The teacher's own accuracy on the held-out prompts (eval_path: those prompts as it sees them)."""
     precision = Precision.resolve(config.run.precision, config.run.device)
     teacher = load_teacher(config.teacher.path, "teacher.path", precision).loaded
-    prompts = load_prompts(config.data.eval, "data.eval", teacher.tokenizer, config.data.max_prompt_tokens)
+    prompts = load_prompts(str(eval_path or config.data.eval), "data.eval", teacher.tokenizer, config.data.max_prompt_tokens)
     sampler = make_sampler(teacher, sampling_settings(config.rollout), precision)
     metrics = evaluate(sampler, None, prompts, teacher.tokenizer, samples_per_prompt=1, batch_prompts=256,
                        seed=config.run.seed + 1, max_prompts=config.data.eval_max_prompts)
     return metrics["eval/accuracy"]
 
 
-def run_demo(out: str | Path) -> dict[str, float]:
+def run_demo(out: str | Path, teacher_tokenizer: str = "same", self_distill: bool = False) -> dict[str, float]:
+    """teacher_tokenizer: "same" (word-level) or "other" (the BPE teacher); self_distill: the hinted student
+    teaches itself (see the module's docstring)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out: '{out}' already exists and is not empty; choose a new directory")
+    if self_distill and teacher_tokenizer != "same":
+        raise ConfigError("--self-distill: the teacher is the student itself, so --teacher-tokenizer does not apply")
     started = time.perf_counter()
     console = Console()
     (out / "data").mkdir(parents=True, exist_ok=True)
-    write_split(out / "data" / "train.jsonl", 4000, seed=1)
+    write_split(out / "data" / "train.jsonl", 4000, seed=1, hint=self_distill)
     write_split(out / "data" / "eval.jsonl", 200, seed=2)
-    for name in ("teacher", "student"):
+    teacher, student = ("student", "student_hinted") if self_distill else (
+        "teacher_bpe" if teacher_tokenizer == "other" else "teacher", "student")
+    for name in {student} | ({teacher} if teacher != "student" else set()):  # `student`: the student's own weights
         shutil.copytree(ASSETS / name, out / "models" / name)
-    config = demo_config(out)
-    console.print(f"[bold]opd demo[/bold]: distilling a {_size(out / 'models' / 'teacher')} teacher into a "
-                  f"{_size(out / 'models' / 'student')} student; run directory {out}")
-    teacher_acc = teacher_accuracy(config)
+    config = demo_config(out, teacher, student)
+    if self_distill:
+        write_split(out / "data" / "eval_hinted.jsonl", 200, seed=2, hint=True, hint_in_prompt=HINT_FORMAT)
+        console.print(f"[bold]opd demo[/bold]: a {_size(out / 'models' / student)} student teaches itself, its "
+                      f"frozen copy shown the reference answer's last line; run directory {out}")
+    else:
+        console.print(f"[bold]opd demo[/bold]: distilling a {_size(out / 'models' / teacher)} teacher "
+                      f"({'byte-level BPE' if teacher_tokenizer == 'other' else 'word-level'} tokens) into a "
+                      f"{_size(out / 'models' / student)} student (word-level tokens); run directory {out}")
+    teacher_acc = teacher_accuracy(config, out / "data" / "eval_hinted.jsonl" if self_distill else None)
     result = train(config, log=console.print)
     summary = {
         "teacher_accuracy": teacher_acc,
         "student_accuracy_before": result.first_eval["eval/accuracy"],
         "student_accuracy_after": result.last_eval["eval/accuracy"],
-        "reverse_kl_before": result.first_eval["eval/distill/reverse_kl"],
-        "reverse_kl_after": result.last_eval["eval/distill/reverse_kl"],
+        # Sequence-level, per completion token: defined across tokenizers (the per-token figure where one).
+        "reverse_kl_before": result.first_eval["eval/distill/seq_reverse_kl"],
+        "reverse_kl_after": result.last_eval["eval/distill/seq_reverse_kl"],
         "wall_time_s": time.perf_counter() - started,
     }
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -99,10 +127,10 @@ def _table(summary: dict[str, float]) -> Table:
     table.add_column("")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
-    table.add_row("teacher accuracy", f"{summary['teacher_accuracy']:.1%}", "")
+    table.add_row("teacher accuracy (as it sees the prompts)", f"{summary['teacher_accuracy']:.1%}", "")
     table.add_row("student accuracy", f"{summary['student_accuracy_before']:.1%}", f"{summary['student_accuracy_after']:.1%}")
     change = summary["reverse_kl_after"] / summary["reverse_kl_before"] - 1
-    table.add_row("held-out reverse KL (nats/token)", f"{summary['reverse_kl_before']:.3f}",
+    table.add_row("held-out reverse KL (sequence, nats/token)", f"{summary['reverse_kl_before']:.3f}",
                   f"{summary['reverse_kl_after']:.3f} ({change:+.0%})")
     table.add_row("wall time", "", f"{summary['wall_time_s']:.0f} s")
     return table

@@ -76,8 +76,18 @@ def vocabulary_words() -> list[str]:
     return sorted(words)
 
 
-def write_split(path: Path, count: int, seed: int) -> None:
+def write_split(path: Path, count: int, seed: int, hint: bool = False, hint_in_prompt: str | None = None) -> None:
+    """count problems as JSONL. hint: each row also carries `teacher_context`, the answer's last line
+    (`#### N`), for a teacher only; hint_in_prompt: a format ({context}, {prompt}) that puts it into the
+    prompt itself instead (to measure a teacher that sees it)."""
     rng = random.Random(seed)
     with Path(path).open("w") as handle:
         for _ in range(count):
-            handle.write(json.dumps(make_problem(rng)) + "\n")
+            problem = make_problem(rng)
+            if hint or hint_in_prompt:
+                context = problem["answer"].split("\n")[-1].strip()
+                if hint_in_prompt:
+                    problem["prompt"] = hint_in_prompt.replace("{context}", context).replace("{prompt}", problem["prompt"])
+                else:
+                    problem["teacher_context"] = context
+            handle.write(json.dumps(problem) + "\n")
