@@ -14,7 +14,7 @@ from opd.data import Example
 from opd.demo.tokenizer import build_tokenizer
 from opd.errors import DataError
 from opd.losses import chunk_advantages, discounted_advantages
-from opd.teacher_view import TeacherView, ViewSettings, end_of_turn_id
+from opd.teacher_view import TeacherView, ViewSettings, end_of_turn_id, reply_separator
 from opd.token_bytes import TokenBytes
 from text_tokenizers import byte_level_bpe, random_text, sentencepiece_unigram, word_level_with_unknowns
 
@@ -64,6 +64,8 @@ def test_chunks_cover_the_same_bytes_and_telescope_to_the_sequence_log_ratio(stu
     view = TeacherView(student, teacher, [end_of_turn_id(student)], ViewSettings(chat_template="own"))
     teacher_batch, alignment = view.teacher_batch(batch)
     student_table, teacher_table = TokenBytes.of(student), TokenBytes.of(teacher)
+    separators = (reply_separator(student), reply_separator(teacher))
+    assert set(separators) == {" ", ""}  # Llama 2 writes a space after [/INST], ChatML none after its newline
     teacher_logprobs = -torch.rand(teacher_batch.completion_ids.shape, dtype=torch.float64) * teacher_batch.completion_mask
     folded = alignment.fold(teacher_logprobs)
     for row in range(len(rows)):
@@ -75,8 +77,11 @@ def test_chunks_cover_the_same_bytes_and_telescope_to_the_sequence_log_ratio(stu
         last = int(student_chunks.max())
         assert int(teacher_chunks.max()) == last
         for chunk in range(last):  # every chunk but the end of turn: the same bytes on both sides
-            assert chunk_bytes(student_table, student_ids, student_chunks, chunk) == \
-                chunk_bytes(teacher_table, teacher_ids, teacher_chunks, chunk)
+            student_bytes = chunk_bytes(student_table, student_ids, student_chunks, chunk)
+            teacher_bytes = chunk_bytes(teacher_table, teacher_ids, teacher_chunks, chunk)
+            if chunk == 0 and student_bytes.startswith(separators[0].encode()):  # each template's own reply separator
+                student_bytes, teacher_bytes = student_bytes[len(separators[0]):], teacher_bytes[len(separators[1]):]
+            assert student_bytes == teacher_bytes
         assert student_ids[-1] == end_of_turn_id(student) and teacher_ids[-1] == end_of_turn_id(teacher)
         assert (student_chunks == last).sum() == 1 and (teacher_chunks == last).sum() == 1  # the turn's end alone
         # The sampled text (a SentencePiece student's lone encoding carries its dummy-prefix space).
@@ -99,6 +104,8 @@ def test_teacher_tokens_are_its_own_template_rendering_plus_the_completion():
         rendered = teacher.apply_chat_template(row.messages, add_generation_prompt=True, tokenize=False)
         prompt_alone = teacher(rendered, add_special_tokens=False)["input_ids"]
         text = TokenBytes.of(student).bytes_of(batch.completion_ids[0, :-1]).decode()  # what the student sampled
+        if text.startswith(reply_separator(student)):  # its template's reply separator becomes the teacher's
+            text = reply_separator(teacher) + text[len(reply_separator(student)):]
         expected = teacher(rendered + text, add_special_tokens=False)["input_ids"][len(prompt_alone):]
         completion = teacher_batch.completion_ids[0][teacher_batch.completion_mask[0].bool()].tolist()
         assert completion == expected + [end_of_turn_id(teacher)]
@@ -248,3 +255,33 @@ def test_same_vocabulary_own_template_scores_the_teachers_end_of_turn_in_place()
     teacher_batch, alignment = view.teacher_batch(batch)
     assert alignment is None and view.end_id == end_of_turn_id(teacher)
     assert teacher_batch.completion_ids[0].tolist() == ids + [view.end_id]
+
+
+def test_each_templates_reply_separator_is_translated():
+    """Llama 2 replies after "[/INST] ", ChatML after "assistant\n": the teacher reads the reply as its own
+    template would write it, the separators counted in the first chunk."""
+    llama, chatml = sentencepiece_unigram(), byte_level_bpe()
+    for student, teacher, sampled_text, teacher_text in ((llama, chatml, "hello world", "hello world"),
+                                                        (chatml, llama, "hello world", " hello world")):
+        ids = student(sampled_text, add_special_tokens=False)["input_ids"]  # Llama's dummy prefix: " hello world"
+        batch = student_batch(student, [chat_row("x")], [ids + [end_of_turn_id(student)]], [True])
+        teacher_batch, alignment = TeacherView(student, teacher, [end_of_turn_id(student)],
+                                               ViewSettings(chat_template="own")).teacher_batch(batch)
+        completion = teacher_batch.completion_ids[0][teacher_batch.completion_mask[0].bool()][:-1]
+        assert TokenBytes.of(teacher).bytes_of(completion).decode() == teacher_text
+        assert (alignment.student_chunk[0, : len(ids) + 1] >= 0).all()
+
+
+def test_text_the_teachers_normalizer_rewrites_is_unrepresentable_not_scored():
+    """A lowercasing teacher keeps every byte length but not the bytes: its rows are left out, never scored."""
+    from tokenizers import normalizers
+
+    teacher = byte_level_bpe()
+    lowercasing = type(teacher)(tokenizer_object=teacher.backend_tokenizer.__class__.from_str(teacher.backend_tokenizer.to_str()),
+                                eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    lowercasing.backend_tokenizer.normalizer = normalizers.Lowercase()
+    student = sentencepiece_unigram()
+    ids = student("HELLO World", add_special_tokens=False)["input_ids"]
+    batch = student_batch(student, [chat_row("x")], [ids + [end_of_turn_id(student)]], [True])
+    _, alignment = TeacherView(student, lowercasing, [end_of_turn_id(student)], ViewSettings()).teacher_batch(batch)
+    assert (alignment.student_chunk[0, : len(ids) + 1] == UNREPRESENTABLE).all()

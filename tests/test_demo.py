@@ -32,3 +32,28 @@ def test_demo_distills_and_its_config_repeats_the_run(tmp_path):
     assert original.keys() == repeated.keys()
     for name in original:
         assert (original[name] == repeated[name]).all(), name
+
+
+def test_demo_with_a_teacher_of_another_tokenizer_distills(tmp_path):
+    """The cross-tokenizer demo: a byte-level BPE teacher, the word-level student, the chunk estimator."""
+    out = tmp_path / "cross"
+    demo = run_cli("demo", "--out", str(out), "--teacher-tokenizer", "other", timeout=1200)
+    assert demo.returncode == 0, demo.stderr
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert summary["teacher_accuracy"] >= 0.80
+    assert summary["student_accuracy_after"] - summary["student_accuracy_before"] >= 0.20
+    assert summary["reverse_kl_after"] <= 0.6 * summary["reverse_kl_before"]  # sequence-level, falls >= 40%
+    last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert "eval/distill/reverse_kl" not in last and last["align/tokens_per_chunk"] >= 1
+
+
+def test_demo_self_distillation_with_the_answer_shown_to_the_teacher_only_improves_the_student(tmp_path):
+    out = tmp_path / "self"
+    demo = run_cli("demo", "--out", str(out), "--self-distill", timeout=1200)
+    assert demo.returncode == 0, demo.stderr
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert summary["student_accuracy_after"] - summary["student_accuracy_before"] >= 0.10
+    config = load_config(out / "config.yaml")
+    assert config.teacher.path == config.student.path  # the student's own initial weights
+    rows = [json.loads(line) for line in Path(config.data.train).read_text().splitlines()[:3]]
+    assert all(row["teacher_context"].startswith("####") and "####" not in row["prompt"] for row in rows)

@@ -57,6 +57,7 @@ def test_a_mixed_step_has_rows_of_both_sources_and_metrics_split_by_source(tiny_
     assert metrics[f"from_{off_source}/rows_fraction"] == 0.5
     assert f"from_{off_source}/logprob/student" in metrics and "distill/reverse_kl" in metrics
     assert f"from_{off_source}/distill/reverse_kl" not in metrics and f"from_{off_source}/entropy/student" not in metrics
+    assert f"from_{off_source}/distill/seq_reverse_kl" not in metrics
     assert 0 <= metrics["ratio/far_fraction"] <= 1 and metrics["ratio/max_abs_log"] < 1e-4  # student rows only
 
 

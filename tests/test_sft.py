@@ -90,7 +90,7 @@ def test_opd_sft_command_fills_loss_and_source_and_trains(tiny_config, tmp_path)
     train_rows = [row for row in rows if "loss" in row]
     assert len(train_rows) == 3
     for row in train_rows:
-        assert "distill/reverse_kl" not in row  # not the student's samples: no reverse-KL estimate
+        assert "distill/reverse_kl" not in row and "distill/seq_reverse_kl" not in row  # not the student's samples
         assert row["loss"] == pytest.approx(-row["logprob/student"], rel=1e-5)
     assert train_rows[-1]["loss"] < train_rows[0]["loss"]  # the same answers get likelier
     assert "eval/distill/reverse_kl" in rows[0] and "eval/distill/reverse_kl" in rows[-1]  # eval stays on-policy

@@ -149,3 +149,11 @@ def test_a_row_the_teachers_template_cannot_render_fails_before_training_with_it
     lines = process.stderr.strip().splitlines()
     assert len(lines) == 1 and f"{data}:2" in lines[0] and "teacher's prompt" in lines[0], process.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_teacher_with_another_tokenizer_cannot_write_rollouts(tiny_config, tmp_path, bpe_teacher):
+    raw = {**with_teacher(tiny_config, tmp_path / "refused", path=str(bpe_teacher)),
+           "rollout": {**tiny_config["rollout"], "source": "teacher"}, "loss": {"kind": "sft"}}
+    with pytest.raises(ConfigError, match="score rollouts, not write them"):
+        train(validate(raw), log=lambda *_: None)
+    assert not (tmp_path / "refused").exists()

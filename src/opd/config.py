@@ -311,8 +311,9 @@ class Config(_Strict):
 
     def _check_teacher_views(self) -> None:
         """`teacher.path: student`, and what a teacher that reads rows its own way can do."""
-        if "{context}" not in self.data.teacher_context_format:
-            raise ValueError(f"data.teacher_context_format: {self.data.teacher_context_format!r} must contain {{context}}")
+        if not all(field in self.data.teacher_context_format for field in ("{context}", "{prompt}")):
+            raise ValueError(f"data.teacher_context_format: {self.data.teacher_context_format!r} must contain "
+                             "{context} and {prompt}")
         for teacher in self.teacher_configs.values():
             if teacher.path == "student":
                 teacher.path = self.student.path  # the initial student's weights, frozen
@@ -322,6 +323,10 @@ class Config(_Strict):
                 raise ValueError("teacher.chat_template / data.teacher_system_prompt / teacher.alignment: a teacher that "
                                  "reads rows its own way scores the student's samples; it can't write rollouts for "
                                  "the student (rollout.source / rollout.off_policy_source teacher)")
+            if teacher.remote and teacher.tokenizer is None and (teacher.chat_template == "own"
+                                                                  or teacher.alignment == "chunks"):
+                raise ValueError("teacher.tokenizer: a teacher on a server that renders its own template or has its "
+                                 "own tokens needs its tokenizer here (a folder or hub id) to build its sequences")
             if teacher.alignment == "chunks" and self.teacher_needs in (TOP_K, FULL_DISTRIBUTION):
                 raise ValueError(f"teacher.alignment=chunks: {self._teacher_need_reason()} compares the two models' "
                                  "distributions over one vocabulary at every token; across tokenizers only the "

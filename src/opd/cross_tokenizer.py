@@ -22,12 +22,17 @@ from opd.token_bytes import TokenBytes, utf8_lengths, valid_utf8_prefix
 @dataclass
 class TeacherPrompt:
     """A row's prompt on the teacher's side: its text, its ids, and the anchor that precedes a completion
-    in the teacher's encoding (the text of its last plain tokens, and those tokens)."""
+    in the teacher's encoding (the text of its last plain tokens, and those tokens). separator: the
+    whitespace the teacher's template puts before a reply's text, where the student's template puts
+    student_separator (Llama 2's "[/INST] " against ChatML's "assistant\n"): a reply that starts with
+    the student's gets the teacher's instead, the two counted as one chunk's bytes."""
 
     text: str
     ids: list[int]
     anchor_text: str
     anchor_ids: list[int]
+    separator: str = ""
+    student_separator: str = ""
 
 
 @dataclass
@@ -61,13 +66,19 @@ class CrossTokenizer:
         data = self.student_bytes.bytes_of(ids[text_mask])  # every row's text bytes, row after row
         row_bytes = token_lengths.sum(1).tolist()
         ends = token_lengths.cumsum(1)  # (B, T)
-        texts, keeps, codes, ended = [], [], [], ended.tolist()
+        texts, keeps, codes, ended, shifts = [], [], [], ended.tolist(), []
         offset, text_tokens = 0, text_mask.sum(1).tolist()
         for row in range(rows):
             row_data = data[offset : offset + row_bytes[row]]
             offset += row_bytes[row]
             usable, tail_code = _usable_bytes(row_data, ends[row, : text_tokens[row]], ended[row])
-            texts.append(row_data[:usable].decode("utf-8"))
+            text, prompt = row_data[:usable].decode("utf-8"), prompts[row]
+            if prompt.separator != prompt.student_separator and text.startswith(prompt.student_separator):
+                text = prompt.separator + text[len(prompt.student_separator):]
+                shifts.append((len(prompt.student_separator.encode()), len(prompt.separator.encode())))
+            else:
+                shifts.append((0, 0))
+            texts.append(text)
             keeps.append(int((ends[row, : text_tokens[row]] <= usable).sum()) if usable < len(row_data)
                          else text_tokens[row])
             codes.append(tail_code)
@@ -75,10 +86,10 @@ class CrossTokenizer:
         teacher_ids, teacher_lengths, unknown = self._encode(texts, prompts)
         aligned = [row for row in range(rows) if teacher_lengths[row] is not None]
         one = torch.ones(1, dtype=torch.long)
-        pairs = align_chunks(
-            [torch.cat([token_lengths[row, : keeps[row]], one]) if ended[row] else token_lengths[row, : keeps[row]]
-             for row in aligned],
-            [torch.cat([teacher_lengths[row], one]) if ended[row] else teacher_lengths[row] for row in aligned])
+        student_side = [_shifted(token_lengths[row, : keeps[row]], shifts[row][0]) for row in aligned]
+        teacher_side = [_shifted(teacher_lengths[row], shifts[row][1]) for row in aligned]
+        pairs = align_chunks([torch.cat([lengths_, one]) if ended[row] else lengths_ for row, lengths_ in zip(aligned, student_side)],
+                             [torch.cat([lengths_, one]) if ended[row] else lengths_ for row, lengths_ in zip(aligned, teacher_side)])
         teacher_rows = [ids_ + [self.end_id] if ended[row] or teacher_lengths[row] is None or not ids_ else ids_
                         for row, ids_ in enumerate(teacher_ids)]  # never an empty row: a placeholder, unscored
         student_chunk = torch.full((rows, width), TRUNCATED, dtype=torch.long)
@@ -94,44 +105,61 @@ class CrossTokenizer:
         return TeacherCompletions(teacher_rows, ended, ChunkAlignment(student_chunk, teacher_chunk))
 
     def _encode(self, texts: list[str], prompts: list[TeacherPrompt]):
-        """Each text encoded by the teacher after its prompt's anchor, in one call. Returns per row the teacher's
-        completion ids, their byte lengths (None where they don't give back the text's bytes), and which are
-        unknown tokens."""
-        tokenizer, table = self.teacher_tokenizer, self.teacher_bytes
-        backend = tokenizer.backend_tokenizer  # its Encodings: ids now, character offsets only where needed
-        sources = [prompt.anchor_text + text for prompt, text in zip(prompts, texts)]
-        encodings = backend.encode_batch(sources, add_special_tokens=False)
-        all_ids, starts = [encoding.ids for encoding in encodings], [0] * len(texts)
-        for row, prompt in enumerate(prompts):
-            if all_ids[row][: len(prompt.anchor_ids)] != prompt.anchor_ids:  # the seam moved: the whole prompt
-                sources[row] = prompt.text + texts[row]
-                encodings[row] = backend.encode(sources[row], add_special_tokens=False)
+        """Each text encoded by the teacher after its prompt: after the prompt's anchor for every row in one
+        call, then for a row where that does not hold (the anchor tokenized otherwise, or bytes that don't
+        come back) after the whole prompt, then alone. Returns per row the teacher's completion ids, their
+        byte lengths (None where no encoding gives back the text's bytes exactly), and which are unknown tokens."""
+        backend = self.teacher_tokenizer.backend_tokenizer  # its Encodings: ids now, offsets only where needed
+        anchored = backend.encode_batch([prompt.anchor_text + text for prompt, text in zip(prompts, texts)],
+                                        add_special_tokens=False)
+        results = []
+        for row, (prompt, text) in enumerate(zip(prompts, texts)):
+            found = None
+            if anchored[row].ids[: len(prompt.anchor_ids)] == prompt.anchor_ids:
+                found = self._verified(anchored[row], len(prompt.anchor_ids), prompt.anchor_text + text, text)
+            if found is None:  # the seam moved: the whole prompt, then the text alone
                 prefix = backend.encode(prompt.text, add_special_tokens=False).ids
-                prompt_tokens = len(prefix) if encodings[row].ids[: len(prefix)] == prefix else None
+                whole = backend.encode(prompt.text + text, add_special_tokens=False)
+                if whole.ids[: len(prefix)] == prefix:
+                    found = self._verified(whole, len(prefix), prompt.text + text, text)
+            if found is None:
+                found = self._verified(backend.encode(text, add_special_tokens=False), 0, text, text)
+            results.append(found or ([], None, torch.zeros(0, dtype=torch.bool)))
+        return tuple(map(list, zip(*results))) if results else ([], [], [])
+
+    def _verified(self, encoding, skip: int, source: str, text: str):
+        """(ids, byte lengths, unknown) of `encoding`'s tokens after the first `skip`, if their bytes are the
+        text's (an unknown token standing for the text since the previous token's end); else None."""
+        table, tokenizer = self.teacher_bytes, self.teacher_tokenizer
+        ids = encoding.ids[skip:]
+        tensor = torch.tensor(ids, dtype=torch.long)
+        lengths = table.lengths[tensor] if ids else torch.zeros(0, dtype=torch.long)
+        unknown = (tensor == table.unk_id) if table.unk_id is not None and ids else torch.zeros(len(ids), dtype=torch.bool)
+        data = text.encode("utf-8")
+        if not bool(unknown.any()):
+            return (ids, lengths, unknown) if table.bytes_of(tensor) == data else None
+        base = len(source) - len(text)
+        byte_at = np.concatenate([[0], np.cumsum(utf8_lengths(source))]) - len(source[:base].encode())
+        offsets, pieces, position_bytes = encoding.offsets[skip:], [], 0
+        for position, token in enumerate(ids):  # only rows with an unknown token come here
+            if unknown[position]:
+                start, end = offsets[position]
+                lengths[position] = int(byte_at[end]) - position_bytes
+                pieces.append(data[position_bytes : int(byte_at[end])])
+                unknown[position] = source[start:end] != tokenizer.unk_token  # the literal is no failure
             else:
-                prompt_tokens = len(prompt.anchor_ids)
-            if prompt_tokens is None:  # the text merged into the prompt's last token: encode it alone
-                sources[row], encodings[row], prompt_tokens = texts[row], backend.encode(texts[row], add_special_tokens=False), 0
-            all_ids[row], starts[row] = encodings[row].ids[prompt_tokens:], prompt_tokens
-        counts = [len(ids) for ids in all_ids]
-        flat = torch.tensor([token for ids in all_ids for token in ids], dtype=torch.long)
-        lengths = list(table.lengths[flat].split(counts))
-        unknowns = list((flat == table.unk_id).split(counts) if table.unk_id is not None
-                        else torch.zeros(len(flat), dtype=torch.bool).split(counts))
-        result = []
-        for row, text in enumerate(texts):
-            if bool(unknowns[row].any()):  # an unknown token stands for the text since the previous token's end
-                source = sources[row]
-                base = len(source) - len(text)
-                byte_at = np.concatenate([[0], np.cumsum(utf8_lengths(source))]) - len(source[:base].encode())
-                offsets = encodings[row].offsets[starts[row]:]
-                for position in unknowns[row].nonzero().flatten().tolist():
-                    start, end = offsets[position]
-                    lengths[row][position] = int(byte_at[end]) - int(lengths[row][:position].sum())
-                    unknowns[row][position] = source[start:end] != tokenizer.unk_token  # the literal is no failure
-            matches = int(lengths[row].sum()) == len(text.encode("utf-8"))
-            result.append((all_ids[row], lengths[row] if matches else None, unknowns[row]))
-        return tuple(map(list, zip(*result))) if result else ([], [], [])
+                pieces.append(table.pieces[token])
+            position_bytes += int(lengths[position])
+        return (ids, lengths, unknown) if b"".join(pieces) == data else None
+
+
+def _shifted(lengths: torch.Tensor, separator_bytes: int) -> torch.Tensor:
+    """Token byte lengths (n,) counted from the end of a leading separator: the tokens within it have none,
+    so they join the first chunk, whose bytes then agree across the two separators."""
+    if not separator_bytes:
+        return lengths
+    ends = (torch.cumsum(lengths, 0) - separator_bytes).clamp(min=0)
+    return torch.diff(ends, prepend=ends.new_zeros(1))
 
 
 def _usable_bytes(data: bytes, token_ends: torch.Tensor, ended: bool) -> tuple[int, int]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from opd.errors import ModelError
@@ -48,8 +48,11 @@ def stop_token_ids(path: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """A model's stop tokens (as LoadedModel.stop_token_ids) from its generation config, before its weights load."""
     try:
         configured = GenerationConfig.from_pretrained(path).eos_token_id
-    except Exception:  # no generation_config.json (or no network for a hub id): the tokenizer's EOS
-        configured = None
+    except Exception:  # no generation_config.json: what transformers derives from config.json, as at load
+        try:
+            configured = GenerationConfig.from_model_config(AutoConfig.from_pretrained(path)).eos_token_id
+        except Exception:  # no readable config here (a hub id offline): the tokenizer's EOS
+            configured = None
     return _stop_ids(tokenizer, configured)
 
 

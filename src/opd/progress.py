@@ -9,7 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 class ProgressBar:
     """A rich progress bar that shows the key figures; silent when disabled."""
 
-    KEYS = ("loss", "distill/reverse_kl", "logprob/teacher", "throughput/tokens_per_s")
+    KEYS = ("loss", "distill/seq_reverse_kl", "logprob/teacher", "throughput/tokens_per_s")
 
     def __init__(self, total: int, start: int, enabled: bool):
         self.enabled = enabled

@@ -20,7 +20,7 @@ from opd.sinks import read_metrics
 PANELS = [
     ("perplexity/teacher", "teacher perplexity of student samples"),
     ("logprob/teacher", "teacher log-prob (nats/token)"),
-    ("distill/reverse_kl", "reverse KL (nats/token)"),
+    ("distill/seq_reverse_kl", "reverse KL (sequence, nats/token)"),
     ("perplexity/student", "student perplexity"),
     ("entropy/student", "entropy of the student's sampling distribution"),
     ("generation/repetition", "repeated 4-grams in the student's samples"),
@@ -86,15 +86,20 @@ def plot(runs: dict[str, list[dict]], png_path: Path) -> None:
 def _summary_rows(runs: dict[str, list[dict]]) -> list[list[str]]:
     table = []
     for name, rows in runs.items():
-        evals = [row for row in rows if "eval/distill/reverse_kl" in row]
+        evals = [row for row in rows if "eval/distill/seq_reverse_kl" in row or "eval/distill/reverse_kl" in row]
         first, last = (evals[0], evals[-1]) if evals else ({}, {})
 
         def show(row: dict, key: str, fmt: str) -> str:
             return format(row[key], fmt) if row.get(key) is not None else "–"
 
         table.append([name, str(rows[-1]["step"]), show(first, "eval/accuracy", ".1%"), show(last, "eval/accuracy", ".1%"),
-                      show(first, "eval/distill/reverse_kl", ".3f"), show(last, "eval/distill/reverse_kl", ".3f")])
+                      show(first, _kl_key(first), ".3f"), show(last, _kl_key(last), ".3f")])
     return table
+
+
+def _kl_key(row: dict) -> str:
+    """The held-out reverse KL: sequence-level (any teacher), or the per-token figure of runs before it existed."""
+    return "eval/distill/seq_reverse_kl" if "eval/distill/seq_reverse_kl" in row else "eval/distill/reverse_kl"
 
 
 def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> tuple[Path, Path]:

@@ -5,7 +5,8 @@ list of {path, teacher}), else the only teacher. Routes are checked before any w
 naming an unknown teacher, or none where there are several, is an error naming the file and line.
 Each teacher scores its rows (local or remote, as any TokenScorer); the advantages of each row then
 come from its own teacher's ℓᵀ. Metrics are reported overall and per teacher
-(`distill/reverse_kl/<name>`, `logprob/teacher/<name>`).
+(`distill/seq_reverse_kl/<name>`, `logprob/teacher/<name>`, and `distill/reverse_kl/<name>` where every
+teacher shares the student's tokenizer).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from opd.errors import DataError
 from opd.metrics import combine, pieces_over_ranks, rollout_metrics
 from opd.teacher import TeacherScores, TokenScorer
 
-PER_TEACHER = ("distill/reverse_kl", "logprob/teacher", "generation/avg_length")
+PER_TEACHER = ("distill/reverse_kl", "distill/seq_reverse_kl", "logprob/teacher", "generation/avg_length")
 
 
 def check_routes(prompts: PromptSet | None, names: list[str], key: str) -> None:

@@ -159,16 +159,17 @@ def _key(config: Config, name: str) -> str:
     return "teacher" if config.teacher is not None else f"teachers[{name}]"
 
 
-def teacher_view(config: Config, name: str, student_tokenizer, prompt_sets: list[PromptSet | None]) -> TeacherView | None:
-    """The teacher's own view of the rows (opd.teacher_view), or None where it reads them as the student does:
-    one vocabulary, the student's template, no privileged context. Checked before any weight loads."""
+def teacher_view(config: Config, name: str, student_tokenizer, examples: list) -> TeacherView | None:
+    """The teacher's own view of its rows `examples` (opd.teacher_view), or None where it reads them as the
+    student does: one vocabulary, the student's template, no privileged context. Checked before any
+    weight loads, every row rendered."""
     settings, key = config.teacher_configs[name], _key(config, name)
     source = settings.tokenizer or (None if settings.remote else settings.path)
     teacher_tokenizer = student_tokenizer if source is None else load_tokenizer(
         source, f"{key}.tokenizer" if settings.tokenizer else f"{key}.path", settings.trust_remote_code)
-    examples = [example for prompts in prompt_sets if prompts is not None for example in prompts.examples]
     data = config.data
-    view_settings = ViewSettings(settings.chat_template, data.teacher_system_prompt or data.system_prompt,
+    teacher_system = data.system_prompt if data.teacher_system_prompt is None else data.teacher_system_prompt
+    view_settings = ViewSettings(settings.chat_template, teacher_system or None,
                                  data.teacher_context_format, data.chat_template_kwargs, settings.alignment,
                                  student_system_prompt=data.system_prompt)
     try:
@@ -180,11 +181,15 @@ def teacher_view(config: Config, name: str, student_tokenizer, prompt_sets: list
         raise ConfigError(f"{key}: its tokenizer differs from the student's, and loss.kind={config.loss.kind} (or a "
                           "forward-KL term) compares distributions over one vocabulary at every token; across "
                           "tokenizers only the sampled text's log-probs compare, chunk by chunk: use reverse_kl_pg")
-    if view.swaps_end_of_turn and config.teacher_needs == FULL_DISTRIBUTION:
-        raise ConfigError(f"{key}.chat_template=own: the teacher ends turns with another token than the student, so "
-                          "their distributions at the last position are over different events; use reverse_kl_pg")
+    if view.ends_turns_differently and config.teacher_needs in (TOP_K, FULL_DISTRIBUTION):
+        raise ConfigError(f"{key}.chat_template=own: the teacher ends turns with a token the student never stops on, "
+                          "so their distributions at the last position are over different events; use reverse_kl_pg")
     if not (view.chunked or view.swaps_end_of_turn or view.changes_prompts(examples)):
         return None
+    if config.rollout.source == "teacher" or (config.mixed and config.rollout.off_policy_source == "teacher"):
+        raise ConfigError(f"{key}: it reads rows its own way (another tokenizer, its own template or privileged "
+                          "context), so its samples are not the student's tokens of the student's prompt; it can "
+                          "score rollouts, not write them (rollout.source / rollout.off_policy_source teacher)")
     view.teacher_prompts(examples)  # every row rendered for the teacher now: a row it can't render fails here
     return view
 
@@ -217,17 +222,19 @@ def prepare(config: Config, resume: bool, log=print, world: World | None = None)
     prompt_options = (tokenizer, data.max_prompt_tokens, data.system_prompt, data.chat_template_kwargs)
     train_prompts = load_train_prompts(data.train, "data.train", *prompt_options)
     eval_prompts = load_prompts(data.eval, "data.eval", *prompt_options) if data.eval else None
-    views = {name: teacher_view(config, name, tokenizer, [train_prompts, eval_prompts])
-             for name, settings in teacher_configs.items()}
+    if config.teachers:
+        check_routes(train_prompts, list(teacher_configs), "data.train")
+        check_routes(eval_prompts, list(teacher_configs), "data.eval")
+    rows = [example for prompts in (train_prompts, eval_prompts) if prompts is not None for example in prompts.examples]
+    default = next(iter(teacher_configs)) if len(teacher_configs) == 1 else None
+    views = {name: teacher_view(config, name, tokenizer, [row for row in rows if (row.teacher or default) == name])
+             for name in teacher_configs}
     scorers: dict = {}
     for name, settings in teacher_configs.items():
         if settings.remote:  # asked before any weight loads
             teacher_tokenizer = views[name].teacher_tokenizer if views[name] else tokenizer
             scorers[name] = RemoteTeacher(settings, len(teacher_tokenizer))
             scorers[name].check(teacher_tokenizer)
-    if config.teachers:
-        check_routes(train_prompts, list(teacher_configs), "data.train")
-        check_routes(eval_prompts, list(teacher_configs), "data.eval")
     if config.rollout.source == "dataset" or (config.mixed and config.rollout.off_policy_source == "dataset"):
         DatasetAnswers.check(train_prompts)  # before any weight loads
     for prompts in filter(None, (train_prompts, eval_prompts)):

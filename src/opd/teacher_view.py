@@ -23,7 +23,7 @@ import torch
 from opd.alignment import ChunkAlignment
 from opd.batch import StepBatch, left_pad, right_pad
 from opd.data import Example, render_prompt
-from opd.errors import DataError
+from opd.errors import DataError, ModelError
 from opd.teacher import TeacherScores, TokenScorer
 from opd.cross_tokenizer import CrossTokenizer, TeacherPrompt
 
@@ -43,6 +43,24 @@ class ViewSettings:
     template_kwargs: dict = field(default_factory=dict)
     alignment: str = "auto"
     student_system_prompt: str | None = None  # the student's, to tell whether the teacher's differs
+
+
+def reply_separator(tokenizer, template_kwargs: dict | None = None) -> str:
+    """The whitespace a chat template puts between its generation prompt and a reply's text (Llama 2: a
+    space after [/INST]; ChatML: none, the newline is in the prompt); "" for anything but whitespace."""
+    if not getattr(tokenizer, "chat_template", None):
+        return ""
+    marker, user = "opd-reply-marker", [{"role": "user", "content": "hi"}]
+    try:
+        prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False, **(template_kwargs or {}))
+        turn = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": marker}], tokenize=False,
+                                             **(template_kwargs or {}))
+    except Exception:  # a template that can't render a plain exchange: no separator to translate
+        return ""
+    if not turn.startswith(prompt) or marker not in turn:
+        return ""
+    between = turn[len(prompt) : turn.index(marker)]
+    return between if not between.strip() else ""
 
 
 def end_of_turn_id(tokenizer, template_kwargs: dict | None = None) -> int:
@@ -80,7 +98,16 @@ class TeacherView:
         self.renderer = teacher_tokenizer if self.own_template else student_tokenizer
         if self.chunked:
             self.cross = CrossTokenizer(student_tokenizer, teacher_tokenizer, self.stop_ids, self.end_id)
+        # Reply separators of two templates, translated across tokenizers (see TeacherPrompt).
+        self.separators = ((reply_separator(teacher_tokenizer, settings.template_kwargs),
+                            reply_separator(student_tokenizer, settings.template_kwargs))
+                           if self.own_template and self.chunked else ("", ""))
         self._prompts: dict[int, tuple] = {}
+
+    @property
+    def ends_turns_differently(self) -> bool:
+        """A token-for-token view whose teacher ends a turn with a token the student never stops on."""
+        return not self.chunked and self.own_template and self.end_id not in self.stop_ids.tolist()
 
     @property
     def swaps_end_of_turn(self) -> bool:
@@ -111,7 +138,9 @@ class TeacherView:
                 start = offsets[-ANCHOR_TOKENS][0] if len(plain_ids) >= ANCHOR_TOKENS else 0
                 anchor = plain_ids[-ANCHOR_TOKENS:] if start else plain_ids
                 # The row is kept with its prompt, so its id is not reused while cached.
-                self._prompts[key] = (TeacherPrompt(texts[index], ids[index], texts[index][start:], anchor), new[key])
+                separators = self.separators if not add_special else ("", "")  # template rows only
+                self._prompts[key] = (TeacherPrompt(texts[index], ids[index], texts[index][start:], anchor, *separators),
+                                      new[key])
         return [self._prompts[id(example)][0] for example in examples]
 
     def _render(self, example: Example) -> tuple[str, bool]:
@@ -167,16 +196,35 @@ class ViewedTeacher:
     def __init__(self, scorer: TokenScorer, view: TeacherView):
         self.scorer, self.view = scorer, view
         self.name = scorer.name
+        self._last: tuple[StepBatch, StepBatch] | None = None  # the last batch scored and the teacher's view of it
 
     def __getattr__(self, name):  # the model, its loaded form, logits(): the scorer's own
         return getattr(self.scorer, name)
 
     def score(self, batch: StepBatch, keep_hidden: bool = False) -> TeacherScores:
         teacher_batch, alignment = self.view.teacher_batch(batch)
+        self._last = (batch, teacher_batch)
+        self._check_context(teacher_batch)
         scores = self.scorer.score(teacher_batch, keep_hidden=keep_hidden) if keep_hidden else self.scorer.score(teacher_batch)
         if alignment is None:
             return scores
         return TeacherScores(logprobs=alignment.fold(scores.logprobs), chunk_index=alignment.student_chunk)
 
     def scoring_flops(self, batch: StepBatch) -> float:
-        return self.scorer.scoring_flops(self.view.teacher_batch(batch)[0])
+        """The FLOPs of scoring the teacher's view of `batch` (the one just scored, as a rule: several
+        teachers ask again with a fresh selection of the same rows)."""
+        last = self._last
+        same = last is not None and (last[0] is batch or (
+            last[0].completion_ids.shape == batch.completion_ids.shape and last[0].prompt_ids.shape == batch.prompt_ids.shape
+            and torch.equal(last[0].completion_ids, batch.completion_ids) and torch.equal(last[0].prompt_ids, batch.prompt_ids)))
+        return self.scorer.scoring_flops(last[1] if same else self.view.teacher_batch(batch)[0])
+
+    def _check_context(self, teacher_batch: StepBatch) -> None:
+        """The teacher's sequences (its prompt, its tokens of the completion) within its context window."""
+        loaded = getattr(self.scorer, "loaded", None)
+        limit = getattr(getattr(getattr(loaded, "model", None), "config", None), "max_position_embeddings", None)
+        longest = int((teacher_batch.prompt_mask.sum(1) + teacher_batch.completion_mask.sum(1)).max())
+        if isinstance(limit, int) and longest > limit:
+            raise ModelError(f"teacher {self.name}: its own view of a row is {longest} tokens, past its context of "
+                             f"{limit} (its template, privileged context or tokenizer make rows longer); lower "
+                             "data.max_prompt_tokens or rollout.max_new_tokens")

@@ -72,7 +72,7 @@ def train(config: Config, resume: bool = False, log=print, time_limit_s: float |
             if session.eval_prompts is not None and ((run.eval_every and step % run.eval_every == 0) or last_step):
                 last_eval = run_eval(session, config)
                 metrics.update(last_eval)
-            if step % run.log_every == 0 or last_step or "eval/distill/reverse_kl" in metrics:
+            if step % run.log_every == 0 or last_step or "eval/distill/seq_reverse_kl" in metrics:
                 sinks.write(step, metrics)
             progress.update(step, metrics)
             if run.save_every and step % run.save_every == 0:
@@ -169,7 +169,8 @@ def sample_metrics(config: Config, batch: StepBatch, world: World) -> dict[str, 
         part = batch if len(rows) == len(batch) else batch.select(rows)
         figures = rollout_metrics(part)
         if source != STUDENT:
-            for name in ("distill/reverse_kl", "logprob/student", "perplexity/student", "entropy/student"):
+            for name in ("distill/reverse_kl", "distill/seq_reverse_kl", "logprob/student", "perplexity/student",
+                         "entropy/student"):
                 figures.pop(name, None)
         parts[source] = (figures, part.num_tokens, len(rows))
     by_source = pieces_over_ranks(parts, world)
