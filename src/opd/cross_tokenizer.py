@@ -110,12 +110,26 @@ class CrossTokenizer:
         come back) after the whole prompt, then alone. Returns per row the teacher's completion ids, their
         byte lengths (None where no encoding gives back the text's bytes exactly), and which are unknown tokens."""
         backend = self.teacher_tokenizer.backend_tokenizer  # its Encodings: ids now, offsets only where needed
+        table = self.teacher_bytes
         anchored = backend.encode_batch([prompt.anchor_text + text for prompt, text in zip(prompts, texts)],
                                         add_special_tokens=False)
+        candidates = [encoding.ids[len(prompt.anchor_ids):] if encoding.ids[: len(prompt.anchor_ids)] == prompt.anchor_ids
+                      else [] for encoding, prompt in zip(anchored, prompts)]
+        # Every row checked at once: one gather of lengths, one of bytes, then a bytes comparison per row.
+        flat = torch.tensor([token for ids in candidates for token in ids], dtype=torch.long)
+        counts = [len(ids) for ids in candidates]
+        lengths = table.lengths[flat].split(counts)
+        data, offset = table.bytes_of(flat), 0
+        has_unknown = ((flat == table.unk_id) if table.unk_id is not None else torch.zeros_like(flat, dtype=torch.bool))
+        unknown_rows = set(torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))[has_unknown].tolist())
         results = []
         for row, (prompt, text) in enumerate(zip(prompts, texts)):
+            size = int(lengths[row].sum())
             found = None
-            if anchored[row].ids[: len(prompt.anchor_ids)] == prompt.anchor_ids:
+            if row not in unknown_rows and data[offset : offset + size] == text.encode("utf-8") and (candidates[row] or not text):
+                found = (candidates[row], lengths[row], torch.zeros(counts[row], dtype=torch.bool))
+            offset += size
+            if found is None and candidates[row]:  # an unknown token, or bytes that differ: checked one by one
                 found = self._verified(anchored[row], len(prompt.anchor_ids), prompt.anchor_text + text, text)
             if found is None:  # the seam moved: the whole prompt, then the text alone
                 prefix = backend.encode(prompt.text, add_special_tokens=False).ids

@@ -51,8 +51,6 @@ TEACHER_SHAPE = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4
                      num_key_value_heads=2, head_dim=32)
 STUDENT_SHAPE = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=3,
                      num_key_value_heads=1, head_dim=32)
-TEACHER_BPE_STEPS = 3000  # BPE answers are longer (most numbers are two or three tokens)
-STUDENT_HINTED_STEPS = 1000
 
 
 def new_model(tokenizer, shape: dict, seed: int) -> LoadedModel:
@@ -170,8 +168,9 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"build just these, of {', '.join(ASSET_NAMES)} (default: teacher and student)")
     parser.add_argument("--teacher-steps", type=int, default=2000)
     parser.add_argument("--student-steps", type=int, default=1000)
-    parser.add_argument("--teacher-bpe-steps", type=int, default=TEACHER_BPE_STEPS)
-    parser.add_argument("--student-hinted-steps", type=int, default=STUDENT_HINTED_STEPS)
+    # More steps than the teacher's: numbers are spelled digit by digit in up to three BPE tokens.
+    parser.add_argument("--teacher-bpe-steps", type=int, default=3000)
+    parser.add_argument("--student-hinted-steps", type=int, default=1000)
     parser.add_argument("--student-slip", type=float, default=0.7,
                         help="fraction of the student's training answers whose last line repeats the first result")
     parser.add_argument("--hint-fraction", type=float, default=0.3,

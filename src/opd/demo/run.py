@@ -84,7 +84,7 @@ def run_demo(out: str | Path, teacher_tokenizer: str = "same", self_distill: boo
     console = Console()
     (out / "data").mkdir(parents=True, exist_ok=True)
     write_split(out / "data" / "train.jsonl", 4000, seed=1, hint=self_distill)
-    write_split(out / "data" / "eval.jsonl", 200, seed=2)
+    write_split(out / "data" / "eval.jsonl", 200, seed=2, hint=self_distill)  # held-out KL against the hinted teacher
     teacher, student = ("student", "student_hinted") if self_distill else (
         "teacher_bpe" if teacher_tokenizer == "other" else "teacher", "student")
     for name in {student} | ({teacher} if teacher != "student" else set()):  # `student`: the student's own weights
@@ -129,8 +129,9 @@ def _table(summary: dict[str, float]) -> Table:
     table.add_column("after", justify="right")
     table.add_row("teacher accuracy (as it sees the prompts)", f"{summary['teacher_accuracy']:.1%}", "")
     table.add_row("student accuracy", f"{summary['student_accuracy_before']:.1%}", f"{summary['student_accuracy_after']:.1%}")
-    change = summary["reverse_kl_after"] / summary["reverse_kl_before"] - 1
+    before = summary["reverse_kl_before"]
+    change = f" ({summary['reverse_kl_after'] / before - 1:+.0%})" if abs(before) > 1e-6 else ""
     table.add_row("held-out reverse KL (sequence, nats/token)", f"{summary['reverse_kl_before']:.3f}",
-                  f"{summary['reverse_kl_after']:.3f} ({change:+.0%})")
+                  f"{summary['reverse_kl_after']:.3f}{change}")
     table.add_row("wall time", "", f"{summary['wall_time_s']:.0f} s")
     return table
