@@ -31,16 +31,11 @@ _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 @lru_cache(maxsize=1)
 def byte_level_alphabet() -> dict[str, int]:
-    """GPT-2's printable stand-in for each byte: character -> byte value."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    characters, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            characters[chr(byte)] = byte
-        else:
-            characters[chr(256 + extra)] = byte
-            extra += 1
-    return characters
+    """GPT-2's printable stand-in for each byte, as transformers converts byte-level tokenizers:
+    character -> byte value."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {character: byte for byte, character in bytes_to_unicode().items()}
 
 
 def _decoder_steps(tokenizer) -> list[dict]:
@@ -88,17 +83,14 @@ class TokenBytes:
     """A vocabulary's byte table.
 
     lengths: (V,) bytes per token id; starts: (V,) offset of each piece in `flat`; flat: (sum,) uint8.
-    special: (V,) True for special tokens (EOS, end-of-turn, padding): they stand for no text of a
-    completion and end a turn instead.
     """
 
-    def __init__(self, pieces: list[bytes], special: list[bool], unk_id: int | None):
+    def __init__(self, pieces: list[bytes], unk_id: int | None):
         self.pieces = pieces
         self.lengths = torch.tensor([len(piece) for piece in pieces], dtype=torch.long)
         self.starts = torch.cumsum(self.lengths, 0) - self.lengths
         joined = b"".join(pieces)
         self.flat = torch.from_numpy(np.frombuffer(joined, dtype=np.uint8).copy()) if joined else torch.zeros(0, dtype=torch.uint8)
-        self.special = torch.tensor(special, dtype=torch.bool)
         self.unk_id = unk_id
 
     @classmethod
@@ -107,15 +99,9 @@ class TokenBytes:
         rule = _piece_rule(_decoder_steps(tokenizer))
         added = {index: token for index, token in tokenizer.added_tokens_decoder.items() if index < size}
         tokens = tokenizer.convert_ids_to_tokens(list(range(size)))
-        pieces, special = [], []
-        for index, token in enumerate(tokens):
-            if index in added:
-                pieces.append(added[index].content.encode())
-                special.append(bool(added[index].special))
-            else:
-                pieces.append(rule(token or ""))
-                special.append(False)
-        return cls(pieces, special, tokenizer.unk_token_id)
+        pieces = [added[index].content.encode() if index in added else rule(token or "")
+                  for index, token in enumerate(tokens)]
+        return cls(pieces, tokenizer.unk_token_id)
 
     def bytes_of(self, ids: torch.Tensor) -> bytes:
         """The bytes of a sequence of token ids (n,): one gather over the flat table."""
