@@ -40,7 +40,7 @@ def evaluate_model(
         view = TeacherView(student.tokenizer, load_tokenizer(teacher_path, "--teacher"), student.stop_token_ids,
                            ViewSettings(teacher_chat_template, system_prompt, student_system_prompt=system_prompt))
         teacher = load_teacher(teacher_path, "--teacher", precision)
-        if view.chunked or view.swaps_end_of_turn or view.changes_prompts(prompts.examples):
+        if view.needed(prompts.examples):
             teacher = ViewedTeacher(teacher, view)
     sampler = make_sampler(student, SamplingSettings(max_new_tokens, temperature), precision)
     metrics = evaluate(sampler, teacher, prompts, student.tokenizer, samples, max(1, batch_rollouts // samples),

@@ -184,7 +184,7 @@ def teacher_view(config: Config, name: str, student_tokenizer, examples: list) -
     if view.ends_turns_differently and config.teacher_needs in (TOP_K, FULL_DISTRIBUTION):
         raise ConfigError(f"{key}.chat_template=own: the teacher ends turns with a token the student never stops on, "
                           "so their distributions at the last position are over different events; use reverse_kl_pg")
-    if not (view.chunked or view.swaps_end_of_turn or view.changes_prompts(examples)):
+    if not view.needed(examples):
         return None
     if config.rollout.source == "teacher" or (config.mixed and config.rollout.off_policy_source == "teacher"):
         raise ConfigError(f"{key}: it reads rows its own way (another tokenizer, its own template or privileged "

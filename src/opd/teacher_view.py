@@ -45,38 +45,45 @@ class ViewSettings:
     student_system_prompt: str | None = None  # the student's, to tell whether the teacher's differs
 
 
+REPLY_MARKER = "opd-reply-marker"
+
+
+def _rendered_exchange(tokenizer, template_kwargs: dict | None) -> tuple[str, str] | None:
+    """A plain exchange through the tokenizer's chat template: the generation prompt after a user turn,
+    and that turn followed by an assistant reply REPLY_MARKER; None without a template, or where the
+    template can't render it."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    user = [{"role": "user", "content": "hi"}]
+    try:
+        prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False, **(template_kwargs or {}))
+        turn = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": REPLY_MARKER}], tokenize=False,
+                                             **(template_kwargs or {}))
+    except Exception:  # jinja raises TemplateError and others
+        return None
+    return (prompt, turn) if REPLY_MARKER in turn else None
+
+
 def reply_separator(tokenizer, template_kwargs: dict | None = None) -> str:
     """The whitespace a chat template puts between its generation prompt and a reply's text (Llama 2: a
     space after [/INST]; ChatML: none, the newline is in the prompt); "" for anything but whitespace."""
-    if not getattr(tokenizer, "chat_template", None):
+    exchange = _rendered_exchange(tokenizer, template_kwargs)
+    if exchange is None or not exchange[1].startswith(exchange[0]):
         return ""
-    marker, user = "opd-reply-marker", [{"role": "user", "content": "hi"}]
-    try:
-        prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False, **(template_kwargs or {}))
-        turn = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": marker}], tokenize=False,
-                                             **(template_kwargs or {}))
-    except Exception:  # a template that can't render a plain exchange: no separator to translate
-        return ""
-    if not turn.startswith(prompt) or marker not in turn:
-        return ""
-    between = turn[len(prompt) : turn.index(marker)]
+    prompt, turn = exchange
+    between = turn[len(prompt) : turn.index(REPLY_MARKER)]
     return between if not between.strip() else ""
 
 
 def end_of_turn_id(tokenizer, template_kwargs: dict | None = None) -> int:
     """The token that ends an assistant turn in the tokenizer's chat template (`<|im_end|>`,
     `<|eot_id|>`, ...), read from a rendered turn; the EOS token without a template."""
-    if getattr(tokenizer, "chat_template", None):
-        marker = "opd-end-of-turn-marker"
-        try:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
-                                                 tokenize=False, **(template_kwargs or {}))
-        except Exception:  # a template that can't render a plain exchange: fall back to EOS
-            text = ""
-        if marker in text:
-            after = tokenizer(text[text.rindex(marker) + len(marker):], add_special_tokens=False)["input_ids"]
-            if after and after[0] in tokenizer.all_special_ids:
-                return after[0]
+    exchange = _rendered_exchange(tokenizer, template_kwargs)
+    if exchange is not None:
+        turn = exchange[1]
+        after = tokenizer(turn[turn.rindex(REPLY_MARKER) + len(REPLY_MARKER):], add_special_tokens=False)["input_ids"]
+        if after and after[0] in tokenizer.all_special_ids:
+            return after[0]
     return tokenizer.eos_token_id
 
 
@@ -113,6 +120,11 @@ class TeacherView:
     def swaps_end_of_turn(self) -> bool:
         """A token-for-token view that scores the teacher's own end-of-turn token in place of the student's."""
         return not self.chunked and self.own_template and any(int(stop) != self.end_id for stop in self.stop_ids)
+
+    def needed(self, examples: list[Example]) -> bool:
+        """Whether the teacher reads these rows otherwise than the student: without a view it scores the
+        student's own batch."""
+        return self.chunked or self.swaps_end_of_turn or self.changes_prompts(examples)
 
     def changes_prompts(self, examples: list[Example]) -> bool:
         return (self.chunked or self.own_template or self.settings.system_prompt != self.settings.student_system_prompt
@@ -158,15 +170,15 @@ class TeacherView:
             return self._token_batch(batch), None
         return self._chunk_batch(batch)
 
-    def _prompt_columns(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = [prompt.ids for prompt in self.teacher_prompts(batch.rows)]
-        return left_pad(ids, self.teacher_tokenizer.pad_token_id, batch.prompt_ids.device)  # (B, P') each
+    def _prompt_columns(self, prompts: list[TeacherPrompt], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return left_pad([prompt.ids for prompt in prompts], self.teacher_tokenizer.pad_token_id, device)  # (B, P') each
 
     def _token_batch(self, batch: StepBatch) -> StepBatch:
         """Same vocabulary: the student's completion ids as they are, after the teacher's own prompt."""
         changes = {}
         if self.changes_prompts(batch.rows):
-            changes["prompt_ids"], changes["prompt_mask"] = self._prompt_columns(batch)
+            changes["prompt_ids"], changes["prompt_mask"] = self._prompt_columns(self.teacher_prompts(batch.rows),
+                                                                                 batch.prompt_ids.device)
         if self.swaps_end_of_turn:
             ids, mask = batch.completion_ids, batch.completion_mask
             last = (mask.cumsum(1) == mask.sum(1, keepdim=True)) & mask.bool()  # (B, T) each row's last token
@@ -180,7 +192,7 @@ class TeacherView:
         teacher = self.cross.completions(batch.completion_ids, batch.completion_mask, batch.finished, prompts)
         device = batch.completion_ids.device
         completion_ids, completion_mask = right_pad(teacher.rows, self.teacher_tokenizer.pad_token_id, device)
-        prompt_ids, prompt_mask = self._prompt_columns(batch)
+        prompt_ids, prompt_mask = self._prompt_columns(prompts, device)
         teacher_batch = StepBatch(
             prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
             completion_mask=completion_mask, sampler_logprobs=torch.zeros(completion_ids.shape, device=device),
