@@ -23,13 +23,17 @@ from opd.teacher import TeacherScores, TokenScorer
 PER_TEACHER = ("distill/reverse_kl", "distill/seq_reverse_kl", "logprob/teacher", "generation/avg_length")
 
 
+def route(row, names: list[str]) -> str | None:
+    """A row's teacher (see the module's docstring); None where it names none and there are several."""
+    return getattr(row, "teacher", None) or (names[0] if len(names) == 1 else None)
+
+
 def check_routes(prompts: PromptSet | None, names: list[str], key: str) -> None:
     """Every row has a known teacher (one line naming the file and line otherwise)."""
     if prompts is None:
         return
-    default = names[0] if len(names) == 1 else None
     for example in prompts.examples:
-        name = example.teacher or default
+        name = route(example, names)
         where = f"{key}: {example.source}:{example.line}"
         if name is None:
             raise DataError(f"{where}: the row names no teacher (a 'teacher' field) and its file none; "
@@ -44,17 +48,21 @@ class RoutedTeachers:
     def __init__(self, scorers: dict[str, TokenScorer]):
         self.scorers = scorers
         self.name = " + ".join(scorers)
-        self.default = next(iter(scorers)) if len(scorers) == 1 else None
+        self._split: tuple[StepBatch, list] | None = None  # the last batch split, and its parts
 
-    def routes(self, batch: StepBatch) -> list[str]:
-        return [getattr(row, "teacher", None) or self.default for row in batch.rows]
-
-    def _parts(self, batch: StepBatch):
-        routes = self.routes(batch)
-        for name, scorer in self.scorers.items():
-            rows = [index for index, route in enumerate(routes) if route == name]
-            if rows:
-                yield name, scorer, rows, batch.select(rows)
+    def _parts(self, batch: StepBatch) -> list:
+        """(name, scorer, rows, part) of each teacher with rows in `batch`; the same part objects for the
+        same batch, so scoring_flops after score selects nothing again."""
+        if self._split is None or self._split[0] is not batch:
+            names = list(self.scorers)
+            routes = [route(row, names) for row in batch.rows]
+            parts = []
+            for name, scorer in self.scorers.items():
+                rows = [index for index, each in enumerate(routes) if each == name]
+                if rows:
+                    parts.append((name, scorer, rows, batch.select(rows)))
+            self._split = (batch, parts)
+        return self._split[1]
 
     def score(self, batch: StepBatch, keep_hidden: bool = False) -> TeacherScores:
         shape = batch.completion_ids.shape
@@ -87,13 +95,7 @@ class RoutedTeachers:
 
     def metrics(self, batch: StepBatch, world: World) -> dict[str, float]:
         """PER_TEACHER figures of each teacher's rows, over every rank: `<figure>/<name>`."""
-        routes = self.routes(batch)
-        mine = {}
-        for name in self.scorers:
-            rows = [index for index, route in enumerate(routes) if route == name]
-            if rows:
-                part = batch.select(rows)
-                mine[name] = (rollout_metrics(part), part.num_tokens, len(rows))
+        mine = {name: (rollout_metrics(part), part.num_tokens, len(rows)) for name, _, rows, part in self._parts(batch)}
         figures = {}
         for name, pieces in pieces_over_ranks(mine, world).items():
             combined = combine(pieces)

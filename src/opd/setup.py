@@ -35,7 +35,7 @@ from opd.sampling import ModelSampler
 from opd.sharding import shard_model
 from opd.sinks import check_trackers
 from opd.remote_teacher import RemoteTeacher
-from opd.routing import RoutedTeachers, check_routes
+from opd.routing import RoutedTeachers, check_routes, route
 from opd.teacher import LocalTeacher
 from opd.teacher_view import TeacherView, ViewedTeacher, ViewSettings
 from opd.update import tokens_per_chunk
@@ -226,9 +226,9 @@ def prepare(config: Config, resume: bool, log=print, world: World | None = None)
         check_routes(train_prompts, list(teacher_configs), "data.train")
         check_routes(eval_prompts, list(teacher_configs), "data.eval")
     rows = [example for prompts in (train_prompts, eval_prompts) if prompts is not None for example in prompts.examples]
-    default = next(iter(teacher_configs)) if len(teacher_configs) == 1 else None
-    views = {name: teacher_view(config, name, tokenizer, [row for row in rows if (row.teacher or default) == name])
-             for name in teacher_configs}
+    names = list(teacher_configs)
+    views = {name: teacher_view(config, name, tokenizer, [row for row in rows if route(row, names) == name])
+             for name in names}
     scorers: dict = {}
     for name, settings in teacher_configs.items():
         if settings.remote:  # asked before any weight loads

@@ -223,13 +223,9 @@ class ViewedTeacher:
         return TeacherScores(logprobs=alignment.fold(scores.logprobs), chunk_index=alignment.student_chunk)
 
     def scoring_flops(self, batch: StepBatch) -> float:
-        """The FLOPs of scoring the teacher's view of `batch` (the one just scored, as a rule: several
-        teachers ask again with a fresh selection of the same rows)."""
-        last = self._last
-        same = last is not None and (last[0] is batch or (
-            last[0].completion_ids.shape == batch.completion_ids.shape and last[0].prompt_ids.shape == batch.prompt_ids.shape
-            and torch.equal(last[0].completion_ids, batch.completion_ids) and torch.equal(last[0].prompt_ids, batch.prompt_ids)))
-        return self.scorer.scoring_flops(last[1] if same else self.view.teacher_batch(batch)[0])
+        """The FLOPs of scoring the teacher's view of `batch` (as a rule the batch just scored, whose view is kept)."""
+        viewed = self._last[1] if self._last is not None and self._last[0] is batch else self.view.teacher_batch(batch)[0]
+        return self.scorer.scoring_flops(viewed)
 
     def _check_context(self, teacher_batch: StepBatch) -> None:
         """The teacher's sequences (its prompt, its tokens of the completion) within its context window."""
