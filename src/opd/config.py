@@ -267,8 +267,7 @@ class Config(_Strict):
                              f"(loss.kind={self.loss.kind})")
         self._check_teachers()
         self._check_teacher_views()
-        teacher_needed = self.teacher_needs is not None or self.rollout.source == "teacher" or (
-            mixed and self.rollout.off_policy_source == "teacher")
+        teacher_needed = self.teacher_needs is not None or self.teacher_writes
         if self.teacher is None and not self.teachers and teacher_needed:
             raise ValueError(
                 f"teacher.path: required for loss.kind={self.loss.kind} with rollout.source={self.rollout.source}; "
@@ -285,8 +284,7 @@ class Config(_Strict):
             raise ValueError(
                 f"teacher.url: {self._full_distribution_reason()} needs the teacher's whole distribution at every "
                 "token, which a server does not send; use loss.kind reverse_kl_pg or topk_forward_kl")
-        if teacher is not None and teacher.remote and (self.rollout.source == "teacher" or (
-                mixed and self.rollout.off_policy_source == "teacher")):
+        if teacher is not None and teacher.remote and self.teacher_writes:
             raise ValueError("teacher.url: a teacher on a server scores the rollouts; it does not write them "
                              "(rollout.source / rollout.off_policy_source teacher need teacher.path)")
         if mixed and (self.student.shard or (teacher is not None and teacher.shard
@@ -318,8 +316,7 @@ class Config(_Strict):
             if teacher.path == "student":
                 teacher.path = self.student.path  # the initial student's weights, frozen
             own_view = teacher.chat_template == "own" or self.data.teacher_system_prompt is not None
-            writes = self.rollout.source == "teacher" or (self.mixed and self.rollout.off_policy_source == "teacher")
-            if (own_view or teacher.alignment == "chunks") and writes:
+            if (own_view or teacher.alignment == "chunks") and self.teacher_writes:
                 raise ValueError("teacher.chat_template / data.teacher_system_prompt / teacher.alignment: a teacher that "
                                  "reads rows its own way scores the student's samples; it can't write rollouts for "
                                  "the student (rollout.source / rollout.off_policy_source teacher)")
@@ -366,6 +363,11 @@ class Config(_Strict):
         if self.teachers:
             return {teacher.name: teacher for teacher in self.teachers}
         return {"teacher": self.teacher} if self.teacher is not None else {}
+
+    @property
+    def teacher_writes(self) -> bool:
+        """The teacher writes some of the rollouts: rollout.source, or a mixture's off_policy_source."""
+        return self.rollout.source == "teacher" or (self.mixed and self.rollout.off_policy_source == "teacher")
 
     @property
     def mixed(self) -> bool:

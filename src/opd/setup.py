@@ -186,7 +186,7 @@ def teacher_view(config: Config, name: str, student_tokenizer, examples: list) -
                           "so their distributions at the last position are over different events; use reverse_kl_pg")
     if not view.needed(examples):
         return None
-    if config.rollout.source == "teacher" or (config.mixed and config.rollout.off_policy_source == "teacher"):
+    if config.teacher_writes:
         raise ConfigError(f"{key}: it reads rows its own way (another tokenizer, its own template or privileged "
                           "context), so its samples are not the student's tokens of the student's prompt; it can "
                           "score rollouts, not write them (rollout.source / rollout.off_policy_source teacher)")
