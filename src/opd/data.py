@@ -165,6 +165,12 @@ def encode_prompt(
     return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
 
+def place_context(context_format: str, context: str, prompt: str) -> str:
+    """`context_format` with {context} and {prompt} filled in one pass (neither text's braces are read)."""
+    return re.sub(r"\{(context|prompt)\}", lambda match: context if match.group(1) == "context" else prompt,
+                  context_format)
+
+
 def render_prompt(
     example: Example, tokenizer: PreTrainedTokenizerBase, system_prompt: str | None = None,
     template_kwargs: dict | None = None, context: str | None = None, context_format: str = "{context}\n\n{prompt}",
@@ -182,10 +188,7 @@ def render_prompt(
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
 
     def with_context(text: str) -> str:
-        if context is None:
-            return text
-        return re.sub(r"\{(context|prompt)\}", lambda match: context if match.group(1) == "context" else text,
-                      context_format)
+        return text if context is None else place_context(context_format, context, text)
 
     if example.question is not None:
         question = with_context(example.question)

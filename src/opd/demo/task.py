@@ -17,6 +17,8 @@ import json
 import random
 from pathlib import Path
 
+from opd.data import place_context
+
 NAMES = ["Mia", "Tom", "Ava", "Leo", "Zoe", "Sam", "Ivy", "Max", "Eli", "Amy", "Ben", "Kim"]
 PRONOUNS = {"Mia": "She", "Ava": "She", "Zoe": "She", "Ivy": "She", "Amy": "She", "Kim": "She",
             "Tom": "He", "Leo": "He", "Sam": "He", "Max": "He", "Eli": "He", "Ben": "He"}
@@ -87,7 +89,7 @@ def write_split(path: Path, count: int, seed: int, hint: bool = False, hint_in_p
             if hint or hint_in_prompt:
                 context = problem["answer"].split("\n")[-1].strip()
                 if hint_in_prompt:
-                    problem["prompt"] = hint_in_prompt.replace("{context}", context).replace("{prompt}", problem["prompt"])
+                    problem["prompt"] = place_context(hint_in_prompt, context, problem["prompt"])
                 else:
                     problem["teacher_context"] = context
             handle.write(json.dumps(problem) + "\n")
