@@ -54,7 +54,8 @@ class CrossTokenizer:
 
     def completions(self, completion_ids: torch.Tensor, completion_mask: torch.Tensor, finished: torch.Tensor,
                     prompts: list[TeacherPrompt]) -> TeacherCompletions:
-        """completion_ids, completion_mask: (B, T) the student's; finished: (B,); prompts: each row's."""
+        """completion_ids, completion_mask: (B, T) the student's; finished: (B,); prompts: each row's. The
+        alignment comes on the completions' device."""
         ids, mask = completion_ids.cpu(), completion_mask.cpu().bool()
         rows, width = ids.shape
         lengths = mask.sum(1)  # (B,)
@@ -86,10 +87,14 @@ class CrossTokenizer:
         teacher_ids, teacher_lengths, unknown = self._encode(texts, prompts)
         aligned = [row for row in range(rows) if teacher_lengths[row] is not None]
         one = torch.ones(1, dtype=torch.long)
-        student_side = [_shifted(token_lengths[row, : keeps[row]], shifts[row][0]) for row in aligned]
-        teacher_side = [_shifted(teacher_lengths[row], shifts[row][1]) for row in aligned]
-        pairs = align_chunks([torch.cat([lengths_, one]) if ended[row] else lengths_ for row, lengths_ in zip(aligned, student_side)],
-                             [torch.cat([lengths_, one]) if ended[row] else lengths_ for row, lengths_ in zip(aligned, teacher_side)])
+
+        def side(lengths_: torch.Tensor, row: int, shift: int) -> torch.Tensor:
+            """A row's token byte lengths past its separator, and the end of its turn as one virtual byte."""
+            lengths_ = _shifted(lengths_, shift)
+            return torch.cat([lengths_, one]) if ended[row] else lengths_
+
+        pairs = align_chunks([side(token_lengths[row, : keeps[row]], row, shifts[row][0]) for row in aligned],
+                             [side(teacher_lengths[row], row, shifts[row][1]) for row in aligned])
         teacher_rows = [ids_ + [self.end_id] if ended[row] or teacher_lengths[row] is None or not ids_ else ids_
                         for row, ids_ in enumerate(teacher_ids)]  # never an empty row: a placeholder, unscored
         student_chunk = torch.full((rows, width), TRUNCATED, dtype=torch.long)
@@ -102,7 +107,8 @@ class CrossTokenizer:
             if bool(unknown[row].any()) or not ended[row]:
                 _drop_chunks(student_chunk[row, : len(student)], teacher_chunk[row, : len(teacher)], unknown[row],
                              trailing=not ended[row])
-        return TeacherCompletions(teacher_rows, ended, ChunkAlignment(student_chunk, teacher_chunk))
+        device = completion_ids.device
+        return TeacherCompletions(teacher_rows, ended, ChunkAlignment(student_chunk.to(device), teacher_chunk.to(device)))
 
     def _encode(self, texts: list[str], prompts: list[TeacherPrompt]):
         """Each text encoded by the teacher after its prompt: after the prompt's anchor for every row in one

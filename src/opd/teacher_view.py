@@ -198,8 +198,7 @@ class TeacherView:
             completion_mask=completion_mask, sampler_logprobs=torch.zeros(completion_ids.shape, device=device),
             finished=torch.tensor(teacher.ended, device=device), prompt_index=batch.prompt_index,
             row_index=batch.row_index, rows=batch.rows, source=batch.source)
-        alignment = teacher.alignment
-        return teacher_batch, ChunkAlignment(alignment.student_chunk.to(device), alignment.teacher_chunk.to(device))
+        return teacher_batch, teacher.alignment
 
 
 class ViewedTeacher:
