@@ -91,12 +91,12 @@ class ChunkAlignment:
         sums = torch.zeros(rows * chunks, dtype=teacher_logprobs.dtype, device=device)
         sums.index_add_(0, slot, teacher_logprobs[kept])  # (B * chunks,) Σ ℓᵀ per chunk
         student_chunk = self.student_chunk.to(device)
-        last = self.last_token_of_chunk().to(device)
+        last = last_token_of_chunk(student_chunk)
         slots = torch.arange(rows, device=device).unsqueeze(1) * chunks + student_chunk.clamp(min=0)
         return torch.where(last, sums[slots], torch.zeros((), dtype=sums.dtype, device=device))
 
-    def last_token_of_chunk(self) -> torch.Tensor:
-        """(B, T) True at the last student token of each kept chunk."""
-        chunk = self.student_chunk
-        following = torch.cat([chunk[:, 1:], torch.full_like(chunk[:, :1], TRUNCATED)], dim=1)
-        return (chunk >= 0) & (following != chunk)
+
+def last_token_of_chunk(chunk_index: torch.Tensor) -> torch.Tensor:
+    """(B, T) chunk codes -> (B, T) True at the last student token of each kept chunk."""
+    following = torch.cat([chunk_index[:, 1:], torch.full_like(chunk_index[:, :1], TRUNCATED)], dim=1)
+    return (chunk_index >= 0) & (following != chunk_index)

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from opd.alignment import TRUNCATED, UNREPRESENTABLE
+from opd.alignment import TRUNCATED, UNREPRESENTABLE, last_token_of_chunk
 from opd.batch import StepBatch
 
 
@@ -59,7 +59,7 @@ def alignment_metrics(chunk_index: torch.Tensor, mask: torch.Tensor, prefix: str
     inside = mask.bool()
     tokens = max(int(inside.sum()), 1)
     kept = inside & (chunk_index >= 0)
-    last = kept & (torch.cat([chunk_index[:, 1:], torch.full_like(chunk_index[:, :1], -1)], 1) != chunk_index)
+    last = inside & last_token_of_chunk(chunk_index)
     return {
         f"{prefix}align/truncated_fraction": int((inside & (chunk_index == TRUNCATED)).sum()) / tokens,
         f"{prefix}align/unrepresentable_fraction": int((inside & (chunk_index == UNREPRESENTABLE)).sum()) / tokens,
