@@ -2,7 +2,7 @@
 bytes, the teacher's encoding of prompt + completion, the chunk alignment) plus folding its scores and
 the chunk advantages.
 
-    python benchmarks/alignment.py [--repeats 5]
+    python benchmarks/alignment.py [--repeats 20] [--demo-step-s S]
 
 Two pairs:
 1. The demo's: the word-level student and the byte-level BPE teacher (opd.demo.tokenizer), a step of
@@ -100,7 +100,7 @@ def time_alignment(view: TeacherView, batch: StepBatch, repeats: int) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--demo-step-s", type=float, help="the cross-tokenizer demo's measured seconds per step")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/opd-bench-tokenizers"))
     args = parser.parse_args(argv)
