@@ -12,7 +12,7 @@ Without --only it builds `teacher` and `student`. Two more assets are built only
 - `teacher_bpe` (--only teacher_bpe): the teacher's shape and training, but with a byte-level BPE
   tokenizer (tokenizer.build_bpe_tokenizer) that splits most numbers, for cross-tokenizer demos.
 - `student_hinted` (--only student_hinted): the student (same shape, tokenizer and slip), but in 30%
-  of its training examples the prompt starts with the reference answer's last line, see hint_prompt,
+  of its training examples the prompt starts with the reference answer's last line, see task.HINT_FORMAT,
   and those answers never slip. Shown the hint it answers right, like an LLM given privileged context;
   without it, it keeps the habit: a frozen copy shown the hint is a teacher for self-distillation.
 
@@ -33,16 +33,12 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from opd import losses
 from opd.checkpoint import save_model
-from opd.data import load_prompts
-from opd.demo.task import make_problem, write_split
+from opd.demo.task import hinted_prompt, make_problem, write_split
 from opd.demo.tokenizer import build_bpe_tokenizer, build_tokenizer
 from opd.batch import left_pad, right_pad
-from opd.evaluate import evaluate
-from opd.factory import make_sampler
 from opd.forward import completion_hidden_states, logits_from_hidden
-from opd.loading import LoadedModel, load_model
-from opd.precision import Precision
-from opd.sampling import SamplingSettings
+from opd.eval_command import evaluate_model
+from opd.loading import LoadedModel
 
 ASSETS = Path(__file__).parent / "assets"
 ASSET_NAMES = ["teacher", "student", "teacher_bpe", "student_hinted"]
@@ -72,19 +68,12 @@ def save_portable(model: LoadedModel, folder: Path) -> None:
     config_path.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
 
-def hint_prompt(prompt: str, answer: str) -> str:
-    """The prompt led by the reference answer's last line, `#### N \n Question : ...`: words the
-    word-level tokenizer knows, so a hinted prompt is an ordinary one, three tokens longer."""
-    final_line = answer.rsplit("\n", 1)[1].strip()
-    return f"{final_line} \n {prompt}"
-
-
 def training_problem(rng: random.Random, slip: float, hint: float) -> dict[str, str]:
     """A problem from make_problem; with probability `hint` its prompt carries the hint, and then its
     answer never slips, so the model learns to copy a shown final answer rather than to slip past it."""
     if hint and rng.random() < hint:  # no draw when hint is 0: the plain builds keep their random stream
         problem = make_problem(rng)
-        return {"prompt": hint_prompt(problem["prompt"], problem["answer"]), "answer": problem["answer"]}
+        return {"prompt": hinted_prompt(problem), "answer": problem["answer"]}
     return make_problem(rng, slip)
 
 
@@ -125,21 +114,12 @@ def train_supervised(
 
 
 def held_out_accuracy(folder: Path, hinted: bool = False, count: int = 200) -> float:
-    """Accuracy on the demo's held-out problems (write_split seed 2) through opd's own load, sampling
-    and grading path, at temperature 1 and 40 new tokens as `opd demo` measures it. `hinted`: each
-    prompt carries its hint."""
+    """Accuracy on the demo's held-out problems (write_split seed 2) through `opd eval`'s path, at
+    temperature 1 and 40 new tokens as `opd demo` measures it. `hinted`: each prompt carries its hint."""
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "eval.jsonl"
-        write_split(path, count, seed=2)
-        if hinted:
-            rows = [json.loads(line) for line in path.read_text().splitlines()]
-            path.write_text("".join(json.dumps({**row, "prompt": hint_prompt(row["prompt"], row["answer"])}) + "\n"
-                                    for row in rows))
-        precision = Precision.resolve("fp32", "cpu")
-        model = load_model(str(folder), "model", precision.device)
-        prompts = load_prompts(str(path), "eval", model.tokenizer, max_prompt_tokens=128)
-        sampler = make_sampler(model, SamplingSettings(max_new_tokens=40, temperature=1.0), precision)
-        metrics = evaluate(sampler, None, prompts, model.tokenizer, samples_per_prompt=1, batch_prompts=256, seed=1)
+        write_split(path, count, seed=2, hint_in_prompt=hinted)
+        metrics = evaluate_model(str(folder), str(path), max_new_tokens=40, seed=1, precision="fp32")
     return metrics["eval/accuracy"]
 
 

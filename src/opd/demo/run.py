@@ -25,7 +25,7 @@ from rich.table import Table
 
 from opd.config import Config, validate
 from opd.data import load_prompts
-from opd.demo.task import write_split
+from opd.demo.task import HINT_FORMAT, write_split
 from opd.errors import ConfigError
 from opd.evaluate import evaluate
 from opd.factory import load_teacher, make_sampler, sampling_settings
@@ -34,10 +34,6 @@ from opd.report import write_report
 from opd.trainer import train
 
 ASSETS = Path(__file__).parent / "assets"
-
-
-# The hint a self-distilling teacher sees before the question: the reference answer's last line.
-HINT_FORMAT = "{context} \n {prompt}"
 
 
 def demo_config(out: Path, teacher: str = "teacher", student: str = "student") -> Config:
@@ -91,7 +87,7 @@ def run_demo(out: str | Path, teacher_tokenizer: str = "same", self_distill: boo
         shutil.copytree(ASSETS / name, out / "models" / name)
     config = demo_config(out, teacher, student)
     if self_distill:
-        write_split(out / "data" / "eval_hinted.jsonl", 200, seed=2, hint=True, hint_in_prompt=HINT_FORMAT)
+        write_split(out / "data" / "eval_hinted.jsonl", 200, seed=2, hint_in_prompt=True)
         console.print(f"[bold]opd demo[/bold]: a {_size(out / 'models' / student)} student teaches itself, its "
                       f"frozen copy shown the reference answer's last line; run directory {out}")
     else:

@@ -78,18 +78,29 @@ def vocabulary_words() -> list[str]:
     return sorted(words)
 
 
-def write_split(path: Path, count: int, seed: int, hint: bool = False, hint_in_prompt: str | None = None) -> None:
-    """count problems as JSONL. hint: each row also carries `teacher_context`, the answer's last line
-    (`#### N`), for a teacher only; hint_in_prompt: a format ({context}, {prompt}) that puts it into the
-    prompt itself instead (to measure a teacher that sees it)."""
+# A hint shown before the question: the reference answer's last line, `#### N \n Question : ...`, words
+# the word-level tokenizer knows, so a hinted prompt is an ordinary one, three tokens longer.
+HINT_FORMAT = "{context} \n {prompt}"
+
+
+def hint_of(problem: dict[str, str]) -> str:
+    """The reference answer's last line, `#### N`."""
+    return problem["answer"].split("\n")[-1].strip()
+
+
+def hinted_prompt(problem: dict[str, str]) -> str:
+    return place_context(HINT_FORMAT, hint_of(problem), problem["prompt"])
+
+
+def write_split(path: Path, count: int, seed: int, hint: bool = False, hint_in_prompt: bool = False) -> None:
+    """count problems as JSONL. hint: each row also carries `teacher_context`, its hint, for a teacher
+    only; hint_in_prompt: the hint put into the prompt itself instead (to measure a model that sees it)."""
     rng = random.Random(seed)
     with Path(path).open("w") as handle:
         for _ in range(count):
             problem = make_problem(rng)
-            if hint or hint_in_prompt:
-                context = problem["answer"].split("\n")[-1].strip()
-                if hint_in_prompt:
-                    problem["prompt"] = place_context(hint_in_prompt, context, problem["prompt"])
-                else:
-                    problem["teacher_context"] = context
+            if hint_in_prompt:
+                problem["prompt"] = hinted_prompt(problem)
+            elif hint:
+                problem["teacher_context"] = hint_of(problem)
             handle.write(json.dumps(problem) + "\n")
