@@ -94,7 +94,7 @@ def _dry_run(config, ranks: int | None) -> None:
     check_source(config.student.path, "student.path")
     for name, teacher in config.teacher_configs.items():
         if not teacher.remote:
-            check_source(teacher.path, "teacher.path" if config.teacher is not None else f"teachers[{name}].path")
+            check_source(teacher.path, f"{config.teacher_key(name)}.path")
     counts = {}
     train = config.data.train
     train_sources = [("data.train", train)] if isinstance(train, str) else [

@@ -364,6 +364,10 @@ class Config(_Strict):
             return {teacher.name: teacher for teacher in self.teachers}
         return {"teacher": self.teacher} if self.teacher is not None else {}
 
+    def teacher_key(self, name: str) -> str:
+        """The config key of a teacher (see teacher_configs), for messages: `teacher`, or `teachers[NAME]`."""
+        return "teacher" if self.teacher is not None else f"teachers[{name}]"
+
     @property
     def teacher_writes(self) -> bool:
         """The teacher writes some of the rollouts: rollout.source, or a mixture's off_policy_source."""

@@ -154,16 +154,11 @@ def _check_context(model: LoadedModel, key: str, config: Config) -> None:
         )
 
 
-def _key(config: Config, name: str) -> str:
-    """The config key of a teacher, for messages: `teacher`, or `teachers[NAME]`."""
-    return "teacher" if config.teacher is not None else f"teachers[{name}]"
-
-
 def teacher_view(config: Config, name: str, student_tokenizer, examples: list) -> TeacherView | None:
     """The teacher's own view of its rows `examples` (opd.teacher_view), or None where it reads them as the
     student does: one vocabulary, the student's template, no privileged context. Checked before any
     weight loads, every row rendered."""
-    settings, key = config.teacher_configs[name], _key(config, name)
+    settings, key = config.teacher_configs[name], config.teacher_key(name)
     source = settings.tokenizer or (None if settings.remote else settings.path)
     teacher_tokenizer = student_tokenizer if source is None else load_tokenizer(
         source, f"{key}.tokenizer" if settings.tokenizer else f"{key}.path", settings.trust_remote_code)
@@ -216,7 +211,7 @@ def prepare(config: Config, resume: bool, log=print, world: World | None = None)
     teacher_configs = config.teacher_configs  # by name; the one `teacher` is named "teacher"
     for name, settings in teacher_configs.items():
         if not settings.remote:
-            check_source(settings.path, f"{_key(config, name)}.path")
+            check_source(settings.path, f"{config.teacher_key(name)}.path")
     tokenizer = load_tokenizer(config.student.path, "student.path", config.student.trust_remote_code)
     data = config.data
     prompt_options = (tokenizer, data.max_prompt_tokens, data.system_prompt, data.chat_template_kwargs)
@@ -256,7 +251,7 @@ def prepare(config: Config, resume: bool, log=print, world: World | None = None)
     for name, settings in teacher_configs.items():
         if settings.remote:
             continue
-        key = f"{_key(config, name)}.path"
+        key = f"{config.teacher_key(name)}.path"
         scorers[name] = load_teacher(settings.path, key, precision, settings.temperature, config.loss.chunk_size,
                                      settings.trust_remote_code, settings.top_k)
         _check_context(scorers[name].loaded, key, config)
