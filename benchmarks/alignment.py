@@ -30,12 +30,12 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from opd.batch import StepBatch, left_pad, right_pad
-from opd.data import Example
+from opd.ops.batch import StepBatch, left_pad, right_pad
+from opd.data.rows import Example
 from opd.demo.task import make_problem
 from opd.demo.tokenizer import build_bpe_tokenizer, build_tokenizer
-from opd.losses import chunk_advantages
-from opd.teacher_view import TeacherView, ViewSettings
+from opd.objectives.losses import chunk_advantages
+from opd.teachers.view import TeacherView, ViewSettings
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -29,18 +29,18 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from opd.config import validate
+from opd.config.files import validate
 from opd.demo.run import ASSETS
 from opd.demo.task import write_split
-from opd.data import load_prompts
+from opd.data.prompts import load_prompts
 from opd.errors import StudentCollapsed
-from opd.evaluate import decode_completions
-from opd.factory import make_sampler
-from opd.loading import load_model
-from opd.precision import Precision
-from opd.sampling import SamplingSettings
-from opd.sinks import read_metrics
-from opd.trainer import train
+from opd.train.evaluate import decode_completions
+from opd.rollout.sampler import ModelSampler
+from opd.models.loading import load_model
+from opd.models.precision import Precision
+from opd.rollout.sampler import SamplingSettings
+from opd.io.sinks import read_metrics
+from opd.train.trainer import train
 
 STEP = re.compile(r"step \d+")
 RUNS = {
@@ -130,7 +130,7 @@ def completions(model_dir: Path, work: Path, count: int = 3) -> list[str]:
     precision = Precision(torch.device("cpu"))
     student = load_model(str(model_dir), "student", precision.device)
     prompts = load_prompts(str(work / "eval.jsonl"), "eval", student.tokenizer, 64)
-    batch = make_sampler(student, SamplingSettings(40), precision).sample(prompts.batch(list(range(count))), 1, seed=1)
+    batch = ModelSampler(student, SamplingSettings(40), precision).sample(prompts.batch(list(range(count))), 1, seed=1)
     return decode_completions(batch, student.tokenizer)
 
 

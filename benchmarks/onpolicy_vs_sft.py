@@ -10,7 +10,7 @@ Both runs share every setting (prompts per step, samples per prompt, lr, schedul
 in who writes the completions and the loss:
 - on-policy: the student samples, loss reverse_kl_pg (per-token reverse KL as the reward);
 - off-policy: the teacher samples, loss sft (sequence-level distillation).
-FLOPs follow opd.flops: 2N per token for sampling (N of whichever model samples), 2N_T for a teacher
+FLOPs follow opd.ops.flops: 2N per token for sampling (N of whichever model samples), 2N_T for a teacher
 scoring pass (the off-policy run needs none: its sampling pass gave ℓᵀ), 6N for the student update.
 Writes onpolicy_vs_sft[_TASK].md (table) and .png (plot) into --out.
 """
@@ -22,12 +22,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from opd.config import load_config, validate
+from opd.config.files import load_config, validate
 from opd.demo.run import ASSETS, demo_config
 from opd.demo.task import write_split
-from opd.sinks import read_metrics
+from opd.io.sinks import read_metrics
 from opd.recipes import gsm8k_tiny
-from opd.trainer import train
+from opd.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {
@@ -126,7 +126,7 @@ def write_outputs(results: dict[str, list[dict]], args: argparse.Namespace) -> P
     table = args.out / f"{stem}.md"
     table.write_text(
         f"# On-policy distillation vs SFT on teacher samples ({args.task})\n\n"
-        f"`{command}`: {TASKS[args.task][2]}. FLOPs as in `opd.flops` (2N sampling, 2N_T teacher scoring, 6N update "
+        f"`{command}`: {TASKS[args.task][2]}. FLOPs as in `opd.ops.flops` (2N sampling, 2N_T teacher scoring, 6N update "
         "per token; the SFT run's teacher sampling pass gives ℓᵀ, so it runs no scoring pass).\n\n"
         + "\n".join(lines) + f"\n\n![accuracy and reverse KL against FLOPs]({stem}.png)\n"
     )

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from opd.config import validate
-from opd.flops import matmul_parameters
-from opd.sinks import read_metrics
-from opd.loading import load_model
-from opd.trainer import train
+from opd.config.files import validate
+from opd.ops.flops import matmul_parameters
+from opd.io.sinks import read_metrics
+from opd.models.loading import load_model
+from opd.train.trainer import train
 
 from memory import peak_rss_mb  # benchmarks/memory.py, beside this script
 
@@ -73,7 +73,7 @@ def main() -> None:
                 "update_s": row["timing/update_s"],
                 "total_s": row["timing/rollout_s"] + row["timing/teacher_s"] + row["timing/update_s"],
                 "completion_tokens": round(row["generation/avg_length"] * rollouts),
-                # update FLOPs are 6N per prompt and completion token (opd.flops)
+                # update FLOPs are 6N per prompt and completion token (opd.ops.flops)
                 "prompt_tokens": round(row["compute/update_flops"] / (6 * student_params)
                                        - row["generation/avg_length"] * rollouts),
             }

@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from opd.flops import matmul_parameters
-from opd.loading import load_model
-from opd.sinks import read_metrics
+from opd.ops.flops import matmul_parameters
+from opd.models.loading import load_model
+from opd.io.sinks import read_metrics
 
 HERE = Path(__file__).resolve().parent
 

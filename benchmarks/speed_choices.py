@@ -7,7 +7,7 @@ models built locally (vocabulary 8,192): batched sampling vs one rollout at a ti
 step vs Hugging Face's forward, fp32 vs a bf16 weight copy for sampling, inverse-CDF token draws vs
 torch.multinomial, bf16 autocast vs fp32, gathered log-probs vs a full log-softmax, and an LM head
 over completion positions only vs over the whole sequence. Freed memory is reused, as in opd's
-training process (opd.host_memory). Results are medians of a few repeats; the README quotes them.
+training process (opd.train.host_memory). Results are medians of a few repeats; the README quotes them.
 """
 
 from __future__ import annotations
@@ -19,14 +19,15 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-from opd.losses import token_logprobs
-from opd.data import Example, PromptBatch
-from opd.decoding import HFDecoder
-from opd.forward import completion_hidden_states, logits_from_hidden
-from opd.host_memory import keep_freed_memory
-from opd.loading import LoadedModel
-from opd.precision import Precision
-from opd.sampling import ModelSampler, SamplingSettings, draw
+from opd.ops.logprobs import token_logprobs
+from opd.data.prompts import PromptBatch
+from opd.data.rows import Example
+from opd.rollout.decoding import HFDecoder
+from opd.ops.forward import completion_hidden_states, logits_from_hidden
+from opd.train.host_memory import keep_freed_memory
+from opd.models.loading import LoadedModel
+from opd.models.precision import Precision
+from opd.rollout.sampler import ModelSampler, SamplingSettings, draw
 
 CPU = Precision(torch.device("cpu"))
 

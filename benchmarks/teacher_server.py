@@ -31,15 +31,16 @@ import httpx
 import torch
 import yaml
 
-from opd.config import TeacherConfig
-from opd.data import load_prompts
+from opd.config.sections import TeacherConfig
+from opd.data.prompts import load_prompts
 from opd.demo.run import ASSETS, demo_config
 from opd.demo.task import write_split
-from opd.factory import load_teacher, make_sampler, sampling_settings
-from opd.loading import load_model
-from opd.precision import Precision
-from opd.remote_teacher import RemoteTeacher
-from opd.sinks import read_metrics
+from opd.teachers.local import load_teacher
+from opd.rollout.sampler import ModelSampler, SamplingSettings
+from opd.models.loading import load_model
+from opd.models.precision import Precision
+from opd.teachers.remote import RemoteTeacher
+from opd.io.sinks import read_metrics
 
 
 def free_port() -> int:
@@ -108,7 +109,7 @@ def main() -> None:
             remote.check(student.tokenizer)
             config = demo_config(work)
             prompts = load_prompts(str(work / "data" / "train.jsonl"), "data", student.tokenizer, 64)
-            sampler = make_sampler(student, sampling_settings(config.rollout), precision)
+            sampler = ModelSampler(student, SamplingSettings.of(config.rollout), precision)
             batch = sampler.sample(prompts.batch(list(range(16))), 4, 0)
             tokens = batch.num_tokens
             local_s = timed(lambda: local.score(batch), args.repeats)

@@ -32,15 +32,16 @@ from pathlib import Path
 
 import torch
 
-from opd.config import validate
-from opd.data import load_prompts
-from opd.evaluate import evaluate
-from opd.factory import load_teacher, make_sampler
-from opd.flops import matmul_parameters
-from opd.host_memory import keep_freed_memory
-from opd.loading import load_model
-from opd.precision import Precision
-from opd.sampling import SamplingSettings
+from opd.config.files import validate
+from opd.data.prompts import load_prompts
+from opd.train.evaluate import evaluate
+from opd.teachers.local import load_teacher
+from opd.rollout.sampler import ModelSampler
+from opd.ops.flops import matmul_parameters
+from opd.train.host_memory import keep_freed_memory
+from opd.models.loading import load_model
+from opd.models.precision import Precision
+from opd.rollout.sampler import SamplingSettings
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -109,7 +110,7 @@ def widen_vocabulary(tokenizer, size: int):
 
 def teach(work: Path, gsm8k: Path) -> None:
     """A short `opd sft` of the teacher on GSM8K train answers, so it has something to teach."""
-    from opd.trainer import train
+    from opd.train.trainer import train
 
     config = validate({
         "run": {"output_dir": str(work / "teacher-sft"), "max_steps": 60, "precision": "auto", "progress": False},
@@ -170,7 +171,7 @@ def held_out_reverse_kl(work: Path, student_dir: Path) -> float:
     student = load_model(str(student_dir), "student", fp32.device)
     teacher = load_teacher(str(work / "models" / "teacher"), "teacher", fp32)
     prompts = load_prompts(str(work / "data" / "eval.jsonl"), "eval", student.tokenizer, 512)
-    sampler = make_sampler(student, SamplingSettings(EQUAL["max_new_tokens"], EQUAL["temperature"]), fp32)
+    sampler = ModelSampler(student, SamplingSettings(EQUAL["max_new_tokens"], EQUAL["temperature"]), fp32)
     metrics = evaluate(sampler, teacher, prompts, student.tokenizer, 1, 32, 1)
     return metrics["eval/distill/reverse_kl"]
 
@@ -188,7 +189,7 @@ def summarize(results: list[dict], work: Path, peaks: dict[str, float]) -> dict:
         seconds = sum(s["total_s"] for s in steps)
         completion = sum(s["completion_tokens"] for s in steps)
         tokens = completion + sum(s["prompt_tokens"] for s in steps)
-        model_flops = (2 * student + 2 * teacher + 6 * student) * tokens  # opd.flops: sampling, teacher, update
+        model_flops = (2 * student + 2 * teacher + 6 * student) * tokens  # opd.ops.flops: sampling, teacher, update
         per_rep.append({
             "tokens_per_s": completion / seconds,
             "split": [sum(s[key] for s in steps) / seconds for key in ("rollout_s", "teacher_s", "update_s")],

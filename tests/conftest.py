@@ -12,13 +12,14 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from opd import losses
-from opd.batch import StepBatch
-from opd.data import Example, PromptBatch
+from opd.ops.logprobs import process_logits, token_logprobs
+from opd.ops.batch import StepBatch
+from opd.data.prompts import PromptBatch
+from opd.data.rows import Example
 from opd.demo.task import make_problem
 from opd.demo.tokenizer import build_tokenizer
-from opd.precision import Precision
-from opd.sampling import ModelSampler, SamplingSettings
+from opd.models.precision import Precision
+from opd.rollout.sampler import ModelSampler, SamplingSettings
 
 CPU = Precision(torch.device("cpu"))
 
@@ -138,9 +139,9 @@ def recompute_logprobs(model, rollouts: StepBatch, temperature: float, top_k: in
         ids = torch.cat([prompt, rollouts.completion_ids[row, :length]])[None]
         with torch.no_grad():
             logits = model.model(input_ids=ids).logits[0, len(prompt) - 1 : -1, : model.vocab_size]
-        processed = losses.process_logits(logits, temperature, top_k, top_p)
+        processed = process_logits(logits, temperature, top_k, top_p)
         values = torch.zeros(rollouts.completion_ids.shape[1])
-        values[:length] = losses.token_logprobs(processed, ids[0, len(prompt):])
+        values[:length] = token_logprobs(processed, ids[0, len(prompt):])
         rows.append(values)
     return torch.stack(rows)
 

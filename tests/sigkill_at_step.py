@@ -4,10 +4,10 @@ sampling: a hard crash at a known place, after the checkpoints of the steps befo
 import os
 import signal
 
-import opd.trainer
+import opd.train.trainer
 from opd.cli import main
 
-_train_step = opd.trainer.train_step
+_train_step = opd.train.trainer.train_step
 
 
 def _dying_step(session, config, step, *args, **kwargs):
@@ -16,5 +16,5 @@ def _dying_step(session, config, step, *args, **kwargs):
     return _train_step(session, config, step, *args, **kwargs)
 
 
-opd.trainer.train_step = _dying_step
+opd.train.trainer.train_step = _dying_step
 raise SystemExit(main())

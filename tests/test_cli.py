@@ -27,8 +27,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from opd.cli import main
-from opd.config import load_config
+from opd.config.files import load_config
 from opd.demo.tokenizer import EOS, UNK, build_tokenizer
+
+pytestmark = pytest.mark.e2e  # every test here runs opd in processes of its own
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The package's shape: imports flow one way (no cycles), and docstrings cite nothing outside the repository."""
+"""The package's shape: sub-packages layered with no upward import, imports flow one way (no cycles),
+and docstrings cite nothing outside the repository."""
 
 from __future__ import annotations
 
@@ -52,9 +53,55 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+# Each part of opd and its layer: a module may import its own part and parts of lower layers only, so
+# parts of one layer are independent of each other (the README's "How it is built" draws this).
+LAYERS = {
+    "errors": 0,
+    "config": 1, "ops": 1, "distributed": 1,
+    "data": 2, "models": 2,
+    "rollout": 3, "teachers": 3,
+    "objectives": 4, "io": 4,
+    "train": 5, "serve": 5,
+    "demo": 6, "recipes": 6,
+    "cli": 7, "__main__": 8,
+}
+
+
+def part_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "opd"
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """`importer -> imported` for every import that reaches a part of the same or a higher layer."""
+    found = []
+    for importer, targets in graph.items():
+        for target in targets:
+            source, dest = part_of(importer), part_of(target)
+            if source != dest and dest != "opd" and (source == "opd" or LAYERS[dest] >= LAYERS[source]):
+                found.append(f"{importer} -> {target}")
+    return sorted(found)
+
+
+def test_every_part_of_the_package_has_a_layer():
+    parts = {part_of(module) for module in import_graph()} - {"opd"}
+    assert parts == set(LAYERS), f"without a layer: {parts - set(LAYERS)}; layers of no part: {set(LAYERS) - parts}"
+
+
+def test_no_part_imports_a_part_of_its_own_or_a_higher_layer():
+    assert upward_imports(import_graph()) == []
+
+
+def test_the_layer_check_finds_an_upward_import():
+    graph = {"opd.teachers.routed": {"opd.train.metrics"}, "opd.train.metrics": {"opd.teachers.alignment"},
+             "opd.rollout.sampler": {"opd.teachers.local"}, "opd.data.prompts": {"opd.data.tasks.gsm8k"}}
+    assert upward_imports(graph) == ["opd.rollout.sampler -> opd.teachers.local",
+                                     "opd.teachers.routed -> opd.train.metrics"]
+
+
 def test_no_import_cycle_in_the_package():
     graph = import_graph()
-    assert "opd.batch" in graph and "opd.trainer" in graph
+    assert "opd.ops.batch" in graph and "opd.train.trainer" in graph
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
@@ -63,12 +110,18 @@ def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-def test_the_lowest_layers_import_nothing_above_them():
-    """The batch type and the pure losses depend on no model, sampler or trainer code."""
+def test_the_tensor_functions_import_nothing_but_each_other():
+    """The batch type, the forward passes, the log-prob math and the pure losses depend on no model,
+    sampler or trainer code."""
     graph = import_graph()
-    assert graph["opd.batch"] == set()
-    assert graph["opd.losses"] == set()
-    assert graph["opd.forward"] == set()
+    for module in ("opd.ops.batch", "opd.ops.forward", "opd.ops.logprobs", "opd.objectives.losses"):
+        assert graph[module] <= {"opd.ops.batch", "opd.ops.logprobs"}, (module, graph[module])
+
+
+def test_no_source_file_is_past_400_lines():
+    long = {str(path.relative_to(PACKAGE)): n for path in PACKAGE.rglob("*.py")
+            if (n := len(path.read_text().splitlines())) > 400}
+    assert long == {}
 
 
 def test_docstrings_cite_nothing_outside_the_repository():

@@ -78,23 +78,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _dry_run(config, ranks: int | None) -> None:
-    """Check what can be checked without weights or network: the config, local paths, local data; then
-    print the memory plan of each rank."""
+    """Check what can be checked without weights or network (the checks `prepare` runs first, and the
+    local data files), then print the memory plan of each rank."""
     import os
-    from pathlib import Path
 
     import torch
 
-    from opd.memory import plan_memory
+    from opd.data.rows import read_jsonl
+    from opd.train.memory import plan_memory
+    from opd.train.setup import check_inputs
 
-    from opd.data import read_jsonl
-    from opd.loading import check_source
-    from opd.setup import check_output_dir
-
-    check_source(config.student.path, "student.path")
-    for name, teacher in config.teacher_configs.items():
-        if not teacher.remote:
-            check_source(teacher.path, f"{config.teacher_key(name)}.path")
+    ranks = ranks or int(os.environ.get("WORLD_SIZE", 1))
+    if ranks < 1:
+        raise ConfigError(f"--nproc-per-node {ranks}: must be at least 1")
+    check_inputs(config, ranks, resume=True)  # resume=True: a run directory that holds a run is fine here
     counts = {}
     train = config.data.train
     train_sources = [("data.train", train)] if isinstance(train, str) else [
@@ -104,15 +101,10 @@ def _dry_run(config, ranks: int | None) -> None:
             counts[key] = f"{len(read_jsonl(source, key))} rows"
         elif source:
             counts[key] = "hub data set (not fetched)"
-    check_output_dir(Path(config.run.output_dir), resume=True)  # checks the path is usable; writes nothing
     rollouts = config.batch.prompts_per_step * config.rollout.samples_per_prompt
     print(f"config OK: {config.run.max_steps} steps of {config.batch.prompts_per_step} prompts x "
           f"{config.rollout.samples_per_prompt} samples = {rollouts} rollouts, loss {config.loss.kind}; "
           + "; ".join(f"{key}: {value}" for key, value in counts.items()))
-    ranks = ranks or int(os.environ.get("WORLD_SIZE", 1))
-    if ranks < 1 or config.batch.prompts_per_step % ranks:
-        raise ConfigError(f"--nproc-per-node {ranks}: batch.prompts_per_step={config.batch.prompts_per_step} must "
-                          "divide by the number of ranks")
     device = config.run.device if config.run.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     print("\n".join(plan_memory(config, ranks, device).lines(ranks)))
 
@@ -120,7 +112,7 @@ def _dry_run(config, ranks: int | None) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     import json
 
-    from opd.eval_command import evaluate_model
+    from opd.train.evaluate import evaluate_model
 
     for name in ("samples", "max_new_tokens", "max_prompts"):
         value = getattr(args, name)
@@ -143,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command in ("train", "sft"):
-            from opd.config import load_config
+            from opd.config.files import load_config
 
             # `opd sft` is the same loop with another loss and rollout source, where the file is silent.
             defaults = {"loss.kind": "sft", "rollout.source": "dataset"} if args.command == "sft" else {}
@@ -151,9 +143,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.dry_run:
                 _dry_run(config, args.nproc_per_node)
                 return 0
-            from opd.trainer import train
+            from opd.train.trainer import train
 
-            from opd.distributed import World
+            from opd.distributed.world import World
 
             result = train(config, resume=args.resume)
             if World.from_environment().is_main:
@@ -161,18 +153,18 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             _evaluate(args)
         elif args.command == "report":
-            from opd.report import write_report
+            from opd.io.report import write_report
 
             png, page = write_report(args.run_dirs, args.out)
             print(f"wrote {png} and {page}")
         elif args.command == "export":
-            from opd.export import export_checkpoint
+            from opd.io.export import export_checkpoint
 
             print(f"wrote {export_checkpoint(args.checkpoint, args.out)}")
         elif args.command == "serve-teacher":
             import os
 
-            from opd.teacher_server import serve
+            from opd.serve.server import serve
 
             if args.max_batch_tokens < 1 or args.max_logprobs < 0:
                 raise ConfigError("--max-batch-tokens must be at least 1 and --max-logprobs at least 0")

@@ -31,14 +31,15 @@ from pathlib import Path
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from opd import losses
-from opd.checkpoint import save_model
+from opd.ops.logprobs import token_logprobs
+from opd.objectives import losses
+from opd.io.checkpoint import save_model
 from opd.demo.task import hinted_prompt, make_problem, write_split
 from opd.demo.tokenizer import build_bpe_tokenizer, build_tokenizer
-from opd.batch import left_pad, right_pad
-from opd.forward import completion_hidden_states, logits_from_hidden
-from opd.eval_command import evaluate_model
-from opd.loading import LoadedModel
+from opd.ops.batch import left_pad, right_pad
+from opd.ops.forward import completion_hidden_states, logits_from_hidden
+from opd.train.evaluate import evaluate_model
+from opd.models.loading import LoadedModel
 
 ASSETS = Path(__file__).parent / "assets"
 ASSET_NAMES = ["teacher", "student", "teacher_bpe", "student_hinted"]
@@ -85,7 +86,7 @@ def supervised_loss(model: LoadedModel, prompts: list[list[int]], answers: list[
     input_ids = torch.cat([prompt_ids, answer_ids], 1)
     attention = torch.cat([prompt_mask, answer_mask], 1)
     hidden = completion_hidden_states(model.model, input_ids, attention, answer_ids.shape[1])  # (B, T, H)
-    logprobs = losses.token_logprobs(logits_from_hidden(model.model, hidden, model.vocab_size), answer_ids)
+    logprobs = token_logprobs(logits_from_hidden(model.model, hidden, model.vocab_size), answer_ids)
     return losses.reduce_tokens(-logprobs, answer_mask, answer_mask.sum())
 
 

@@ -23,15 +23,17 @@ from rich.console import Console
 from safetensors import safe_open
 from rich.table import Table
 
-from opd.config import Config, validate
-from opd.data import load_prompts
+from opd.config.schema import Config
+from opd.config.files import validate
+from opd.data.prompts import load_prompts
 from opd.demo.task import HINT_FORMAT, write_split
 from opd.errors import ConfigError
-from opd.evaluate import evaluate
-from opd.factory import load_teacher, make_sampler, sampling_settings
-from opd.precision import Precision
-from opd.report import write_report
-from opd.trainer import train
+from opd.train.evaluate import evaluate
+from opd.teachers.local import load_teacher
+from opd.rollout.sampler import ModelSampler, SamplingSettings
+from opd.models.precision import Precision
+from opd.io.report import write_report
+from opd.train.trainer import train
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -62,7 +64,7 @@ def teacher_accuracy(config: Config, eval_path: Path | None = None) -> float:
     precision = Precision.resolve(config.run.precision, config.run.device)
     teacher = load_teacher(config.teacher.path, "teacher.path", precision).loaded
     prompts = load_prompts(str(eval_path or config.data.eval), "data.eval", teacher.tokenizer, config.data.max_prompt_tokens)
-    sampler = make_sampler(teacher, sampling_settings(config.rollout), precision)
+    sampler = ModelSampler(teacher, SamplingSettings.of(config.rollout), precision)
     metrics = evaluate(sampler, None, prompts, teacher.tokenizer, samples_per_prompt=1, batch_prompts=256,
                        seed=config.run.seed + 1, max_prompts=config.data.eval_max_prompts)
     return metrics["eval/accuracy"]

@@ -17,7 +17,7 @@ import json
 import random
 from pathlib import Path
 
-from opd.data import place_context
+from opd.data.templates import place_context
 
 NAMES = ["Mia", "Tom", "Ava", "Leo", "Zoe", "Sam", "Ivy", "Max", "Eli", "Amy", "Ben", "Kim"]
 PRONOUNS = {"Mia": "She", "Ava": "She", "Zoe": "She", "Ivy": "She", "Amy": "She", "Kim": "She",

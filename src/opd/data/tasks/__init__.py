@@ -1,0 +1,1 @@
+"""Task-specific answer checking (GSM8K's `#### N`)."""

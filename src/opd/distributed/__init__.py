@@ -1,0 +1,1 @@
+"""The torchrun world (ranks, the few collectives the loop needs) and FSDP2 sharding of students and teachers."""

@@ -1,0 +1,169 @@
+"""The training objectives: `loss.kind` mapped once, in setup, to one object.
+
+Each objective declares what it needs from the teacher (`needs`: sampled-token log-probs, the full
+distribution, or nothing), prepares the step's batch (advantages), and turns one chunk of completion
+tokens into per-token loss values. The update's chunk loop and the trainer never look at the kind.
+Adding a loss means adding one class here, one entry in `OBJECTIVES`, its entry in
+`config.TEACHER_NEEDS`, and its reference test. A step that mixes the student's samples with someone
+else's (GKD's lambda) trains each row with the objective for its source (`BySource`).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Protocol
+
+import torch
+
+from opd.ops.logprobs import process_logits, token_logprobs
+from opd.objectives import losses
+from opd.ops.batch import STUDENT, StepBatch, TokenChunk
+from opd.config.schema import Config
+from opd.config.sections import FULL_DISTRIBUTION, TOKEN_LOGPROBS, TOP_K
+from opd.teachers.base import FullDistributionTeacher
+
+
+class Objective(Protocol):
+    needs: str | None  # TOKEN_LOGPROBS, FULL_DISTRIBUTION, or None (the teacher only adds metrics)
+
+    def prepare(self, batch: StepBatch) -> StepBatch:
+        """The batch with whatever this objective computes once per step (advantages)."""
+        ...
+
+    def per_token(self, student_logits: torch.Tensor, chunk: TokenChunk,
+                  teacher: FullDistributionTeacher | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """student_logits (c, V) with grad, at the chunk's positions. Returns per-token loss values (c,)
+        and the student's log-probs of the chunk's tokens (c,) under the objective's processing."""
+        ...
+
+
+class PolicyGradient:
+    """`reverse_kl_pg`: -rho_t * A_t with A_t = -c * sum_j gamma^(j-t) (ℓˢ_j - ℓᵀ_j), log pi_theta taken
+    under the sampler's temperature and truncation (the sampled token always inside the support).
+
+    With forward_kl_coef = w > 0, plus w * KL(pi_T || pi_theta) at every position of the same samples: a
+    mass-covering term that keeps the student's probability wherever the teacher's is, which the
+    sampled-token reward alone does not (it can settle on one high-reward token and lose the rest).
+    """
+
+    def __init__(self, temperature: float, top_k: int, top_p: float, ratio_clip: float | None, kl_coef: float,
+                 discount: float, forward_kl_coef: float = 0.0):
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.ratio_clip, self.kl_coef, self.discount = ratio_clip, kl_coef, discount
+        self.forward_kl_coef = forward_kl_coef
+        self.needs = FULL_DISTRIBUTION if forward_kl_coef else TOKEN_LOGPROBS
+
+    def prepare(self, batch: StepBatch) -> StepBatch:
+        if batch.chunk_index is not None:  # a teacher of another tokenizer: one advantage per chunk
+            advantages = losses.chunk_advantages(batch.sampler_logprobs, batch.teacher_logprobs, batch.chunk_index,
+                                                 batch.completion_mask, self.kl_coef, self.discount)  # (B, T)
+        else:
+            advantages = losses.discounted_advantages(batch.sampler_logprobs, batch.teacher_logprobs,
+                                                      batch.completion_mask, self.kl_coef, self.discount)  # (B, T)
+        return batch.replace(advantages=advantages)
+
+    def per_token(self, student_logits, chunk, teacher):
+        processed = process_logits(student_logits, self.temperature, self.top_k, self.top_p, keep=chunk.tokens)
+        logprobs = token_logprobs(processed, chunk.tokens)  # (c,)
+        values = losses.reverse_kl_pg(logprobs, chunk.sampler_logprobs, chunk.advantages, self.ratio_clip)
+        if self.forward_kl_coef:  # processed == logits / T here: the config requires no truncation
+            values = values + self.forward_kl_coef * losses.forward_kl(processed, teacher.logits(chunk.teacher_hidden))
+        return values, logprobs
+
+
+class Divergence:
+    """`forward_kl`, `reverse_kl`, `jsd`: the exact divergence between the student's distribution at the
+    sampling temperature and the teacher's at its own, at every completion position."""
+
+    needs = FULL_DISTRIBUTION
+
+    def __init__(self, divergence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], temperature: float):
+        self.divergence, self.temperature = divergence, temperature
+
+    def prepare(self, batch: StepBatch) -> StepBatch:
+        return batch
+
+    def per_token(self, student_logits, chunk, teacher):
+        scaled = process_logits(student_logits, self.temperature)  # (c, V) fp32
+        values = self.divergence(scaled, teacher.logits(chunk.teacher_hidden))
+        return values, token_logprobs(scaled, chunk.tokens)
+
+
+class TopKForwardKL:
+    """`topk_forward_kl`: the forward KL over the teacher's top-k tokens plus a tail bucket, at every
+    completion position, the student at the sampling temperature. Needs only the teacher's top-k
+    log-probs, which a server sends."""
+
+    needs = TOP_K
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+
+    def prepare(self, batch: StepBatch) -> StepBatch:
+        return batch
+
+    def per_token(self, student_logits, chunk, teacher):
+        scaled = process_logits(student_logits, self.temperature)  # (c, V) fp32
+        values = losses.topk_forward_kl(scaled, chunk.teacher_topk_ids, chunk.teacher_topk_logprobs)
+        return values, token_logprobs(scaled, chunk.tokens)
+
+
+class NegativeLogLikelihood:
+    """`sft`: -log pi_theta(y_t) at temperature 1 on someone else's tokens (the teacher's samples or the
+    data set's answers)."""
+
+    needs = None
+
+    def prepare(self, batch: StepBatch) -> StepBatch:
+        return batch
+
+    def per_token(self, student_logits, chunk, teacher):
+        logprobs = token_logprobs(student_logits, chunk.tokens)  # (c,)
+        return -logprobs, logprobs
+
+
+class BySource:
+    """GKD's mixture: the student's own samples train with the on-policy objective, every other row (the
+    teacher's samples, the data's answers) with the off-policy one, all in one step normalized by all
+    of its tokens."""
+
+    def __init__(self, on_policy: Objective, off_policy: Objective):
+        self.on_policy, self.off_policy = on_policy, off_policy
+        needs = {on_policy.needs, off_policy.needs}
+        self.needs = next((need for need in (FULL_DISTRIBUTION, TOP_K, TOKEN_LOGPROBS) if need in needs), None)
+
+    def prepare(self, batch: StepBatch) -> StepBatch:
+        return self.off_policy.prepare(self.on_policy.prepare(batch))
+
+    def per_token(self, student_logits, chunk, teacher):
+        on = chunk.source == STUDENT  # (c,)
+        values = student_logits.new_zeros(on.shape)
+        logprobs = student_logits.new_zeros(on.shape)
+        for objective, rows in ((self.on_policy, on), (self.off_policy, ~on)):
+            if bool(rows.any()):
+                part_values, part_logprobs = objective.per_token(student_logits[rows], chunk.subset(rows), teacher)
+                values = values.index_put((rows,), part_values.to(values.dtype))
+                logprobs = logprobs.index_put((rows,), part_logprobs.detach().to(logprobs.dtype))
+        return values, logprobs
+
+
+OBJECTIVES: dict[str, Callable[[Config], Objective]] = {
+    "reverse_kl_pg": lambda config: PolicyGradient(
+        config.rollout.temperature, config.rollout.top_k, config.rollout.top_p, config.loss.ratio_clip,
+        config.loss.kl_coef, config.loss.discount, config.loss.forward_kl_coef),
+    "topk_forward_kl": lambda config: TopKForwardKL(config.rollout.temperature),
+    "forward_kl": lambda config: Divergence(losses.forward_kl, config.rollout.temperature),
+    "reverse_kl": lambda config: Divergence(losses.reverse_kl, config.rollout.temperature),
+    "jsd": lambda config: Divergence(partial(losses.generalized_jsd, beta=config.loss.jsd_beta),
+                                     config.rollout.temperature),
+    "sft": lambda config: NegativeLogLikelihood(),
+}
+
+
+def build_objective(config: Config) -> Objective:
+    """The objective of `loss.kind` (its `needs` is config.teacher_needs; a test holds them equal), by
+    source when the run mixes in someone else's rows."""
+    objective = OBJECTIVES[config.loss.kind](config)
+    if config.mixed:
+        objective = BySource(objective, OBJECTIVES[config.loss.off_policy_kind](config))
+    return objective

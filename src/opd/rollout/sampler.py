@@ -1,0 +1,182 @@
+"""Sampling: a model turns a batch of prompts into a StepBatch of completions.
+
+One batched call samples every rollout of a step (prompts x samples) with a KV cache. Each sampled
+token's log-probability is recorded under exactly the distribution that drew it (temperature,
+top-k, top-p: `opd.ops.logprobs.process_logits`), so nothing needs recomputing before the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from opd.config.sections import RolloutConfig
+from opd.ops.batch import STUDENT, StepBatch, left_pad
+from opd.data.prompts import PromptBatch
+from opd.rollout.decoding import HFDecoder, LeanDecoder, make_decoder
+from opd.errors import TrainingDiverged
+from opd.ops.flops import forward_flops, matmul_parameters
+from opd.models.loading import LoadedModel
+from opd.ops.logprobs import process_logits
+from opd.models.precision import LowPrecisionCopy, Precision
+from opd.distributed.sharding import gathered_for_sampling, is_sharded
+
+
+class Sampler(Protocol):
+    """Writes a step's completions: `samples_per_prompt` rows per prompt, in prompt order."""
+
+    def sample(self, prompts: PromptBatch, samples_per_prompt: int, seed: int) -> StepBatch: ...
+
+    def sampling_flops(self, batch: StepBatch) -> float: ...
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    @classmethod
+    def of(cls, rollout: RolloutConfig, max_new_tokens: int | None = None) -> SamplingSettings:
+        """The config's `rollout` settings (max_new_tokens: another length, e.g. for evaluation)."""
+        return cls(max_new_tokens or rollout.max_new_tokens, rollout.temperature, rollout.top_k, rollout.top_p)
+
+
+def stream_seed(seed: int, key: int) -> int:
+    """A 63-bit seed for the random stream of one prompt's samples, from the run's seed and the prompt's key."""
+    return (seed * 0x9E3779B97F4A7C15 + (key + 1) * 0xBF58476D1CE4E5B9) % (2**63)
+
+
+def uniforms(prompts: PromptBatch, samples_per_prompt: int, steps: int, seed: int, device) -> torch.Tensor:
+    """(B, steps) float64 uniform numbers, one per row and decoding step, each prompt's rows from its own
+    stream (`stream_seed(seed, key)`): the draws do not depend on which prompts share the batch."""
+    rows = [torch.rand(samples_per_prompt, steps, dtype=torch.float64,
+                       generator=torch.Generator().manual_seed(stream_seed(seed, key))) for key in prompts.keys]
+    return torch.cat(rows).to(device)
+
+
+def draw(logits: torch.Tensor, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One token per row of softmax(logits) (B, V) by inverse-CDF sampling with the row's uniform number
+    uniform (B,) in [0, 1); returns the tokens (B,), their log-probabilities (B,) and the distribution's
+    entropy (B,).
+
+    torch.multinomial draws an exponential number per vocabulary entry, which on a CPU costs more than
+    the rest of a small model's decoding step. The CDF is summed in float64 so that even tiny
+    probabilities keep their share of it; -inf logits have probability 0 and are never drawn.
+    """
+    shifted = logits - logits.amax(-1, keepdim=True)  # (B, V), the largest is 0
+    weights = shifted.exp()  # (B, V) unnormalized probabilities
+    cdf = weights.double().cumsum(-1)  # (B, V)
+    total = cdf[:, -1:]  # (B, 1)
+    target = uniform.to(torch.float64).view(-1, 1) * total
+    tokens = torch.searchsorted(cdf, target, right=True).clamp(max=logits.shape[-1] - 1)  # (B, 1)
+    no_mass = weights.gather(-1, tokens) == 0  # (B, 1)
+    if bool(no_mass.any()):  # rounding put the target at the very top: the last token with mass then
+        last_with_mass = logits.shape[-1] - 1 - (weights.flip(-1) > 0).int().argmax(-1, keepdim=True)
+        tokens = torch.where(no_mass, last_with_mass, tokens)
+    log_total = total.log().to(shifted.dtype)  # (B, 1)
+    logprobs = shifted.gather(-1, tokens) - log_total  # (B, 1)
+    # H = log Z - sum_v w_v s_v / Z with w = exp(s); a -inf entry has w = 0 and adds nothing (clamped, not NaN).
+    weighted = torch.linalg.vecdot(weights, shifted.clamp(min=torch.finfo(shifted.dtype).min))  # (B,)
+    entropy = log_total.squeeze(-1) - weighted / total.squeeze(-1).to(shifted.dtype)
+    return tokens.squeeze(-1), logprobs.squeeze(-1), entropy
+
+
+class ModelSampler:
+    """Samples with a Hugging Face causal LM (the student, or for SFT on its samples the teacher) and
+    its KV cache, recording each token's log-prob as it goes.
+
+    Decoding goes through `opd.rollout.decoding` (a lean step for Llama-style models, checked against the
+    model's own forward; Hugging Face's forward otherwise). Each prompt is encoded once and its
+    KV-cache rows are shared by its samples. Under bf16 on a GPU an fp32 model samples from a bf16
+    copy of its weights (`precision.LowPrecisionCopy`), refreshed at every call. On a CPU, decoding at
+    sampling widths is bound by overheads rather than matrix products: the copy gave no consistent
+    gain there (docs/performance.md), and fp32 keeps the recorded log-probs exact.
+    """
+
+    def __init__(self, policy: LoadedModel, settings: SamplingSettings, precision: Precision,
+                 low_precision_copy: bool | None = None, source: int = STUDENT):
+        """low_precision_copy: sample from a bf16 copy of fp32 weights; None = on GPUs only.
+        source: what the rows are marked as (STUDENT, or TEACHER when the teacher samples)."""
+        self.policy = policy
+        self.source = source
+        self.settings = settings
+        first = next(policy.model.parameters())
+        wanted = low_precision_copy if low_precision_copy is not None else first.device.type == "cuda"
+        # A sharded student samples in bf16 through FSDP2's own param_dtype (and cannot be copied).
+        use_copy = (wanted and precision.autocast_dtype is not None and first.dtype != precision.autocast_dtype
+                    and not is_sharded(policy.model))
+        self._copy = LowPrecisionCopy(policy.model, precision.autocast_dtype) if use_copy else None
+        self._decoder: LeanDecoder | HFDecoder | None = None
+        self._matmul_parameters = matmul_parameters(policy.model)
+
+    def sampling_flops(self, batch: StepBatch) -> float:
+        return forward_flops(self._matmul_parameters, batch)
+
+    def sampling_model(self) -> torch.nn.Module:
+        """The model to sample with: the policy itself, or its low-precision copy with the current weights."""
+        return self._copy.current() if self._copy is not None else self.policy.model
+
+    def sample(self, prompts: PromptBatch, samples_per_prompt: int, seed: int) -> StepBatch:
+        """seed: the run's sampling seed; with each prompt's key it fixes that prompt's draws."""
+        with gathered_for_sampling(self.policy.model):  # a sharded student gathers once per call
+            return self._sample(prompts, samples_per_prompt, seed)
+
+    @torch.no_grad()
+    def _sample(self, prompts: PromptBatch, samples_per_prompt: int, seed: int) -> StepBatch:
+        model, tokenizer, settings = self.sampling_model(), self.policy.tokenizer, self.settings
+        if self._decoder is None or self._decoder.model is not model:
+            self._decoder = make_decoder(model)
+        device = next(model.parameters()).device
+        pad_id = tokenizer.pad_token_id
+        unique_ids, unique_mask = left_pad(prompts.token_ids, pad_id, device)  # (n, P)
+        vocab = self.policy.vocab_size
+        # Each prompt is encoded once; its samples share the KV-cache rows it produced.
+        logits = self._decoder.start(unique_ids, unique_mask, samples_per_prompt, settings.max_new_tokens)[:, :vocab]
+        prompt_ids = unique_ids.repeat_interleave(samples_per_prompt, 0)  # (B, P)
+        prompt_mask = unique_mask.repeat_interleave(samples_per_prompt, 0)  # (B, P)
+        batch = prompt_ids.shape[0]
+        stop_ids = torch.tensor(self.policy.stop_token_ids, device=device)
+
+        tokens = torch.full((batch, settings.max_new_tokens), pad_id, dtype=torch.long, device=device)  # (B, T)
+        logprobs = torch.zeros((batch, settings.max_new_tokens), device=device)  # (B, T)
+        entropies = torch.zeros((batch, settings.max_new_tokens), device=device)  # (B, T)
+        live = torch.zeros((batch, settings.max_new_tokens), dtype=torch.long, device=device)  # (B, T)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,)
+        random = uniforms(prompts, samples_per_prompt, settings.max_new_tokens, seed, device)  # (B, T)
+        for t in range(settings.max_new_tokens):
+            logits = process_logits(logits, settings.temperature, settings.top_k, settings.top_p)  # (B, V)
+            next_token, next_logprob, entropy = draw(logits, random[:, t])  # (B,) each
+            if not bool(torch.isfinite(next_logprob).all()):  # NaN or +inf logits make the whole row NaN
+                raise TrainingDiverged("the sampling model's logits are not finite")
+            live[:, t] = (~finished).long()
+            tokens[:, t] = torch.where(finished, pad_id, next_token)
+            logprobs[:, t] = torch.where(finished, 0.0, next_logprob)
+            entropies[:, t] = torch.where(finished, 0.0, entropy)
+            finished |= torch.isin(next_token, stop_ids)
+            if bool(finished.all()) or t == settings.max_new_tokens - 1:
+                break
+            logits = self._decoder.step(tokens[:, t : t + 1])[:, :vocab]
+        self._decoder.release()
+        return self._finish(prompts, samples_per_prompt, prompt_ids, prompt_mask, tokens, live, logprobs, finished,
+                            entropies)
+
+    def _finish(self, prompts, samples_per_prompt, prompt_ids, prompt_mask, tokens, live, logprobs, finished,
+                entropies) -> StepBatch:
+        device, batch = tokens.device, tokens.shape[0]
+        return StepBatch(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            completion_ids=tokens,
+            completion_mask=live,
+            sampler_logprobs=logprobs,
+            finished=finished,
+            prompt_index=torch.arange(len(prompts), device=device).repeat_interleave(samples_per_prompt),
+            row_index=torch.tensor(prompts.row_index, device=device).repeat_interleave(samples_per_prompt),
+            rows=[row for row in prompts.rows for _ in range(samples_per_prompt)],
+            source=torch.full((batch,), self.source, dtype=torch.long, device=device),
+            sampler_entropy=entropies,
+        ).trimmed()

@@ -1,0 +1,204 @@
+"""`opd serve-teacher MODEL`: a Hugging Face model scoring token sequences over HTTP (`pip install 'opd[serve]'`).
+
+It speaks the part of vLLM's OpenAI-compatible `/v1/completions` that scoring needs, so one client
+talks to it and to `vllm serve`: token-id prompts (one, or a list), `max_tokens` 1 and
+`prompt_logprobs: k`, answered with `choices[i].prompt_logprobs`, one entry per prompt position (the
+first null), each a dict keyed by token id (as a string) of `{logprob, rank, decoded_token}` holding
+the prompt's token and the k most likely. Two extensions of opd's own: the request's `temperature` is
+applied to the prompt log-probs (vLLM ignores it there), and `logprob_start` (one number, or one per
+prompt) leaves the positions before it null, so a client asking for completion tokens only doesn't pay
+for the prompt's LM head. Also `/health`, `/v1/models` and vLLM's `/tokenize`.
+
+It binds to 127.0.0.1 unless told otherwise. With an API key, every `/v1` and `/tokenize` request
+must carry `Authorization: Bearer KEY` (401 otherwise). A malformed or oversized request gets a 4xx
+JSON error, `{"error": {"message", "type", "code"}}`, and the server goes on serving.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the handlers' annotations (Request) at runtime.
+
+import asyncio
+import hmac
+import time
+import uuid
+from contextlib import asynccontextmanager
+from functools import partial
+
+from opd.errors import ConfigError
+from opd.models.loading import LoadedModel
+from opd.models.precision import Precision
+from opd.serve.scoring import Batcher, Scored, _Job, score_sequences
+from opd.ops.logprobs import tokens_per_chunk
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _sequences(prompt) -> list[list[int]]:
+    """A prompt of token ids, or a list of them; anything else (text included) is refused."""
+    if isinstance(prompt, list) and prompt and all(isinstance(token, int) for token in prompt):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(each, list) for each in prompt):
+        if all(each and all(isinstance(token, int) for token in each) for each in prompt):
+            return prompt
+    raise RequestError(400, "prompt: expected a non-empty list of token ids, or a list of such lists "
+                            "(opd serve-teacher scores token ids, not text)")
+
+
+def parse_completion_request(body, vocab_size: int, context: int, max_batch_tokens: int, max_logprobs: int) -> _Job:
+    if not isinstance(body, dict):
+        raise RequestError(400, "the body must be a JSON object")
+    sequences = _sequences(body.get("prompt"))
+    top_k = body.get("prompt_logprobs")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 0 <= top_k <= max_logprobs:
+        raise RequestError(400, f"prompt_logprobs: expected an integer from 0 to {max_logprobs} (this server "
+                                f"only scores prompts), got {top_k!r}")
+    temperature = body.get("temperature", 1.0)
+    if temperature is None:
+        temperature = 1.0
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature <= 0:
+        raise RequestError(400, f"temperature: expected a positive number, got {temperature!r}")
+    starts = body.get("logprob_start", 0)
+    starts = [starts] * len(sequences) if isinstance(starts, int) and not isinstance(starts, bool) else starts
+    if not isinstance(starts, list) or len(starts) != len(sequences) or not all(
+            isinstance(start, int) and start >= 0 for start in starts):
+        raise RequestError(400, "logprob_start: expected a non-negative integer, or one per prompt")
+    for sequence, start in zip(sequences, starts):
+        if start > len(sequence):
+            raise RequestError(400, f"logprob_start: {start} is past the prompt's {len(sequence)} tokens")
+        if any(isinstance(token, bool) for token in sequence):
+            raise RequestError(400, "prompt: token ids must be integers, not booleans")
+        if min(sequence) < 0 or max(sequence) >= vocab_size:
+            raise RequestError(400, f"prompt: token id {max(sequence) if max(sequence) >= vocab_size else min(sequence)} "
+                                    f"is outside this model's vocabulary of {vocab_size}")
+        if len(sequence) > context:
+            raise RequestError(400, f"prompt: {len(sequence)} tokens exceed the model's context of {context}")
+    tokens = sum(map(len, sequences))
+    if tokens > max_batch_tokens:
+        raise RequestError(413, f"the request holds {tokens} tokens, more than this server's --max-batch-tokens "
+                                f"{max_batch_tokens}; split it")
+    return _Job(sequences, starts, float(temperature), top_k)
+
+
+def completion_response(model_name: str, job: _Job, scored: list[Scored], token_names: list[str]) -> dict:
+    """vLLM's response shape: choices[i].prompt_logprobs[position] = {token id: {logprob, rank, decoded_token}}."""
+    choices = []
+    for index, (sequence, start, result) in enumerate(zip(job.sequences, job.starts, scored)):
+        entries: list[dict | None] = [None] * max(1, start)
+        for offset, position in enumerate(range(max(1, start), len(sequence))):
+            token = sequence[position]
+            entry = {str(candidate): {"logprob": logprob, "rank": rank, "decoded_token": token_names[candidate]}
+                     for rank, (candidate, logprob) in enumerate(zip(result.topk_ids[offset],
+                                                                     result.topk_logprobs[offset]), 1)}
+            if str(token) not in entry:  # the position's own token, ranked among all (ties share the best rank)
+                entry[str(token)] = {"logprob": result.logprobs[offset], "rank": max(result.ranks[offset], len(entry) + 1),
+                                     "decoded_token": token_names[token]}
+            entries.append(entry)
+        choices.append({"index": index, "text": "", "logprobs": None, "finish_reason": "length",
+                        "stop_reason": None, "prompt_logprobs": entries[: len(sequence)]})
+    tokens = sum(map(len, job.sequences))
+    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": model_name, "choices": choices,
+            "usage": {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens}}
+
+
+def create_app(teacher: LoadedModel, precision: Precision, model_name: str, api_key: str | None = None,
+               max_batch_tokens: int = 16384, max_logprobs: int = 20, chunk_size: int | None = None):
+    """The FastAPI application serving `teacher` under `model_name`."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    vocab_size = teacher.vocab_size
+    context = getattr(teacher.model.config, "max_position_embeddings", None) or 10**9
+    token_names = teacher.tokenizer.convert_ids_to_tokens(list(range(vocab_size)))
+    score = partial(score_sequences, teacher, precision, tokens_per_chunk(chunk_size, vocab_size))
+    batcher = Batcher(score, max_batch_tokens)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        task = asyncio.create_task(batcher.run())
+        yield
+        task.cancel()
+
+    app = FastAPI(title="opd serve-teacher", lifespan=lifespan)
+    app.state.batcher = batcher
+
+    def error(status: int, message: str) -> JSONResponse:
+        kind = {401: "authentication_error", 413: "request_too_large"}.get(status, "invalid_request_error")
+        return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request, exc):
+        return error(400, f"invalid request: {exc.errors()[:1]}")
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next):
+        if api_key and request.url.path != "/health":
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return error(401, "missing or wrong API key (send Authorization: Bearer KEY)")
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "opd",
+                                            "max_model_len": context, "vocab_size": vocab_size}]}
+
+    async def json_body(request: Request):
+        try:
+            return await request.json()
+        except ValueError:
+            raise RequestError(400, "the body is not valid JSON") from None
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        try:
+            body = await json_body(request)
+            if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
+                raise RequestError(400, "prompt: expected a string")
+        except RequestError as exc:
+            return error(exc.status, str(exc))
+        tokens = teacher.tokenizer.encode(body["prompt"], add_special_tokens=bool(body.get("add_special_tokens", True)))
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": context}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        try:
+            body = await json_body(request)
+            if isinstance(body, dict) and body.get("model") not in (None, model_name):
+                raise RequestError(404, f"model {body.get('model')!r} is not served here (this server: {model_name!r})")
+            job = parse_completion_request(body, vocab_size, context, max_batch_tokens, max_logprobs)
+        except RequestError as exc:
+            return error(exc.status, str(exc))
+        scored = await batcher.submit(job)
+        # A response object goes out as it is: FastAPI's jsonable_encoder walk over thousands of
+        # per-position dicts would cost more than the scoring of a small model.
+        return JSONResponse(completion_response(model_name, job, scored, token_names))
+
+    return app
+
+
+def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          max_batch_tokens: int = 16384, precision: str = "auto", device: str = "auto", max_logprobs: int = 20,
+          served_model_name: str | None = None, trust_remote_code: bool = False) -> None:
+    """Load `model` and serve it until interrupted."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise ConfigError("opd serve-teacher needs the server extra: pip install 'opd[serve]'") from None
+    from opd.teachers.local import load_teacher
+    from opd.models.loading import check_source
+
+    check_source(model, "MODEL")
+    resolved = Precision.resolve(precision, device)
+    teacher = load_teacher(model, "MODEL", resolved, trust_remote_code=trust_remote_code)
+    app = create_app(teacher.loaded, resolved, served_model_name or model, api_key, max_batch_tokens, max_logprobs)
+    print(f"serving {model} as {served_model_name or model!r} on http://{host}:{port}", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

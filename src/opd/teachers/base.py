@@ -1,0 +1,57 @@
+"""Teacher scoring: per-token log-probs of exactly the completion tokens of a step.
+
+Two capabilities, so a teacher can live elsewhere:
+- `TokenScorer`: ℓᵀ of every completion token (and optionally the teacher's top-k). All that
+  `reverse_kl_pg` needs, and all that a teacher behind a server can give.
+- `FullDistributionTeacher`: also the teacher's full next-token distribution at every position, for
+  forward_kl / reverse_kl / jsd; only a teacher in this process has it.
+Each reports its name; its scores carry the FLOPs they cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from opd.ops.batch import StepBatch
+
+
+@dataclass
+class TeacherScores:
+    """logprobs: (B, T) ℓᵀ of the completion tokens, 0 outside the completion mask; entropy: (B, T) of
+    the teacher's distribution there, where the whole distribution is at hand.
+    hidden: (B, T, H) final hidden states, kept only when a full-vocabulary loss asks for them.
+    topk_ids, topk_logprobs: (B, T, K), where a scorer gives the teacher's top-k.
+    chunk_index: (B, T) for a teacher of another tokenizer: each token's chunk (see opd.teachers.alignment); its
+    logprobs are then each chunk's Σ ℓᵀ at the chunk's last token."""
+
+    logprobs: torch.Tensor
+    hidden: torch.Tensor | None = None
+    topk_ids: torch.Tensor | None = None
+    topk_logprobs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None  # (B, T), where the whole distribution is at hand
+    chunk_index: torch.Tensor | None = None
+    flops: float = 0.0  # what this scoring cost in this process (a server's work is not counted)
+
+    def attach(self, batch: StepBatch) -> StepBatch:
+        return batch.replace(teacher_logprobs=self.logprobs, teacher_hidden=self.hidden,
+                             teacher_topk_ids=self.topk_ids, teacher_topk_logprobs=self.topk_logprobs,
+                             teacher_entropy=self.entropy, chunk_index=self.chunk_index)
+
+
+@runtime_checkable
+class TokenScorer(Protocol):
+    name: str
+
+    def score(self, batch: StepBatch) -> TeacherScores: ...
+
+
+@runtime_checkable
+class FullDistributionTeacher(TokenScorer, Protocol):
+    def score(self, batch: StepBatch, keep_hidden: bool = False) -> TeacherScores: ...
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> (..., V) logits at the teacher's temperature."""
+        ...

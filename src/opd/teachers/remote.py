@@ -1,0 +1,145 @@
+"""A teacher on a server: `opd serve-teacher` or `vllm serve` (/v1/completions with prompt_logprobs), or
+SGLang (/generate with max_new_tokens 0). A TokenScorer: ℓᵀ of every completion token, and the
+teacher's top-k log-probs where asked.
+
+The client sends token ids, never text: each row is its prompt (without padding) followed by its
+completion, and the log-probs of the completion's positions come back. Rows go in requests of up to
+`teacher.request_tokens` tokens, `teacher.concurrency` at a time. A request that fails in a way that
+can pass (connection refused or dropped, a timeout, a 5xx or 408/429, a truncated or garbled body) is
+retried with exponential backoff and jitter until `teacher.retry_deadline_s`; then the step fails
+with `TeacherUnavailable`, before any update, so a step is scored completely or not applied. Other
+4xx answers are errors at once.
+
+Each server's API (paths, request bodies, answer formats) is one adapter in opd.teachers.server_apis.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from opd.ops.batch import StepBatch
+from opd.config.sections import TeacherConfig
+from opd.errors import ConfigError, OpdError
+from opd.teachers.base import TeacherScores
+from opd.teachers.server_apis import SERVER_APIS
+
+
+class TeacherUnavailable(OpdError):
+    """The teacher's server did not answer within teacher.retry_deadline_s."""
+
+
+class _Retry(Exception):
+    """A failure worth retrying: the server may answer the same request correctly later."""
+
+
+class RemoteTeacher:
+    """A TokenScorer whose teacher is on a server (see the module's docstring)."""
+
+    def __init__(self, config: TeacherConfig, vocab_size: int):
+        try:
+            import httpx
+        except ImportError:
+            raise ConfigError("teacher.url: a teacher on a server needs httpx: pip install 'opd[serve]'") from None
+
+        self.config, self.vocab_size = config, vocab_size
+        self.url = config.url.rstrip("/")
+        self.top_k = config.top_k
+        self.name = f"{config.model or config.api} at {self.url}"
+        api_key = config.api_key or os.environ.get(config.api_key_env)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(headers=headers, timeout=httpx.Timeout(config.timeout_s),
+                                   limits=httpx.Limits(max_connections=config.concurrency))
+        self.pool = ThreadPoolExecutor(max_workers=config.concurrency)
+        self.model = config.model
+        self.api = SERVER_APIS[config.api]
+
+    # --- start-up checks -------------------------------------------------------------------------
+
+    def check(self, tokenizer) -> None:
+        """Before training: the server answers, serves the expected model, tokenizes like the student and
+        accepts the student's whole vocabulary. One-line ConfigError otherwise."""
+        self.model = self.api.served_model(self._call, self.model, self.url)
+        self.api.check_tokenizer(self._call, self.model, tokenizer, self.url)
+        probe = [0, self.vocab_size - 1, 1]  # the student's largest token id must be in the teacher's vocabulary
+        try:
+            self._score_rows([(probe, 1)])
+        except ConfigError as exc:
+            raise ConfigError(f"teacher.url: {self.url} refused the student's token id {self.vocab_size - 1} "
+                              f"(its vocabulary must cover the student's {self.vocab_size}): {exc}") from None
+
+    # --- scoring ---------------------------------------------------------------------------------
+
+    def score(self, batch: StepBatch, keep_hidden: bool = False) -> TeacherScores:
+        """ℓᵀ (B, T) of every completion token, 0 outside the mask; with teacher.top_k also (B, T, K)."""
+        rows = []
+        for prompt, prompt_mask, completion, length in zip(
+                batch.prompt_ids.tolist(), batch.prompt_mask.tolist(), batch.completion_ids.tolist(),
+                batch.completion_mask.sum(1).tolist()):
+            tokens = [token for token, keep in zip(prompt, prompt_mask) if keep]
+            rows.append((tokens + completion[: int(length)], len(tokens)))
+        requests, current, size = [], [], 0
+        for index, (sequence, _) in enumerate(rows):
+            if current and size + len(sequence) > self.config.request_tokens:
+                requests.append(current)
+                current, size = [], 0
+            current.append(index)
+            size += len(sequence)
+        if current:
+            requests.append(current)
+        answers = list(self.pool.map(lambda indices: self._score_rows([rows[i] for i in indices]), requests))
+        shape, k = batch.completion_ids.shape, self.top_k
+        logprobs = torch.zeros(shape)
+        topk_ids, topk_logprobs = torch.zeros(*shape, k, dtype=torch.long), torch.zeros(*shape, k)
+        for indices, answer in zip(requests, answers):
+            for row, (token_logprobs, ids, values) in zip(indices, answer):
+                n = len(token_logprobs)
+                if not n:
+                    continue
+                logprobs[row, :n] = torch.tensor(token_logprobs)
+                if k:
+                    topk_ids[row, :n], topk_logprobs[row, :n] = torch.tensor(ids), torch.tensor(values)
+        device = batch.completion_ids.device
+        return TeacherScores(logprobs=logprobs.to(device), topk_ids=topk_ids.to(device) if k else None,
+                             topk_logprobs=topk_logprobs.to(device) if k else None)
+
+    def _score_rows(self, rows: list[tuple[list[int], int]]) -> list[tuple[list[float], list, list]]:
+        """[(sequence, start)] -> for each, the log-probs of sequence[start:] and the top-k ids and
+        log-probs there, retried until they come back whole."""
+        path, body = self.api.score_request(self.model, rows, self.top_k, self.config.temperature)
+        return self._call("POST", path, body, lambda answer: self.api.parse(answer, rows, self.top_k))
+
+    def _call(self, method: str, path: str, body: dict | None = None, parse=lambda answer: answer):
+        """One request, retried with exponential backoff and jitter until retry_deadline_s."""
+        import httpx
+
+        give_up_at, attempt, last = time.monotonic() + self.config.retry_deadline_s, 0, ""
+        while True:
+            try:
+                response = self.client.request(method, self.url + path, json=body)
+                if response.status_code >= 500 or response.status_code in (408, 429):
+                    raise _Retry(f"HTTP {response.status_code}")
+                if response.status_code >= 400:
+                    raise ConfigError(f"teacher.url: {self.url}{path} answered {response.status_code}: "
+                                      f"{_message(response)}")
+                return parse(response.json())
+            except (httpx.TransportError, _Retry, ValueError, KeyError, TypeError, IndexError) as exc:
+                last = f"{type(exc).__name__}: {exc}".strip()
+            attempt += 1
+            pause = min(10.0, 0.25 * 2**attempt) * random.uniform(0.5, 1.5)
+            if time.monotonic() + pause > give_up_at:
+                raise TeacherUnavailable(f"teacher server {self.url} gave no usable answer for "
+                                         f"{self.config.retry_deadline_s:g} s (teacher.retry_deadline_s); last error: "
+                                         f"{last[:200]}")
+            time.sleep(pause)
+
+
+def _message(response) -> str:
+    try:
+        return str(response.json().get("error", {}).get("message") or response.text)[:300]
+    except ValueError:
+        return response.text[:300]

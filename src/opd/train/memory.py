@@ -1,0 +1,241 @@
+"""Memory: the plan before launch (`opd train --dry-run CONFIG --nproc-per-node N`) and the peak measured
+during a run (`memory/peak_gib`).
+
+The plan reads each model's shapes from its config.json, builds the model on the meta device (no
+weights, no network) and counts, per rank:
+- resident for the whole run: the student's fp32 weights, gradients and AdamW state (two fp32
+  moments), divided by the world size where the student is sharded, of the adapters alone with LoRA;
+  a bf16 copy of the weights for sampling on a GPU (replicated student under bf16); the teacher's
+  weights (bf16 under bf16), divided where it is sharded;
+- at the peak of sampling: the KV cache of the rank's share of one step's rollouts, the logits of a
+  decoding step, and for a sharded student its whole weights in compute precision (sampling keeps every
+  unit gathered);
+- at the peak of the update: the saved activations of one micro-batch, the loss's logit chunks, and for
+  under bf16 autocast the bf16 casts of the weights saved for the backward (replicated), the teacher's
+  hidden states for full-vocabulary losses, and for a sharded student its root and two layers
+  gathered and the root's full-size gradients;
+- in AdamW's step: one fp32 temporary the size of the trained parameters;
+- at the peak of teacher scoring: its logit chunks and activations, and for a sharded teacher its
+  root (embeddings and LM head) and a layer, gathered.
+The peak is the resident part plus the largest phase. Not counted: a teacher that writes the rollouts
+(its KV cache), allocator caches and communication buffers. Activation sizes are an estimate for
+decoder layers with a gated MLP (about 10 hidden-size and 4 MLP-size values per token and layer).
+
+Measured: on a GPU the allocator's peak (`torch.cuda.max_memory_allocated`); on a CPU the growth of the
+process's peak resident memory since setup began (imports and the interpreter left out).
+"""
+
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from opd.config.schema import Config
+from opd.config.sections import FULL_DISTRIBUTION, LoraSettings
+from opd.ops.logprobs import tokens_per_chunk
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    parameters: int  # every parameter once (a tied LM head is the embeddings)
+    lora_parameters: int | None  # the adapters' parameters, with LoRA
+    largest_layer: int
+    root: int  # parameters outside the decoder layers (embeddings, final norm, LM head)
+    layers: int
+    hidden: int
+    mlp: int
+    query_width: int  # attention heads x head size
+    kv_width: int  # key/value heads x head size
+    vocab: int
+
+
+def model_shape(path: str, trust_remote_code: bool = False, lora: LoraSettings | None = None) -> ModelShape | str:
+    """The shapes of the model at `path` from its config.json, or why there are none."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = path if (Path(path) / "config.json").is_file() else _cached_config(path)
+    if source is None:
+        return f"{path} has no local config.json and none in the Hugging Face cache (a dry run fetches nothing)"
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    classes = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [module for module in model.modules() if type(module).__name__ in classes]
+    layer_sizes = [sum(parameter.numel() for parameter in layer.parameters()) for layer in layers]
+    root = parameters - sum(layer_sizes)
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    mlp = getattr(config, "intermediate_size", None) or 4 * hidden
+    return ModelShape(parameters, _lora_parameters(model, lora) if lora else None, max(layer_sizes, default=0), root,
+                      len(layers) or config.num_hidden_layers, hidden, mlp, heads * head_dim, kv_heads * head_dim,
+                      model.get_output_embeddings().weight.shape[0])
+
+
+def _cached_config(repo_id: str) -> str | None:
+    """The folder of a hub model's config.json in the local Hugging Face cache, if it is there."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # not a valid repo id
+        return None
+    return str(Path(cached).parent) if isinstance(cached, str) else None
+
+
+def _lora_parameters(model: torch.nn.Module, lora: LoraSettings) -> int:
+    """r x (inputs + outputs) for each targeted linear layer (all-linear: every one but the LM head)."""
+    head = model.get_output_embeddings()
+    total = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        targeted = module is not head if lora.target_modules == "all-linear" else \
+            name.rsplit(".", 1)[-1] in lora.target_modules
+        if targeted:
+            total += lora.r * (module.in_features + module.out_features)
+    return total
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per rank: what stays resident, and what each phase of a step adds (sampling, teacher
+    scoring, the update); `peak` is resident + the largest phase."""
+
+    resident: dict[str, float]
+    phases: dict[str, dict[str, float]]
+    notes: list[str]
+
+    @property
+    def peak(self) -> float:
+        return sum(self.resident.values()) + max((sum(items.values()) for items in self.phases.values()), default=0)
+
+    def lines(self, world_size: int) -> list[str]:
+        if not self.resident:
+            return ["memory plan: none", *[f"  note: {note}" for note in self.notes]]
+        lines = [f"memory plan per rank ({world_size} rank{'s' if world_size > 1 else ''}):"]
+        for title, items in {"resident": self.resident, **{f"while {name}": items
+                                                          for name, items in self.phases.items()}}.items():
+            lines.append(f"  {title + ':':<46}{_gib(sum(items.values()))}")
+            lines += [f"    {name:<44}{_gib(value)}" for name, value in items.items()]
+        lines.append(f"  {'peak (resident + the largest phase):':<46}{_gib(self.peak)}")
+        return lines + [f"  note: {note}" for note in self.notes]
+
+
+def _gib(value: float) -> str:
+    return f"{value / GIB:8.3f} GiB"
+
+
+def plan_memory(config: Config, world_size: int, device: str = "cuda") -> MemoryPlan:
+    """The plan for `config` on `world_size` ranks of `device` (cuda: bf16 where run.precision allows)."""
+    notes: list[str] = []
+    student = model_shape(config.student.path, config.student.trust_remote_code, config.student.lora)
+    # The largest teacher in this process (several teachers: each adds its weights below); a server's is its own.
+    local = [settings for settings in config.teacher_configs.values() if not settings.remote]
+    shapes = [model_shape(settings.path, settings.trust_remote_code) for settings in local]
+    planned = [shape for shape in shapes if not isinstance(shape, str)]
+    teacher = max(planned, key=lambda shape: shape.parameters) if planned else next(iter(shapes), None)
+    for key, shape in (("student.path", student), *(("teacher.path", shape) for shape in shapes)):
+        if isinstance(shape, str):
+            notes.append(f"{key}: {shape}")
+    if isinstance(student, str):
+        return MemoryPlan({}, {}, notes)
+    bf16 = config.run.precision == "bf16" or (config.run.precision == "auto" and device == "cuda")
+    compute_bytes = 2 if bf16 else 4
+    sharded = config.student.shard and world_size > 1
+    split = world_size if sharded else 1
+    trainable = student.lora_parameters if student.lora_parameters is not None else student.parameters
+    resident = {
+        f"student weights (fp32{', sharded' if sharded else ''})": 4 * student.parameters / split,
+        f"student gradients (fp32{', sharded' if sharded else ''})": 4 * trainable / split,
+        f"AdamW state (2 x fp32{', sharded' if sharded else ''})": 8 * trainable / split,
+    }
+    if bf16 and device == "cuda" and not sharded:
+        resident["student bf16 copy for sampling"] = 2 * student.parameters
+    teacher_sharded = bool(config.teacher and config.teacher.shard and world_size > 1)
+    for index, shape in enumerate(planned):
+        name = "teacher" if len(planned) == 1 else f"teacher {index + 1}"
+        resident[f"{name} weights ({'bf16' if bf16 else 'fp32'}{', sharded' if teacher_sharded else ''})"] = \
+            compute_bytes * shape.parameters / (world_size if teacher_sharded else 1)
+
+    rollout, data = config.rollout, config.data
+    rows = config.batch.prompts_per_step // world_size * rollout.samples_per_prompt
+    sequence = data.max_prompt_tokens + rollout.max_new_tokens
+    micro = config.batch.micro_batch_size
+    sampling_bytes = compute_bytes if (bf16 and device == "cuda") or sharded else 4
+    sampling = {
+        f"KV cache of {rows} rollouts x {sequence} tokens": 2 * rows * sequence * student.layers * student.kv_width
+                                                          * sampling_bytes,
+        "logits of one decoding step": 3 * rows * student.vocab * 4,
+    }
+    if sharded:
+        sampling["student gathered for sampling"] = compute_bytes * student.parameters
+    # A chunk holds at most the completion tokens of a micro-batch (of a step's rollouts, for the teacher).
+    chunk = min(tokens_per_chunk(config.loss.chunk_size, student.vocab), micro * rollout.max_new_tokens)
+    blocks = 6 if config.teacher_needs == FULL_DISTRIBUTION else 4
+    # Saved for the backward, per position and layer: the inputs of the attention's and the MLP's
+    # products, queries, keys, values and attention output, the gated MLP's four intermediate-size
+    # values (in compute precision), and the two norms' inputs on the fp32 residual stream.
+    per_token_layer = compute_bytes * (2 * student.hidden + 2 * student.query_width + 2 * student.kv_width
+                                       + 4 * student.mlp) + 4 * 2 * student.hidden
+    # Each prompt's hidden states are computed once for all its samples in the micro-batch.
+    positions = -(-micro // rollout.samples_per_prompt) * data.max_prompt_tokens + micro * rollout.max_new_tokens
+    update = {
+        f"activations of {micro} rollouts ({positions} positions)": positions * student.layers * per_token_layer,
+        f"logit chunks ({blocks} x {chunk} tokens x {student.vocab})": blocks * chunk * student.vocab * 4,
+    }
+    if bf16 and not sharded:  # autocast's bf16 copy of each weight, saved for the input gradients
+        update["bf16 weight casts kept for the backward"] = 2 * student.parameters
+    if teacher is not None and not isinstance(teacher, str) and config.teacher_needs == FULL_DISTRIBUTION:
+        update["teacher hidden states kept for the loss"] = \
+            rows * rollout.max_new_tokens * teacher.hidden * compute_bytes
+    if sharded:
+        # Full-size root gradients (compute precision, then fp32 for the reduce-scatter) before they shard.
+        update["root gradients before the reduce-scatter"] = (compute_bytes + 4) * student.root
+        # The root (embeddings, norm, LM head) stays gathered for the whole loss; a layer and the next prefetched.
+        update["root and two layers, gathered"] = compute_bytes * (student.root + 2 * student.largest_layer)
+    # AdamW's foreach step holds one moment-sized temporary (the denominator) over all its parameters.
+    phases = {"sampling": sampling, "updating": update,
+              "the optimizer step": {"AdamW temporaries (fp32)": 4 * trainable / split}}
+    if teacher is not None and not isinstance(teacher, str):
+        teacher_chunk = min(tokens_per_chunk(config.loss.chunk_size, teacher.vocab), rows * rollout.max_new_tokens)
+        scoring = {"teacher logit chunks": 2 * teacher_chunk * teacher.vocab * 4,
+                   "teacher activations of one layer": 2 * rows * sequence * (teacher.hidden + teacher.mlp) * 4}
+        if teacher_sharded:
+            scoring["teacher root and a layer, gathered"] = compute_bytes * (teacher.root + teacher.largest_layer)
+        phases["scoring"] = scoring
+    return MemoryPlan(resident, phases, notes)
+
+
+class PeakMemory:
+    """The peak memory of this process since `start()`: tensors on a GPU, resident growth on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.baseline = 0
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.baseline = _resident_bytes()
+
+    def bytes(self) -> float:
+        if self.device.type == "cuda":
+            return float(torch.cuda.max_memory_allocated(self.device))
+        return float(max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.baseline))
+
+
+def _resident_bytes() -> int:
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):  # not Linux: no baseline
+        return 0
+    return pages * resource.getpagesize()

@@ -1,0 +1,62 @@
+"""`opd demo` end to end: it meets its numbers, and its run directory repeats through `opd train`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import run_cli
+from opd.config.files import load_config
+
+pytestmark = pytest.mark.e2e  # every test here runs opd in processes of its own
+
+
+def test_demo_distills_and_its_config_repeats_the_run(tmp_path):
+    out = tmp_path / "demo"
+    demo = run_cli("demo", "--out", str(out), timeout=1200)  # ~45 s alone; generous for a loaded CI machine
+    assert demo.returncode == 0, demo.stderr
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert summary["teacher_accuracy"] >= 0.80
+    assert summary["student_accuracy_after"] - summary["student_accuracy_before"] >= 0.20
+    assert summary["reverse_kl_after"] <= 0.5 * summary["reverse_kl_before"]
+    assert "student accuracy" in demo.stdout and "held-out reverse KL" in demo.stdout
+
+    config = load_config(out / "config.yaml")
+    for path in (config.student.path, config.teacher.path, config.data.train, config.data.eval):
+        assert Path(path).exists(), path
+    repeat = run_cli("train", str(out / "config.yaml"), "--set", f"run.output_dir={tmp_path / 'repeat'}", "run.progress=false",
+                     timeout=1200)
+    assert repeat.returncode == 0, repeat.stderr
+    original = load_file(out / "final" / "model.safetensors")
+    repeated = load_file(tmp_path / "repeat" / "final" / "model.safetensors")
+    assert original.keys() == repeated.keys()
+    for name in original:
+        assert (original[name] == repeated[name]).all(), name
+
+
+def test_demo_with_a_teacher_of_another_tokenizer_distills(tmp_path):
+    """The cross-tokenizer demo: a byte-level BPE teacher, the word-level student, the chunk estimator."""
+    out = tmp_path / "cross"
+    demo = run_cli("demo", "--out", str(out), "--teacher-tokenizer", "other", timeout=1200)
+    assert demo.returncode == 0, demo.stderr
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert summary["teacher_accuracy"] >= 0.80
+    assert summary["student_accuracy_after"] - summary["student_accuracy_before"] >= 0.20
+    assert summary["reverse_kl_after"] <= 0.6 * summary["reverse_kl_before"]  # sequence-level, falls >= 40%
+    last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert "eval/distill/reverse_kl" not in last and last["align/tokens_per_chunk"] >= 1
+
+
+def test_demo_self_distillation_with_the_answer_shown_to_the_teacher_only_improves_the_student(tmp_path):
+    out = tmp_path / "self"
+    demo = run_cli("demo", "--out", str(out), "--self-distill", timeout=1200)
+    assert demo.returncode == 0, demo.stderr
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert summary["student_accuracy_after"] - summary["student_accuracy_before"] >= 0.10
+    config = load_config(out / "config.yaml")
+    assert config.teacher.path == config.student.path  # the student's own initial weights
+    rows = [json.loads(line) for line in Path(config.data.train).read_text().splitlines()[:3]]
+    assert all(row["teacher_context"].startswith("####") and "####" not in row["prompt"] for row in rows)

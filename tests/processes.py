@@ -1,0 +1,94 @@
+"""Real processes for end-to-end tests: `opd` commands, torchrun launches and `opd serve-teacher` on
+127.0.0.1, each in a process group of its own that is killed whole on the way out, pass or fail."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+from conftest import free_port
+
+
+@contextmanager
+def running(argv: list[str], env: dict | None = None):
+    """A process in a group of its own, killed whole on the way out, pass or fail (with any workers a
+    launcher left behind). env: the whole environment (default: ours, with one thread)."""
+    job = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                           env=env or {**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        yield job
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+        job.communicate()
+        try:
+            os.killpg(job.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@contextmanager
+def served(model: Path, *options: str, port: int | None = None):
+    """`opd serve-teacher MODEL` on 127.0.0.1; yields its base URL once /health answers."""
+    port = port or free_port()
+    with running([sys.executable, "-m", "opd", "serve-teacher", str(model), "--port", str(port),
+                  "--precision", "fp32", "--device", "cpu", *options]) as job:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, job)
+        yield url
+
+
+def wait_healthy(url: str, job: subprocess.Popen | None = None, timeout: float = 120) -> None:
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if job is not None and job.poll() is not None:
+            raise AssertionError(f"the server exited: {job.communicate()[1][-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} did not come up")
+
+
+def command(config: dict, tmp_path: Path, name: str, ranks: int, *extra: str,
+            program: list[str] = ("-m", "opd"), env: dict | None = None) -> tuple[list[str], dict]:
+    """`opd train` on `ranks` processes (torchrun, its rendezvous and gloo on 127.0.0.1 only), or plainly
+    for one rank; with the environment to run it in (ours, one thread per rank, and `env`)."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    opd = [*program, "train", str(path), *extra]
+    launcher = [sys.executable] if ranks == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--node-rank=0", "--master-addr=127.0.0.1",
+        f"--master-port={free_port()}", f"--nproc-per-node={ranks}"]
+    return [*launcher, *opd], {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", **(env or {})}
+
+
+# Seen once in CI under heavy CPU contention (the demo running beside the suite): a rank aborted by
+# the C++ runtime with this line and no Python error. Not understood yet; such a launch is run again
+# once, so a wrong result still fails the test but this crash alone does not.
+NATIVE_ABORT = "terminate called without an active exception"
+
+
+def launch(config: dict, tmp_path: Path, name: str, ranks: int, *extra: str,
+           env: dict | None = None) -> subprocess.CompletedProcess:
+    argv, env = command(config, tmp_path, name, ranks, *extra, env=env)
+    for attempt in range(2):
+        with running(argv, env) as job:
+            stdout, stderr = job.communicate(timeout=600)
+        if job.returncode == 0 or NATIVE_ABORT not in stderr or attempt or "--resume" in extra:
+            break
+        output_dir = Path(config["run"]["output_dir"])
+        shutil.rmtree(output_dir, ignore_errors=True)  # the first attempt's partial run
+    return subprocess.CompletedProcess(argv, job.returncode, stdout, stderr)

@@ -1,0 +1,113 @@
+"""The memory plan of `opd train --dry-run`: its counts against the models themselves, and its peak
+against the peak measured in real runs on this CPU (one process, and two ranks with the student
+sharded), within 25 %.
+
+The runs set MALLOC_MMAP_THRESHOLD_ so that malloc hands freed blocks back at once: resident memory then
+follows the live tensors, which is what the plan counts (opd otherwise keeps freed host memory for
+speed, see opd.train.host_memory, and resident memory stays at its high-water mark).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from conftest import run_cli, write_problems
+from processes import launch
+from opd.config.sections import LoraSettings
+from opd.config.files import validate
+from opd.demo.tokenizer import build_tokenizer
+from opd.train.memory import model_shape, plan_memory
+from opd.io.sinks import read_metrics
+
+
+def make_model(folder: Path, layers: int, tied: bool = False) -> Path:
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=512, intermediate_size=1536, num_hidden_layers=layers,
+                         num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=256,
+                         tie_word_embeddings=tied, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    Qwen3ForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("memory")
+    return {"student": make_model(root / "student", 8), "teacher": make_model(root / "teacher", 12),
+            "data": write_problems(root / "train.jsonl", 32, seed=1)}
+
+
+def raw_config(models, output_dir: Path, micro: int, shard: bool = False) -> dict:
+    return {"run": {"output_dir": str(output_dir), "max_steps": 3, "precision": "fp32", "device": "cpu",
+                    "progress": False},
+            "student": {"path": str(models["student"]), "shard": shard}, "teacher": {"path": str(models["teacher"])},
+            "data": {"train": str(models["data"]), "max_prompt_tokens": 32},  # its prompts have up to 31 tokens
+            "rollout": {"samples_per_prompt": 4, "max_new_tokens": 48},
+            "batch": {"prompts_per_step": 4, "micro_batch_size": micro}, "optim": {"lr": 1e-4}}
+
+
+def test_the_plan_counts_what_the_models_hold(models, tmp_path):
+    for tied in (False, True):
+        path = make_model(tmp_path / f"tied-{tied}", 2, tied=tied)
+        model = AutoModelForCausalLM.from_pretrained(path)
+        shape = model_shape(str(path))
+        assert shape.parameters == sum(parameter.numel() for parameter in model.parameters())
+        assert shape.layers == 2 and shape.vocab == model.config.vocab_size
+    plan = plan_memory(validate(raw_config(models, tmp_path / "run", 16)), 1, "cpu")
+    student = sum(parameter.numel() for parameter in AutoModelForCausalLM.from_pretrained(models["student"]).parameters())
+    assert plan.resident["student weights (fp32)"] == 4 * student
+    assert plan.resident["AdamW state (2 x fp32)"] == 8 * student
+    sharded = plan_memory(validate(raw_config(models, tmp_path / "run", 16, shard=True)), 2, "cpu")
+    assert sharded.resident["student weights (fp32, sharded)"] == 2 * student
+
+
+def test_lora_counts_the_adapters_that_peft_adds(models):
+    peft = pytest.importorskip("peft")
+    for targets in (["q_proj", "v_proj", "lm_head"], "all-linear"):
+        settings = LoraSettings(r=4, alpha=8, target_modules=targets)
+        model = AutoModelForCausalLM.from_pretrained(models["student"])
+        wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+        trainable = sum(parameter.numel() for parameter in wrapped.parameters() if parameter.requires_grad)
+        assert model_shape(str(models["student"]), lora=settings).lora_parameters == trainable
+
+
+@pytest.mark.e2e
+def test_a_hub_id_without_a_local_config_is_named(models, tmp_path):
+    raw = raw_config(models, tmp_path / "run", 16)
+    raw["teacher"]["path"] = "someone/not-downloaded"
+    result = run_cli("train", "--dry-run", str(write_yaml(raw, tmp_path)), "--nproc-per-node", "2",
+                     env={"HF_HUB_CACHE": str(tmp_path / "empty-cache")})
+    assert result.returncode == 0, result.stderr
+    assert "teacher.path: someone/not-downloaded has no local config.json and none in the Hugging Face cache" in result.stdout
+    assert "student weights (fp32)" in result.stdout  # the student is still planned
+
+
+def write_yaml(raw: dict, folder: Path, name: str = "config.yaml") -> Path:
+    path = folder / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def planned_peak(config_path: Path, ranks: int) -> float:
+    result = run_cli("train", "--dry-run", str(config_path), "--nproc-per-node", str(ranks))
+    assert result.returncode == 0, result.stderr
+    return float(re.search(r"peak \(resident \+ the largest phase\):\s+([\d.]+) GiB", result.stdout).group(1))
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("ranks, micro, shard", [(1, 16, False), (2, 8, True)])
+def test_the_planned_peak_is_within_a_quarter_of_the_measured_one(models, tmp_path, ranks, micro, shard):
+    raw = raw_config(models, tmp_path / "run", micro, shard)
+    run = launch(raw, tmp_path, "config", ranks, env={"MALLOC_MMAP_THRESHOLD_": "65536"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    measured = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]["memory/peak_gib"]
+    planned = planned_peak(tmp_path / "config.yaml", ranks)
+    assert abs(planned - measured) <= 0.25 * measured, (planned, measured)
