@@ -28,3 +28,17 @@ def test_step_flops_follow_2n_2nt_6n_per_token():
     on_policy = step_flops(rollouts, forward_flops(10, rollouts), forward_flops(100, rollouts), student_params=10)
     assert on_policy == {"compute/rollout_flops": 2 * 10 * tokens, "compute/teacher_flops": 2 * 100 * tokens,
                          "compute/update_flops": 6 * 10 * tokens}
+
+
+def test_a_local_teachers_scores_carry_the_flops_of_its_forward(tiny_models):
+    from conftest import CPU
+    from opd.teachers.local import load_teacher
+
+    teacher = load_teacher(str(tiny_models["teacher"]), "teacher", CPU)
+    prompt_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    completion_mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    batch = make_batch(torch.tensor([[0, 5, 6], [7, 8, 9]]), prompt_mask, torch.tensor([[3, 4, 0, 0], [5, 6, 7, 8]]),
+                       completion_mask)
+    scores = teacher.score(batch)
+    assert scores.flops == forward_flops(matmul_parameters(teacher.model), batch) > 0
+    assert scores.flops == 2 * matmul_parameters(teacher.model) * (prompt_mask.sum() + completion_mask.sum())
