@@ -413,3 +413,10 @@ def test_divergence_after_a_checkpoint_keeps_it(cli_runs):
     assert "step-1" in line  # the error points at the checkpoint to resume from
     assert not (outcome.output_dir / "final").exists()
     assert not [p for p in (outcome.output_dir / "checkpoints").iterdir() if p.name != "step-1"]
+
+
+def test_every_set_flag_applies_not_only_the_last():
+    from opd.cli import _parser
+
+    args = _parser().parse_args(["train", "c.yaml", "--set", "a=1", "b=2", "--set", "c=3", "--set", "d=4"])
+    assert args.overrides == ["a=1", "b=2", "c=3", "d=4"]  # argparse's plain nargs="+" kept only d=4

@@ -21,7 +21,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     for command in (train, sft):
         command.add_argument("config", help="YAML config file")
-        command.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+        command.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", dest="overrides",
                              help="override config keys, e.g. --set optim.lr=1e-5 run.max_steps=50")
         command.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
         command.add_argument("--dry-run", action="store_true",

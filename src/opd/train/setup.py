@@ -23,7 +23,7 @@ from opd.distributed.world import World
 from opd.errors import ConfigError
 from opd.io.checkpoint import check_checkpoint, latest_checkpoint, load_checkpoint
 from opd.io.sinks import check_trackers
-from opd.models.loading import LoadedModel, check_context, check_source, load_model, load_tokenizer
+from opd.models.loading import LoadedModel, architectures, check_context, check_source, load_model, load_tokenizer
 from opd.models.lora import add_adapters, check_lora
 from opd.models.precision import Precision
 from opd.objectives.kinds import Objective, build_objective
@@ -32,6 +32,7 @@ from opd.ops.logprobs import tokens_per_chunk
 from opd.rollout.answers import DatasetAnswers
 from opd.rollout.mixture import RolloutMix, build_rollouts
 from opd.rollout.sampler import ModelSampler, SamplingSettings
+from opd.rollout.vllm_engine import VLLMSampler, check_engine
 from opd.teachers.base import TokenScorer
 from opd.teachers.build import load_teachers, plan_teachers
 from opd.teachers.routed import check_routes
@@ -107,6 +108,9 @@ def check_inputs(config: Config, ranks: int, resume: bool) -> None:
         raise ConfigError(f"batch.prompts_per_step={config.batch.prompts_per_step} does not divide by the "
                           f"world size {ranks}: each rank takes an equal share of a step's prompts")
     check_source(config.student.path, "student.path")
+    if config.rollout.engine == "vllm":
+        check_engine(config.student.path, architectures(config.student.path, "student.path", config.student.trust_remote_code),
+                     ranks, config.student.shard and ranks > 1)
     for name, settings in config.teacher_configs.items():
         if not settings.remote:
             check_source(settings.path, f"{config.teacher_key(name)}.path")
@@ -219,10 +223,16 @@ def prepare(config: Config, resume: bool, log=print, world: World | None = None)
     write_run_dir(config, world)
 
     student_sampler = ModelSampler(student, SamplingSettings.of(config.rollout), precision)
+    rollout_sampler = student_sampler
+    if config.rollout.engine == "vllm":  # the training rollouts; evaluation keeps opd's sampler (exact entropy)
+        rollout_sampler = VLLMSampler(student, config.student.path, SamplingSettings.of(config.rollout),
+                                      config.rollout.vllm, precision, seed=config.run.seed,
+                                      max_model_len=config.data.max_prompt_tokens + config.rollout.max_new_tokens,
+                                      trust_remote_code=config.student.trust_remote_code)
     return Session(
         output_dir=Path(config.run.output_dir), world=world, sharded=sharded, precision=precision, student=student,
         teacher=teacher, objective=build_objective(config),
-        rollouts=build_rollouts(config, student_sampler, getattr(teacher, "loaded", None), train_prompts, precision),
+        rollouts=build_rollouts(config, rollout_sampler, getattr(teacher, "loaded", None), train_prompts, precision),
         student_sampler=student_sampler,
         scored_by_sampler=sampled_by_teacher_distribution(config),
         chunk_size=tokens_per_chunk(config.loss.chunk_size, student.vocab_size),

@@ -129,15 +129,14 @@ def train_step(session: Session, config: Config, step: int, log=print) -> tuple[
     metrics = sample_metrics(config, batch, world)
     if isinstance(session.teacher, RoutedTeachers):
         metrics.update(per_teacher_metrics(session.teacher, batch, world))
-    alarm = session.guard.check(step, metrics)
-    if alarm and config.run.collapse_guard == "stop":
-        raise StudentCollapsed(f"{alarm}; stopped without applying the update")
-    if alarm:
-        log(f"warning: step {step}: {alarm}")
+    if "entropy/student" in metrics:  # before the update that would entrench a collapse
+        watch_collapse(session, config, step, metrics, "without applying the update", log)
     update = update_student(session, config, batch)
     finished = time.perf_counter()
     costs = step_flops(batch, session.rollouts.sampling_flops(batch), teacher_flops, session.student_params)
     metrics.update(update_metrics(config, update))
+    if "entropy/student" in update:  # vLLM gives no entropy; the update's recompute did, so the guard comes after
+        watch_collapse(session, config, step, metrics, "after this step's update", log)
     metrics.update({
         "timing/rollout_s": sampled - started, "timing/teacher_s": scored - sampled,
         "timing/update_s": finished - scored,
@@ -145,7 +144,18 @@ def train_step(session: Session, config: Config, step: int, log=print) -> tuple[
         **{key: world.sum(value) for key, value in costs.items()},
         "memory/peak_gib": world.max(session.peak_memory.bytes()) / GIB,  # the largest rank's, so far
     })
+    if session.rollouts.weight_sync_s is not None:  # part of timing/rollout_s
+        metrics["timing/weight_sync_s"] = world.max(session.rollouts.weight_sync_s)
     return metrics, sum(metrics[key] for key in costs)
+
+
+def watch_collapse(session: Session, config: Config, step: int, metrics: dict[str, float], when: str, log) -> None:
+    """The collapse guard on this step's figures: warn, or under run.collapse_guard=stop raise StudentCollapsed."""
+    alarm = session.guard.check(step, metrics)
+    if alarm and config.run.collapse_guard == "stop":
+        raise StudentCollapsed(f"{alarm}; stopped {when}")
+    if alarm:
+        log(f"warning: step {step}: {alarm}")
 
 
 def score(session: Session, batch: StepBatch) -> tuple[StepBatch, float]:

@@ -21,6 +21,8 @@ from opd.objectives import losses
 from opd.ops.batch import SOURCE_NAMES, STUDENT, StepBatch
 from opd.errors import TrainingDiverged
 from opd.ops.forward import completion_hidden_states_of, logits_from_hidden
+from opd.ops.logprobs import entropy, process_logits
+from opd.rollout.sampler import SamplingSettings
 from opd.models.loading import LoadedModel
 from opd.objectives.kinds import Objective
 from opd.models.precision import Precision
@@ -37,6 +39,7 @@ class MicroBatchResult:
     token_counts: torch.Tensor  # (3,) its tokens, by source
     far_tokens: int  # student-sampled tokens with |log rho| > FAR_LOG_RATIO
     max_abs_log_ratio: float
+    entropy_sum: float  # of the sampling distribution at student-sampled tokens, where the update computed it
 
 
 class _ChunkFigures:
@@ -46,9 +49,10 @@ class _ChunkFigures:
     def __init__(self):
         self.logprob_sums = torch.zeros(len(SOURCE_NAMES), dtype=torch.float64)
         self.token_counts = torch.zeros(len(SOURCE_NAMES))
-        self.far_tokens, self.max_abs_log_ratio = 0, 0.0
+        self.far_tokens, self.max_abs_log_ratio, self.entropy_sum = 0, 0.0, 0.0
 
-    def add(self, chunk, logprobs: torch.Tensor) -> None:
+    def add(self, chunk, logprobs: torch.Tensor, entropies: torch.Tensor | None = None) -> None:
+        """entropies: (c,) of the sampling distribution at each token, where the sampler gave none."""
         logprobs, source = logprobs.detach(), chunk.source.cpu()
         self.logprob_sums.index_add_(0, source, logprobs.double().cpu())
         self.token_counts.index_add_(0, source, torch.ones(len(source)))
@@ -57,9 +61,12 @@ class _ChunkFigures:
             log_ratio = (logprobs[sampled] - chunk.sampler_logprobs[sampled]).abs()  # (c_student,)
             self.far_tokens += int((log_ratio > FAR_LOG_RATIO).sum())
             self.max_abs_log_ratio = max(self.max_abs_log_ratio, float(log_ratio.max()))
+            if entropies is not None:
+                self.entropy_sum += float(entropies[sampled].double().sum())
 
     def result(self, loss: float) -> MicroBatchResult:
-        return MicroBatchResult(loss, self.logprob_sums, self.token_counts, self.far_tokens, self.max_abs_log_ratio)
+        return MicroBatchResult(loss, self.logprob_sums, self.token_counts, self.far_tokens, self.max_abs_log_ratio,
+                                self.entropy_sum)
 
 
 def backward_micro_batch(
@@ -70,11 +77,13 @@ def backward_micro_batch(
     step_tokens: float,
     chunk_size: int,
     precision: Precision,
+    sampling: SamplingSettings | None = None,
 ) -> MicroBatchResult:
     """Accumulate the gradient of one micro-batch's share of the step loss.
 
     part: the micro-batch, already selected from the step's batch. step_tokens: the completion tokens
-    of the whole step, the one normalizer, so the shares add up to the step loss.
+    of the whole step, the one normalizer, so the shares add up to the step loss. sampling: where the
+    sampler recorded no entropy (vLLM), the settings to compute it under from these logits instead.
     """
     figures = _ChunkFigures()
 
@@ -83,13 +92,15 @@ def backward_micro_batch(
             return completion_hidden_states_of(student.model, part.prompt_ids, part.prompt_mask, part.completion_ids,
                                                part.completion_mask, part.prompt_index)
 
-    def chunk_loss(flat_hidden: torch.Tensor, flat_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The chunk's share of the step loss, and the student's log-probs of its tokens (c,)."""
+    def chunk_loss(flat_hidden: torch.Tensor, flat_index: torch.Tensor):
+        """The chunk's share of the step loss, the student's log-probs of its tokens (c,), and where asked
+        the entropy of its sampling distribution there (c,), else None."""
         with precision.autocast():
             logits = logits_from_hidden(student.model, flat_hidden, student.vocab_size)  # (c, V)
-        per_token, logprobs = objective.per_token(logits, part.tokens_at(flat_index), teacher)  # (c,), (c,)
+        chunk = part.tokens_at(flat_index)
+        per_token, logprobs = objective.per_token(logits, chunk, teacher)  # (c,), (c,)
         every = torch.ones_like(per_token, dtype=torch.bool)  # the chunk holds only tokens inside the mask
-        return losses.reduce_tokens(per_token, every, step_tokens), logprobs
+        return losses.reduce_tokens(per_token, every, step_tokens), logprobs, sampling_entropy(logits, chunk, sampling)
 
     if is_sharded(student.model):
         return _backward_through_root(student, part, hidden_states, chunk_loss, chunk_size, figures)
@@ -98,10 +109,10 @@ def backward_micro_batch(
     flat_hidden = hidden_leaf.flatten(0, 1)  # (b*T, H)
     total = 0.0
     for flat_index in part.token_chunks(chunk_size):  # (c,) flat indices of completion tokens
-        loss, logprobs = chunk_loss(flat_hidden[flat_index], flat_index)
+        loss, logprobs, entropies = chunk_loss(flat_hidden[flat_index], flat_index)
         loss.backward()  # frees this chunk's logits before the next chunk's are built
         total += loss.item()
-        figures.add(part.tokens_at(flat_index), logprobs)
+        figures.add(part.tokens_at(flat_index), logprobs, entropies)
     if hidden_leaf.grad is not None:  # None when the micro-batch holds no completion token
         hidden.backward(hidden_leaf.grad)
     return figures.result(total)
@@ -124,14 +135,25 @@ def _backward_through_root(student, part, hidden_states, chunk_loss, chunk_size,
         head = student.model.get_output_embeddings().parameters()
         total = 0 * flat_hidden.sum() + sum(0 * parameter.sum() for parameter in head)
         for flat_index in part.token_chunks(chunk_size):
-            loss, logprobs = checkpoint(chunk_loss, flat_hidden[flat_index], flat_index, use_reentrant=False)
+            loss, logprobs, entropies = checkpoint(chunk_loss, flat_hidden[flat_index], flat_index, use_reentrant=False)
             total = total + loss
-            figures.add(part.tokens_at(flat_index), logprobs)
+            figures.add(part.tokens_at(flat_index), logprobs, entropies)
         return total
 
     total = through_root(student.model, loss_inside_root)
     total.backward()
     return figures.result(float(total.detach()))
+
+
+def sampling_entropy(logits: torch.Tensor, chunk, sampling: SamplingSettings | None) -> torch.Tensor | None:
+    """(c,) entropy of the distribution the sampler drew each token from (temperature, top-k, top-p of
+    these logits, the token kept in the support as the loss keeps it); None without settings."""
+    if sampling is None:
+        return None
+    with torch.no_grad():
+        processed = process_logits(logits.detach(), sampling.temperature, sampling.top_k, sampling.top_p,
+                                   keep=chunk.tokens)
+        return entropy(processed)
 
 
 def update_student(session, config, batch: StepBatch) -> dict[str, float]:
@@ -150,11 +172,13 @@ def update_student(session, config, batch: StepBatch) -> dict[str, float]:
     step_tokens = world.sum(batch.num_tokens)  # every rank's tokens: the one normalizer of the step
     # FSDP2's reduce-scatter averages over ranks: dividing by step_tokens / world size makes it the sum.
     normalizer = step_tokens / world.size if session.sharded else step_tokens
+    # vLLM gives no entropy of the distribution it sampled from; the update sees the same one (up to numerics).
+    sampling = SamplingSettings.of(config.rollout) if batch.sampler_entropy is None else None
     results = []
     for row in range(0, len(batch), micro):
         part = batch.select(slice(row, row + micro))
         results.append(backward_micro_batch(session.student, session.teacher, part, session.objective, normalizer,
-                                            session.chunk_size, session.precision))
+                                            session.chunk_size, session.precision, sampling))
     if not session.sharded:  # FSDP2 already reduce-scattered the sharded gradients
         world.sum_gradients(session.student.model.parameters())
     loss = world.sum(sum(result.loss for result in results)) * normalizer / step_tokens
@@ -175,4 +199,6 @@ def update_student(session, config, batch: StepBatch) -> dict[str, float]:
     if token_counts[STUDENT]:
         figures["ratio/far_fraction"] = world.sum(sum(result.far_tokens for result in results)) / float(token_counts[STUDENT])
         figures["ratio/max_abs_log"] = world.max(max(result.max_abs_log_ratio for result in results))
+        if sampling is not None:
+            figures["entropy/student"] = world.sum(sum(result.entropy_sum for result in results)) / float(token_counts[STUDENT])
     return figures

