@@ -95,3 +95,23 @@ def test_the_engine_refuses_what_it_cannot_serve_before_training(tmp_path):
     teacher_samples = run_cli("train", str(config), "--set", "rollout.source=teacher", "--set", "loss.kind=sft")  # both apply
     assert teacher_samples.returncode != 0
     assert "rollout.engine: vllm samples the student" in teacher_samples.stderr
+
+
+def test_embedding_rows_past_the_tokenizer_are_never_sampled(tmp_path):
+    """A student with 60 padding rows (as Qwen's embeddings have): vLLM would sample them at random
+    weights; opd limits it to the tokenizer's tokens, as its own sampler does, or the update fails."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from opd.demo.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = Qwen3Config(vocab_size=len(tokenizer) + 60, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=256,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    padded = tmp_path / "padded"
+    Qwen3ForCausalLM(config).save_pretrained(padded)
+    tokenizer.save_pretrained(padded)
+    result = run_cli("train", str(engine_config(tmp_path, max_steps=2)), "--set", f"student.path={padded}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    for row in read_metrics(tmp_path / "run" / "metrics.jsonl"):
+        assert row["ratio/max_abs_log"] < 1e-3  # ℓˢ renormalized over the tokenizer's tokens, as the update's
