@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from conftest import make_tiny_model
 from opd.config.files import validate
 from opd.rollout.decoding import HFDecoder, make_decoder
 from opd.errors import ConfigError
@@ -96,6 +97,11 @@ def test_lora_bad_input_is_one_line_before_any_weight_loads(tiny_config, tmp_pat
     raw["student"]["lora"]["target_modules"] = ["q_proj", "qkv", "mlp_in"]
     with pytest.raises(ConfigError, match=r"student.lora.target_modules: \['qkv', 'mlp_in'\] not in .*q_proj"):
         prepare(validate(raw), resume=False, log=lambda *_: None)
+    tied = make_tiny_model(tmp_path / "tied", tied=True)  # its head's delta would land on the embeddings too
+    raw["student"]["lora"]["target_modules"] = TARGETS
+    with pytest.raises(ConfigError, match=r"^student.lora.target_modules: lm_head: lm_head and embed_tokens are one "
+                                          r"tensor in \S+tied \(tie_word_embeddings\).*; leave it out$"):
+        prepare(validate({**raw, "student": {**raw["student"], "path": str(tied)}}), resume=False, log=lambda *_: None)
     raw["student"]["lora"] = {"dropout": 0.1}
     with pytest.raises(ConfigError, match="student.lora.dropout=0.1"):
         validate(raw)

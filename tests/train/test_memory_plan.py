@@ -10,6 +10,8 @@ speed, see opd.train.host_memory, and resident memory stays at its high-water ma
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,3 +113,13 @@ def test_the_planned_peak_is_within_a_quarter_of_the_measured_one(models, tmp_pa
     measured = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]["memory/peak_gib"]
     planned = planned_peak(tmp_path / "config.yaml", ranks)
     assert abs(planned - measured) <= 0.25 * measured, (planned, measured)
+
+
+def test_a_child_of_a_large_process_measures_its_own_peak():
+    """Linux carries ru_maxrss over from the parent through fork and exec; the measured peak must not."""
+    held = torch.ones(2**28)  # 1 GiB, touched, in this (the parent) process
+    child = ("import torch; from opd.train.memory import PeakMemory; peak = PeakMemory(torch.device('cpu')); "
+             "peak.start(); x = torch.ones(2**25); print(peak.bytes() / 2**30)")  # 0.125 GiB
+    measured = float(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout)
+    assert 0.1 < measured < 0.3, measured
+    del held

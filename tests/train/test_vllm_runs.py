@@ -1,5 +1,6 @@
 """Runs with rollout.engine: vllm through the CLI, as a user starts them: a run that trains and reports,
-resume after SIGKILL against the uninterrupted run, and the engine's bad input as one-line errors."""
+resume after SIGKILL against the uninterrupted run, two FSDP2 ranks (an engine each) against one, and
+the engine's bad input as one-line errors."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import yaml
 from conftest import run_cli, write_problems
 from opd.demo.run import ASSETS
 from opd.io.sinks import read_metrics
-from weights import assert_weights_close, final_weights
+from processes import launch
+from weights import assert_same_learning, assert_weights_close, final_weights
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
 
@@ -79,6 +81,30 @@ def test_resume_after_sigkill_with_the_engine_matches_the_uninterrupted_run(tmp_
     # rollout; each prompt's draws are seeded by its key: the same samples, so the same weights.
     assert_weights_close(final_weights(tmp_path / "whole"), final_weights(killed_dir), atol=0)
     assert [row["step"] for row in read_metrics(killed_dir / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_two_sharded_ranks_with_an_engine_each_equal_one_rank(tmp_path, lora):
+    """Under torchrun every rank samples its share of the prompts with an engine of its own, synced from
+    the FSDP2-sharded student one gathered unit at a time (LoRA merged inside the gathered layer).
+    Each prompt's draws are seeded by its key, so 2 ranks x 1 prompt sample what 1 rank x 2 prompts do,
+    and train the same weights up to the order of floating-point sums."""
+    raw = yaml.safe_load(engine_config(tmp_path, max_steps=3).read_text())
+    if lora:
+        raw["student"]["lora"] = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "down_proj"]}  # the head is tied
+    runs = {}
+    for ranks in (1, 2):
+        config = {**raw, "run": {**raw["run"], "output_dir": str(tmp_path / f"{ranks}-ranks")},
+                  "student": {**raw["student"], "shard": ranks > 1}}
+        result = launch(config, tmp_path, f"{ranks}-ranks", ranks)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[ranks] = read_metrics(tmp_path / f"{ranks}-ranks" / "metrics.jsonl")
+    assert_same_learning(final_weights(tmp_path / "1-ranks"), final_weights(tmp_path / "2-ranks"),
+                         str(ASSETS / "student"), fraction=0.01)
+    for one, two in zip(runs[1], runs[2]):
+        assert two["generation/avg_length"] == one["generation/avg_length"]  # the same samples
+        assert two["distill/reverse_kl"] == pytest.approx(one["distill/reverse_kl"], rel=1e-3, abs=1e-5)
+        assert two["ratio/max_abs_log"] < 1e-3  # each rank's engine had the synced weights
 
 
 def test_the_engine_refuses_what_it_cannot_serve_before_training(tmp_path):

@@ -32,6 +32,7 @@ def check_lora(settings: LoraSettings, student_path: str, trust_remote_code: boo
     model_config = AutoConfig.from_pretrained(student_path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+    refuse_tied_targets(skeleton, settings, student_path)
     names = {name.rsplit(".", 1)[-1] for name, _ in skeleton.named_modules()}
     missing = [target for target in settings.target_modules if target not in names]
     if missing:
@@ -41,9 +42,27 @@ def check_lora(settings: LoraSettings, student_path: str, trust_remote_code: boo
                           f"(its linear layers: {', '.join(linear)})")
 
 
+def refuse_tied_targets(model: torch.nn.Module, settings: LoraSettings, student_path: str) -> None:
+    """An adapter on an LM head tied to the input embeddings (or on those embeddings) makes the two
+    differ in training, but they are one tensor: merging it (final/, export, the vLLM engine's sync)
+    would put the head's delta on the embeddings too, or drop it. So it is refused, naming the key."""
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if settings.target_modules == "all-linear" or head is None or head.weight is not embeddings.weight:
+        return  # peft's all-linear leaves the output layer out
+    names = {module: name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    pair = [names.get(head), names.get(embeddings)]
+    tied = [name for name in pair if name in settings.target_modules]
+    if tied:
+        raise ConfigError(f"student.lora.target_modules: {' and '.join(tied)}: {pair[0]} and {pair[1]} are one "
+                          f"tensor in {student_path} (tie_word_embeddings), which a merged adapter (final/, export, "
+                          f"the vLLM engine) can't keep apart; leave {'them' if len(tied) > 1 else 'it'} out")
+
+
 def add_adapters(student: LoadedModel, settings: LoraSettings) -> LoadedModel:
     """The student with new, trainable LoRA adapters (a checkpoint's are loaded into them after)."""
     from peft import LoraConfig, get_peft_model
+
+    refuse_tied_targets(student.model, settings, student.source)
 
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=0.0,
                         target_modules=settings.target_modules, bias="none")

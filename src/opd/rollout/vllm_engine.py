@@ -1,7 +1,7 @@
 """The student's rollouts from a vLLM engine in the training process (`rollout.engine: vllm`).
 
 The engine runs colocated and in-process (vLLM's engine core in this process, no worker processes),
-like TRL's colocate mode: the student's current weights go straight from its tensors into the
+like TRL's colocate mode, one engine per rank under torchrun: the student's current weights go straight from its tensors into the
 engine's model through `collective_rpc` and vLLM's in-place reload (the model's own `load_weights`, then its
 weight processing), streamed tensor by tensor, before every rollout, and the prefix cache is reset after each sync so that no KV block computed with older
 weights is reused. Why this way and not vLLM's weight-transfer engines (NCCL, IPC): those move
@@ -21,12 +21,15 @@ import importlib.util
 import os
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 from opd.config.sections import VLLMEngineSettings
 from opd.data.prompts import PromptBatch
+from opd.distributed.sharding import is_sharded
 from opd.errors import ConfigError
 from opd.models.loading import LoadedModel
 from opd.models.precision import Precision
@@ -52,12 +55,21 @@ def _vllm():
     return vllm
 
 
-def check_engine(student_path: str, architectures: list[str] | None, world_size: int, sharded: bool) -> None:
-    """Before any weight loads: vLLM is installed, implements the student's architecture, and the run
-    is one it can serve (one process). architectures: the student's config.json `architectures`."""
-    if world_size > 1 or sharded:
-        raise ConfigError(f"rollout.engine: vllm runs in a world of one process for now (this run has {world_size} "
-                          f"ranks{', a sharded student' if sharded else ''}); use rollout.engine: opd under torchrun")
+def _restore_environment(saved: dict[str, str]) -> None:
+    """Undo what vLLM's start set in os.environ for worker processes it would spawn (LD_PRELOAD of its
+    OpenMP, LD_LIBRARY_PATH, LOCAL_WORLD_SIZE=1): in-process they only leak into what this process
+    starts later, a subprocess that would then run with another OpenMP and think it is one rank of
+    one. vLLM's own VLLM_* settings stay, as it may read them again."""
+    for name in [name for name in os.environ if not name.startswith("VLLM_") and os.environ[name] != saved.get(name)]:
+        if name in saved:
+            os.environ[name] = saved[name]
+        else:
+            del os.environ[name]
+
+
+def check_engine(student_path: str, architectures: list[str] | None) -> None:
+    """Before any weight loads: vLLM is installed and implements the student's architecture.
+    architectures: the student's config.json `architectures`."""
     vllm = _vllm()
     supported = set(vllm.ModelRegistry.get_supported_archs())
     if not architectures or not supported.intersection(architectures):
@@ -71,14 +83,16 @@ def engine_dtype(settings: VLLMEngineSettings, policy: LoadedModel, precision: P
     return precision.autocast_dtype or next(policy.model.parameters()).dtype
 
 
-def plain_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def plain_weights(model: torch.nn.Module, keep: Callable[[str], bool] = lambda name: True
+                  ) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's weights under a plain checkpoint's names: a LoRA layer's base weight with its
     adapters' delta added (peft's get_delta_weight, so embeddings and fan-in-fan-out layers come out
-    right), and no adapter tensors. Tied weights come once (named_parameters drops the repeat)."""
+    right), and no adapter tensors. Tied weights come once (named_parameters drops the repeat).
+    keep: which parameters (by their name in `model`) to read; the others are not touched."""
     lora_layers = {name: module for name, module in model.named_modules()
                    if hasattr(module, "base_layer") and hasattr(module, "get_delta_weight")}
     for name, parameter in model.named_parameters():
-        if ".lora_" in name:
+        if ".lora_" in name or not keep(name):
             continue
         owner, _, leaf = name.rpartition(".base_layer.")
         if not owner:
@@ -91,6 +105,30 @@ def plain_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
                 if adapter in layer.scaling:
                     weight = weight + layer.get_delta_weight(adapter).to(weight.dtype)
         yield f"{owner}.{leaf}", weight
+
+
+def engine_weights(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """plain_weights in the engine's dtype. An FSDP2-sharded student is gathered one unit at a time (the
+    root's embeddings, norm and head first, then each decoder layer) and resharded before the next, so
+    no more than one unit is ever whole beside the shards. That makes this a collective: every rank's
+    engine consumes it to the end, in the same order. The sharded tensors come as copies, since vLLM
+    holds each until its layer is complete, and a reshard frees the gathered memory."""
+    if not is_sharded(model):
+        for name, tensor in plain_weights(model):
+            yield name, tensor.to(dtype)
+        return
+    unit_of = {name: module for name, module in model.named_modules() if isinstance(module, FSDPModule)}
+
+    def owner(parameter_name: str) -> str:  # the innermost unit that holds the parameter ("" is the root)
+        return max((unit for unit in unit_of if not unit or parameter_name.startswith(unit + ".")), key=len)
+
+    for unit_name, unit in unit_of.items():  # the root comes first, as FSDP2's lazy initialisation wants
+        unit.unshard()
+        try:
+            for name, tensor in plain_weights(model, keep=lambda name: owner(name) == unit_name):
+                yield name, tensor.to(dtype, copy=True)
+        finally:
+            unit.reshard()
 
 
 def _reload_weights(worker, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
@@ -126,18 +164,24 @@ class VLLMSampler:
         self.policy, self.settings, self.engine_settings = policy, settings, engine
         self.dtype = engine_dtype(engine, policy, precision)
         on_cpu = precision.device.type == "cpu"
+        # Under torchrun every rank runs an engine of its own over its share of the prompts (vLLM's
+        # external launcher: it joins the trainer's process group, as one data-parallel replica per rank).
+        self._in_torchrun = dist.is_initialized() and dist.get_world_size() > 1
         threads, set_threads = torch.get_num_threads(), torch.set_num_threads
+        environment = dict(os.environ)
         try:
             self.llm = vllm.LLM(
                 model=model_path, tokenizer=model_path, dtype=self.dtype, seed=seed, max_model_len=max_model_len,
                 gpu_memory_utilization=engine.gpu_memory_utilization, logprobs_mode="processed_logprobs",
                 enforce_eager=on_cpu if engine.enforce_eager is None else engine.enforce_eager,
                 enable_prefix_caching=True, trust_remote_code=trust_remote_code,
+                distributed_executor_backend="external_launcher" if self._in_torchrun else None,
                 enable_sleep_mode=engine.sleep_between_rollouts and not on_cpu,  # vLLM sleeps on GPUs only
             )
         finally:  # vLLM's CPU worker replaces torch.set_num_threads for the whole process; training needs it back
             torch.set_num_threads = set_threads
             torch.set_num_threads(threads)
+            _restore_environment(environment)
         # Embedding rows past the tokenizer (padding, as in Qwen's) are outside what opd samples and scores.
         rows = policy.model.get_output_embeddings().weight.shape[0]
         self._allowed = list(range(policy.vocab_size)) if rows > policy.vocab_size else None
@@ -146,13 +190,18 @@ class VLLMSampler:
         self.last_sync_s = 0.0
 
     def close(self) -> None:
-        """Shut the engine down and undo the one-process distributed state it set up in this process."""
-        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+        """Shut the engine down and undo the distributed state it set up in this process; under torchrun
+        the trainer's own process group stays (vLLM would end it too)."""
+        from vllm.distributed import parallel_state
 
         self.llm.llm_engine.engine_core.shutdown()
         del self.llm
-        destroy_model_parallel()
-        destroy_distributed_environment()
+        parallel_state.destroy_model_parallel()
+        if not self._in_torchrun:
+            parallel_state.destroy_distributed_environment()
+        elif parallel_state._WORLD is not None:  # its groups over the trainer's ranks, not the default group
+            parallel_state._WORLD.destroy()
+            parallel_state._WORLD = None
 
     def sampling_flops(self, batch: StepBatch) -> float:
         return forward_flops(self._matmul_parameters, batch)
@@ -160,11 +209,11 @@ class VLLMSampler:
     @torch.no_grad()
     def sync_weights(self) -> float:
         """Copy the student's current weights into the engine and reset its prefix cache. The tensors
-        stream one at a time (the engine consumes the iterator in this process), so at most one
-        converted tensor exists beside the two models. Returns the seconds it took."""
+        stream one at a time (the engine consumes the iterator in this process): beside the two models
+        there is at most one converted tensor, or one gathered unit of a sharded student. Under torchrun
+        every rank calls it together. Returns the seconds it took."""
         started = time.perf_counter()
-        weights = ((name, tensor.to(self.dtype)) for name, tensor in plain_weights(self.policy.model))
-        self.llm.collective_rpc(_reload_weights, args=(weights,))
+        self.llm.collective_rpc(_reload_weights, args=(engine_weights(self.policy.model, self.dtype),))
         self.llm.reset_prefix_cache()
         self.last_sync_s = time.perf_counter() - started
         return self.last_sync_s

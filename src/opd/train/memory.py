@@ -28,6 +28,7 @@ process's peak resident memory since setup began (imports and the interpreter le
 from __future__ import annotations
 
 import resource
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,7 +216,12 @@ def plan_memory(config: Config, world_size: int, device: str = "cuda") -> Memory
 
 
 class PeakMemory:
-    """The peak memory of this process since `start()`: tensors on a GPU, resident growth on a CPU."""
+    """The peak memory of this process since `start()`: tensors on a GPU, resident growth on a CPU.
+
+    On a CPU the peak is the kernel's high-water mark of resident memory (VmHWM), reset at `start()`
+    where Linux allows it. Not getrusage's ru_maxrss: Linux carries that over from the parent through
+    fork and exec, so a run started by a large process (a notebook, a test session holding a vLLM
+    engine) would report the parent's size."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -224,13 +230,17 @@ class PeakMemory:
     def start(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self.baseline = _resident_bytes()
+            return
+        try:  # "5" resets this process's peak resident size to its current one (Linux 4.0+)
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass  # then the peak may include what loading took before start()
+        self.baseline = _resident_bytes()
 
     def bytes(self) -> float:
         if self.device.type == "cuda":
             return float(torch.cuda.max_memory_allocated(self.device))
-        return float(max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.baseline))
+        return float(max(0, _peak_resident_bytes() - self.baseline))
 
 
 def _resident_bytes() -> int:
@@ -239,3 +249,14 @@ def _resident_bytes() -> int:
     except (OSError, IndexError, ValueError):  # not Linux: no baseline
         return 0
     return pages * resource.getpagesize()
+
+
+def _peak_resident_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # in kB
+    except (OSError, IndexError, ValueError):
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # not Linux: bytes on macOS, kB elsewhere
+    return peak if sys.platform == "darwin" else peak * 1024

@@ -109,8 +109,7 @@ def check_inputs(config: Config, ranks: int, resume: bool) -> None:
                           f"world size {ranks}: each rank takes an equal share of a step's prompts")
     check_source(config.student.path, "student.path")
     if config.rollout.engine == "vllm":
-        check_engine(config.student.path, architectures(config.student.path, "student.path", config.student.trust_remote_code),
-                     ranks, config.student.shard and ranks > 1)
+        check_engine(config.student.path, architectures(config.student.path, "student.path", config.student.trust_remote_code))
     for name, settings in config.teacher_configs.items():
         if not settings.remote:
             check_source(settings.path, f"{config.teacher_key(name)}.path")
