@@ -34,7 +34,6 @@ from opd.demo.run import ASSETS
 from opd.demo.task import write_split
 from opd.data.prompts import load_prompts
 from opd.errors import StudentCollapsed
-from opd.train.evaluate import decode_completions
 from opd.rollout.sampler import ModelSampler
 from opd.models.loading import load_model
 from opd.models.precision import Precision
@@ -131,7 +130,7 @@ def completions(model_dir: Path, work: Path, count: int = 3) -> list[str]:
     student = load_model(str(model_dir), "student", precision.device)
     prompts = load_prompts(str(work / "eval.jsonl"), "eval", student.tokenizer, 64)
     batch = ModelSampler(student, SamplingSettings(40), precision).sample(prompts.batch(list(range(count))), 1, seed=1)
-    return decode_completions(batch, student.tokenizer)
+    return batch.completion_texts(student.tokenizer)
 
 
 def main() -> None:

@@ -59,7 +59,7 @@ LAYERS = {
     "errors": 0,
     "config": 1, "ops": 1, "distributed": 1,
     "data": 2, "models": 2,
-    "rollout": 3, "teachers": 3,
+    "rollout": 3, "teachers": 3, "rewards": 3,
     "objectives": 4, "io": 4,
     "train": 5, "serve": 5,
     "demo": 6, "recipes": 6,

@@ -257,6 +257,12 @@ def test_override_below_a_scalar_is_a_config_error(tmp_path):
         load_config(path, ["run.output_dir.value=3"])
 
 
+def test_override_fills_an_optional_section_left_null(tmp_path):
+    """A run's config.yaml writes off sections as null (reward: null); --set may still switch one on."""
+    path = write_yaml(tmp_path / "config.yaml", {**minimal_raw(), "reward": None})
+    assert load_config(path, ["reward.verifier=gsm8k", "reward.coef=0.5"]).reward.coef == 0.5
+
+
 def test_missing_config_file_is_a_config_error(tmp_path):
     path = tmp_path / "absent.yaml"
     with pytest.raises(ConfigError, match="not found") as info:

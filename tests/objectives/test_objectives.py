@@ -37,6 +37,9 @@ def test_every_loss_kind_has_one_objective_that_declares_what_config_says_it_nee
     ({"rollout": {"student_fraction": 0.5}, "loss": {"off_policy_kind": "sft"}}, TOKEN_LOGPROBS),
     ({"rollout": {"student_fraction": 1.0, "student_fraction_start": 0.2, "student_fraction_ramp_steps": 5},
       "loss": {"kind": "forward_kl", "off_policy_kind": "sft"}}, FULL_DISTRIBUTION),
+    ({"reward": {"verifier": "gsm8k"}}, TOKEN_LOGPROBS),
+    ({"reward": {"verifier": "gsm8k"}, "loss": {"kl_coef": 0}}, None),  # pure RL: the teacher only watches
+    ({"reward": {"verifier": "gsm8k", "coef": 0}, "loss": {"kl_coef": 1}}, TOKEN_LOGPROBS),
 ])
 def test_added_terms_and_mixtures_declare_what_they_need_as_config_does(tiny_config, changes, needs):
     raw = {**tiny_config, **{section: {**tiny_config.get(section, {}), **values} for section, values in changes.items()}}

@@ -29,6 +29,7 @@ def full_batch() -> StepBatch:
         teacher_topk_ids=position.long()[..., None].expand(3, 6, 2).clone(),
         teacher_topk_logprobs=-position[..., None].expand(3, 6, 2).clone(), advantages=3 * position,
         sampler_entropy=position / 10, teacher_entropy=position / 20, chunk_index=position.long(),
+        rewards=torch.tensor([1.0, 0.0, 0.5]),
     ).replace(rows=["row a", "row b", "row c"], source=torch.tensor([STUDENT, TEACHER, STUDENT]))
 
 

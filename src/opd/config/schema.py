@@ -12,7 +12,7 @@ from pydantic import Field, model_validator
 
 from opd.config.sections import (
     FULL_DISTRIBUTION, TEACHER_NEEDS, TOP_K, BatchConfig, DataConfig, LossConfig, NamedTeacher, OptimConfig,
-    RolloutConfig, RunConfig, StudentConfig, TeacherConfig, _Strict,
+    RewardConfig, RolloutConfig, RunConfig, StudentConfig, TeacherConfig, _Strict,
 )
 
 
@@ -28,6 +28,7 @@ class Config(_Strict):
     data: DataConfig
     rollout: RolloutConfig = RolloutConfig()
     loss: LossConfig = LossConfig()
+    reward: RewardConfig | None = Field(None, description="A task reward beside the teacher's (opd.rewards).")
     batch: BatchConfig = BatchConfig()
     optim: OptimConfig = OptimConfig()
 
@@ -50,6 +51,7 @@ class Config(_Strict):
         if self.loss.forward_kl_coef and self.loss.kind != "reverse_kl_pg":
             raise ValueError(f"loss.forward_kl_coef={self.loss.forward_kl_coef} adds to reverse_kl_pg only "
                              f"(loss.kind={self.loss.kind})")
+        self._check_reward()
         self._check_teachers()
         self._check_teacher_views()
         teacher_needed = self.teacher_needs is not None or self.teacher_writes
@@ -91,6 +93,18 @@ class Config(_Strict):
                 f"rollout.top_p=1 (got {self.rollout.top_k} and {self.rollout.top_p})"
             )
         return self
+
+    def _check_reward(self) -> None:
+        reward = self.reward
+        if reward is None:
+            return
+        if self.loss.kind != "reverse_kl_pg":
+            raise ValueError(f"reward: adds its advantage to reverse_kl_pg's, a policy gradient (loss.kind={self.loss.kind})")
+        if reward.coef and self.rollout.samples_per_prompt < 2:
+            raise ValueError("reward: each reward is compared with the mean of its prompt's samples, which needs "
+                             f"rollout.samples_per_prompt >= 2 (got {self.rollout.samples_per_prompt})")
+        if not reward.coef and not self.loss.kl_coef:
+            raise ValueError("reward.coef=0 and loss.kl_coef=0 leave the student nothing to learn from")
 
     def _check_teacher_views(self) -> None:
         """`teacher.path: student`, and what a teacher that reads rows its own way can do."""
@@ -171,6 +185,8 @@ class Config(_Strict):
         forward-KL term or forward-KL off-policy rows are added."""
         if self.loss.forward_kl_coef or (self.mixed and self.loss.off_policy_kind == "forward_kl"):
             return FULL_DISTRIBUTION
+        if self.loss.kind == "reverse_kl_pg" and not self.loss.kl_coef and self.reward and self.reward.coef:
+            return None  # pure RL: a teacher, where given, only adds metrics
         return TEACHER_NEEDS[self.loss.kind]
 
     def _full_distribution_reason(self) -> str:

@@ -227,6 +227,16 @@ class LossConfig(_Strict):
     )
 
 
+class RewardConfig(_Strict):
+    verifier: str = Field(
+        ..., pattern=r"^(gsm8k|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$",
+        description="gsm8k (1 for the row's `#### N`, else 0), or package.module:function(completion, row) -> float.")
+    coef: float = Field(1.0, ge=0, description="Weight of the reward's advantage beside the distillation one "
+                        "(loss.kl_coef); 0 trains on distillation alone and only reports the reward.")
+    normalize: Literal["mean", "mean_std"] = Field(
+        "mean", description="A prompt's samples' rewards minus their mean; mean_std also divides by their std (GRPO).")
+
+
 class BatchConfig(_Strict):
     prompts_per_step: int = Field(8, ge=1)
     micro_batch_size: int = Field(8, ge=1, description="Sequences per backward pass.")

@@ -44,22 +44,33 @@ class PolicyGradient:
     With forward_kl_coef = w > 0, plus w * KL(pi_T || pi_theta) at every position of the same samples: a
     mass-covering term that keeps the student's probability wherever the teacher's is, which the
     sampled-token reward alone does not (it can settle on one high-reward token and lose the rest).
+
+    With a task reward (`reward:`), each completion's group-normalized reward times reward_coef is
+    added to the advantage of every one of its tokens. With kl_coef = 0 the teacher is not read at all
+    (pure RL; a teacher, where given, only adds metrics).
     """
 
     def __init__(self, temperature: float, top_k: int, top_p: float, ratio_clip: float | None, kl_coef: float,
-                 discount: float, forward_kl_coef: float = 0.0):
+                 discount: float, forward_kl_coef: float = 0.0, reward_coef: float = 0.0,
+                 reward_scale_by_std: bool = False):
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.ratio_clip, self.kl_coef, self.discount = ratio_clip, kl_coef, discount
-        self.forward_kl_coef = forward_kl_coef
-        self.needs = FULL_DISTRIBUTION if forward_kl_coef else TOKEN_LOGPROBS
+        self.forward_kl_coef, self.reward_coef, self.reward_scale_by_std = forward_kl_coef, reward_coef, reward_scale_by_std
+        self.needs = FULL_DISTRIBUTION if forward_kl_coef else (TOKEN_LOGPROBS if kl_coef or not reward_coef else None)
 
     def prepare(self, batch: StepBatch) -> StepBatch:
-        if batch.chunk_index is not None:  # a teacher of another tokenizer: one advantage per chunk
+        mask = batch.completion_mask
+        if not self.kl_coef and self.reward_coef:
+            advantages = torch.zeros(mask.shape, device=mask.device)  # (B, T)
+        elif batch.chunk_index is not None:  # a teacher of another tokenizer: one advantage per chunk
             advantages = losses.chunk_advantages(batch.sampler_logprobs, batch.teacher_logprobs, batch.chunk_index,
-                                                 batch.completion_mask, self.kl_coef, self.discount)  # (B, T)
+                                                 mask, self.kl_coef, self.discount)  # (B, T)
         else:
             advantages = losses.discounted_advantages(batch.sampler_logprobs, batch.teacher_logprobs,
-                                                      batch.completion_mask, self.kl_coef, self.discount)  # (B, T)
+                                                      mask, self.kl_coef, self.discount)  # (B, T)
+        if self.reward_coef:
+            rewarded = losses.group_advantages(batch.rewards, batch.prompt_index, self.reward_scale_by_std)  # (B,)
+            advantages = advantages + self.reward_coef * rewarded.unsqueeze(1) * mask
         return batch.replace(advantages=advantages)
 
     def per_token(self, student_logits, chunk, teacher):
@@ -150,7 +161,8 @@ class BySource:
 OBJECTIVES: dict[str, Callable[[Config], Objective]] = {
     "reverse_kl_pg": lambda config: PolicyGradient(
         config.rollout.temperature, config.rollout.top_k, config.rollout.top_p, config.loss.ratio_clip,
-        config.loss.kl_coef, config.loss.discount, config.loss.forward_kl_coef),
+        config.loss.kl_coef, config.loss.discount, config.loss.forward_kl_coef,
+        config.reward.coef if config.reward else 0.0, bool(config.reward and config.reward.normalize == "mean_std")),
     "topk_forward_kl": lambda config: TopKForwardKL(config.rollout.temperature),
     "forward_kl": lambda config: Divergence(losses.forward_kl, config.rollout.temperature),
     "reverse_kl": lambda config: Divergence(losses.reverse_kl, config.rollout.temperature),

@@ -61,6 +61,27 @@ def chunk_advantages(
     return torch.where(kept, chunk_values.gather(1, slot), 0.0)
 
 
+def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, scale_by_std: bool = False,
+                     epsilon: float = 1e-4) -> torch.Tensor:
+    """A_i = r_i - mean of r over the rows of i's group (a prompt's samples), with scale_by_std divided
+    by (the group's sample standard deviation + epsilon), as GRPO does. Rows whose reward is NaN (none
+    was given) are left out of their group's figures and get 0, as does a group of one.
+
+    rewards, groups: (B,); returns (B,) float32.
+    """
+    given = ~torch.isnan(rewards)
+    values = torch.where(given, rewards.float(), 0.0)
+    _, group = torch.unique(groups, return_inverse=True)  # (B,) in 0..G-1
+    count = torch.zeros(int(group.max()) + 1 if len(group) else 0, device=rewards.device).index_add_(0, group, given.float())
+    mean = torch.zeros_like(count).index_add_(0, group, values) / count.clamp(min=1)  # (G,)
+    centered = torch.where(given, values - mean[group], 0.0)
+    if scale_by_std:
+        squares = torch.zeros_like(count).index_add_(0, group, centered.square())
+        std = (squares / (count - 1).clamp(min=1)).sqrt()  # (G,), 0 for a group of one
+        centered = centered / (std[group] + epsilon)
+    return centered
+
+
 def reverse_kl_pg(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,

@@ -47,6 +47,8 @@ class StepBatch:
     teacher_hidden:    (B, T, H) the teacher's final hidden states, kept only for full-vocabulary losses.
     teacher_topk_ids, teacher_topk_logprobs: (B, T, K) the teacher's top-k, where a scorer gives them.
     advantages:        (B, T) per-token advantages, for losses that use them.
+    rewards:           (B,) the verifier's grade of each student-written completion (NaN for other rows),
+                       where the run has a reward (opd.rewards); None otherwise.
     chunk_index:       (B, T) with a teacher of another tokenizer (opd.teachers.alignment): each token's chunk in
                        its row, or a negative code for a token left out of the loss; then
                        teacher_logprobs holds each chunk's Σ ℓᵀ at its last token. None: per token.
@@ -70,6 +72,7 @@ class StepBatch:
     teacher_topk_logprobs: torch.Tensor | None = field(default=None, metadata=COMPLETION)
     advantages: torch.Tensor | None = field(default=None, metadata=COMPLETION)
     chunk_index: torch.Tensor | None = field(default=None, metadata=COMPLETION)
+    rewards: torch.Tensor | None = field(default=None, metadata=ROW)
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -86,6 +89,11 @@ class StepBatch:
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
+
+    def completion_texts(self, tokenizer) -> list[str]:
+        """Each row's completion inside the mask, decoded without special tokens."""
+        return [tokenizer.decode([token for token, keep in zip(ids, mask) if keep], skip_special_tokens=True)
+                for ids, mask in zip(self.completion_ids.tolist(), self.completion_mask.tolist())]
 
     def replace(self, **changes: Any) -> "StepBatch":
         return replace(self, **changes)

@@ -17,19 +17,12 @@ from opd.data.tasks.gsm8k import is_correct
 from opd.distributed.world import World
 from opd.models.loading import load_model, load_tokenizer
 from opd.models.precision import Precision
-from opd.ops.batch import StepBatch
+from opd.rewards.verifiers import RewardScorer
 from opd.rollout.sampler import ModelSampler, Sampler, SamplingSettings
 from opd.teachers.base import TokenScorer
 from opd.teachers.local import load_teacher
 from opd.teachers.view import TeacherView, ViewedTeacher, ViewSettings
 from opd.train.metrics import combine, rollout_metrics
-
-
-def decode_completions(batch: StepBatch, tokenizer) -> list[str]:
-    texts = []
-    for ids, mask in zip(batch.completion_ids.tolist(), batch.completion_mask.tolist()):
-        texts.append(tokenizer.decode([token for token, keep in zip(ids, mask) if keep], skip_special_tokens=True))
-    return texts
 
 
 def evaluate(
@@ -43,6 +36,7 @@ def evaluate(
     max_prompts: int | None = None,
     world: World = World(),
     equal_calls: bool = False,
+    rewards: RewardScorer | None = None,
 ) -> dict[str, float]:
     """Returns eval/ metrics averaged over completion tokens of all held-out rollouts.
 
@@ -50,6 +44,7 @@ def evaluate(
     every world.size-th prompt and the figures are combined over ranks, token-weighted, so they equal
     one process's (each prompt's samples come from its own keyed stream). equal_calls: every rank makes
     as many sampling and scoring calls (a sharded model gathers its weights in each, a collective).
+    rewards: the run's verifier, which adds eval/reward/*.
     """
     count = min(len(prompts), max_prompts or len(prompts))
     mine = list(range(world.rank, count, world.size))
@@ -66,8 +61,10 @@ def evaluate(
             batch = teacher.score(batch).attach(batch)
         if padding:
             continue
+        if rewards is not None:
+            batch = rewards.attach(batch)
         token_weights.append((rollout_metrics(batch), batch.num_tokens, len(batch)))
-        for text, row_index, row in zip(decode_completions(batch, tokenizer), batch.row_index.tolist(), batch.rows):
+        for text, row_index, row in zip(batch.completion_texts(tokenizer), batch.row_index.tolist(), batch.rows):
             verdict = is_correct(text, row.answer) if row.answer is not None else None
             if verdict is not None:
                 verdicts.setdefault(row_index, []).append(verdict)

@@ -42,6 +42,10 @@ def rollout_metrics(batch: StepBatch, prefix: str = "") -> dict[str, float]:
             metrics[f"{prefix}distill/reverse_kl"] = log_ratio
         else:
             metrics.update(alignment_metrics(batch.chunk_index, mask, prefix))
+    if batch.rewards is not None and bool((~batch.rewards.isnan()).any()):  # the verifier's grades, per rollout
+        graded = batch.rewards[~batch.rewards.isnan()]
+        metrics[f"{prefix}reward/mean"] = float(graded.mean())
+        metrics[f"{prefix}reward/std"] = float(graded.std(unbiased=False))
     if batch.sampler_entropy is not None:
         metrics[f"{prefix}entropy/student"] = masked_mean(batch.sampler_entropy, mask)
     if batch.teacher_entropy is not None:
@@ -91,10 +95,10 @@ def combine(parts: list[tuple[dict[str, float], int, int]]) -> dict[str, float]:
     """Figures of several batches (or ranks) as one: parts are (figures, completion tokens, rows).
     Token-weighted means for per-token figures, row-weighted for per-sequence ones, maxima for maxima;
     perplexities from the combined log-probs."""
-    per_sequence = ("generation/avg_length", "generation/eos_fraction")
+    per_sequence = ("generation/avg_length", "generation/eos_fraction", "reward/mean")
     combined = {}
     for key in parts[0][0]:
-        if key.startswith("perplexity/"):
+        if key.startswith("perplexity/") or key.endswith("reward/std"):
             continue
         if key.endswith("max_abs_log"):
             combined[key] = max(part[0][key] for part in parts)
@@ -104,6 +108,10 @@ def combine(parts: list[tuple[dict[str, float], int, int]]) -> dict[str, float]:
         else:
             weights = [part[2] if key in per_sequence else part[1] for part in parts]
         combined[key] = sum(part[0][key] * weight for part, weight in zip(parts, weights)) / max(sum(weights), 1)
+    for key in [key for key in parts[0][0] if key.endswith("reward/std")]:  # pooled: E[r^2] - E[r]^2 over all rows
+        mean, rows = combined[key.replace("/std", "/mean")], sum(part[2] for part in parts)
+        square = sum((part[0][key] ** 2 + part[0][key.replace("/std", "/mean")] ** 2) * part[2] for part in parts)
+        combined[key] = math.sqrt(max(square / max(rows, 1) - mean**2, 0.0))
     for who in ("student", "teacher"):
         if f"logprob/{who}" in combined:
             combined[f"perplexity/{who}"] = math.exp(-combined[f"logprob/{who}"])
@@ -118,7 +126,8 @@ def pieces_over_ranks(parts: dict, world: World) -> dict:
     return {key: [rank_parts[key] for rank_parts in gathered if key in rank_parts] for key in keys}
 
 
-PER_TEACHER = ("distill/reverse_kl", "distill/seq_reverse_kl", "logprob/teacher", "generation/avg_length")
+PER_TEACHER = ("distill/reverse_kl", "distill/seq_reverse_kl", "logprob/teacher", "generation/avg_length", "reward/mean",
+               "reward/std")
 
 
 def per_teacher_metrics(teachers: RoutedTeachers, batch: StepBatch, world: World) -> dict[str, float]:

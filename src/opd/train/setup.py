@@ -33,6 +33,7 @@ from opd.rollout.answers import DatasetAnswers
 from opd.rollout.mixture import RolloutMix, build_rollouts
 from opd.rollout.sampler import ModelSampler, SamplingSettings
 from opd.rollout.vllm_engine import VLLMSampler, check_engine
+from opd.rewards.verifiers import RewardScorer, check_rows, load_verifier
 from opd.teachers.base import TokenScorer
 from opd.teachers.build import load_teachers, plan_teachers
 from opd.teachers.routed import check_routes
@@ -65,6 +66,7 @@ class Session:
     start_step: int
     start_flops: float  # training FLOPs spent before start_step (see opd.ops.flops)
     peak_memory: PeakMemory
+    rewards: RewardScorer | None = None  # grades the student's completions where the run has a reward
 
 
 def sampled_by_teacher_distribution(config: Config) -> bool:
@@ -113,6 +115,8 @@ def check_inputs(config: Config, ranks: int, resume: bool) -> None:
     for name, settings in config.teacher_configs.items():
         if not settings.remote:
             check_source(settings.path, f"{config.teacher_key(name)}.path")
+    if config.reward is not None:
+        load_verifier(config.reward.verifier)  # imported here: a typo fails before any weight loads
 
 
 def load_data(config: Config, tokenizer, log=print) -> tuple[PromptSet, PromptSet | None]:
@@ -127,6 +131,9 @@ def load_data(config: Config, tokenizer, log=print) -> tuple[PromptSet, PromptSe
         check_routes(eval_prompts, list(config.teacher_configs), "data.eval")
     if config.rollout.source == "dataset" or (config.mixed and config.rollout.off_policy_source == "dataset"):
         DatasetAnswers.check(train_prompts)
+    if config.reward is not None:
+        for prompts in filter(None, (train_prompts, eval_prompts)):
+            check_rows(config.reward.verifier, prompts)
     for prompts in filter(None, (train_prompts, eval_prompts)):
         if prompts.skipped_too_long:
             log(f"warning: skipped {prompts.skipped_too_long} prompts of '{prompts.source}' longer than "
@@ -239,4 +246,5 @@ def prepare(config: Config, resume: bool, log=print, world: World | None = None)
         train_prompts=train_prompts, eval_prompts=eval_prompts, stream=stream,
         optimizer=optimizer, scheduler=scheduler, guard=guard, start_step=start_step, start_flops=start_flops,
         peak_memory=peak_memory,
+        rewards=RewardScorer(config.reward.verifier, tokenizer) if config.reward is not None else None,
     )

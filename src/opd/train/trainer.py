@@ -123,6 +123,8 @@ def train_step(session: Session, config: Config, step: int, log=print) -> tuple[
     prompts = session.train_prompts.batch(*session.stream.take_keyed(share, world.rank, world.size))
     step_keys = range(session.stream.consumed - config.batch.prompts_per_step, session.stream.consumed)
     batch = session.rollouts.sample(prompts, config.rollout.samples_per_prompt, config.run.seed, step, step_keys)
+    if session.rewards is not None:
+        batch = session.rewards.attach(batch)
     sampled = time.perf_counter()
     batch, teacher_flops = score(session, batch)
     scored = time.perf_counter()
@@ -214,7 +216,7 @@ def run_eval(session: Session, config: Config) -> dict[str, float]:
         # As many rollouts per sampling call as a training step makes on a rank.
         batch_prompts=max(1, rollouts_per_step(config) // session.world.size // config.rollout.eval_samples_per_prompt),
         seed=config.run.seed + 1, max_prompts=config.data.eval_max_prompts, world=session.world,
-        equal_calls=session.sharded or is_sharded(getattr(session.teacher, "model", None)),
+        equal_calls=session.sharded or is_sharded(getattr(session.teacher, "model", None)), rewards=session.rewards,
     )
 
 
