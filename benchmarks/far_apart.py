@@ -1,7 +1,7 @@
 """A far-apart pair on 2 CPU cores: does the default objective collapse, does the guard see it, and what
 fixes it?
 
-    python benchmarks/far_apart.py [--steps 100] [--out docs]      # about 3 minutes
+    python benchmarks/far_apart.py [--steps 100] [--out far_apart_results]      # about 3 minutes
 
 The pair: the demo's teacher (4 Qwen3 layers x 192, 1.6M parameters, trained on the demo task) and, as
 the student, the same model with its first three decoder layers dropped ("prune, then distill"). The
@@ -9,9 +9,10 @@ student starts far away: held-out reverse KL about 11.6 nats/token, against 0.6 
 student. Every run starts from that student with the same data, seed and settings (16 prompts x 4
 samples x 40 tokens, lr 5e-3 constant after 5 warm-up steps, fp32), and evaluates every 10 steps on 100
 held-out problems:
-- `reverse_kl_pg`: the default objective, guard on `warn`;
-- `reverse_kl_pg`, guard on `stop`;
-- `reverse_kl_pg` + 1.0 x forward KL on the same samples (`loss.forward_kl_coef`);
+- `reverse_kl_pg` alone (`loss.forward_kl_coef: 0`, opd's default until issue 21), guard on `warn`;
+- the same, guard on `stop`;
+- the default: `reverse_kl_pg` + 1.0 x forward KL on the same samples (`loss.forward_kl_coef` left
+  null, which a local teacher of the student's vocabulary resolves to 1.0);
 - GKD's mixture: lambda rising linearly from 0 to 0.5 over 50 steps, then half of each step's prompts
   sampled by the teacher and trained with the forward KL (`rollout.student_fraction: 0.5`,
   `student_fraction_start: 0`, `student_fraction_ramp_steps: 50`).
@@ -27,9 +28,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opd.config.files import validate
+from opd.demo.far_pair import pruned_teacher
 from opd.demo.run import ASSETS
 from opd.demo.task import write_split
 from opd.data.prompts import load_prompts
@@ -43,26 +44,12 @@ from opd.train.trainer import train
 
 STEP = re.compile(r"step \d+")
 RUNS = {
-    "reverse_kl_pg": {},
-    "reverse_kl_pg, guard stop": {"run.collapse_guard": "stop"},
-    "reverse_kl_pg + forward KL": {"loss.forward_kl_coef": 1.0},
-    "mixture, lambda 0 -> 0.5": {"rollout.student_fraction": 0.5, "rollout.student_fraction_start": 0.0,
-                                 "rollout.student_fraction_ramp_steps": 50},
+    "reverse_kl_pg alone": {"loss.forward_kl_coef": 0.0},
+    "reverse_kl_pg alone, guard stop": {"loss.forward_kl_coef": 0.0, "run.collapse_guard": "stop"},
+    "the default: + forward KL (auto, 1.0)": {},
+    "mixture, lambda 0 -> 0.5": {"loss.forward_kl_coef": 0.0, "rollout.student_fraction": 0.5,
+                                 "rollout.student_fraction_start": 0.0, "rollout.student_fraction_ramp_steps": 50},
 }
-
-
-def pruned_student(out: Path, keep: list[int]) -> Path:
-    """The demo teacher with only the decoder layers in `keep`."""
-    model = AutoModelForCausalLM.from_pretrained(ASSETS / "teacher")
-    model.model.layers = torch.nn.ModuleList([model.model.layers[i] for i in keep])
-    for index, layer in enumerate(model.model.layers):
-        layer.self_attn.layer_idx = index
-    model.config.num_hidden_layers = len(keep)
-    if getattr(model.config, "layer_types", None):
-        model.config.layer_types = [model.config.layer_types[i] for i in keep]
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(ASSETS / "teacher").save_pretrained(out)
-    return out
 
 
 def config(work: Path, name: str, student: Path, steps: int, changes: dict) -> dict:
@@ -136,13 +123,13 @@ def completions(model_dir: Path, work: Path, count: int = 3) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "docs")
+    parser.add_argument("--out", type=Path, default=Path("far_apart_results"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
         write_split(work / "train.jsonl", 4000, seed=1)
         write_split(work / "eval.jsonl", 200, seed=2)
-        student = pruned_student(work / "student", keep=[3])
+        student = pruned_teacher(work / "student", keep=[3])
         summaries, curves = [], {}
         samples = {"untrained student": completions(student, work)}
         for name, changes in RUNS.items():

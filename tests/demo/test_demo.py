@@ -27,8 +27,9 @@ def test_demo_distills_and_its_config_repeats_the_run(tmp_path):
     config = load_config(out / "config.yaml")
     for path in (config.student.path, config.teacher.path, config.data.train, config.data.eval):
         assert Path(path).exists(), path
+    # Without the held-out evaluations (they draw from streams of their own), to the same weights.
     repeat = run_cli("train", str(out / "config.yaml"), "--set", f"run.output_dir={tmp_path / 'repeat'}", "run.progress=false",
-                     timeout=1200)
+                     "data.eval=null", timeout=1200)
     assert repeat.returncode == 0, repeat.stderr
     original = load_file(out / "final" / "model.safetensors")
     repeated = load_file(tmp_path / "repeat" / "final" / "model.safetensors")

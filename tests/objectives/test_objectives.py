@@ -25,21 +25,25 @@ def chunk(tokens, sampler_logprobs, advantages) -> TokenChunk:
 def test_every_loss_kind_has_one_objective_that_declares_what_config_says_it_needs(kind, tiny_config):
     source = "dataset" if kind == "sft" else "student"
     teacher = {**tiny_config["teacher"], "top_k": 4} if kind == "topk_forward_kl" else tiny_config["teacher"]
-    config = validate({**tiny_config, "loss": {"kind": kind}, "rollout": {"source": source}, "teacher": teacher})
+    loss = {"kind": kind, **({"forward_kl_coef": 0.0} if kind == "reverse_kl_pg" else {})}
+    config = validate({**tiny_config, "loss": loss, "rollout": {"source": source}, "teacher": teacher})
     objective = build_objective(config)
     assert objective.needs == TEACHER_NEEDS[kind] == config.teacher_needs
     assert set(OBJECTIVES) == set(TEACHER_NEEDS)
 
 
 @pytest.mark.parametrize("changes,needs", [
+    ({}, FULL_DISTRIBUTION),  # the default: a local teacher adds the forward-KL term
+    ({"rollout": {"top_k": 5}}, TOKEN_LOGPROBS),  # ... but not under truncation
+    ({"teacher": {"url": "http://127.0.0.1:1", "path": None}}, TOKEN_LOGPROBS),  # nor from a server
     ({"loss": {"forward_kl_coef": 0.1}}, FULL_DISTRIBUTION),
     ({"rollout": {"student_fraction": 0.5}}, FULL_DISTRIBUTION),
-    ({"rollout": {"student_fraction": 0.5}, "loss": {"off_policy_kind": "sft"}}, TOKEN_LOGPROBS),
+    ({"rollout": {"student_fraction": 0.5}, "loss": {"off_policy_kind": "sft", "forward_kl_coef": 0}}, TOKEN_LOGPROBS),
     ({"rollout": {"student_fraction": 1.0, "student_fraction_start": 0.2, "student_fraction_ramp_steps": 5},
       "loss": {"kind": "forward_kl", "off_policy_kind": "sft"}}, FULL_DISTRIBUTION),
-    ({"reward": {"verifier": "gsm8k"}}, TOKEN_LOGPROBS),
+    ({"reward": {"verifier": "gsm8k"}, "loss": {"forward_kl_coef": 0}}, TOKEN_LOGPROBS),
     ({"reward": {"verifier": "gsm8k"}, "loss": {"kl_coef": 0}}, None),  # pure RL: the teacher only watches
-    ({"reward": {"verifier": "gsm8k", "coef": 0}, "loss": {"kl_coef": 1}}, TOKEN_LOGPROBS),
+    ({"reward": {"verifier": "gsm8k", "coef": 0}, "loss": {"kl_coef": 1}}, FULL_DISTRIBUTION),
 ])
 def test_added_terms_and_mixtures_declare_what_they_need_as_config_does(tiny_config, changes, needs):
     raw = {**tiny_config, **{section: {**tiny_config.get(section, {}), **values} for section, values in changes.items()}}

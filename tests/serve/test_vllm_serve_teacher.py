@@ -56,6 +56,7 @@ def _config(tiny_config, output_dir: Path, teacher: dict) -> dict:
             "run": {**tiny_config["run"], "output_dir": str(output_dir), "max_steps": 3},
             "student": {"path": str(ASSETS / "student")}, "teacher": teacher,
             "rollout": {**tiny_config["rollout"], "max_new_tokens": 16},
+            "loss": {"forward_kl_coef": 0.0},  # what a server resolves the default's forward-KL term to
             "optim": {"lr": 1e-2, "schedule": "constant", "eps": 1e-3}}
 
 

@@ -183,17 +183,32 @@ class Config(_Strict):
     def teacher_needs(self) -> str | None:
         """What the run needs from its teacher: the loss's need, or the full distribution where a
         forward-KL term or forward-KL off-policy rows are added."""
-        if self.loss.forward_kl_coef or (self.mixed and self.loss.off_policy_kind == "forward_kl"):
+        if self.forward_kl_weight or (self.mixed and self.loss.off_policy_kind == "forward_kl"):
             return FULL_DISTRIBUTION
         if self.loss.kind == "reverse_kl_pg" and not self.loss.kl_coef and self.reward and self.reward.coef:
             return None  # pure RL: a teacher, where given, only adds metrics
         return TEACHER_NEEDS[self.loss.kind]
 
+    @property
+    def forward_kl_weight(self) -> float:
+        """loss.forward_kl_coef, with its default (null) resolved: 1.0 where the run can add the forward KL
+        at no more than a local teacher's LM head per chunk, else 0. Setup settles what config alone
+        can't tell (a teacher with another vocabulary or turn end) and writes the value into the config."""
+        if self.loss.forward_kl_coef is not None:
+            return self.loss.forward_kl_coef
+        teacher, rollout, data = self.teacher, self.rollout, self.data
+        can = (self.loss.kind == "reverse_kl_pg" and self.loss.kl_coef != 0 and self.teachers is None
+               and teacher is not None and not teacher.remote and not teacher.shard
+               and teacher.alignment != "chunks" and teacher.chat_template == "student"
+               and data.teacher_system_prompt is None and rollout.source == "student"
+               and rollout.top_k == 0 and rollout.top_p == 1)
+        return 1.0 if can else 0.0
+
     def _full_distribution_reason(self) -> str:
         if TEACHER_NEEDS[self.loss.kind] == FULL_DISTRIBUTION:
             return f"loss.kind={self.loss.kind}"
-        if self.loss.forward_kl_coef:
-            return f"loss.forward_kl_coef={self.loss.forward_kl_coef}"
+        if self.forward_kl_weight:
+            return f"loss.forward_kl_coef={self.forward_kl_weight}"
         return "loss.off_policy_kind=forward_kl"
 
     def student_fraction_at(self, step: int) -> float:

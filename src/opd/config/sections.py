@@ -218,9 +218,10 @@ class LossConfig(_Strict):
     chunk_size: int | None = Field(
         None, ge=1, description="Completion tokens per chunk of full-vocabulary logits; None: 2**24 // vocabulary size."
     )
-    forward_kl_coef: float = Field(
-        0.0, ge=0, description="reverse_kl_pg only: add this times the exact forward KL(teacher || student) at every "
-        "position of the student's samples (mass-covering, against collapse)."
+    forward_kl_coef: float | None = Field(
+        None, ge=0, description="reverse_kl_pg only: add this times the exact forward KL(teacher || student) at every "
+        "position of the student's samples (mass-covering, against collapse). null (auto): 1.0 where the run "
+        "can compute it (one teacher in this process, unsharded, with the student's vocabulary; no top-k/top-p), else 0."
     )
     off_policy_kind: Literal["forward_kl", "sft"] = Field(
         "forward_kl", description="Loss of the rows the student did not sample (rollout.student_fraction < 1)."

@@ -161,7 +161,7 @@ class BySource:
 OBJECTIVES: dict[str, Callable[[Config], Objective]] = {
     "reverse_kl_pg": lambda config: PolicyGradient(
         config.rollout.temperature, config.rollout.top_k, config.rollout.top_p, config.loss.ratio_clip,
-        config.loss.kl_coef, config.loss.discount, config.loss.forward_kl_coef,
+        config.loss.kl_coef, config.loss.discount, config.forward_kl_weight,
         config.reward.coef if config.reward else 0.0, bool(config.reward and config.reward.normalize == "mean_std")),
     "topk_forward_kl": lambda config: TopKForwardKL(config.rollout.temperature),
     "forward_kl": lambda config: Divergence(losses.forward_kl, config.rollout.temperature),

@@ -207,6 +207,7 @@ def prepare(config: Config, resume: bool, log=print, world: World | None = None)
     train_prompts, eval_prompts = load_data(config, tokenizer, log)
     rows = [row for prompts in (train_prompts, eval_prompts) if prompts is not None for row in prompts.examples]
     teacher_plan = plan_teachers(config, tokenizer, rows)  # every view rendered, every server asked
+    config.loss.forward_kl_coef = config.forward_kl_weight  # the default settled; config.yaml shows the value
 
     random.seed(config.run.seed)
     torch.manual_seed(config.run.seed)

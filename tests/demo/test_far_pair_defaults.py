@@ -1,0 +1,42 @@
+"""The defaults on a far-apart pair: the demo teacher, and as the student the same model with 3 of
+its 4 decoder layers dropped (opd.demo.far_pair). With the defaults alone (forward_kl_coef left
+null, which a local teacher resolves to 1.0), the student learns instead of collapsing; with the
+sampled-token reward alone (forward_kl_coef 0, opd's default before) the same 40 steps leave the
+held-out reverse KL 18 % lower only (11.8 -> 9.7; the defaults: 11.8 -> 6.1, -48 %, with the lowest
+entropy at 95 % of the start), measured with this test's settings."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from opd.config.files import validate
+from opd.demo.far_pair import pruned_teacher
+from opd.demo.run import ASSETS
+from opd.demo.task import write_split
+from opd.io.sinks import read_metrics
+from opd.train.trainer import train
+
+
+@pytest.mark.e2e
+def test_the_defaults_keep_a_pruned_student_learning(tmp_path):
+    write_split(tmp_path / "train.jsonl", 1000, seed=1)
+    write_split(tmp_path / "eval.jsonl", 50, seed=2)
+    raw = {  # the defaults, but for the step's size and a learning rate a small model takes
+        "run": {"output_dir": str(tmp_path / "run"), "max_steps": 40, "eval_every": 40, "precision": "fp32",
+                "progress": False},
+        "student": {"path": str(pruned_teacher(tmp_path / "student", keep=[3]))},
+        "teacher": {"path": str(ASSETS / "teacher")},
+        "data": {"train": str(tmp_path / "train.jsonl"), "eval": str(tmp_path / "eval.jsonl"), "max_prompt_tokens": 64},
+        "rollout": {"samples_per_prompt": 4, "max_new_tokens": 40},
+        "batch": {"prompts_per_step": 16, "micro_batch_size": 64},
+        "optim": {"lr": 5e-3, "warmup_steps": 5, "schedule": "constant"},
+    }
+    train(validate(raw), log=lambda *_: None)
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["loss"]["forward_kl_coef"] == 1.0
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    first, last = rows[0], rows[-1]
+    start_entropy = first["eval/entropy/student"]
+    assert min(row["entropy/student"] for row in rows if "entropy/student" in row) >= 0.3 * start_entropy
+    assert last["eval/entropy/student"] >= 0.3 * start_entropy
+    assert last["eval/distill/reverse_kl"] <= 0.6 * first["eval/distill/reverse_kl"], (first, last)
