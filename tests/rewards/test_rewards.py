@@ -125,6 +125,17 @@ def test_verifier_mistakes_are_one_line_errors_naming_it(tiny_config, tmp_path, 
         prepare(validate(raw), resume=False, log=lambda *_: None)
     row = Example(prompt="3 + 4 =", messages=None, answer="#### 7", line=1, fields={"answer": "#### 7"})
     assert RewardScorer("my_rewards:exact", tokenizer=None).grade("7", row) == 1.0  # a bool counts as 0 or 1
+    for value, expected in ((torch.tensor(0.25), 0.25), (__import__("numpy").float32(0.5), 0.5),
+                            (__import__("numpy").bool_(True), 1.0)):
+        assert RewardScorer._number(value) == expected
+    for value in (10**400, float("nan"), "1.0", None, [1.0]):
+        with pytest.raises(RewardFailed, match=r"not a finite number$"):
+            scorer = RewardScorer("my_rewards:exact", tokenizer=None)
+            scorer.verifier = lambda completion, fields, value=value: value
+            scorer.grade("7", row)
+    scorer.verifier = lambda completion, fields: 1 / 0 if completion else ValueError("x\ny")
+    with pytest.raises(RewardFailed, match=r"raised ZeroDivisionError on :1: division by zero$"):
+        scorer.grade("7", row)
     with pytest.raises(RewardFailed, match=r"^reward.verifier my_rewards:wordy returned 'high' \(str\) on :1, not a"):
         RewardScorer("my_rewards:wordy", tokenizer=None).grade("7", row)
 
@@ -152,10 +163,29 @@ def test_a_verifier_failing_at_a_step_stops_the_run_in_one_line_without_a_final_
 @pytest.mark.parametrize("changes, message", [
     ({"loss": {"kind": "forward_kl"}}, r"reward: adds its advantage to reverse_kl_pg's, a policy gradient \(loss.kind=forward_kl\)"),
     ({"rollout": {"samples_per_prompt": 1}}, r"reward: .* needs rollout.samples_per_prompt >= 2 \(got 1\)"),
-    ({"loss": {"kl_coef": 0}, "reward": {"verifier": "gsm8k", "coef": 0}}, r"reward.coef=0 and loss.kl_coef=0 leave"),
+    ({"loss": {"kl_coef": 0}, "reward": {"verifier": "gsm8k", "coef": 0}}, r"reward.coef=0 and loss.kl_coef=0 \(no forward-KL term, no mixture\) leave"),
 ])
 def test_reward_settings_that_cannot_train_are_config_errors(tiny_config, changes, message):
     raw = {**tiny_config, "reward": {"verifier": "gsm8k"}, "batch": {"prompts_per_step": 2, "micro_batch_size": 2}}
     raw.update({section: {**raw.get(section, {}), **values} for section, values in changes.items()})
     with pytest.raises(ConfigError, match=message):
         validate(raw)
+    if "kl_coef" in changes.get("loss", {}):  # a reward only reported beside a forward-KL term still trains
+        validate({**raw, "loss": {**raw["loss"], "forward_kl_coef": 1.0}})
+
+
+def test_routed_teachers_report_each_ones_reward_and_it_is_its_rows_grades(tiny_config, tiny_data, tmp_path):
+    from teachers.test_routing import two_teacher_config
+    from opd.train.metrics import per_teacher_metrics
+    from opd.train.trainer import train_step
+
+    config = validate({**two_teacher_config(tiny_config, tiny_data, tmp_path), "reward": {"verifier": "gsm8k"}})
+    session = prepare(config, resume=False, log=lambda *_: None)
+    batch = session.rewards.attach(session.rollouts.sample(session.train_prompts.batch(list(range(16))), 2, 0, step=1))
+    figures = per_teacher_metrics(session.teacher, session.teacher.score(batch).attach(batch), session.world)
+    for name in ("a", "b"):
+        mine = [reward for reward, row in zip(batch.rewards.tolist(), batch.rows) if row.teacher == name]
+        assert figures[f"reward/mean/{name}"] == pytest.approx(statistics.fmean(mine))
+        assert figures[f"reward/std/{name}"] == pytest.approx(statistics.pstdev(mine))
+    metrics, _ = train_step(session, config, step=1)
+    assert {"reward/mean", "reward/std", "reward/mean/a", "reward/mean/b"} <= set(metrics)

@@ -164,6 +164,20 @@ def test_resume_refuses_a_changed_config_but_allows_more_steps(tiny_config):
     assert [row["step"] for row in read_metrics(Path(raw["run"]["output_dir"]) / "metrics.jsonl")] == [1, 2, 3]
 
 
+def test_resume_keeps_the_forward_kl_term_the_run_recorded(tiny_config):
+    """A run from before the default recorded forward_kl_coef 0; resumed with the default (null), it
+    keeps 0 rather than being refused or switching the term on mid-run. A fresh run records 1.0."""
+    raw = {**tiny_config, "run": {**tiny_config["run"], "max_steps": 2, "save_every": 1},
+           "data": {**tiny_config["data"], "eval": None}, "optim": {"lr": 1e-3, "schedule": "constant"}}
+    saved = Path(raw["run"]["output_dir"]) / "config.yaml"
+    train(validate({**raw, "loss": {"forward_kl_coef": 0.0}}), log=lambda *_: None)
+    result = train(validate({**raw, "run": {**raw["run"], "max_steps": 3}}), resume=True, log=lambda *_: None)
+    assert result.steps_run == 1 and yaml.safe_load(saved.read_text())["loss"]["forward_kl_coef"] == 0.0
+    fresh = {**raw, "run": {**raw["run"], "output_dir": raw["run"]["output_dir"] + "-fresh", "max_steps": 1}}
+    train(validate(fresh), log=lambda *_: None)
+    assert yaml.safe_load((Path(fresh["run"]["output_dir"]) / "config.yaml").read_text())["loss"]["forward_kl_coef"] == 1.0
+
+
 def test_resume_with_more_steps_keeps_the_cosine_schedule_the_saved_steps_followed(tiny_config):
     """A 4-step cosine run stopped after step 1, resumed with max_steps 8: stretching the schedule would
     raise step 3's lr from 0.5 to 0.85 of the base, so it is refused unless decay_steps keeps the horizon."""

@@ -103,8 +103,9 @@ class Config(_Strict):
         if reward.coef and self.rollout.samples_per_prompt < 2:
             raise ValueError("reward: each reward is compared with the mean of its prompt's samples, which needs "
                              f"rollout.samples_per_prompt >= 2 (got {self.rollout.samples_per_prompt})")
-        if not reward.coef and not self.loss.kl_coef:
-            raise ValueError("reward.coef=0 and loss.kl_coef=0 leave the student nothing to learn from")
+        if not reward.coef and not self.loss.kl_coef and not self.forward_kl_weight and not self.mixed:
+            raise ValueError("reward.coef=0 and loss.kl_coef=0 (no forward-KL term, no mixture) leave the student "
+                             "nothing to learn from")
 
     def _check_teacher_views(self) -> None:
         """`teacher.path: student`, and what a teacher that reads rows its own way can do."""

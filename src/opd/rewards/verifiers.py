@@ -2,9 +2,10 @@
 data set row, and the objective adds the reward's group-normalized advantage to the distillation one.
 
 A verifier is `function(completion: str, row: dict) -> float`: the completion decoded without special
-tokens, and the row's JSONL fields (`answer`, `question`, `messages` and any extra field). `gsm8k`
-is built in: 1 where the completion's final number equals the row's `#### N` answer, else 0. Any
-other is named `package.module:function` and imported before any weight loads. A verifier that
+tokens, and the row's JSONL fields (`answer`, `question`, `messages` and any extra field); it may
+return any finite number (a bool, a numpy scalar, a 0-d tensor). `gsm8k` is built in: 1 where the completion's final number equals the row's `#### N` answer, else 0. Any
+other is named `package.module:function` and imported before any weight loads, from the Python path
+and the working directory. A verifier that
 raises or returns something other than a finite number (a bool counts as 0 or 1) stops the step with one line naming it and
 the row (file and line); the run then writes no final/.
 """
@@ -14,6 +15,8 @@ from __future__ import annotations
 import importlib
 import math
 import numbers
+import os
+import sys
 from typing import Callable
 
 import torch
@@ -49,6 +52,8 @@ def load_verifier(spec: str) -> Verifier:
     if not module_name or not function_name:
         raise ConfigError(f"reward.verifier: '{spec}' is neither a built-in ({', '.join(BUILT_IN)}) "
                           f"nor a 'package.module:function'")
+    if "" not in sys.path and os.getcwd() not in sys.path:  # as `python -m` does: a module beside the run's files
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # a module that fails while importing is the same mistake for the user
@@ -81,11 +86,24 @@ class RewardScorer:
         try:
             value = self.verifier(text, row.fields)
         except Exception as exc:
-            raise RewardFailed(f"reward.verifier {self.spec} raised {type(exc).__name__} on {where}: {exc}") from None
-        if not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-            raise RewardFailed(f"reward.verifier {self.spec} returned {value!r} ({type(value).__name__}) on {where}, "
+            message = " ".join(str(exc).split())  # one line, whatever the verifier's message holds
+            raise RewardFailed(f"reward.verifier {self.spec} raised {type(exc).__name__} on {where}: {message}") from None
+        number = self._number(value)
+        if number is None or not math.isfinite(number):
+            shown = " ".join(repr(value).split())[:80]
+            raise RewardFailed(f"reward.verifier {self.spec} returned {shown} ({type(value).__name__}) on {where}, "
                                "not a finite number")
-        return float(value)
+        return number
+
+    @staticmethod
+    def _number(value) -> float | None:
+        """value as a float where it is a number (bool, int, float, numpy scalar, 0-d tensor), else None."""
+        if not (isinstance(value, numbers.Real) or (hasattr(type(value), "__float__") and not isinstance(value, str))):
+            return None
+        try:
+            return float(value)
+        except (OverflowError, TypeError, ValueError, RuntimeError):  # a huge int, a tensor of many values
+            return None
 
     def attach(self, batch: StepBatch) -> StepBatch:
         """The batch with `rewards` (B,): each student row's grade, NaN for rows of other sources."""

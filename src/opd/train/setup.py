@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from opd.config.files import dump_config
 from opd.config.schema import Config
@@ -189,6 +190,21 @@ def write_run_dir(config: Config, world: World) -> None:
         shutil.rmtree(output_dir / "final", ignore_errors=True)
 
 
+def settle_forward_kl(config: Config, resume: bool) -> None:
+    """Settle the default (null) loss.forward_kl_coef into config, which config.yaml then records. On
+    resume, the run's recorded value is kept where it still applies (a run from before the default
+    recorded 0), so an upgrade or a resumable change doesn't change the objective mid-run."""
+    if config.loss.forward_kl_coef is not None:
+        return
+    saved_path = Path(config.run.output_dir) / "config.yaml"
+    if resume and saved_path.is_file():
+        recorded = (yaml.safe_load(saved_path.read_text()).get("loss") or {}).get("forward_kl_coef")
+        if isinstance(recorded, (int, float)) and (recorded == 0 or config.forward_kl_weight):
+            config.loss.forward_kl_coef = float(recorded)
+            return
+    config.loss.forward_kl_coef = config.forward_kl_weight
+
+
 def prepare(config: Config, resume: bool, log=print, world: World | None = None) -> Session:
     """Check, load and build everything for a run. world: the torchrun world (default: from the
     environment; a world of one without torchrun). Only rank 0 writes to the run directory."""
@@ -207,7 +223,7 @@ def prepare(config: Config, resume: bool, log=print, world: World | None = None)
     train_prompts, eval_prompts = load_data(config, tokenizer, log)
     rows = [row for prompts in (train_prompts, eval_prompts) if prompts is not None for row in prompts.examples]
     teacher_plan = plan_teachers(config, tokenizer, rows)  # every view rendered, every server asked
-    config.loss.forward_kl_coef = config.forward_kl_weight  # the default settled; config.yaml shows the value
+    settle_forward_kl(config, resume)
 
     random.seed(config.run.seed)
     torch.manual_seed(config.run.seed)

@@ -32,6 +32,7 @@ from opd.train.setup import Session, prepare
 from opd.io.export import save_with_adapters
 from opd.distributed.sharding import full_model_state, is_sharded
 from opd.io.sinks import MetricSinks
+from opd.rewards.verifiers import RewardFailed
 from opd.train.update import update_student
 
 
@@ -124,7 +125,7 @@ def train_step(session: Session, config: Config, step: int, log=print) -> tuple[
     step_keys = range(session.stream.consumed - config.batch.prompts_per_step, session.stream.consumed)
     batch = session.rollouts.sample(prompts, config.rollout.samples_per_prompt, config.run.seed, step, step_keys)
     if session.rewards is not None:
-        batch = session.rewards.attach(batch)
+        batch = grade(session, batch, step)
     sampled = time.perf_counter()
     batch, teacher_flops = score(session, batch)
     scored = time.perf_counter()
@@ -149,6 +150,19 @@ def train_step(session: Session, config: Config, step: int, log=print) -> tuple[
     if session.rollouts.weight_sync_s is not None:  # part of timing/rollout_s
         metrics["timing/weight_sync_s"] = world.max(session.rollouts.weight_sync_s)
     return metrics, sum(metrics[key] for key in costs)
+
+
+def grade(session: Session, batch: StepBatch, step: int) -> StepBatch:
+    """The batch with the verifier's rewards. A verifier that fails on one rank stops every rank with its
+    one line (the failure goes round in one gather), not one rank alone while the others wait."""
+    try:
+        graded, failure = session.rewards.attach(batch), None
+    except RewardFailed as exc:
+        graded, failure = batch, str(exc)
+    failures = [message for message in session.world.gather(failure) if message]
+    if failures:
+        raise RewardFailed(f"step {step}: {failures[0]}")
+    return graded
 
 
 def watch_collapse(session: Session, config: Config, step: int, metrics: dict[str, float], when: str, log) -> None:
