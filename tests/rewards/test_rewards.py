@@ -189,3 +189,24 @@ def test_routed_teachers_report_each_ones_reward_and_it_is_its_rows_grades(tiny_
         assert figures[f"reward/std/{name}"] == pytest.approx(statistics.pstdev(mine))
     metrics, _ = train_step(session, config, step=1)
     assert {"reward/mean", "reward/std", "reward/mean/a", "reward/mean/b"} <= set(metrics)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["per token", "chunks of another tokenizer"])
+def test_the_advantage_is_the_distillation_one_plus_the_rewards_spread_over_each_completion(chunked):
+    from conftest import make_batch
+    from opd.objectives.kinds import PolicyGradient
+    from opd.objectives.losses import chunk_advantages, discounted_advantages
+
+    generator = torch.Generator().manual_seed(3)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    student, teacher = -torch.rand(4, 4, generator=generator), -torch.rand(4, 4, generator=generator)
+    chunk_index = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1], [0, 1, 1, 2], [-1, 0, 0, 0]]) if chunked else None
+    batch = make_batch(torch.ones(4, 1, dtype=torch.long), torch.ones(4, 1, dtype=torch.long),
+                       torch.ones(4, 4, dtype=torch.long), mask, sampler_logprobs=student * mask,
+                       prompt_index=torch.tensor([0, 0, 1, 1]), teacher_logprobs=teacher * mask,
+                       chunk_index=chunk_index, rewards=torch.tensor([1.0, 0.0, 0.5, 0.5]))
+    objective = PolicyGradient(1.0, 0, 1.0, None, kl_coef=0.7, discount=0.5, reward_coef=2.0)
+    distillation = (chunk_advantages(student * mask, teacher * mask, chunk_index, mask, 0.7, 0.5) if chunked
+                    else discounted_advantages(student * mask, teacher * mask, mask, 0.7, 0.5))
+    spread = torch.tensor([[1.0], [-1.0], [0.0], [0.0]])  # 2 x (r - the prompt's mean): +-0.5, and 0 for equal rewards
+    torch.testing.assert_close(objective.prepare(batch).advantages, distillation + spread * mask)

@@ -20,6 +20,7 @@ from conftest import CPU, free_port, make_batch  # noqa: E402
 from processes import running, served  # noqa: E402
 from weights import assert_same_learning, final_weights  # noqa: E402
 from opd.config.schema import TeacherConfig  # noqa: E402
+from opd.io.sinks import read_metrics  # noqa: E402
 from opd.teachers.local import load_teacher  # noqa: E402
 from opd.teachers.remote import RemoteTeacher  # noqa: E402
 
@@ -167,11 +168,14 @@ def test_training_against_the_server_equals_training_against_the_local_teacher(t
     from opd.config.files import validate
     from opd.train.trainer import train
 
-    loss = {"loss": {"kind": "topk_forward_kl"}} if teacher.get("top_k") else {}
+    # reverse_kl_pg runs carry a task reward as well: graded from the student's text, whoever the teacher is
+    loss = {"loss": {"kind": "topk_forward_kl"}} if teacher.get("top_k") else {"reward": {"verifier": "gsm8k"}}
     train(validate({**local_config(tiny_config, tmp_path / "local", **teacher), **loss}), log=lambda *_: None)
     with served(Path(tiny_config["teacher"]["path"])) as url:
         train(validate({**remote_config(tiny_config, tmp_path / "remote", url, **teacher), **loss}),
               log=lambda *_: None)
+    if "reward" in loss:
+        assert "reward/mean" in read_metrics(tmp_path / "remote" / "metrics.jsonl")[-1]
     assert_same_learning(final_weights(tmp_path / "local"), final_weights(tmp_path / "remote"), tiny_config["student"]["path"])
 
 

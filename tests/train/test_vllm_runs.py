@@ -51,8 +51,8 @@ def engine_config(tmp_path: Path, **run) -> Path:
 
 
 def test_a_run_with_the_engine_trains_and_reports_the_sync_and_entropy(tmp_path):
-    config = engine_config(tmp_path, max_steps=3)
-    result = run_cli("train", str(config))
+    config = engine_config(tmp_path, max_steps=3)  # with a task reward: the engine's samples are graded too
+    result = run_cli("train", str(config), "--set", "reward.verifier=gsm8k")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [row["step"] for row in rows] == [1, 2, 3]
@@ -61,6 +61,7 @@ def test_a_run_with_the_engine_trains_and_reports_the_sync_and_entropy(tmp_path)
         assert 0 < row["entropy/student"] < 10  # from the update's recompute: vLLM gives none
         assert row["ratio/max_abs_log"] < 1e-3  # fp32: the engine's ℓˢ is the update's, up to kernels
         assert row["ratio/far_fraction"] == 0
+        assert 0 <= row["reward/mean"] <= 1 and row["reward/std"] >= 0
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
 
