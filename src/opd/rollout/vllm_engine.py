@@ -118,14 +118,13 @@ def engine_weights(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[tuple
             yield name, tensor.to(dtype)
         return
     unit_of = {name: module for name, module in model.named_modules() if isinstance(module, FSDPModule)}
-
-    def owner(parameter_name: str) -> str:  # the innermost unit that holds the parameter ("" is the root)
-        return max((unit for unit in unit_of if not unit or parameter_name.startswith(unit + ".")), key=len)
-
+    owner = {  # each parameter's innermost unit ("" is the root), found once for the whole sync
+        parameter: max((unit for unit in unit_of if not unit or parameter.startswith(unit + ".")), key=len)
+        for parameter, _ in model.named_parameters()}
     for unit_name, unit in unit_of.items():  # the root comes first, as FSDP2's lazy initialisation wants
         unit.unshard()
         try:
-            for name, tensor in plain_weights(model, keep=lambda name: owner(name) == unit_name):
+            for name, tensor in plain_weights(model, keep=lambda name: owner[name] == unit_name):
                 yield name, tensor.to(dtype, copy=True)
         finally:
             unit.reshard()

@@ -46,7 +46,7 @@ def build_view(config: Config, name: str, student_tokenizer, examples: list) -> 
                            stop_token_ids(config.student.path, student_tokenizer), view_settings)
     except ValueError as exc:
         raise ConfigError(f"{key}.alignment: {exc}") from None
-    if (view.chunked or view.ends_turns_differently) and config.loss.forward_kl_coef is None:
+    if view.chunked and config.loss.forward_kl_coef is None:  # (the default is off with chat_template own already)
         config.loss.forward_kl_coef = 0.0  # the default's forward KL compares one vocabulary's distributions
     if view.chunked and config.teacher_needs in (TOP_K, FULL_DISTRIBUTION):
         raise ConfigError(f"{key}: its tokenizer differs from the student's, and loss.kind={config.loss.kind} (or a "
