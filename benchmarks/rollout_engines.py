@@ -58,10 +58,11 @@ def best_round(sampler, batch: PromptBatch, samples: int, rounds: int) -> tuple[
     best = (float("inf"), 0.0, 0)
     for round_ in range(rounds):
         started = time.perf_counter()
+        sync_s = sampler.sync_weights() or 0.0  # as the trainer calls it before every rollout
         rollouts = sampler.sample(batch, samples, seed=round_)
         seconds = time.perf_counter() - started
         if seconds < best[0]:
-            best = (seconds, getattr(sampler, "last_sync_s", 0.0), int(rollouts.completion_mask.sum()))
+            best = (seconds, sync_s, int(rollouts.completion_mask.sum()))
     return best
 
 

@@ -82,11 +82,13 @@ NATIVE_ABORT = "terminate called without an active exception"
 
 
 def launch(config: dict, tmp_path: Path, name: str, ranks: int, *extra: str,
-           env: dict | None = None) -> subprocess.CompletedProcess:
+           env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `opd train` (see command) to its end; a launch past `timeout` seconds is killed whole and fails
+    with subprocess.TimeoutExpired (a deadlock under gloo would otherwise wait for its 30-minute timeout)."""
     argv, env = command(config, tmp_path, name, ranks, *extra, env=env)
     for attempt in range(2):
         with running(argv, env) as job:
-            stdout, stderr = job.communicate(timeout=600)
+            stdout, stderr = job.communicate(timeout=timeout)
         if job.returncode == 0 or NATIVE_ABORT not in stderr or attempt or "--resume" in extra:
             break
         output_dir = Path(config["run"]["output_dir"])

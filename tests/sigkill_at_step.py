@@ -7,14 +7,14 @@ import signal
 import opd.train.trainer
 from opd.cli import main
 
-_train_step = opd.train.trainer.train_step
+_produce_batch = opd.train.trainer.produce_batch
 
 
-def _dying_step(session, config, step, *args, **kwargs):
+def _dying_produce(session, step, *args, **kwargs):
     if step == int(os.environ["OPD_SIGKILL_AT_STEP"]):
         os.kill(os.getpid(), signal.SIGKILL)
-    return _train_step(session, config, step, *args, **kwargs)
+    return _produce_batch(session, step, *args, **kwargs)
 
 
-opd.train.trainer.train_step = _dying_step
+opd.train.trainer.produce_batch = _dying_produce
 raise SystemExit(main())

@@ -16,10 +16,24 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _type_checking_only(tree: ast.AST) -> set[int]:
+    """ids of the nodes under `if TYPE_CHECKING:`: imports for annotations only, never run."""
+    guarded = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            guarded.update(id(inner) for statement in node.body for inner in ast.walk(statement))
+    return guarded
+
+
 def opd_imports(path: Path) -> set[str]:
-    """Modules of opd that a file imports, at any depth of the file (function-level imports included)."""
+    """Modules of opd that a file imports when it runs, at any depth of the file (function-level imports
+    included; those under `if TYPE_CHECKING:`, for annotations only, left out)."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    annotations_only = _type_checking_only(tree)
+    for node in ast.walk(tree):
+        if id(node) in annotations_only:
+            continue
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "opd":
             found.add(node.module)
             found.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from opd import losses`

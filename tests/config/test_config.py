@@ -330,7 +330,7 @@ def test_full_vocabulary_loss_with_truncated_sampling_is_rejected(tmp_path):
                                                                    "loss.off_policy_kind": "forward_kl"}])
 def test_a_sharded_teacher_with_a_full_vocabulary_loss_is_rejected_with_the_reason(tmp_path, changes):
     raw = with_keys(minimal_raw(str(tmp_path)), {"teacher.shard": True, **changes})
-    with pytest.raises(ConfigError, match=r"teacher.shard: .*forward_kl.* full distribution .*reverse_kl_pg"):
+    with pytest.raises(ConfigError, match=r"teacher.shard: .*forward_kl.* full distribution .*teacher.shard: false, or use loss"):
         validate(raw)
     validate(with_keys(minimal_raw(str(tmp_path)), {"teacher.shard": True}))  # reverse_kl_pg: fine
 
@@ -345,10 +345,14 @@ def remote_raw(root: str, **teacher) -> dict:
     ({"path": "/x"}, {}, r"teacher.path or teacher.url: give one .*not both or neither"),
     ({"api": "vllm", "temperature": 0.7}, {}, r"teacher.temperature=0.7: vllm returns prompt log-probs at temperature 1"),
     ({"api": "sglang", "temperature": 2.0}, {}, r"sglang returns prompt log-probs at temperature 1"),
-    ({}, {"loss.kind": "jsd"}, r"teacher.url: loss.kind=jsd needs the teacher's whole distribution"),
-    ({}, {"loss.forward_kl_coef": 0.1}, r"teacher.url: loss.forward_kl_coef=0.1 needs"),
-    ({}, {"loss.kind": "sft", "rollout.source": "teacher"}, r"teacher.url: a teacher on a server scores the rollouts"),
-    ({}, {"loss.kind": "topk_forward_kl"}, r"loss.kind=topk_forward_kl needs the teacher's top-k log-probs: set teacher.top_k"),
+    ({}, {"loss.kind": "jsd"}, r"teacher.url: loss.kind=jsd needs the teacher's full distribution at every token, "
+                               r"which a server does not send .* or use loss.kind reverse_kl_pg or topk_forward_kl"),
+    ({}, {"loss.forward_kl_coef": 0.1}, r"teacher.url: loss.forward_kl_coef=0.1 needs .*set loss.forward_kl_coef: 0"),
+    ({}, {"loss.kind": "sft", "rollout.source": "teacher"},
+     r"teacher.url: rollout.source=teacher needs the teacher's own samples, and a teacher on a server scores the "
+     r"rollouts; it does not write them"),
+    ({}, {"loss.kind": "topk_forward_kl"}, r"teacher.top_k: loss.kind=topk_forward_kl needs the teacher's top-k "
+                                           r"log-probs at every token, and teacher.top_k is 0; set teacher.top_k"),
     ({"shard": True}, {}, r"teacher.shard: a teacher on a server"),
 ])
 def test_a_remote_teacher_is_refused_where_it_cannot_serve(tmp_path, teacher, changes, message):

@@ -113,6 +113,29 @@ def test_a_lora_student_on_two_ranks_equals_one_rank(one_rank, tiny_config, tmp_
     assert (tmp_path / "two" / "final" / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_a_mixture_with_the_student_prompts_on_one_rank_equals_one_rank(tiny_config, tmp_path):
+    """GKD's lambda 0.5 with 2 prompts a step on 2 ranks: rank 0's prompt is the student's to sample, rank
+    1's takes the data's answer. Every collective must pair across ranks, although one rank has no
+    student rows (the ranks once disagreed on whether the batch carried the sampler's entropy, and the
+    run deadlocked). Bounded in time, and the weights and metrics of one rank with both prompts."""
+    config = {**tiny_config, "run": {**tiny_config["run"], "max_steps": 2},
+              "rollout": {**tiny_config["rollout"], "student_fraction": 0.5, "off_policy_source": "dataset"},
+              "optim": {"lr": 1e-2, "schedule": "constant", "eps": 1e-3}}
+    start = load_file(Path(config["student"]["path"]) / "model.safetensors")
+    runs = {}
+    for ranks in (1, 2):
+        output_dir = tmp_path / f"{ranks}-ranks"
+        result = launch({**config, "run": {**config["run"], "output_dir": str(output_dir)}}, tmp_path,
+                        output_dir.name, ranks, timeout=240)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[ranks] = read_metrics(output_dir / "metrics.jsonl")
+    assert_same_update(weights(tmp_path / "1-ranks"), weights(tmp_path / "2-ranks"), start)
+    for one, two in zip(runs[1], runs[2]):
+        for key in ("entropy/student", "distill/reverse_kl", "generation/avg_length"):
+            if key in one:
+                assert two[key] == pytest.approx(one[key], rel=1e-3, abs=1e-5), key
+
+
 def killed_at_step(config: dict, tmp_path: Path, name: str, ranks: int, step: int) -> None:
     """Run until every process kills itself with SIGKILL on reaching `step`."""
     argv, env = command(config, tmp_path, name, ranks, program=[str(Path(__file__).parent.parent / "sigkill_at_step.py")])

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from conftest import run_cli
+from opd.config.resolve import resolve
 from opd.config.files import validate
 from opd.errors import ConfigError
 from opd.io.sinks import read_metrics
@@ -75,8 +76,7 @@ def test_both_trackers_get_every_metrics_row_and_are_closed(tiny_config, fake_tr
     assert run.init_kwargs["id"] is None and run.init_kwargs["resume"] == "allow"
     assert (result.output_dir / "wandb_run_id").read_text() == "fresh-id\n"
     assert run.init_kwargs["project"] == "opd" and run.init_kwargs["name"] == result.output_dir.name
-    expected = validate(reported(tiny_config, max_steps=3))
-    expected.loss.forward_kl_coef = expected.forward_kl_weight  # the default as setup settled it
+    expected = resolve(validate(reported(tiny_config, max_steps=3)))  # the default as setup settles it
     assert run.init_kwargs["config"] == expected.model_dump(mode="json")
 
 

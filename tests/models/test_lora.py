@@ -16,7 +16,8 @@ from opd.rollout.decoding import HFDecoder, make_decoder
 from opd.errors import ConfigError
 from opd.ops.forward import completion_hidden_states, logits_from_hidden
 from opd.train.setup import prepare
-from opd.train.trainer import train, train_step
+from opd.train.step import train_step
+from opd.train.trainer import train
 
 pytest.importorskip("peft")
 
@@ -39,7 +40,7 @@ def test_base_weights_stay_and_adapters_move_through_every_forward(tiny_config, 
     assert adapters and all(not p.requires_grad for name, p in model.named_parameters() if "lora_" not in name)
     assert isinstance(make_decoder(model), HFDecoder)  # the lean step would read the base weights only
     for step in (1, 2):
-        metrics, _ = train_step(session, config, step)
+        metrics, _ = train_step(session, step)
     assert metrics["ratio/max_abs_log"] < 2e-5  # the sampler and the update saw the same adapted model
     for name, value in model.named_parameters():
         if "lora_" in name:

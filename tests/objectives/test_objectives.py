@@ -1,18 +1,21 @@
-"""Losses chosen once: each objective declares what it needs, and the policy gradient keeps every sampled
-token in its support, so numerics never silently zero a token's importance weight."""
+"""Losses chosen once: each loss kind has one objective, what a run needs of its teacher is declared in one
+place (opd.config.capabilities) that the config checks and the trainer read, and the policy gradient keeps
+every sampled token in its support, so numerics never silently zero a token's importance weight."""
 
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import pytest
 import torch
-from typing import get_args
 
-from opd.ops.batch import TokenChunk
-from opd.config.sections import FULL_DISTRIBUTION, TEACHER_NEEDS, TOKEN_LOGPROBS, LossConfig
+from opd.config.capabilities import FULL_DISTRIBUTION, KIND_NEEDS, SAMPLES, TOKEN_LOGPROBS, TOP_K, needed
 from opd.config.files import validate
+from opd.config.resolve import resolve
+from opd.config.sections import LossConfig
 from opd.objectives.kinds import OBJECTIVES, PolicyGradient, build_objective
+from opd.ops.batch import TokenChunk
 
 
 def chunk(tokens, sampler_logprobs, advantages) -> TokenChunk:
@@ -22,33 +25,44 @@ def chunk(tokens, sampler_logprobs, advantages) -> TokenChunk:
 
 
 @pytest.mark.parametrize("kind", get_args(LossConfig.model_fields["kind"].annotation))
-def test_every_loss_kind_has_one_objective_that_declares_what_config_says_it_needs(kind, tiny_config):
+def test_every_loss_kind_has_one_objective_and_one_declared_need(kind, tiny_config):
     source = "dataset" if kind == "sft" else "student"
     teacher = {**tiny_config["teacher"], "top_k": 4} if kind == "topk_forward_kl" else tiny_config["teacher"]
     loss = {"kind": kind, **({"forward_kl_coef": 0.0} if kind == "reverse_kl_pg" else {})}
-    config = validate({**tiny_config, "loss": loss, "rollout": {"source": source}, "teacher": teacher})
-    objective = build_objective(config)
-    assert objective.needs == TEACHER_NEEDS[kind] == config.teacher_needs
-    assert set(OBJECTIVES) == set(TEACHER_NEEDS)
+    config = resolve(validate({**tiny_config, "loss": loss, "rollout": {"source": source}, "teacher": teacher}))
+    assert build_objective(config) is not None
+    assert needed(config) == ({KIND_NEEDS[kind]} if KIND_NEEDS[kind] else set())
+    assert set(OBJECTIVES) == set(KIND_NEEDS) == set(get_args(LossConfig.model_fields["kind"].annotation))
+
+
+def test_the_objective_is_built_from_a_resolved_config_only(tiny_config):
+    with pytest.raises(ValueError, match="resolved config"):
+        build_objective(validate(tiny_config))  # forward_kl_coef still null
 
 
 @pytest.mark.parametrize("changes,needs", [
-    ({}, FULL_DISTRIBUTION),  # the default: a local teacher adds the forward-KL term
-    ({"rollout": {"top_k": 5}}, TOKEN_LOGPROBS),  # ... but not under truncation
-    ({"teacher": {"url": "http://127.0.0.1:1", "path": None}}, TOKEN_LOGPROBS),  # nor from a server
-    ({"loss": {"forward_kl_coef": 0.1}}, FULL_DISTRIBUTION),
-    ({"rollout": {"student_fraction": 0.5}}, FULL_DISTRIBUTION),
-    ({"rollout": {"student_fraction": 0.5}, "loss": {"off_policy_kind": "sft", "forward_kl_coef": 0}}, TOKEN_LOGPROBS),
+    ({}, {FULL_DISTRIBUTION, TOKEN_LOGPROBS}),  # the default: a local teacher adds the forward-KL term
+    ({"rollout": {"top_k": 5}}, {TOKEN_LOGPROBS}),  # ... but not under truncation
+    ({"teacher": {"url": "http://127.0.0.1:1", "path": None}}, {TOKEN_LOGPROBS}),  # nor from a server
+    ({"loss": {"forward_kl_coef": 0.1}}, {FULL_DISTRIBUTION, TOKEN_LOGPROBS}),
+    ({"rollout": {"student_fraction": 0.5}}, {FULL_DISTRIBUTION, TOKEN_LOGPROBS, SAMPLES}),
+    ({"rollout": {"student_fraction": 0.5}, "loss": {"off_policy_kind": "sft", "forward_kl_coef": 0}},
+     {TOKEN_LOGPROBS, SAMPLES}),
+    ({"rollout": {"student_fraction": 0.5, "off_policy_source": "dataset"},
+      "loss": {"off_policy_kind": "sft", "forward_kl_coef": 0}}, {TOKEN_LOGPROBS}),
     ({"rollout": {"student_fraction": 1.0, "student_fraction_start": 0.2, "student_fraction_ramp_steps": 5},
-      "loss": {"kind": "forward_kl", "off_policy_kind": "sft"}}, FULL_DISTRIBUTION),
-    ({"reward": {"verifier": "gsm8k"}, "loss": {"forward_kl_coef": 0}}, TOKEN_LOGPROBS),
-    ({"reward": {"verifier": "gsm8k"}, "loss": {"kl_coef": 0}}, None),  # pure RL: the teacher only watches
-    ({"reward": {"verifier": "gsm8k", "coef": 0}, "loss": {"kl_coef": 1}}, FULL_DISTRIBUTION),
+      "loss": {"kind": "forward_kl", "off_policy_kind": "sft"}}, {FULL_DISTRIBUTION, SAMPLES}),
+    ({"reward": {"verifier": "gsm8k"}, "loss": {"forward_kl_coef": 0}}, {TOKEN_LOGPROBS}),
+    ({"reward": {"verifier": "gsm8k"}, "loss": {"kl_coef": 0}}, set()),  # pure RL: the teacher only watches
+    ({"reward": {"verifier": "gsm8k", "coef": 0}, "loss": {"kl_coef": 1}}, {FULL_DISTRIBUTION, TOKEN_LOGPROBS}),
+    ({"loss": {"kind": "topk_forward_kl"}, "teacher": {"top_k": 3}}, {TOP_K}),
 ])
-def test_added_terms_and_mixtures_declare_what_they_need_as_config_does(tiny_config, changes, needs):
-    raw = {**tiny_config, **{section: {**tiny_config.get(section, {}), **values} for section, values in changes.items()}}
-    config = validate(raw)
-    assert build_objective(config).needs == config.teacher_needs == needs
+def test_added_terms_and_mixtures_need_what_they_compute_with(tiny_config, changes, needs):
+    raw = {**tiny_config, **{section: {**(tiny_config.get(section) or {}), **values}
+                             for section, values in changes.items()}}
+    config = resolve(validate(raw))
+    assert needed(config) == needs
+    build_objective(config)
 
 
 def test_a_sampled_token_just_outside_the_updates_top_k_still_gets_its_gradient():

@@ -110,6 +110,27 @@ def test_every_prompt_is_seen_once_per_epoch_and_epochs_reshuffle():
         PromptStream(6, seed=1).take(1, rank=2, world_size=2)
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_step_sampled_ahead_of_its_update_is_neither_lost_nor_repeated_on_resume(world_size):
+    """The stream's state counts what the updates consumed: a step taken for sampling but not yet used
+    when a checkpoint is written is taken again, with the same prompts and keys, by the resumed run."""
+    stream = PromptStream(7, seed=3)
+    first = stream.take_step(2, 0, world_size)
+    ahead = stream.take_step(2, 0, world_size)  # sampled while the first step's update runs
+    stream.consume(first)
+    checkpoint = stream.consumed  # what trainer.save records
+    assert (checkpoint, stream.taken) == (2 * world_size, 4 * world_size)
+    resumed = PromptStream(7, seed=3, consumed=checkpoint)
+    again = resumed.take_step(2, 0, world_size)
+    assert (again.indices, again.keys, again.positions) == (ahead.indices, ahead.keys, ahead.positions)
+    later = stream.take_step(2, 0, world_size)
+    with pytest.raises(ValueError, match="consumed in the order they were taken"):
+        stream.consume(later)  # before `ahead`: its prompts would be skipped
+    stream.consume(ahead)
+    stream.consume(later)
+    assert stream.consumed == stream.taken == 6 * world_size
+
+
 def test_dataset_answers_are_found_by_row_so_duplicate_prompts_keep_their_own(tmp_path):
     path = tmp_path / "rows.jsonl"
     rows = [{"prompt": "Question : Tom has 2 pens .", "answer": "#### 2", "source": "first"},

@@ -177,7 +177,7 @@ def test_reward_settings_that_cannot_train_are_config_errors(tiny_config, change
 def test_routed_teachers_report_each_ones_reward_and_it_is_its_rows_grades(tiny_config, tiny_data, tmp_path):
     from teachers.test_routing import two_teacher_config
     from opd.train.metrics import per_teacher_metrics
-    from opd.train.trainer import train_step
+    from opd.train.step import train_step
 
     config = validate({**two_teacher_config(tiny_config, tiny_data, tmp_path), "reward": {"verifier": "gsm8k"}})
     session = prepare(config, resume=False, log=lambda *_: None)
@@ -187,7 +187,7 @@ def test_routed_teachers_report_each_ones_reward_and_it_is_its_rows_grades(tiny_
         mine = [reward for reward, row in zip(batch.rewards.tolist(), batch.rows) if row.teacher == name]
         assert figures[f"reward/mean/{name}"] == pytest.approx(statistics.fmean(mine))
         assert figures[f"reward/std/{name}"] == pytest.approx(statistics.pstdev(mine))
-    metrics, _ = train_step(session, config, step=1)
+    metrics, _ = train_step(session, step=1)
     assert {"reward/mean", "reward/std", "reward/mean/a", "reward/mean/b"} <= set(metrics)
 
 

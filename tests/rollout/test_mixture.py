@@ -16,7 +16,8 @@ from opd.errors import ConfigError
 from opd.objectives.kinds import BySource, NegativeLogLikelihood, PolicyGradient
 from opd.train.setup import prepare
 from opd.io.sinks import read_metrics
-from opd.train.trainer import train, train_step
+from opd.train.step import train_step
+from opd.train.trainer import train
 
 from weights import assert_weights_close, one_step
 
@@ -54,7 +55,7 @@ def test_a_mixed_step_has_rows_of_both_sources_and_metrics_split_by_source(tiny_
     off_id = {"teacher": TEACHER, "dataset": DATASET}[off_source]
     assert batch.row_sources().tolist() == [STUDENT] * 4 + [off_id] * 4  # 2 prompts each, their samples together
     assert batch.row_index.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
-    metrics, _ = train_step(session, config, step=2)
+    metrics, _ = train_step(session, step=2)
     assert metrics[f"from_{off_source}/rows_fraction"] == 0.5
     assert f"from_{off_source}/logprob/student" in metrics and "distill/reverse_kl" in metrics
     assert f"from_{off_source}/distill/reverse_kl" not in metrics and f"from_{off_source}/entropy/student" not in metrics
@@ -105,6 +106,8 @@ def test_a_ramped_mixture_trains_end_to_end(tiny_config):
 class KeyedSampler:
     """Records which keys it was asked to sample; returns a one-token completion per row."""
 
+    gives_entropy = False
+
     def __init__(self, source):
         self.source, self.keys = source, []
 
@@ -146,5 +149,5 @@ def test_dataset_rows_keep_the_student_rows_entropy_and_the_guard_working(tiny_c
     raw["data"] = {**raw["data"], "eval": None}
     config = validate(raw)
     session = prepare(config, resume=False, log=lambda *_: None)
-    metrics, _ = train_step(session, config, step=1)
+    metrics, _ = train_step(session, step=1)
     assert metrics["entropy/student"] > 0 and session.guard.start_entropy == metrics["entropy/student"]

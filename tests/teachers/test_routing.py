@@ -14,7 +14,7 @@ from opd.config.files import validate
 from opd.errors import DataError
 from opd.train.metrics import per_teacher_metrics, rollout_metrics
 from opd.train.setup import prepare
-from opd.train.trainer import train_step
+from opd.train.step import train_step
 
 
 def write(path: Path, rows: list[dict]) -> Path:
@@ -61,7 +61,7 @@ def test_each_row_is_scored_by_its_own_teacher(tiny_config, tiny_data, tmp_path)
     rows_b = [i for i, row in enumerate(batch.rows) if row.teacher == "b"]
     expected = rollout_metrics(scored.select(rows_b))["distill/reverse_kl"]
     assert figures["distill/reverse_kl/b"] == pytest.approx(expected, rel=1e-6)
-    metrics, _ = train_step(session, config, step=1)
+    metrics, _ = train_step(session, step=1)
     assert {"distill/reverse_kl/a", "distill/reverse_kl/b", "logprob/teacher/a"} <= set(metrics)
 
 

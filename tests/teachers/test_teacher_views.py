@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_tiny_model, run_cli
-from opd.config.files import validate
+from opd.config.files import load_config, validate
 from opd.errors import ConfigError
 from opd.train.trainer import train
 from processes import served
@@ -95,7 +95,7 @@ def test_self_distillation_sees_the_context_only_on_the_teachers_side(tiny_confi
     raw = with_teacher(tiny_config, tmp_path / "self", path="student")
     raw["data"] = {**raw["data"], "train": str(data), "eval": None, "teacher_context_format": "{context} \n {prompt}"}
     config = validate(raw)
-    assert config.teacher.path == tiny_config["student"]["path"]
+    assert config.teacher.path == "student" and config.teacher_path("teacher") == tiny_config["student"]["path"]
     train(config, log=lambda *_: None)
     control = {**raw, "run": {**raw["run"], "output_dir": str(tmp_path / "control")},
                "data": {**raw["data"], "train": tiny_config["data"]["train"]}}
@@ -108,7 +108,9 @@ def test_self_distillation_sees_the_context_only_on_the_teachers_side(tiny_confi
 @pytest.mark.parametrize("change, message", [
     ({"teacher": {"alignment": "chunks"}, "loss": {"kind": "forward_kl"}}, "across tokenizers"),
     ({"teacher": {"alignment": "chunks"}, "loss": {"kind": "topk_forward_kl"}}, "topk_forward_kl"),
-    ({"teacher": {"chat_template": "own"}, "rollout": {"source": "teacher"}, "loss": {"kind": "sft"}}, "write rollouts"),
+    ({"teacher": {"chat_template": "own"}, "rollout": {"source": "teacher"}, "loss": {"kind": "sft"}},
+     "teacher: rollout.source=teacher needs the teacher's own samples, and it reads rows its own way .* it can score "
+     "rollouts, not write them"),
     ({"data": {"teacher_context_format": "{prompt} only"}}, "must contain {context}"),
 ])
 def test_settings_a_view_cannot_serve_are_config_errors(tiny_config, change, message):
@@ -162,3 +164,18 @@ def test_a_teacher_with_another_tokenizer_cannot_write_rollouts(tiny_config, tmp
     with pytest.raises(ConfigError, match="score rollouts, not write them"):
         train(validate(raw), log=lambda *_: None)
     assert not (tmp_path / "refused").exists()
+
+
+def test_a_run_derived_from_a_runs_config_re_resolves_what_it_did_not_set(tiny_config, tmp_path, bpe_teacher):
+    """config.yaml records what was asked, so a run derived from it resolves the forward-KL default anew:
+    with loss.kind forward_kl and a teacher of another tokenizer, the error names the tokenizer, not a
+    forward_kl_coef the user never set (which the first run resolved to 1.0)."""
+    train(validate(tiny_config), log=lambda *_: None)
+    derived = load_config(tmp_path / "run" / "config.yaml", [
+        "loss.kind=forward_kl", f"teacher.path={bpe_teacher}", f"run.output_dir={tmp_path / 'derived'}"])
+    with pytest.raises(ConfigError) as error:
+        train(derived, log=lambda *_: None)
+    message = str(error.value)
+    assert message.startswith("teacher: loss.kind=forward_kl needs the teacher's full distribution"), message
+    assert "tokenizer differs" in message and "forward_kl_coef" not in message
+    assert not (tmp_path / "derived").exists()

@@ -24,7 +24,8 @@ from processes import launch
 from opd.config.sections import LoraSettings
 from opd.config.files import validate
 from opd.demo.tokenizer import build_tokenizer
-from opd.train.memory import model_shape, plan_memory
+from opd.models.shapes import model_shape
+from opd.train.memory import plan_memory
 from opd.io.sinks import read_metrics
 
 
@@ -123,3 +124,27 @@ def test_a_child_of_a_large_process_measures_its_own_peak():
     measured = float(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout)
     assert 0.1 < measured < 0.3, measured
     del held
+
+
+def test_under_the_vllm_engine_the_plan_counts_its_reservation_not_opds_sampler(models, tmp_path, monkeypatch):
+    """vLLM holds its own weights and KV cache in a fixed share of the device's memory: no KV cache or
+    bf16 sampling copy of opd's own; with sleep mode on a GPU, the share is held only while sampling."""
+    import opd.train.memory as memory
+
+    raw = raw_config(models, tmp_path / "run", 16)
+    raw["run"]["precision"] = "auto"  # bf16 on a GPU: opd's sampler would keep a bf16 copy
+    own = plan_memory(validate(raw), 1, "cuda")
+    assert any(name.startswith("KV cache") for name in own.phases["sampling"])
+    assert "student bf16 copy for sampling" in own.resident
+    monkeypatch.setattr(memory, "device_memory", lambda device: 80 * 2**30)
+    raw["rollout"].update(engine="vllm", vllm={"gpu_memory_utilization": 0.25})
+    engine = plan_memory(validate(raw), 1, "cuda")
+    assert "sampling" not in engine.phases and "student bf16 copy for sampling" not in engine.resident
+    assert engine.resident["vLLM engine (0.25 of 80.0 GiB: weights, KV cache)"] == 20 * 2**30
+    raw["rollout"]["vllm"]["sleep_between_rollouts"] = True
+    asleep = plan_memory(validate(raw), 1, "cuda")
+    assert asleep.phases["sampling"] == {"vLLM engine (0.25 of 80.0 GiB: weights, KV cache)": 20 * 2**30}
+    assert asleep.peak < engine.peak  # the engine's share and the update's memory are not held together
+    monkeypatch.setattr(memory, "device_memory", lambda device: None)
+    unknown = plan_memory(validate(raw), 1, "cuda")
+    assert any("device memory is unknown" in note for note in unknown.notes)

@@ -14,7 +14,8 @@ from opd.config.files import load_config, validate
 from opd.errors import ConfigError, DataError
 from opd.io.sinks import read_metrics
 from opd.train.setup import prepare
-from opd.train.trainer import score, train
+from opd.train.step import score
+from opd.train.trainer import train
 from opd.train.update import update_student
 
 
@@ -38,7 +39,7 @@ def test_dataset_rollouts_are_the_answers_and_the_loss_is_their_nll(tiny_config)
     assert torch.equal(rollouts.completion_ids[0], rollouts.completion_ids[1])  # two "samples" of one answer
     scored, _ = score(session, rollouts)
     expected_loss = reference_nll(session.student, rollouts)  # before the update changes the weights
-    update = update_student(session, validate(sft_config(tiny_config)), scored)
+    update = update_student(session, scored)
     assert update["loss"] == pytest.approx(expected_loss, rel=1e-5)
     assert update["student_logprob/dataset"] == pytest.approx(-update["loss"], rel=1e-6)
 

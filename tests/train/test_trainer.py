@@ -164,18 +164,27 @@ def test_resume_refuses_a_changed_config_but_allows_more_steps(tiny_config):
     assert [row["step"] for row in read_metrics(Path(raw["run"]["output_dir"]) / "metrics.jsonl")] == [1, 2, 3]
 
 
-def test_resume_keeps_the_forward_kl_term_the_run_recorded(tiny_config):
-    """A run from before the default recorded forward_kl_coef 0; resumed with the default (null), it
-    keeps 0 rather than being refused or switching the term on mid-run. A fresh run records 1.0."""
+@pytest.mark.parametrize("recorded_in", ["resolved.yaml", "config.yaml"])
+def test_resume_keeps_the_forward_kl_term_the_run_recorded(tiny_config, recorded_in):
+    """A run recorded forward_kl_coef 0 (set by the user, or by a run from before the default, whose
+    config.yaml held resolved values and which has no resolved.yaml); resumed with the default (null), it
+    keeps 0 rather than being refused or switching the term on mid-run. A fresh run asks null and
+    resolves to 1.0, and records both."""
     raw = {**tiny_config, "run": {**tiny_config["run"], "max_steps": 2, "save_every": 1},
            "data": {**tiny_config["data"], "eval": None}, "optim": {"lr": 1e-3, "schedule": "constant"}}
-    saved = Path(raw["run"]["output_dir"]) / "config.yaml"
+    output_dir = Path(raw["run"]["output_dir"])
     train(validate({**raw, "loss": {"forward_kl_coef": 0.0}}), log=lambda *_: None)
+    if recorded_in == "config.yaml":
+        (output_dir / "resolved.yaml").unlink()
     result = train(validate({**raw, "run": {**raw["run"], "max_steps": 3}}), resume=True, log=lambda *_: None)
-    assert result.steps_run == 1 and yaml.safe_load(saved.read_text())["loss"]["forward_kl_coef"] == 0.0
+    assert result.steps_run == 1
+    assert yaml.safe_load((output_dir / "resolved.yaml").read_text())["loss"]["forward_kl_coef"] == 0.0
+    assert yaml.safe_load((output_dir / "config.yaml").read_text())["loss"]["forward_kl_coef"] is None
     fresh = {**raw, "run": {**raw["run"], "output_dir": raw["run"]["output_dir"] + "-fresh", "max_steps": 1}}
     train(validate(fresh), log=lambda *_: None)
-    assert yaml.safe_load((Path(fresh["run"]["output_dir"]) / "config.yaml").read_text())["loss"]["forward_kl_coef"] == 1.0
+    fresh_dir = Path(fresh["run"]["output_dir"])
+    assert yaml.safe_load((fresh_dir / "config.yaml").read_text())["loss"]["forward_kl_coef"] is None
+    assert yaml.safe_load((fresh_dir / "resolved.yaml").read_text())["loss"]["forward_kl_coef"] == 1.0
 
 
 def test_resume_with_more_steps_keeps_the_cosine_schedule_the_saved_steps_followed(tiny_config):
@@ -217,7 +226,7 @@ def test_first_update_is_on_policy_even_with_dropout(tiny_models, tiny_config, t
     from transformers import AutoConfig
 
     from opd.train.setup import prepare
-    from opd.train.trainer import score
+    from opd.train.step import score
     from opd.train.update import update_student
 
     student_dir = tmp_path / "dropout-student"
@@ -230,7 +239,7 @@ def test_first_update_is_on_policy_even_with_dropout(tiny_models, tiny_config, t
     config = validate(raw)
     session = prepare(config, resume=False, log=lambda *_: None)
     batch = session.rollouts.primary.sample(session.train_prompts.batch([0, 1]), 2, 0)
-    update = update_student(session, config, score(session, batch)[0])
+    update = update_student(session, score(session, batch)[0])
     assert update["ratio/max_abs_log"] < 2e-5 and update["ratio/far_fraction"] == 0
     assert update["grad_norm"] > 0
 
@@ -251,7 +260,7 @@ def test_no_lm_head_call_sees_more_than_a_chunk_of_tokens(tiny_config, kind):
     """Teacher scoring and the loss never run an LM head, the student's or the teacher's, over more than
     `loss.chunk_size` positions (hooks on the head modules themselves, through a whole training step)."""
     from opd.train.setup import prepare
-    from opd.train.trainer import train_step
+    from opd.train.step import train_step
     from opd.ops.logprobs import tokens_per_chunk
 
     assert (tokens_per_chunk(None, 151_936), tokens_per_chunk(None, 8192), tokens_per_chunk(7, 151_936)) == (110, 2048, 7)
@@ -263,7 +272,7 @@ def test_no_lm_head_call_sees_more_than_a_chunk_of_tokens(tiny_config, kind):
     for name, model in (("student", session.student.model), ("teacher", session.teacher.model)):
         model.get_output_embeddings().register_forward_hook(
             lambda module, inputs, output, name=name: seen[name].append(inputs[0].shape[:-1].numel()))
-    metrics, _ = train_step(session, config, step=1)
+    metrics, _ = train_step(session, step=1)
     assert metrics["generation/avg_length"] * 4 > 5  # the step has more tokens than one chunk
     assert seen["student"] and seen["teacher"]
     assert max(seen["student"] + seen["teacher"]) <= 5, seen

@@ -99,6 +99,7 @@ def test_two_sharded_ranks_with_an_engine_each_equal_one_rank(tmp_path):
                   "student": {**raw["student"], "shard": ranks > 1}}
         result = launch(config, tmp_path, f"{ranks}-ranks", ranks)
         assert result.returncode == 0, result.stderr[-3000:]
+        assert "Traceback" not in result.stderr, result.stderr[-3000:]  # vLLM's shutdown once outlived the group
         runs[ranks] = read_metrics(tmp_path / f"{ranks}-ranks" / "metrics.jsonl")
     assert_same_learning(final_weights(tmp_path / "1-ranks"), final_weights(tmp_path / "2-ranks"),
                          str(ASSETS / "student"), fraction=0.01)
@@ -106,6 +107,20 @@ def test_two_sharded_ranks_with_an_engine_each_equal_one_rank(tmp_path):
         assert two["generation/avg_length"] == one["generation/avg_length"]  # the same samples
         assert two["distill/reverse_kl"] == pytest.approx(one["distill/reverse_kl"], rel=1e-3, abs=1e-5)
         assert two["ratio/max_abs_log"] < 1e-3  # each rank's engine had the synced weights
+
+
+def test_a_mixture_with_the_engine_on_one_rank_of_two_finishes(tmp_path):
+    """GKD's lambda 0.5, 2 prompts a step on 2 ranks: rank 0 samples with its engine (which gives no
+    entropy), rank 1 with the teacher (which does). The ranks must agree on whether the update computes
+    the student's entropy, a collective, or they deadlock; bounded in time."""
+    raw = yaml.safe_load(engine_config(tmp_path, max_steps=2).read_text())
+    raw["rollout"].update(student_fraction=0.5, off_policy_source="teacher")
+    result = launch(raw, tmp_path, "mixed", 2, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [1, 2]
+    assert all(0 < row["entropy/student"] < 10 for row in rows)  # the update's recompute, at the student's rows
 
 
 def test_the_engine_refuses_what_it_cannot_serve_before_training(tmp_path):

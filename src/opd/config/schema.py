@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
+from opd.config.capabilities import FULL_DISTRIBUTION, check_needs, forward_kl_default, run_needs
 from opd.config.sections import (
-    FULL_DISTRIBUTION, TEACHER_NEEDS, TOP_K, BatchConfig, DataConfig, LossConfig, NamedTeacher, OptimConfig,
+    BatchConfig, DataConfig, LossConfig, NamedTeacher, OptimConfig,
     RewardConfig, RolloutConfig, RunConfig, StudentConfig, TeacherConfig, _Strict,
 )
 
@@ -45,17 +46,17 @@ class Config(_Strict):
         if mixed and self.rollout.source != "student":
             raise ValueError(f"rollout.student_fraction: a mixture needs rollout.source=student (got "
                              f"{self.rollout.source}); its other share comes from rollout.off_policy_source")
-        if self.rollout.engine == "vllm" and self.rollout.source != "student":
-            raise ValueError(f"rollout.engine: vllm samples the student, and rollout.source={self.rollout.source} "
-                             "leaves it nothing to sample; use rollout.engine: opd")
+        if self.rollout.engine != "opd" and self.rollout.source != "student":
+            raise ValueError(f"rollout.engine: {self.rollout.engine} samples the student, and rollout.source="
+                             f"{self.rollout.source} leaves it nothing to sample; use rollout.engine: opd")
         if self.loss.forward_kl_coef and self.loss.kind != "reverse_kl_pg":
             raise ValueError(f"loss.forward_kl_coef={self.loss.forward_kl_coef} adds to reverse_kl_pg only "
                              f"(loss.kind={self.loss.kind})")
         self._check_reward()
         self._check_teachers()
         self._check_teacher_views()
-        teacher_needed = self.teacher_needs is not None or self.teacher_writes
-        if self.teacher is None and not self.teachers and teacher_needed:
+        needs = run_needs(self)
+        if self.teacher is None and not self.teachers and needs:
             raise ValueError(
                 f"teacher.path: required for loss.kind={self.loss.kind} with rollout.source={self.rollout.source}; "
                 "only SFT on the data set's answers (source dataset) runs without a teacher"
@@ -67,29 +68,16 @@ class Config(_Strict):
                 "student's own samples (source student); sft needs someone else's (source teacher or dataset)"
             )
         teacher = self.teacher
-        if teacher is not None and teacher.remote and self.teacher_needs == FULL_DISTRIBUTION:
-            raise ValueError(
-                f"teacher.url: {self._full_distribution_reason()} needs the teacher's whole distribution at every "
-                "token, which a server does not send; use loss.kind reverse_kl_pg or topk_forward_kl")
-        if teacher is not None and teacher.remote and self.teacher_writes:
-            raise ValueError("teacher.url: a teacher on a server scores the rollouts; it does not write them "
-                             "(rollout.source / rollout.off_policy_source teacher need teacher.path)")
         if mixed and (self.student.shard or (teacher is not None and teacher.shard
                                              and self.rollout.off_policy_source == "teacher")):
             raise ValueError("student.shard / teacher.shard with a GKD mixture (rollout.student_fraction below 1): "
                              "a rank whose share of the step holds no prompt for a sharded sampler would skip its "
                              "collectives; shard without the mixture, or replicate (shard: false)")
-        if self.teacher_needs == TOP_K and not self.teachers and (teacher is None or not teacher.top_k):
-            raise ValueError(f"loss.kind={self.loss.kind} needs the teacher's top-k log-probs: set teacher.top_k "
-                             "(e.g. 20)")
-        if self.teacher_needs == FULL_DISTRIBUTION and self.teacher is not None and self.teacher.shard:
+        check_needs(self)  # what each teacher gives, as far as the config tells; setup checks again with its tokenizer
+        full = next((need for need in needs if need.capability == FULL_DISTRIBUTION), None)
+        if full is not None and (self.rollout.top_k or self.rollout.top_p < 1):
             raise ValueError(
-                f"teacher.shard: {self._full_distribution_reason()} needs the teacher's full distribution at every "
-                "token inside the student's loss, where a sharded teacher's LM head is not gathered; use "
-                "loss.kind=reverse_kl_pg (token log-probs) or teacher.shard: false")
-        if self.teacher_needs == FULL_DISTRIBUTION and (self.rollout.top_k or self.rollout.top_p < 1):
-            raise ValueError(
-                f"{self._full_distribution_reason()} compares full distributions; it needs rollout.top_k=0 and "
+                f"{full.reason} compares full distributions; it needs rollout.top_k=0 and "
                 f"rollout.top_p=1 (got {self.rollout.top_k} and {self.rollout.top_p})"
             )
         return self
@@ -103,34 +91,21 @@ class Config(_Strict):
         if reward.coef and self.rollout.samples_per_prompt < 2:
             raise ValueError("reward: each reward is compared with the mean of its prompt's samples, which needs "
                              f"rollout.samples_per_prompt >= 2 (got {self.rollout.samples_per_prompt})")
-        if not reward.coef and not self.loss.kl_coef and not self.forward_kl_weight and not self.mixed:
+        forward_kl = self.loss.forward_kl_coef if self.loss.forward_kl_coef is not None else forward_kl_default(self)
+        if not reward.coef and not self.loss.kl_coef and not forward_kl and not self.mixed:
             raise ValueError("reward.coef=0 and loss.kl_coef=0 (no forward-KL term, no mixture) leave the student "
                              "nothing to learn from")
 
     def _check_teacher_views(self) -> None:
-        """`teacher.path: student`, and what a teacher that reads rows its own way can do."""
+        """What a teacher that reads rows its own way needs (what it can't give is capabilities' part)."""
         if not all(field in self.data.teacher_context_format for field in ("{context}", "{prompt}")):
             raise ValueError(f"data.teacher_context_format: {self.data.teacher_context_format!r} must contain "
                              "{context} and {prompt}")
         for teacher in self.teacher_configs.values():
-            if teacher.path == "student":
-                teacher.path = self.student.path  # the initial student's weights, frozen
-            own_view = teacher.chat_template == "own" or self.data.teacher_system_prompt is not None
-            if (own_view or teacher.alignment == "chunks") and self.teacher_writes:
-                raise ValueError("teacher.chat_template / data.teacher_system_prompt / teacher.alignment: a teacher that "
-                                 "reads rows its own way scores the student's samples; it can't write rollouts for "
-                                 "the student (rollout.source / rollout.off_policy_source teacher)")
             if teacher.remote and teacher.tokenizer is None and (teacher.chat_template == "own"
                                                                   or teacher.alignment == "chunks"):
                 raise ValueError("teacher.tokenizer: a teacher on a server that renders its own template or has its "
                                  "own tokens needs its tokenizer here (a folder or hub id) to build its sequences")
-            if teacher.alignment == "chunks" and self.teacher_needs in (TOP_K, FULL_DISTRIBUTION):
-                raise ValueError(f"teacher.alignment=chunks: {self._teacher_need_reason()} compares the two models' "
-                                 "distributions over one vocabulary at every token; across tokenizers only the "
-                                 "sampled text's log-probs compare (chunk by chunk), so use loss.kind reverse_kl_pg")
-
-    def _teacher_need_reason(self) -> str:
-        return "loss.kind=topk_forward_kl" if self.teacher_needs == TOP_K else self._full_distribution_reason()
 
     def _check_teachers(self) -> None:
         named = [file.teacher for file in self.data.train if file.teacher] if isinstance(self.data.train, list) else []
@@ -146,14 +121,9 @@ class Config(_Strict):
         unknown = sorted(set(named) - set(names))
         if unknown:
             raise ValueError(f"data.train: teacher {unknown[0]!r} is not one of the teachers {names}")
-        if self.loss.kind not in ("reverse_kl_pg", "topk_forward_kl") or self.teacher_needs == FULL_DISTRIBUTION:
-            raise ValueError(f"teachers: several teachers score token log-probs (loss.kind reverse_kl_pg or "
-                             f"topk_forward_kl, without forward-KL terms); got loss.kind={self.loss.kind}")
         if self.rollout.source != "student" or self.mixed or any(teacher.shard for teacher in self.teachers):
             raise ValueError("teachers: several teachers need the student's own samples (rollout.source student, "
                              "no mixture) and replicated teachers (shard: false)")
-        if self.teacher_needs == TOP_K and not all(teacher.top_k for teacher in self.teachers):
-            raise ValueError(f"loss.kind={self.loss.kind} needs every teacher's top-k log-probs: set top_k on each")
         if len({teacher.top_k for teacher in self.teachers}) > 1:
             raise ValueError("teachers: give every teacher the same top_k")
 
@@ -163,6 +133,12 @@ class Config(_Strict):
         if self.teachers:
             return {teacher.name: teacher for teacher in self.teachers}
         return {"teacher": self.teacher} if self.teacher is not None else {}
+
+    def teacher_path(self, name: str) -> str | None:
+        """A local teacher's weights: its path, with `student` meaning the student's initial weights
+        (self-distillation, frozen); None for a teacher on a server."""
+        path = self.teacher_configs[name].path
+        return self.student.path if path == "student" else path
 
     def teacher_key(self, name: str) -> str:
         """The config key of a teacher (see teacher_configs), for messages: `teacher`, or `teachers[NAME]`."""
@@ -179,38 +155,6 @@ class Config(_Strict):
         rollout = self.rollout
         return rollout.student_fraction < 1 or (rollout.student_fraction_start is not None
                                                  and rollout.student_fraction_start < 1)
-
-    @property
-    def teacher_needs(self) -> str | None:
-        """What the run needs from its teacher: the loss's need, or the full distribution where a
-        forward-KL term or forward-KL off-policy rows are added."""
-        if self.forward_kl_weight or (self.mixed and self.loss.off_policy_kind == "forward_kl"):
-            return FULL_DISTRIBUTION
-        if self.loss.kind == "reverse_kl_pg" and not self.loss.kl_coef and self.reward and self.reward.coef:
-            return None  # pure RL: a teacher, where given, only adds metrics
-        return TEACHER_NEEDS[self.loss.kind]
-
-    @property
-    def forward_kl_weight(self) -> float:
-        """loss.forward_kl_coef, with its default (null) resolved: 1.0 where the run can add the forward KL
-        at no more than a local teacher's LM head per chunk, else 0. Setup settles what config alone
-        can't tell (a teacher with another vocabulary or turn end) and writes the value into the config."""
-        if self.loss.forward_kl_coef is not None:
-            return self.loss.forward_kl_coef
-        teacher, rollout, data = self.teacher, self.rollout, self.data
-        can = (self.loss.kind == "reverse_kl_pg" and self.loss.kl_coef != 0 and self.teachers is None
-               and teacher is not None and not teacher.remote and not teacher.shard
-               and teacher.alignment != "chunks" and teacher.chat_template == "student"
-               and data.teacher_system_prompt is None and rollout.source == "student"
-               and rollout.top_k == 0 and rollout.top_p == 1)
-        return 1.0 if can else 0.0
-
-    def _full_distribution_reason(self) -> str:
-        if TEACHER_NEEDS[self.loss.kind] == FULL_DISTRIBUTION:
-            return f"loss.kind={self.loss.kind}"
-        if self.forward_kl_weight:
-            return f"loss.forward_kl_coef={self.forward_kl_weight}"
-        return "loss.off_policy_kind=forward_kl"
 
     def student_fraction_at(self, step: int) -> float:
         """GKD's lambda at a step (from 1): a linear ramp from student_fraction_start over the ramp steps."""

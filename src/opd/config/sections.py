@@ -1,6 +1,7 @@
 """The sections of a run's config (`run`, `student`, `teacher`, `data`, `rollout`, `loss`, `batch`,
-`optim`), each a strict pydantic model with its defaults and descriptions; and what each loss needs
-from its teacher. opd.config.schema puts them together and checks their combinations.
+`optim`), each a strict, frozen pydantic model with its defaults and descriptions. opd.config.schema puts
+them together and checks their combinations; what each loss needs from its teacher is in
+opd.config.capabilities.
 """
 
 from __future__ import annotations
@@ -10,23 +11,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
-# What each loss needs from the teacher. Sampled-token log-probs are what any teacher gives, a server
-# included; the full next-token distribution needs a teacher in this process; sft needs no teacher
-# (one only adds metrics). opd.objectives.kinds declares the same per objective.
-TOKEN_LOGPROBS, TOP_K, FULL_DISTRIBUTION = "token_logprobs", "top_k", "full_distribution"
-TEACHER_NEEDS: dict[str, str | None] = {
-    "reverse_kl_pg": TOKEN_LOGPROBS,
-    "topk_forward_kl": TOP_K,  # the teacher's top-k log-probs at every position (teacher.top_k)
-    "forward_kl": FULL_DISTRIBUTION,
-    "reverse_kl": FULL_DISTRIBUTION,
-    "jsd": FULL_DISTRIBUTION,
-    "sft": None,
-}
-
-
 class _Strict(BaseModel):
     # A path such as `output_dir: 2024` is still a path, so numbers are accepted where text is expected.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+    # Frozen: a validated config is never changed; setup derives the resolved one (opd.config.resolve).
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
 
 
 class RunConfig(_Strict):

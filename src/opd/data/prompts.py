@@ -103,16 +103,33 @@ def load_train_prompts(train, key: str, *options) -> PromptSet:
                      source=", ".join(each.source for each in sets))
 
 
+@dataclass(frozen=True)
+class StepPrompts:
+    """One step's prompts for one rank: their PromptSet indices and keys (stream positions), and the
+    stream positions of the whole step, every rank's (`positions.stop`: where the stream stands once
+    the step's update has consumed them)."""
+
+    indices: list[int]
+    keys: list[int]
+    positions: range
+
+
 class PromptStream:
     """An endless, reproducible stream of prompt indices: a fresh shuffle each epoch.
 
-    The state is just (seed, consumed): resuming with the same pair yields the same prompts. The
-    stream is global: every rank advances it by the whole step's count, and rank r of w keeps every
+    The stream is global: every rank advances it by the whole step's count, and rank r of w keeps every
     w-th index of the step, so the ranks' shares are disjoint and together are the step.
+
+    Two positions: `taken`, how far prompts have been handed to sampling, and `consumed`, how far the
+    updates have used them (`consume`). A batch can be sampled ahead of its update, so a checkpoint
+    saves `consumed`, never `taken`: a resumed run samples again what was taken but not yet used, and
+    repeats or skips nothing. The state is (seed, consumed): resuming with the same pair yields the
+    same prompts.
     """
 
     def __init__(self, size: int, seed: int, shuffle: bool = True, consumed: int = 0):
-        self.size, self.seed, self.shuffle, self.consumed = size, seed, shuffle, consumed
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.taken = self.consumed = consumed
         self._cached_epoch, self._cached_order = -1, []
 
     def _order(self, epoch: int) -> list[int]:
@@ -124,17 +141,26 @@ class PromptStream:
         return self._cached_order
 
     def take(self, count: int, rank: int = 0, world_size: int = 1) -> list[int]:
-        """The next step's indices for `rank`: `count` per rank, `count * world_size` in all."""
-        return self.take_keyed(count, rank, world_size)[0]
+        """The next step's indices for `rank`: `count` per rank, `count * world_size` in all; consumed
+        at once (a step sampled and used together)."""
+        step = self.take_step(count, rank, world_size)
+        self.consume(step)
+        return step.indices
 
-    def take_keyed(self, count: int, rank: int = 0, world_size: int = 1) -> tuple[list[int], list[int]]:
-        """As take, with each prompt's position in the stream: a key that names the draw in the whole
-        run, whatever the world size (the random stream of its samples)."""
+    def take_step(self, count: int, rank: int = 0, world_size: int = 1) -> StepPrompts:
+        """The next step's prompts for `rank`, each with its position in the stream: a key that names its
+        draw in the whole run, whatever the world size (the random stream of its samples). Advances
+        `taken` only."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside a world of {world_size}")
-        indices, positions = [], list(range(self.consumed, self.consumed + count * world_size))
-        for position in positions:
-            epoch, offset = divmod(position, self.size)
-            indices.append(self._order(epoch)[offset])
-        self.consumed += count * world_size
-        return indices[rank::world_size], positions[rank::world_size]
+        positions = range(self.taken, self.taken + count * world_size)
+        indices = [self._order(position // self.size)[position % self.size] for position in positions]
+        self.taken = positions.stop
+        return StepPrompts(indices[rank::world_size], list(positions[rank::world_size]), positions)
+
+    def consume(self, step: StepPrompts) -> None:
+        """The update of `step` has used its prompts (steps are consumed in the order they were taken)."""
+        if step.positions.start != self.consumed:
+            raise ValueError(f"prompts at {step.positions.start} consumed with the stream at {self.consumed}: "
+                             "steps are consumed in the order they were taken")
+        self.consumed = step.positions.stop

@@ -116,18 +116,6 @@ def check_context(model: torch.nn.Module, tokens: int, what: str, whose: str, er
                     "lower data.max_prompt_tokens or rollout.max_new_tokens")
 
 
-def check_same_vocabulary(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> None:
-    """Per-token teacher scoring needs one vocabulary. Padding rows of an embedding don't matter."""
-    if student.get_vocab() != teacher.get_vocab():
-        student_vocab, teacher_vocab = student.get_vocab(), teacher.get_vocab()
-        differing = sorted(set(student_vocab.items()) ^ set(teacher_vocab.items()), key=lambda kv: kv[1])[:3]
-        raise ModelError(
-            "student and teacher tokenizers differ "
-            f"({len(student_vocab)} vs {len(teacher_vocab)} tokens; e.g. {differing}); "
-            "opd needs a teacher with the student's tokenizer (cross-tokenizer alignment is not supported yet)"
-        )
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__

@@ -69,7 +69,3 @@ def add_adapters(student: LoadedModel, settings: LoraSettings) -> LoadedModel:
     wrapper = get_peft_model(student.model, config)
     return LoadedModel(model=wrapper.get_base_model(), tokenizer=student.tokenizer, source=student.source,
                        adapter=wrapper)
-
-
-def has_adapters(model: torch.nn.Module) -> bool:
-    return any(hasattr(module, "lora_A") for module in model.modules())

@@ -1,11 +1,12 @@
 """The training objectives: `loss.kind` mapped once, in setup, to one object.
 
-Each objective declares what it needs from the teacher (`needs`: sampled-token log-probs, the full
-distribution, or nothing), prepares the step's batch (advantages), and turns one chunk of completion
-tokens into per-token loss values. The update's chunk loop and the trainer never look at the kind.
-Adding a loss means adding one class here, one entry in `OBJECTIVES`, its entry in
-`config.TEACHER_NEEDS`, and its reference test. A step that mixes the student's samples with someone
-else's (GKD's lambda) trains each row with the objective for its source (`BySource`).
+Each objective prepares the step's batch (advantages) and turns one chunk of completion tokens into
+per-token loss values. What it needs from the teacher is declared once, in
+opd.config.capabilities.KIND_NEEDS, which the config checks and the trainer read. The update's chunk
+loop and the trainer never look at the kind. Adding a loss means adding one class here, one entry in
+`OBJECTIVES`, its entry in `KIND_NEEDS`, and its reference test. A step that mixes the student's
+samples with someone else's (GKD's lambda) trains each row with the objective for its source
+(`BySource`).
 """
 
 from __future__ import annotations
@@ -15,17 +16,14 @@ from typing import Callable, Protocol
 
 import torch
 
-from opd.ops.logprobs import process_logits, token_logprobs
+from opd.config.schema import Config
 from opd.objectives import losses
 from opd.ops.batch import STUDENT, StepBatch, TokenChunk
-from opd.config.schema import Config
-from opd.config.sections import FULL_DISTRIBUTION, TOKEN_LOGPROBS, TOP_K
+from opd.ops.logprobs import process_logits, token_logprobs
 from opd.teachers.base import FullDistributionTeacher
 
 
 class Objective(Protocol):
-    needs: str | None  # TOKEN_LOGPROBS, FULL_DISTRIBUTION, or None (the teacher only adds metrics)
-
     def prepare(self, batch: StepBatch) -> StepBatch:
         """The batch with whatever this objective computes once per step (advantages)."""
         ...
@@ -56,7 +54,6 @@ class PolicyGradient:
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.ratio_clip, self.kl_coef, self.discount = ratio_clip, kl_coef, discount
         self.forward_kl_coef, self.reward_coef, self.reward_scale_by_std = forward_kl_coef, reward_coef, reward_scale_by_std
-        self.needs = FULL_DISTRIBUTION if forward_kl_coef else (TOKEN_LOGPROBS if kl_coef or not reward_coef else None)
 
     def prepare(self, batch: StepBatch) -> StepBatch:
         mask = batch.completion_mask
@@ -86,8 +83,6 @@ class Divergence:
     """`forward_kl`, `reverse_kl`, `jsd`: the exact divergence between the student's distribution at the
     sampling temperature and the teacher's at its own, at every completion position."""
 
-    needs = FULL_DISTRIBUTION
-
     def __init__(self, divergence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], temperature: float):
         self.divergence, self.temperature = divergence, temperature
 
@@ -105,8 +100,6 @@ class TopKForwardKL:
     completion position, the student at the sampling temperature. Needs only the teacher's top-k
     log-probs, which a server sends."""
 
-    needs = TOP_K
-
     def __init__(self, temperature: float):
         self.temperature = temperature
 
@@ -123,8 +116,6 @@ class NegativeLogLikelihood:
     """`sft`: -log pi_theta(y_t) at temperature 1 on someone else's tokens (the teacher's samples or the
     data set's answers)."""
 
-    needs = None
-
     def prepare(self, batch: StepBatch) -> StepBatch:
         return batch
 
@@ -140,8 +131,6 @@ class BySource:
 
     def __init__(self, on_policy: Objective, off_policy: Objective):
         self.on_policy, self.off_policy = on_policy, off_policy
-        needs = {on_policy.needs, off_policy.needs}
-        self.needs = next((need for need in (FULL_DISTRIBUTION, TOP_K, TOKEN_LOGPROBS) if need in needs), None)
 
     def prepare(self, batch: StepBatch) -> StepBatch:
         return self.off_policy.prepare(self.on_policy.prepare(batch))
@@ -161,7 +150,7 @@ class BySource:
 OBJECTIVES: dict[str, Callable[[Config], Objective]] = {
     "reverse_kl_pg": lambda config: PolicyGradient(
         config.rollout.temperature, config.rollout.top_k, config.rollout.top_p, config.loss.ratio_clip,
-        config.loss.kl_coef, config.loss.discount, config.forward_kl_weight,
+        config.loss.kl_coef, config.loss.discount, config.loss.forward_kl_coef,
         config.reward.coef if config.reward else 0.0, bool(config.reward and config.reward.normalize == "mean_std")),
     "topk_forward_kl": lambda config: TopKForwardKL(config.rollout.temperature),
     "forward_kl": lambda config: Divergence(losses.forward_kl, config.rollout.temperature),
@@ -173,8 +162,10 @@ OBJECTIVES: dict[str, Callable[[Config], Objective]] = {
 
 
 def build_objective(config: Config) -> Objective:
-    """The objective of `loss.kind` (its `needs` is config.teacher_needs; a test holds them equal), by
-    source when the run mixes in someone else's rows."""
+    """The objective of `loss.kind`, by source when the run mixes in someone else's rows. config: the
+    resolved config (opd.config.resolve), whose loss.forward_kl_coef is settled."""
+    if config.loss.forward_kl_coef is None:
+        raise ValueError("build_objective takes a resolved config (loss.forward_kl_coef is still null)")
     objective = OBJECTIVES[config.loss.kind](config)
     if config.mixed:
         objective = BySource(objective, OBJECTIVES[config.loss.off_policy_kind](config))

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from opd.ops.batch import DATASET, StepBatch, left_pad, right_pad
 from opd.data.prompts import PromptBatch, PromptSet
 from opd.errors import DataError
+from opd.ops.batch import DATASET, StepBatch, right_pad
+from opd.rollout.sampler import completions_batch
 
 
 class DatasetAnswers:
@@ -15,6 +16,7 @@ class DatasetAnswers:
     prompt keep their own answers. sampler_logprobs are 0: no model drew these tokens."""
 
     source = DATASET
+    gives_entropy = False  # no distribution drew these tokens
 
     @staticmethod
     def check(prompts: PromptSet) -> None:
@@ -37,20 +39,19 @@ class DatasetAnswers:
     def sampling_flops(self, batch: StepBatch) -> float:
         return 0.0  # no model ran
 
+    def sync_weights(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
     def sample(self, prompts: PromptBatch, samples_per_prompt: int, seed: int) -> StepBatch:
         def each(values: list) -> list:  # one entry per row: a prompt's samples are consecutive
             return [value for value in values for _ in range(samples_per_prompt)]
 
         answers = [self.answers[index] for index in each(prompts.row_index)]
-        prompt_ids, prompt_mask = left_pad(each(prompts.token_ids), self.pad_id, self.device)  # (B, P)
         completion_ids, completion_mask = right_pad([answer[: self.max_new_tokens] for answer in answers],
                                                     self.pad_id, self.device)  # (B, T)
-        return StepBatch(
-            prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-            completion_mask=completion_mask, sampler_logprobs=torch.zeros(completion_ids.shape, device=self.device),
-            finished=torch.tensor([len(answer) <= self.max_new_tokens for answer in answers], device=self.device),
-            prompt_index=torch.arange(len(prompts), device=self.device).repeat_interleave(samples_per_prompt),
-            row_index=torch.tensor(each(prompts.row_index), device=self.device),
-            rows=each(prompts.rows),
-            source=torch.full((len(answers),), DATASET, dtype=torch.long, device=self.device),
-        )
+        finished = torch.tensor([len(answer) <= self.max_new_tokens for answer in answers], device=self.device)
+        return completions_batch(prompts, samples_per_prompt, self.pad_id, completion_ids, completion_mask,
+                                 torch.zeros(completion_ids.shape, device=self.device), finished, DATASET)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 
 from opd.config.schema import Config
 from opd.data.prompts import PromptBatch, PromptSet
@@ -21,12 +22,25 @@ class RolloutMix:
     student) takes the first round(lambda * prompts) prompts of the whole step (by stream position, over
     every rank) and the secondary the rest, so each prompt's samples stay together (one shared prompt
     encoding) and the split is the same whatever the world size. Without a secondary this is exactly
-    the primary."""
+    the primary.
+
+    Whether the batch carries `sampler_entropy` is the primary's (`gives_entropy`), on every rank alike,
+    whichever sources a rank's share of the step drew from: the update decides from it whether to
+    compute the student's entropy, a collective."""
 
     def __init__(self, primary: Sampler, secondary: Sampler | None = None,
                  student_fraction: Callable[[int], float] = lambda step: 1.0, pad_id: int = 0):
         self.primary, self.secondary = primary, secondary
         self.student_fraction, self.pad_id = student_fraction, pad_id
+        self.gives_entropy = primary.gives_entropy
+
+    def sync_weights(self) -> float | None:
+        """The student's engine brought up to the policy's weights (see Sampler.sync_weights)."""
+        return self.primary.sync_weights()
+
+    def close(self) -> None:
+        for sampler in filter(None, (self.primary, self.secondary)):
+            sampler.close()
 
     def sample(self, prompts: PromptBatch, samples_per_prompt: int, seed: int, step: int,
                step_keys: range | None = None) -> StepBatch:
@@ -39,14 +53,12 @@ class RolloutMix:
         own, others = prompts.split(sum(key < step_keys.start + student_count for key in prompts.keys))
         parts = [sampler.sample(part, samples_per_prompt, seed)
                  for sampler, part in ((self.primary, own), (self.secondary, others)) if len(part)]
-        if len(own) and parts[0].sampler_entropy is None:  # vLLM's student rows: the update computes it for them
-            parts = [part.replace(sampler_entropy=None) for part in parts]
+        # Entropy is read at the student's rows only: other rows get zeros where the student's engine gives it.
+        parts = [part.replace(sampler_entropy=(None if not self.gives_entropy else part.sampler_entropy
+                                               if part.sampler_entropy is not None
+                                               else torch.zeros_like(part.sampler_logprobs)))
+                 for part in parts]
         return StepBatch.concat(parts, self.pad_id)
-
-    @property
-    def weight_sync_s(self) -> float | None:
-        """Seconds the last rollout spent copying the student's weights into its engine (vLLM), else None."""
-        return getattr(self.primary, "last_sync_s", None)
 
     def sampling_flops(self, batch: StepBatch) -> float:
         if self.secondary is None:
@@ -60,18 +72,17 @@ class RolloutMix:
 
 
 def build_rollouts(config: Config, student_sampler: Sampler, teacher: LoadedModel | None, prompts: PromptSet,
-                   precision: Precision) -> RolloutMix:
-    """Who writes the training completions: `rollout.source` (the student's sampler, opd's or vLLM's, with
-    its `policy`; the teacher model or the data),
-    and with GKD's lambda below 1 the student mixed with `rollout.off_policy_source`."""
+                   tokenizer, precision: Precision) -> RolloutMix:
+    """Who writes the training completions: `rollout.source` (the student's sampler, from its engine; the
+    teacher model `teacher`; or the data set's answers, tokenized by the student's `tokenizer`), and with
+    GKD's lambda below 1 the student mixed with `rollout.off_policy_source`."""
 
     def source(name: str) -> Sampler:
         if name == "student":
             return student_sampler
         if name == "teacher":
             return ModelSampler(teacher, SamplingSettings.of(config.rollout), precision, source=TEACHER)
-        return DatasetAnswers(prompts, student_sampler.policy.tokenizer, config.rollout.max_new_tokens, precision.device)
+        return DatasetAnswers(prompts, tokenizer, config.rollout.max_new_tokens, precision.device)
 
     secondary = source(config.rollout.off_policy_source) if config.mixed else None
-    return RolloutMix(source(config.rollout.source), secondary, config.student_fraction_at,
-                      student_sampler.policy.tokenizer.pad_token_id)
+    return RolloutMix(source(config.rollout.source), secondary, config.student_fraction_at, tokenizer.pad_token_id)

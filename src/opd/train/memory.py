@@ -5,11 +5,12 @@ The plan reads each model's shapes from its config.json, builds the model on the
 weights, no network) and counts, per rank:
 - resident for the whole run: the student's fp32 weights, gradients and AdamW state (two fp32
   moments), divided by the world size where the student is sharded, of the adapters alone with LoRA;
-  a bf16 copy of the weights for sampling on a GPU (replicated student under bf16); the teacher's
-  weights (bf16 under bf16), divided where it is sharded;
-- at the peak of sampling: the KV cache of the rank's share of one step's rollouts, the logits of a
-  decoding step, and for a sharded student its whole weights in compute precision (sampling keeps every
-  unit gathered);
+  the teacher's weights (bf16 under bf16), divided where it is sharded;
+- the rollout engine's own lines (opd.rollout.engines), resident or while sampling: for opd's sampler a
+  bf16 copy of the weights on a GPU (replicated student under bf16), the KV cache of the rank's share of
+  one step's rollouts, the logits of a decoding step, and for a sharded student its whole weights in
+  compute precision (sampling keeps every unit gathered); for vLLM its reservation, a share of the
+  device's memory;
 - at the peak of the update: the saved activations of one micro-batch, the loss's logit chunks, and for
   under bf16 autocast the bf16 casts of the weights saved for the backward (replicated), the teacher's
   hidden states for full-vocabulary losses, and for a sharded student its root and two layers
@@ -27,6 +28,7 @@ process's peak resident memory since setup began (imports and the interpreter le
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 from dataclasses import dataclass
@@ -34,75 +36,14 @@ from pathlib import Path
 
 import torch
 
+from opd.config.capabilities import FULL_DISTRIBUTION, needed
 from opd.config.schema import Config
-from opd.config.sections import FULL_DISTRIBUTION, LoraSettings
+from opd.models.shapes import model_shape
 from opd.ops.logprobs import tokens_per_chunk
+from opd.rollout.engines import ENGINES
+from opd.rollout.sampler import EngineMemoryInputs
 
 GIB = 2**30
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    parameters: int  # every parameter once (a tied LM head is the embeddings)
-    lora_parameters: int | None  # the adapters' parameters, with LoRA
-    largest_layer: int
-    root: int  # parameters outside the decoder layers (embeddings, final norm, LM head)
-    layers: int
-    hidden: int
-    mlp: int
-    query_width: int  # attention heads x head size
-    kv_width: int  # key/value heads x head size
-    vocab: int
-
-
-def model_shape(path: str, trust_remote_code: bool = False, lora: LoraSettings | None = None) -> ModelShape | str:
-    """The shapes of the model at `path` from its config.json, or why there are none."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    source = path if (Path(path) / "config.json").is_file() else _cached_config(path)
-    if source is None:
-        return f"{path} has no local config.json and none in the Hugging Face cache (a dry run fetches nothing)"
-    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    parameters = sum(parameter.numel() for parameter in model.parameters())
-    classes = set(getattr(model, "_no_split_modules", None) or [])
-    layers = [module for module in model.modules() if type(module).__name__ in classes]
-    layer_sizes = [sum(parameter.numel() for parameter in layer.parameters()) for layer in layers]
-    root = parameters - sum(layer_sizes)
-    hidden = config.hidden_size
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    mlp = getattr(config, "intermediate_size", None) or 4 * hidden
-    return ModelShape(parameters, _lora_parameters(model, lora) if lora else None, max(layer_sizes, default=0), root,
-                      len(layers) or config.num_hidden_layers, hidden, mlp, heads * head_dim, kv_heads * head_dim,
-                      model.get_output_embeddings().weight.shape[0])
-
-
-def _cached_config(repo_id: str) -> str | None:
-    """The folder of a hub model's config.json in the local Hugging Face cache, if it is there."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(repo_id, "config.json")
-    except Exception:  # not a valid repo id
-        return None
-    return str(Path(cached).parent) if isinstance(cached, str) else None
-
-
-def _lora_parameters(model: torch.nn.Module, lora: LoraSettings) -> int:
-    """r x (inputs + outputs) for each targeted linear layer (all-linear: every one but the LM head)."""
-    head = model.get_output_embeddings()
-    total = 0
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        targeted = module is not head if lora.target_modules == "all-linear" else \
-            name.rsplit(".", 1)[-1] in lora.target_modules
-        if targeted:
-            total += lora.r * (module.in_features + module.out_features)
-    return total
 
 
 @dataclass
@@ -134,13 +75,26 @@ def _gib(value: float) -> str:
     return f"{value / GIB:8.3f} GiB"
 
 
+def device_memory(device: str) -> float | None:
+    """Bytes of memory of the device (cuda: the first GPU; cpu: the host's), where this machine can tell."""
+    if device == "cuda":
+        return float(torch.cuda.get_device_properties(0).total_memory) if torch.cuda.is_available() else None
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def plan_memory(config: Config, world_size: int, device: str = "cuda") -> MemoryPlan:
-    """The plan for `config` on `world_size` ranks of `device` (cuda: bf16 where run.precision allows)."""
+    """The plan for `config` on `world_size` ranks of `device` (cuda: bf16 where run.precision allows).
+    config: as validated (a null forward-KL weight is planned at the default the config alone implies)
+    or resolved."""
     notes: list[str] = []
+    full_distribution = FULL_DISTRIBUTION in needed(config)
     student = model_shape(config.student.path, config.student.trust_remote_code, config.student.lora)
     # The largest teacher in this process (several teachers: each adds its weights below); a server's is its own.
-    local = [settings for settings in config.teacher_configs.values() if not settings.remote]
-    shapes = [model_shape(settings.path, settings.trust_remote_code) for settings in local]
+    local = [(name, settings) for name, settings in config.teacher_configs.items() if not settings.remote]
+    shapes = [model_shape(config.teacher_path(name), settings.trust_remote_code) for name, settings in local]
     planned = [shape for shape in shapes if not isinstance(shape, str)]
     teacher = max(planned, key=lambda shape: shape.parameters) if planned else next(iter(shapes), None)
     for key, shape in (("student.path", student), *(("teacher.path", shape) for shape in shapes)):
@@ -158,8 +112,6 @@ def plan_memory(config: Config, world_size: int, device: str = "cuda") -> Memory
         f"student gradients (fp32{', sharded' if sharded else ''})": 4 * trainable / split,
         f"AdamW state (2 x fp32{', sharded' if sharded else ''})": 8 * trainable / split,
     }
-    if bf16 and device == "cuda" and not sharded:
-        resident["student bf16 copy for sampling"] = 2 * student.parameters
     teacher_sharded = bool(config.teacher and config.teacher.shard and world_size > 1)
     for index, shape in enumerate(planned):
         name = "teacher" if len(planned) == 1 else f"teacher {index + 1}"
@@ -170,17 +122,15 @@ def plan_memory(config: Config, world_size: int, device: str = "cuda") -> Memory
     rows = config.batch.prompts_per_step // world_size * rollout.samples_per_prompt
     sequence = data.max_prompt_tokens + rollout.max_new_tokens
     micro = config.batch.micro_batch_size
-    sampling_bytes = compute_bytes if (bf16 and device == "cuda") or sharded else 4
-    sampling = {
-        f"KV cache of {rows} rollouts x {sequence} tokens": 2 * rows * sequence * student.layers * student.kv_width
-                                                          * sampling_bytes,
-        "logits of one decoding step": 3 * rows * student.vocab * 4,
-    }
-    if sharded:
-        sampling["student gathered for sampling"] = compute_bytes * student.parameters
+    engine = ENGINES[config.rollout.engine].memory(EngineMemoryInputs(
+        config, student, device, rows, sequence, bf16 and device == "cuda", compute_bytes, sharded,
+        device_memory(device)))
+    resident.update(engine.resident)
+    notes.extend(engine.notes)
+    sampling = engine.sampling
     # A chunk holds at most the completion tokens of a micro-batch (of a step's rollouts, for the teacher).
     chunk = min(tokens_per_chunk(config.loss.chunk_size, student.vocab), micro * rollout.max_new_tokens)
-    blocks = 6 if config.teacher_needs == FULL_DISTRIBUTION else 4
+    blocks = 6 if full_distribution else 4
     # Saved for the backward, per position and layer: the inputs of the attention's and the MLP's
     # products, queries, keys, values and attention output, the gated MLP's four intermediate-size
     # values (in compute precision), and the two norms' inputs on the fp32 residual stream.
@@ -194,7 +144,7 @@ def plan_memory(config: Config, world_size: int, device: str = "cuda") -> Memory
     }
     if bf16 and not sharded:  # autocast's bf16 copy of each weight, saved for the input gradients
         update["bf16 weight casts kept for the backward"] = 2 * student.parameters
-    if teacher is not None and not isinstance(teacher, str) and config.teacher_needs == FULL_DISTRIBUTION:
+    if teacher is not None and not isinstance(teacher, str) and full_distribution:
         update["teacher hidden states kept for the loss"] = \
             rows * rollout.max_new_tokens * teacher.hidden * compute_bytes
     if sharded:
@@ -203,7 +153,7 @@ def plan_memory(config: Config, world_size: int, device: str = "cuda") -> Memory
         # The root (embeddings, norm, LM head) stays gathered for the whole loss; a layer and the next prefetched.
         update["root and two layers, gathered"] = compute_bytes * (student.root + 2 * student.largest_layer)
     # AdamW's foreach step holds one moment-sized temporary (the denominator) over all its parameters.
-    phases = {"sampling": sampling, "updating": update,
+    phases = {**({"sampling": sampling} if sampling else {}), "updating": update,
               "the optimizer step": {"AdamW temporaries (fp32)": 4 * trainable / split}}
     if teacher is not None and not isinstance(teacher, str):
         teacher_chunk = min(tokens_per_chunk(config.loss.chunk_size, teacher.vocab), rows * rollout.max_new_tokens)

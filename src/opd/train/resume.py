@@ -1,12 +1,12 @@
-"""What `--resume` may change: a resumed run must compute what the saved steps computed, so its config may
-differ from the run's config.yaml only where that changes nothing the steps compute."""
+"""What `--resume` may change: a resumed run must compute what the saved steps computed, so its resolved
+config may differ from the one the run recorded (resolved.yaml; config.yaml for runs from before it)
+only where that changes nothing the steps compute."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
+from opd.config.resolve import recorded_resolution, recorded_resolution_file
 from opd.config.schema import Config
 from opd.errors import ConfigError
 
@@ -20,11 +20,12 @@ _RESUMABLE_CHANGES = {"run.max_steps", "run.save_every", "run.eval_every", "run.
 
 
 def check_resumable(output_dir: Path, config: Config) -> None:
-    """Refuse to resume with settings that would make the saved state mean something else."""
-    saved_path = output_dir / "config.yaml"
-    if not saved_path.is_file():
+    """Refuse to resume with settings that would make the saved state mean something else. config: the
+    resolved config of the resumed run."""
+    saved_path = recorded_resolution_file(output_dir)
+    if saved_path is None:
         return
-    saved_config = yaml.safe_load(saved_path.read_text())
+    saved_config = recorded_resolution(output_dir)
     saved, current = _flatten(saved_config), _flatten(config.model_dump(mode="json"))
     # The cosine horizon is what the schedule depends on: max_steps may grow, decay_steps may name the
     # old horizon, as long as the effective horizon stays the same.

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
+from opd.config.capabilities import FULL_DISTRIBUTION, needed
 from opd.config.files import dump_config
+from opd.config.resolve import REQUEST_FILE, RESOLVED_FILE, recorded_resolution, resolve
 from opd.config.schema import Config
 from opd.data.prompts import PromptSet, PromptStream, load_prompts, load_train_prompts
 from opd.distributed.sharding import shard_model
@@ -24,19 +25,19 @@ from opd.distributed.world import World
 from opd.errors import ConfigError
 from opd.io.checkpoint import check_checkpoint, latest_checkpoint, load_checkpoint
 from opd.io.sinks import check_trackers
-from opd.models.loading import LoadedModel, architectures, check_context, check_source, load_model, load_tokenizer
+from opd.models.loading import LoadedModel, check_context, check_source, load_model, load_tokenizer
 from opd.models.lora import add_adapters, check_lora
 from opd.models.precision import Precision
 from opd.objectives.kinds import Objective, build_objective
 from opd.ops.flops import matmul_parameters
 from opd.ops.logprobs import tokens_per_chunk
+from opd.rewards.verifiers import RewardScorer, check_rows, load_verifier
 from opd.rollout.answers import DatasetAnswers
+from opd.rollout.engines import ENGINES
 from opd.rollout.mixture import RolloutMix, build_rollouts
 from opd.rollout.sampler import ModelSampler, SamplingSettings
-from opd.rollout.vllm_engine import VLLMSampler, check_engine
-from opd.rewards.verifiers import RewardScorer, check_rows, load_verifier
 from opd.teachers.base import TokenScorer
-from opd.teachers.build import load_teachers, plan_teachers
+from opd.teachers.build import load_teachers, plan_views, probe_servers
 from opd.teachers.routed import check_routes
 from opd.train.guard import CollapseGuard
 from opd.train.host_memory import keep_freed_memory
@@ -46,15 +47,20 @@ from opd.train.resume import check_resumable
 
 @dataclass
 class Session:
+    """Everything a run's steps use, built once by `prepare`."""
+
+    config: Config  # the resolved config (opd.config.resolve): what the run computes with
     output_dir: Path
     world: World
     sharded: bool  # the student is sharded with FSDP2 across the world's ranks
     precision: Precision
     student: LoadedModel
     teacher: TokenScorer | None  # local, remote, viewed or routed; None only in SFT on the data's answers without one
+    teacher_sharded: bool  # a teacher is sharded with FSDP2: every rank must call it equally often
+    needs: set[str]  # what the run needs of its teacher (opd.config.capabilities)
     objective: Objective
-    rollouts: RolloutMix  # writes the training rollouts: the student, for sft the teacher or the data, or a mix
-    student_sampler: ModelSampler  # the student's own samples, for evaluation
+    rollouts: RolloutMix  # writes the training rollouts: the student's engine, for sft the teacher or the data, or a mix
+    student_sampler: ModelSampler  # the student's own samples, for evaluation (exact entropy)
     scored_by_sampler: bool  # the sampler's log-probs are already ℓᵀ (see sampled_by_teacher_distribution)
     chunk_size: int  # completion tokens per chunk of full-vocabulary logits
     student_params: int  # parameters in matrix products, for FLOP accounting
@@ -68,6 +74,15 @@ class Session:
     start_flops: float  # training FLOPs spent before start_step (see opd.ops.flops)
     peak_memory: PeakMemory
     rewards: RewardScorer | None = None  # grades the student's completions where the run has a reward
+
+    @property
+    def keeps_teacher_hidden(self) -> bool:
+        """The teacher's hidden states are kept for the loss (a full-distribution need)."""
+        return FULL_DISTRIBUTION in self.needs
+
+    def close(self) -> None:
+        """Release the rollout engines (before the process group goes: an engine may hold groups of it)."""
+        self.rollouts.close()
 
 
 def sampled_by_teacher_distribution(config: Config) -> bool:
@@ -111,11 +126,10 @@ def check_inputs(config: Config, ranks: int, resume: bool) -> None:
         raise ConfigError(f"batch.prompts_per_step={config.batch.prompts_per_step} does not divide by the "
                           f"world size {ranks}: each rank takes an equal share of a step's prompts")
     check_source(config.student.path, "student.path")
-    if config.rollout.engine == "vllm":
-        check_engine(config.student.path, architectures(config.student.path, "student.path", config.student.trust_remote_code))
+    ENGINES[config.rollout.engine].check(config)
     for name, settings in config.teacher_configs.items():
         if not settings.remote:
-            check_source(settings.path, f"{config.teacher_key(name)}.path")
+            check_source(config.teacher_path(name), f"{config.teacher_key(name)}.path")
     if config.reward is not None:
         load_verifier(config.reward.verifier)  # imported here: a typo fails before any weight loads
 
@@ -179,57 +193,46 @@ def find_checkpoint(config: Config, resume: bool, log=print) -> Path | None:
     return checkpoint
 
 
-def write_run_dir(config: Config, world: World) -> None:
-    """config.yaml, written once every rank has checked the run directory; a finished run alone may show
-    a final model, so an old final/ goes."""
+def write_run_dir(request: Config, config: Config, world: World) -> None:
+    """config.yaml (what the user asked) and resolved.yaml (what it resolved to), written once every rank
+    has checked the run directory; a finished run alone may show a final model, so an old final/ goes."""
     output_dir = Path(config.run.output_dir)
     world.barrier()
     if world.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(dump_config(config))
+        (output_dir / REQUEST_FILE).write_text(dump_config(request))
+        (output_dir / RESOLVED_FILE).write_text(dump_config(config))
         shutil.rmtree(output_dir / "final", ignore_errors=True)
 
 
-def settle_forward_kl(config: Config, resume: bool) -> None:
-    """Settle the default (null) loss.forward_kl_coef into config, which config.yaml then records. On
-    resume, the run's recorded value is kept where it still applies (a run from before the default
-    recorded 0), so an upgrade or a resumable change doesn't change the objective mid-run."""
-    if config.loss.forward_kl_coef is not None:
-        return
-    saved_path = Path(config.run.output_dir) / "config.yaml"
-    if resume and saved_path.is_file():
-        recorded = (yaml.safe_load(saved_path.read_text()).get("loss") or {}).get("forward_kl_coef")
-        if isinstance(recorded, (int, float)) and (recorded == 0 or config.forward_kl_weight):
-            config.loss.forward_kl_coef = float(recorded)
-            return
-    config.loss.forward_kl_coef = config.forward_kl_weight
-
-
-def prepare(config: Config, resume: bool, log=print, world: World | None = None) -> Session:
-    """Check, load and build everything for a run. world: the torchrun world (default: from the
+def prepare(request: Config, resume: bool, log=print, world: World | None = None) -> Session:
+    """Check, load and build everything for a run. request: the validated config as the user asked it;
+    the session carries it resolved (opd.config.resolve). world: the torchrun world (default: from the
     environment; a world of one without torchrun). Only rank 0 writes to the run directory."""
     world = world or World.from_environment()
-    check_inputs(config, world.size, resume)
-    precision = Precision.resolve(config.run.precision, config.run.device, world.local_rank)
+    check_inputs(request, world.size, resume)
+    precision = Precision.resolve(request.run.precision, request.run.device, world.local_rank)
     peak_memory = PeakMemory(precision.device)
     peak_memory.start()  # before any weights: the growth from here is what the memory plan predicts
     world.start(precision.device)
     if precision.device.type == "cpu":
         keep_freed_memory()
-    check_trackers(config.run.report_to)
-    if config.student.lora is not None:
-        check_lora(config.student.lora, config.student.path, config.student.trust_remote_code)
-    tokenizer = load_tokenizer(config.student.path, "student.path", config.student.trust_remote_code)
-    train_prompts, eval_prompts = load_data(config, tokenizer, log)
+    check_trackers(request.run.report_to)
+    if request.student.lora is not None:
+        check_lora(request.student.lora, request.student.path, request.student.trust_remote_code)
+    tokenizer = load_tokenizer(request.student.path, "student.path", request.student.trust_remote_code)
+    train_prompts, eval_prompts = load_data(request, tokenizer, log)
     rows = [row for prompts in (train_prompts, eval_prompts) if prompts is not None for row in prompts.examples]
-    teacher_plan = plan_teachers(config, tokenizer, rows)  # every view rendered, every server asked
-    settle_forward_kl(config, resume)
+    teacher_plan = plan_views(request, tokenizer, rows)  # every view rendered
+    output_dir = Path(request.run.output_dir)
+    config = resolve(request, teacher_plan.facts, recorded_resolution(output_dir) if resume else None)
+    probe_servers(config, teacher_plan, tokenizer)  # every server asked
 
     random.seed(config.run.seed)
     torch.manual_seed(config.run.seed)
     checkpoint = find_checkpoint(config, resume, log)
     student, sharded = load_student(config, precision, world)
-    teacher = load_teachers(config, teacher_plan, precision, world)
+    teachers = load_teachers(config, teacher_plan, precision, world)
     optimizer, scheduler = build_optimizer(config, student)
     stream = PromptStream(len(train_prompts), config.run.seed, config.data.shuffle)
     run = config.run
@@ -239,23 +242,22 @@ def prepare(config: Config, resume: bool, log=print, world: World | None = None)
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, student, optimizer, world)
         scheduler.load_state_dict(state["scheduler"])
-        stream.consumed, start_flops, start_step = state["prompts_consumed"], state.get("flops", 0.0), state["step"]
+        stream = PromptStream(len(train_prompts), config.run.seed, config.data.shuffle, state["prompts_consumed"])
+        start_flops, start_step = state.get("flops", 0.0), state["step"]
         if state.get("guard"):
             guard.load_state_dict(state["guard"])
         log(f"resuming from {checkpoint} (step {start_step}, written by {state.get('world_size', 1)} ranks)")
-    write_run_dir(config, world)
+    write_run_dir(request, config, world)
 
-    student_sampler = ModelSampler(student, SamplingSettings.of(config.rollout), precision)
-    rollout_sampler = student_sampler
-    if config.rollout.engine == "vllm":  # the training rollouts; evaluation keeps opd's sampler (exact entropy)
-        rollout_sampler = VLLMSampler(student, config.student.path, SamplingSettings.of(config.rollout),
-                                      config.rollout.vllm, precision, seed=config.run.seed,
-                                      max_model_len=config.data.max_prompt_tokens + config.rollout.max_new_tokens,
-                                      trust_remote_code=config.student.trust_remote_code)
+    engine = ENGINES[config.rollout.engine].build(config, student, precision)  # the training rollouts
+    # Evaluation samples with opd's own sampler (exact entropy): the engine itself where it is opd's.
+    student_sampler = engine if isinstance(engine, ModelSampler) else ModelSampler(
+        student, SamplingSettings.of(config.rollout), precision)
     return Session(
-        output_dir=Path(config.run.output_dir), world=world, sharded=sharded, precision=precision, student=student,
-        teacher=teacher, objective=build_objective(config),
-        rollouts=build_rollouts(config, rollout_sampler, getattr(teacher, "loaded", None), train_prompts, precision),
+        config=config, output_dir=output_dir, world=world, sharded=sharded, precision=precision, student=student,
+        teacher=teachers.scorer, teacher_sharded=teachers.sharded, needs=needed(config),
+        objective=build_objective(config),
+        rollouts=build_rollouts(config, engine, teachers.writer, train_prompts, student.tokenizer, precision),
         student_sampler=student_sampler,
         scored_by_sampler=sampled_by_teacher_distribution(config),
         chunk_size=tokens_per_chunk(config.loss.chunk_size, student.vocab_size),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -28,6 +29,9 @@ from opd.objectives.kinds import Objective
 from opd.models.precision import Precision
 from opd.distributed.sharding import is_sharded, through_root
 from opd.teachers.base import FullDistributionTeacher
+
+if TYPE_CHECKING:
+    from opd.train.setup import Session
 
 FAR_LOG_RATIO = 0.1  # |log rho| above this (rho outside about [0.90, 1.11]) counts in ratio/far_fraction
 
@@ -156,24 +160,25 @@ def sampling_entropy(logits: torch.Tensor, chunk, sampling: SamplingSettings | N
         return entropy(processed)
 
 
-def update_student(session, config, batch: StepBatch) -> dict[str, float]:
+def update_student(session: Session, batch: StepBatch) -> dict[str, float]:
     """The objective's per-step preparation, loss and backward over micro-batches, clipping, one AdamW step.
 
-    session: an opd.train.setup.Session; batch: the step's scored batch. Returns loss, grad_norm, lr, the
+    batch: the step's scored batch. Returns loss, grad_norm, lr, the
     student's mean log-prob of each source's tokens (student_logprob/SOURCE), and where the student
     sampled the importance-ratio figures ratio/far_fraction and ratio/max_abs_log, all over every rank.
     Raises TrainingDiverged, before touching the weights, when the loss or gradient norm is not finite:
     both are global, so every rank stops at the same step.
     """
-    world = session.world
+    world, config = session.world, session.config
     batch = session.objective.prepare(batch)
     session.optimizer.zero_grad(set_to_none=True)
     micro = config.batch.micro_batch_size
     step_tokens = world.sum(batch.num_tokens)  # every rank's tokens: the one normalizer of the step
     # FSDP2's reduce-scatter averages over ranks: dividing by step_tokens / world size makes it the sum.
     normalizer = step_tokens / world.size if session.sharded else step_tokens
-    # vLLM gives no entropy of the distribution it sampled from; the update sees the same one (up to numerics).
-    sampling = SamplingSettings.of(config.rollout) if batch.sampler_entropy is None else None
+    # An engine that gives no entropy of the distribution it sampled from (vLLM): the update sees the same one
+    # (up to numerics). Decided by the engine, not the batch, so that every rank makes the same collectives.
+    sampling = None if session.rollouts.gives_entropy else SamplingSettings.of(config.rollout)
     results = []
     for row in range(0, len(batch), micro):
         part = batch.select(slice(row, row + micro))

@@ -1,0 +1,60 @@
+"""The run's config resolved once: the validated request plus what setup learned before any weight loads.
+
+`opd train` validates what the user asked (`Config`, frozen). Setup then reads the tokenizers, renders
+every row for each teacher and asks every server; from those facts `resolve` derives the config the
+run computes with, a new frozen object, and checks the one capability rule again with them. Nothing
+changes a config after that. What it settles:
+- `loss.forward_kl_coef` left null: 1.0 where the run can add the exact forward KL, else 0
+  (opd.config.capabilities.forward_kl_default); on resume, the value the run recorded where it still
+  applies (a run from before the default recorded 0), so a resumed run computes what it computed.
+It checks, with the teachers' facts (another vocabulary, a template that ends turns differently,
+privileged context), that each teacher gives what the run needs. `teacher.path: student` is read
+through `Config.teacher_path`, a pure function of the config.
+
+The run folder records both: `config.yaml`, what the user asked (a run derived from it re-resolves
+what it didn't set), and `resolved.yaml`, what that resolved to (what a resume must repeat).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from opd.config.capabilities import TeacherFacts, check_needs, config_facts, forward_kl_default
+from opd.config.schema import Config
+from opd.errors import ConfigError
+
+REQUEST_FILE, RESOLVED_FILE = "config.yaml", "resolved.yaml"
+
+
+def recorded_resolution_file(output_dir: Path) -> Path | None:
+    """Where a run in `output_dir` recorded its resolved config: resolved.yaml, or for a run from before
+    it existed its config.yaml (which held the resolved values then); None for no run."""
+    return next((Path(output_dir) / name for name in (RESOLVED_FILE, REQUEST_FILE)
+                 if (Path(output_dir) / name).is_file()), None)
+
+
+def recorded_resolution(output_dir: Path) -> dict | None:
+    """The resolved config a run in `output_dir` recorded (recorded_resolution_file), as a nested dict."""
+    path = recorded_resolution_file(output_dir)
+    return None if path is None else yaml.safe_load(path.read_text()) or {}
+
+
+def resolve(config: Config, facts: dict[str, TeacherFacts] | None = None, recorded: dict | None = None) -> Config:
+    """The config the run computes with. facts: by teacher name, from setup (default: what the config
+    alone tells); recorded: the resolution of the run being resumed (recorded_resolution). Raises
+    ConfigError where a teacher can't give what the run needs."""
+    facts = {name: (facts or {}).get(name) or config_facts(config, name) for name in config.teacher_configs}
+    coefficient = config.loss.forward_kl_coef
+    if coefficient is None:
+        default = forward_kl_default(config, facts)
+        saved = ((recorded or {}).get("loss") or {}).get("forward_kl_coef")
+        # A resumed run keeps what it recorded where that still applies: 0 always, the term where it can run.
+        keep = isinstance(saved, (int, float)) and not isinstance(saved, bool) and (saved == 0 or default)
+        coefficient = float(saved) if keep else default
+    try:
+        check_needs(config, facts, coefficient)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return config.model_copy(update={"loss": config.loss.model_copy(update={"forward_kl_coef": coefficient})})

@@ -1,0 +1,167 @@
+"""One step in two halves: producing a scored batch (sample, grade, score) and consuming it (the update,
+the step's metrics).
+
+The two meet in a `ScoredBatch`, which carries what the update needs and what it must account for: the
+policy version that sampled it (the optimizer steps applied by then), the prompt stream positions it
+took, and the time and FLOPs of its making. The prompt stream counts what the updates consumed, not
+what was sampled, so a batch produced ahead of its update is never lost or repeated on resume. The
+trainer runs them in turn (`produce_batch` then `consume_batch`); one batch at a time is the run the
+loop has always made.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from opd.data.prompts import StepPrompts
+from opd.distributed.world import World
+from opd.errors import StudentCollapsed
+from opd.ops.batch import SOURCE_NAMES, STUDENT, StepBatch
+from opd.ops.flops import step_flops
+from opd.rewards.verifiers import RewardFailed
+from opd.teachers.routed import RoutedTeachers
+from opd.train.memory import GIB
+from opd.train.metrics import combine, per_teacher_metrics, pieces_over_ranks, rollout_metrics
+from opd.train.setup import Session
+from opd.train.update import update_student
+
+SOURCE_IDS = {name: source for source, name in SOURCE_NAMES.items()}
+
+
+@dataclass
+class ScoredBatch:
+    """A step's rollouts, sampled, graded and scored: what its update consumes."""
+
+    step: int
+    batch: StepBatch
+    prompts: StepPrompts  # this rank's prompts, and the whole step's stream positions
+    policy_version: int  # optimizer steps applied to the weights that sampled it
+    started: float  # perf_counter when producing it began
+    teacher_flops: float  # what scoring it cost in this process
+    timings: dict[str, float]  # timing/rollout_s, timing/teacher_s (and timing/weight_sync_s), this rank's
+
+
+def produce_batch(session: Session, step: int, policy_version: int) -> ScoredBatch:
+    """Sample the step's rollouts (the student's engine synced to the current weights first), grade them
+    where the run has a reward, and score them with the teacher."""
+    started = time.perf_counter()
+    world, config = session.world, session.config
+    prompts = session.stream.take_step(config.batch.prompts_per_step // world.size, world.rank, world.size)
+    sync_s = session.rollouts.sync_weights()
+    batch = session.rollouts.sample(session.train_prompts.batch(prompts.indices, prompts.keys),
+                                    config.rollout.samples_per_prompt, config.run.seed, step, prompts.positions)
+    if session.rewards is not None:
+        batch = grade(session, batch, step)
+    sampled = time.perf_counter()
+    batch, teacher_flops = score(session, batch)
+    timings = {"timing/rollout_s": sampled - started, "timing/teacher_s": time.perf_counter() - sampled}
+    if sync_s is not None:  # part of timing/rollout_s
+        timings["timing/weight_sync_s"] = sync_s
+    return ScoredBatch(step, batch, prompts, policy_version, started, teacher_flops, timings)
+
+
+def consume_batch(session: Session, scored: ScoredBatch, log=print) -> tuple[dict[str, float], float]:
+    """The step's update on a scored batch, with the collapse guard and the step's metrics. Returns the
+    metrics and the FLOPs the step cost. Raises StudentCollapsed, before the update, when the guard fires
+    under run.collapse_guard: stop."""
+    world, config, batch, step = session.world, session.config, scored.batch, scored.step
+    consuming = time.perf_counter()
+    metrics = sample_metrics(session, batch)
+    if isinstance(session.teacher, RoutedTeachers):
+        metrics.update(per_teacher_metrics(session.teacher, batch, world))
+    if "entropy/student" in metrics:  # before the update that would entrench a collapse
+        watch_collapse(session, step, metrics, "without applying the update", log)
+    update = update_student(session, batch)
+    session.stream.consume(scored.prompts)
+    finished = time.perf_counter()
+    costs = step_flops(batch, session.rollouts.sampling_flops(batch), scored.teacher_flops, session.student_params)
+    metrics.update(update_metrics(config.rollout.source, update))
+    if "entropy/student" in update:  # the engine gave no entropy; the update's recompute did, so the guard comes after
+        watch_collapse(session, step, metrics, "after this step's update", log)
+    timings = {**scored.timings, "timing/update_s": finished - consuming}
+    metrics.update({
+        **{key: world.max(value) if key == "timing/weight_sync_s" else value for key, value in timings.items()},
+        "throughput/tokens_per_s": world.sum(batch.num_tokens) / world.max(finished - scored.started),
+        **{key: world.sum(value) for key, value in costs.items()},
+        "memory/peak_gib": world.max(session.peak_memory.bytes()) / GIB,  # the largest rank's, so far
+    })
+    return metrics, sum(metrics[key] for key in costs)
+
+
+def grade(session: Session, batch: StepBatch, step: int) -> StepBatch:
+    """The batch with the verifier's rewards. A verifier that fails on one rank stops every rank with its
+    one line (the failure goes round in one gather), not one rank alone while the others wait."""
+    try:
+        graded, failure = session.rewards.attach(batch), None
+    except RewardFailed as exc:
+        graded, failure = batch, str(exc)
+    failures = [message for message in session.world.gather(failure) if message]
+    if failures:
+        raise RewardFailed(f"step {step}: {failures[0]}")
+    return graded
+
+
+def watch_collapse(session: Session, step: int, metrics: dict[str, float], when: str, log) -> None:
+    """The collapse guard on this step's figures: warn, or under run.collapse_guard=stop raise StudentCollapsed."""
+    alarm = session.guard.check(step, metrics)
+    if alarm and session.config.run.collapse_guard == "stop":
+        raise StudentCollapsed(f"{alarm}; stopped {when}")
+    if alarm:
+        log(f"warning: step {step}: {alarm}")
+
+
+def score(session: Session, batch: StepBatch) -> tuple[StepBatch, float]:
+    """The batch with ℓᵀ of its tokens (and the hidden states a full-vocabulary loss asks for), and the
+    FLOPs that cost. Without a teacher the batch is returned as it is."""
+    if session.teacher is None:
+        return batch, 0.0
+    if session.scored_by_sampler:
+        return batch.replace(teacher_logprobs=batch.sampler_logprobs), 0.0
+    scores = session.teacher.score(batch, keep_hidden=session.keeps_teacher_hidden)
+    return scores.attach(batch), scores.flops
+
+
+def sample_metrics(session: Session, batch: StepBatch) -> dict[str, float]:
+    """The figures of the step's samples, before the update, over every rank's rows: the rows of
+    `rollout.source` under the plain names, a mixture's other rows under `from_SOURCE/`. Figures that
+    describe the student's own sampling (ℓˢ, entropy/student, the reverse-KL estimate) are left out
+    for rows it did not sample; update_metrics adds the student's log-prob of those tokens."""
+    world: World = session.world
+    parts = {}  # source -> (figures, completion tokens, rows) of this rank
+    for source in sorted(set(batch.row_sources().tolist())):
+        rows = batch.rows_from(source)
+        part = batch if len(rows) == len(batch) else batch.select(rows)
+        figures = rollout_metrics(part)
+        if source != STUDENT:
+            for name in ("distill/reverse_kl", "distill/seq_reverse_kl", "logprob/student", "perplexity/student",
+                         "entropy/student"):
+                figures.pop(name, None)
+        parts[source] = (figures, part.num_tokens, len(rows))
+    by_source = pieces_over_ranks(parts, world)
+    all_rows = sum(rows for pieces in by_source.values() for _, _, rows in pieces)
+    metrics, primary = {}, SOURCE_IDS[session.config.rollout.source]
+    for source, pieces in by_source.items():
+        prefix = "" if source == primary else f"from_{SOURCE_NAMES[source]}/"
+        metrics.update({prefix + key: value for key, value in combine(pieces).items()})
+        if prefix:
+            metrics[prefix + "rows_fraction"] = sum(rows for _, _, rows in pieces) / all_rows
+    return metrics
+
+
+def update_metrics(primary: str, update: dict[str, float]) -> dict[str, float]:
+    """loss, grad_norm, lr, ratio/*, and the student's log-prob of tokens it did not sample. primary:
+    rollout.source, whose rows' figures go under the plain names."""
+    metrics = {key: value for key, value in update.items() if not key.startswith("student_logprob/")}
+    for name in (name for source, name in SOURCE_NAMES.items() if source != STUDENT):
+        if f"student_logprob/{name}" in update:
+            prefix = "" if name == primary else f"from_{name}/"
+            metrics[f"{prefix}logprob/student"] = update[f"student_logprob/{name}"]
+            metrics[f"{prefix}perplexity/student"] = math.exp(-update[f"student_logprob/{name}"])
+    return metrics
+
+
+def train_step(session: Session, step: int, log=print) -> tuple[dict[str, float], float]:
+    """One step with one batch in flight: produce its scored batch from the current weights, then consume it."""
+    return consume_batch(session, produce_batch(session, step, policy_version=step - 1), log)
