@@ -42,7 +42,7 @@ def test_pass_at_1_and_pass_at_k_are_counted_per_prompt():
     tokenizer = build_tokenizer()
     examples = [Example(prompt="", messages=None, answer=answer, line=line) for line, answer in
                 enumerate(["#### 3", "#### 4", None], start=1)]
-    prompts = PromptSet(token_ids=[[5], [6], [7]], examples=examples, skipped_too_long=0, source="x")
+    prompts = PromptSet(token_ids=[[5], [6], [7]], examples=examples, skipped_too_long=0, path="x")
     # prompt 0: 1 of 3 correct; prompt 1: none correct; prompt 2: not checkable.
     texts = ["#### 3", "#### 2", "#### 9", "#### 1", "#### 5", "#### 6", "#### 7", "#### 8", "#### 9"]
     metrics = evaluate(ScriptedSampler(tokenizer, texts), None, prompts, tokenizer, samples_per_prompt=3,

@@ -37,13 +37,14 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{path}: {message} (got {error.get('input')!r})"
 
 
-def validate(raw: dict[str, Any], source: str = "config") -> Config:
-    """Validate a nested dict into a Config; raises ConfigError listing every problem at once."""
+def validate(raw: dict[str, Any], origin: str = "config") -> Config:
+    """Validate a nested dict into a Config; raises ConfigError listing every problem at once, after
+    `origin` (the file it came from)."""
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
         problems = [_describe(error) for error in exc.errors()]
-        raise ConfigError(f"{source}: " + "; ".join(problems)) from None
+        raise ConfigError(f"{origin}: " + "; ".join(problems)) from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -94,7 +95,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, defaults: 
         if not isinstance(raw.get(section, {}), dict):
             continue  # validation reports the malformed section
         raw.setdefault(section, {}).setdefault(key, value)
-    return validate(apply_overrides(raw, overrides or []), source=str(path))
+    return validate(apply_overrides(raw, overrides or []), origin=str(path))
 
 
 def dump_config(config: Config) -> str:

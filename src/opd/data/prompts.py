@@ -42,7 +42,7 @@ class PromptSet:
     token_ids: list[list[int]]
     examples: list[Example]
     skipped_too_long: int
-    source: str
+    path: str  # the data file(s) or hub data set it was read from
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -83,7 +83,7 @@ def load_prompts(
         raise DataError(
             f"{key}: all {len(examples)} prompts in '{path}' are longer than data.max_prompt_tokens={max_prompt_tokens}"
         )
-    return PromptSet(token_ids=token_ids, examples=kept, skipped_too_long=skipped, source=path)
+    return PromptSet(token_ids=token_ids, examples=kept, skipped_too_long=skipped, path=path)
 
 
 def load_train_prompts(train, key: str, *options) -> PromptSet:
@@ -100,7 +100,7 @@ def load_train_prompts(train, key: str, *options) -> PromptSet:
     return PromptSet(token_ids=[ids for each in sets for ids in each.token_ids],
                      examples=[example for each in sets for example in each.examples],
                      skipped_too_long=sum(each.skipped_too_long for each in sets),
-                     source=", ".join(each.source for each in sets))
+                     path=", ".join(each.path for each in sets))
 
 
 @dataclass(frozen=True)

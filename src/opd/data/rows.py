@@ -26,7 +26,7 @@ class Example:
     line: int
     question: str | None = None
     fields: dict[str, Any] = field(default_factory=dict)
-    source: str = ""  # the file (or hub data set) it came from
+    file: str = ""  # the file (or hub data set) it came from
     teacher: str | None = None  # the named teacher that scores it: its `teacher` field, or its file's
 
 
@@ -78,31 +78,32 @@ def _example_from_row(row: Any, path: Path, line_number: int) -> Example:
     teacher = row.get("teacher")
     if teacher is not None and not isinstance(teacher, str):
         raise DataError(f"{where}: 'teacher' must be a teacher's name (a string)")
-    origin = {"line": line_number, "fields": row, "source": str(path), "teacher": teacher}
+    origin = {"line": line_number, "fields": row, "file": str(path), "teacher": teacher}
     if prompt is None and messages is None:
         return Example(prompt=None, messages=None, answer=answer, question=question, **origin)
     return Example(prompt=prompt, messages=messages, answer=answer, **origin)
 
 
-def read_hub(source: str, key: str) -> list[Example]:
+def read_hub(spec: str, key: str) -> list[Example]:
     """Rows of a hub data set named `hf:NAME[:CONFIG]:SPLIT`, e.g. `hf:openai/gsm8k:main:test`."""
-    parts = source.removeprefix("hf:").split(":")
+    parts = spec.removeprefix("hf:").split(":")
     if len(parts) not in (2, 3) or not all(parts):
-        raise DataError(f"{key}: '{source}' should read hf:NAME[:CONFIG]:SPLIT, e.g. hf:openai/gsm8k:main:train")
+        raise DataError(f"{key}: '{spec}' should read hf:NAME[:CONFIG]:SPLIT, e.g. hf:openai/gsm8k:main:train")
     name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
     try:
         import datasets
     except ImportError:
-        raise DataError(f"{key}: '{source}' needs the `datasets` package: pip install 'opd[hub]'") from None
+        raise DataError(f"{key}: '{spec}' needs the `datasets` package: pip install 'opd[hub]'") from None
     try:
         rows = datasets.load_dataset(name, config, split=split)
     except Exception as exc:  # offline, unknown name or split: the user needs one line
-        raise DataError(f"{key}: could not load '{source}' from the hub: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    examples = [_example_from_row(dict(row), Path(source), index) for index, row in enumerate(rows, start=1)]
+        raise DataError(f"{key}: could not load '{spec}' from the hub: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    examples = [_example_from_row(dict(row), Path(spec), index) for index, row in enumerate(rows, start=1)]
     if not examples:
-        raise DataError(f"{key}: '{source}' holds no rows")
+        raise DataError(f"{key}: '{spec}' holds no rows")
     return examples
 
 
-def read_rows(source: str, key: str) -> list[Example]:
-    return read_hub(source, key) if source.startswith("hf:") else read_jsonl(source, key)
+def read_rows(location: str, key: str) -> list[Example]:
+    """The rows of a JSONL file or, named `hf:...`, a hub data set (`key`: the config key, for errors)."""
+    return read_hub(location, key) if location.startswith("hf:") else read_jsonl(location, key)

@@ -57,7 +57,7 @@ def new_model(tokenizer, shape: dict, seed: int) -> LoadedModel:
         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, **shape,
     )
-    return LoadedModel(Qwen3ForCausalLM(config), tokenizer, source="new")
+    return LoadedModel(Qwen3ForCausalLM(config), tokenizer, path="new")
 
 
 def save_portable(model: LoadedModel, folder: Path) -> None:

@@ -55,7 +55,7 @@ def demo_config(out: Path, teacher: str = "teacher", student: str = "student") -
             "batch": {"prompts_per_step": 16, "micro_batch_size": 64},
             "optim": {"lr": 3e-4, "warmup_steps": 5, "schedule": "cosine", "max_grad_norm": 1.0},
         },
-        source="demo config",
+        origin="demo config",
     )
 
 

@@ -87,7 +87,7 @@ def save_model(student: LoadedModel, folder: Path, weights: dict | None = None) 
     else:
         student.adapter.save_pretrained(temporary / "adapter", safe_serialization=True)
         student.tokenizer.save_pretrained(temporary / "adapter")
-        merged = LoadedModel(student.adapter.merge_and_unload(), student.tokenizer, student.source)
+        merged = LoadedModel(student.adapter.merge_and_unload(), student.tokenizer, student.path)
         _write_model(merged, temporary)
     return _commit(folder)
 

@@ -25,7 +25,7 @@ class LoadedModel:
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
-    source: str
+    path: str  # the folder or hub id it was loaded from
     adapter: Any = None
 
     @property
@@ -64,7 +64,7 @@ def architectures(path: str, key: str, trust_remote_code: bool = False) -> list[
         raise ModelError(f"{key}: could not read the model config of '{path}': {_first_line(exc)}") from None
 
 
-def check_source(path: str, key: str) -> None:
+def check_model_path(path: str, key: str) -> None:
     """Fail early, with the config key, when a model path is neither a folder nor a hub id."""
     if Path(path).exists():
         if not Path(path).is_dir():
@@ -77,7 +77,7 @@ def check_source(path: str, key: str) -> None:
 
 
 def load_tokenizer(path: str, key: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    check_source(path, key)
+    check_model_path(path, key)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises many types; the user needs one line
@@ -102,7 +102,7 @@ def load_model(
         raise ModelError(f"{key}: could not load a causal LM from '{path}': {_first_line(exc)}") from None
     model.to(device)
     model.eval()
-    loaded = LoadedModel(model=model, tokenizer=tokenizer, source=path)
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, path=path)
     check_logits_from_hidden(loaded, key)
     return loaded
 

@@ -62,10 +62,10 @@ def add_adapters(student: LoadedModel, settings: LoraSettings) -> LoadedModel:
     """The student with new, trainable LoRA adapters (a checkpoint's are loaded into them after)."""
     from peft import LoraConfig, get_peft_model
 
-    refuse_tied_targets(student.model, settings, student.source)
+    refuse_tied_targets(student.model, settings, student.path)
 
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=0.0,
                         target_modules=settings.target_modules, bias="none")
     wrapper = get_peft_model(student.model, config)
-    return LoadedModel(model=wrapper.get_base_model(), tokenizer=student.tokenizer, source=student.source,
+    return LoadedModel(model=wrapper.get_base_model(), tokenizer=student.tokenizer, path=student.path,
                        adapter=wrapper)

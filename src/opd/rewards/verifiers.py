@@ -70,7 +70,7 @@ def check_rows(spec: str, prompts: PromptSet) -> None:
         return
     for example in prompts.examples:
         if example.answer is None or gold_answer(example.answer) is None:
-            raise DataError(f"{prompts.source}:{example.line}: reward.verifier gsm8k needs an 'answer' ending in "
+            raise DataError(f"{prompts.path}:{example.line}: reward.verifier gsm8k needs an 'answer' ending in "
                             "'#### N' on every row")
 
 
@@ -82,7 +82,7 @@ class RewardScorer:
         self.spec, self.verifier, self.tokenizer = spec, load_verifier(spec), tokenizer
 
     def grade(self, text: str, row) -> float:
-        where = f"{row.source}:{row.line}"
+        where = f"{row.file}:{row.line}"
         try:
             value = self.verifier(text, row.fields)
         except Exception as exc:

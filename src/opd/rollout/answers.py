@@ -23,7 +23,7 @@ class DatasetAnswers:
         """Every row must carry an answer: checked before any weight loads."""
         for example in prompts.examples:
             if example.answer is None:
-                raise DataError(f"{prompts.source}:{example.line}: rollout.source=dataset needs an 'answer' on every row")
+                raise DataError(f"{prompts.path}:{example.line}: rollout.source=dataset needs an 'answer' on every row")
 
     def __init__(self, prompts: PromptSet, tokenizer, max_new_tokens: int, device: torch.device):
         self.check(prompts)

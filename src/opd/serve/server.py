@@ -194,9 +194,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     except ImportError:
         raise ConfigError("opd serve-teacher needs the server extra: pip install 'opd[serve]'") from None
     from opd.teachers.local import load_teacher
-    from opd.models.loading import check_source
+    from opd.models.loading import check_model_path
 
-    check_source(model, "MODEL")
+    check_model_path(model, "MODEL")
     resolved = Precision.resolve(precision, device)
     teacher = load_teacher(model, "MODEL", resolved, trust_remote_code=trust_remote_code)
     app = create_app(teacher.loaded, resolved, served_model_name or model, api_key, max_batch_tokens, max_logprobs)

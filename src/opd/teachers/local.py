@@ -35,7 +35,7 @@ class LocalTeacher:
         """top_k: also give the teacher's top-k log-probs at every completion position."""
         self.loaded = loaded
         self.top_k = top_k
-        self.name = loaded.source
+        self.name = loaded.path
         self.temperature = temperature
         self.chunk_size = chunk_size
         self.precision = precision

@@ -29,7 +29,7 @@ def check_routes(prompts: PromptSet | None, names: list[str], key: str) -> None:
         return
     for example in prompts.examples:
         name = route(example, names)
-        where = f"{key}: {example.source}:{example.line}"
+        where = f"{key}: {example.file}:{example.line}"
         if name is None:
             raise DataError(f"{where}: the row names no teacher (a 'teacher' field) and its file none; "
                             f"one of {names}")

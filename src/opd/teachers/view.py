@@ -163,7 +163,7 @@ class TeacherView:
             return render_prompt(example, self.renderer, settings.system_prompt, settings.template_kwargs,
                                  example.fields.get(CONTEXT_FIELD), settings.context_format)
         except DataError as exc:
-            where = f"{example.source}:{example.line}" if example.source else f"line {example.line}"
+            where = f"{example.file}:{example.line}" if example.file else f"line {example.line}"
             raise DataError(f"{where}: the teacher's prompt: {str(exc).removeprefix(f'line {example.line}: ')}") from None
 
     def teacher_batch(self, batch: StepBatch) -> tuple[StepBatch, ChunkAlignment | None]:

@@ -25,7 +25,7 @@ from opd.distributed.world import World
 from opd.errors import ConfigError
 from opd.io.checkpoint import check_checkpoint, latest_checkpoint, load_checkpoint
 from opd.io.sinks import check_trackers
-from opd.models.loading import LoadedModel, check_context, check_source, load_model, load_tokenizer
+from opd.models.loading import LoadedModel, check_context, check_model_path, load_model, load_tokenizer
 from opd.models.lora import add_adapters, check_lora
 from opd.models.precision import Precision
 from opd.objectives.kinds import Objective, build_objective
@@ -125,11 +125,11 @@ def check_inputs(config: Config, ranks: int, resume: bool) -> None:
     if config.batch.prompts_per_step % ranks:
         raise ConfigError(f"batch.prompts_per_step={config.batch.prompts_per_step} does not divide by the "
                           f"world size {ranks}: each rank takes an equal share of a step's prompts")
-    check_source(config.student.path, "student.path")
+    check_model_path(config.student.path, "student.path")
     ENGINES[config.rollout.engine].check(config)
     for name, settings in config.teacher_configs.items():
         if not settings.remote:
-            check_source(config.teacher_path(name), f"{config.teacher_key(name)}.path")
+            check_model_path(config.teacher_path(name), f"{config.teacher_key(name)}.path")
     if config.reward is not None:
         load_verifier(config.reward.verifier)  # imported here: a typo fails before any weight loads
 
@@ -151,7 +151,7 @@ def load_data(config: Config, tokenizer, log=print) -> tuple[PromptSet, PromptSe
             check_rows(config.reward.verifier, prompts)
     for prompts in filter(None, (train_prompts, eval_prompts)):
         if prompts.skipped_too_long:
-            log(f"warning: skipped {prompts.skipped_too_long} prompts of '{prompts.source}' longer than "
+            log(f"warning: skipped {prompts.skipped_too_long} prompts of '{prompts.path}' longer than "
                 f"data.max_prompt_tokens={data.max_prompt_tokens}; {len(prompts)} remain")
     return train_prompts, eval_prompts
 
