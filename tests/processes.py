@@ -45,6 +45,8 @@ def descendants(pid: int) -> list[int]:
     """Every process below `pid`, from /proc (Linux)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():  # self, thread-self, sys, ...
+            continue
         try:
             parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except (ValueError, OSError, IndexError):

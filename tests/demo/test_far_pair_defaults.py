@@ -33,7 +33,7 @@ def test_the_defaults_keep_a_pruned_student_learning(tmp_path):
         "optim": {"lr": 5e-3, "warmup_steps": 5, "schedule": "constant"},
     }
     train(validate(raw), log=lambda *_: None)
-    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["loss"]["forward_kl_coef"] == 1.0
+    assert yaml.safe_load((tmp_path / "run" / "resolved.yaml").read_text())["loss"]["forward_kl_coef"] == 1.0
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     first, last = rows[0], rows[-1]
     start_entropy = first["eval/entropy/student"]

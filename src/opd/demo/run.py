@@ -62,7 +62,7 @@ def demo_config(out: Path, teacher: str = "teacher", student: str = "student") -
 def teacher_accuracy(config: Config, eval_path: Path | None = None) -> float:
     """The teacher's own accuracy on the held-out prompts (eval_path: those prompts as it sees them)."""
     precision = Precision.resolve(config.run.precision, config.run.device)
-    teacher = load_teacher(config.teacher.path, "teacher.path", precision).loaded
+    teacher = load_teacher(config.teacher_path("teacher"), "teacher.path", precision).loaded
     prompts = load_prompts(str(eval_path or config.data.eval), "data.eval", teacher.tokenizer, config.data.max_prompt_tokens)
     sampler = ModelSampler(teacher, SamplingSettings.of(config.rollout), precision)
     metrics = evaluate(sampler, None, prompts, teacher.tokenizer, samples_per_prompt=1, batch_prompts=256,
