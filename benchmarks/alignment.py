@@ -30,11 +30,11 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from opd.ops.batch import StepBatch, left_pad, right_pad
 from opd.data.rows import Example
 from opd.demo.task import make_problem
 from opd.demo.tokenizer import build_bpe_tokenizer, build_tokenizer
 from opd.objectives.losses import chunk_advantages
+from opd.ops.batch import StepBatch, left_pad, right_pad
 from opd.teachers.view import TeacherView, ViewSettings
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
@@ -59,9 +59,16 @@ def large_bpe(vocab_size: int, seed: int, cache: Path) -> PreTrainedTokenizerFas
         backend = Tokenizer(models.BPE())
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         backend.decoder = decoders.ByteLevel()
-        backend.train_from_iterator(text, trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False, min_frequency=1,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        backend.train_from_iterator(
+            text,
+            trainers.BpeTrainer(
+                vocab_size=vocab_size,
+                special_tokens=SPECIALS,
+                show_progress=False,
+                min_frequency=1,
+                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            ),
+        )
         cache.mkdir(parents=True, exist_ok=True)
         backend.save(str(path))
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token="<|im_end|>", pad_token="<|endoftext|>")
@@ -71,18 +78,29 @@ def large_bpe(vocab_size: int, seed: int, cache: Path) -> PreTrainedTokenizerFas
 def make_batch(student, prompts: list[str], completions: list[str], samples: int) -> StepBatch:
     """A step's batch as a sampler would give it: each prompt `samples` times, completions the student's
     encoding of the texts plus its EOS."""
-    examples = [Example(prompt=prompt, messages=None, answer=None, line=index + 1, fields={})
-                for index, prompt in enumerate(prompts)]
+    examples = [
+        Example(prompt=prompt, messages=None, answer=None, line=index + 1, fields={})
+        for index, prompt in enumerate(prompts)
+    ]
     rows = [example for example in examples for _ in range(samples)]  # a prompt's samples share its row
-    prompt_ids, prompt_mask = left_pad([student(row.prompt)["input_ids"] for row in rows], student.pad_token_id,
-                                       torch.device("cpu"))
+    prompt_ids, prompt_mask = left_pad(
+        [student(row.prompt)["input_ids"] for row in rows], student.pad_token_id, torch.device("cpu")
+    )
     texts = [completions[index % len(completions)] for index in range(len(rows))]
     encoded = [student(text, add_special_tokens=False)["input_ids"] + [student.eos_token_id] for text in texts]
     completion_ids, completion_mask = right_pad(encoded, student.pad_token_id, torch.device("cpu"))
     group = torch.arange(len(prompts)).repeat_interleave(samples)
-    return StepBatch(prompt_ids, prompt_mask, completion_ids, completion_mask,
-                     -torch.rand(completion_ids.shape) * completion_mask, torch.ones(len(rows), dtype=torch.bool),
-                     group, group, rows)
+    return StepBatch(
+        prompt_ids,
+        prompt_mask,
+        completion_ids,
+        completion_mask,
+        -torch.rand(completion_ids.shape) * completion_mask,
+        torch.ones(len(rows), dtype=torch.bool),
+        group,
+        group,
+        rows,
+    )
 
 
 def time_alignment(view: TeacherView, batch: StepBatch, repeats: int) -> float:
@@ -114,13 +132,18 @@ def main(argv: list[str] | None = None) -> None:
     seconds = time_alignment(view, batch, args.repeats)
     tokens = batch.num_tokens
     share = f", {seconds / args.demo_step_s:.1%} of a {args.demo_step_s:.2f} s step" if args.demo_step_s else ""
-    print(f"demo pair (word-level {len(word)} -> BPE {len(bpe)}): {seconds * 1e3:.1f} ms per step of {tokens} "
-          f"completion tokens ({seconds / tokens * 1e6:.1f} us/token){share}")
+    print(
+        f"demo pair (word-level {len(word)} -> BPE {len(bpe)}): {seconds * 1e3:.1f} ms per step of {tokens} "
+        f"completion tokens ({seconds / tokens * 1e6:.1f} us/token){share}"
+    )
 
     started = time.perf_counter()
     qwen_like, llama_like = large_bpe(151_643, 1, args.cache), large_bpe(128_000, 2, args.cache)
-    print(f"large tokenizers ready in {time.perf_counter() - started:.0f} s: {len(qwen_like)} and {len(llama_like)} "
-          "entries", file=sys.stderr)
+    print(
+        f"large tokenizers ready in {time.perf_counter() - started:.0f} s: {len(qwen_like)} and {len(llama_like)} "
+        "entries",
+        file=sys.stderr,
+    )
     rows = [json.loads(line) for line in GSM8K.read_text().splitlines()[:8]]
     answers = [json.loads(line)["answer"] for line in GSM8K.read_text().splitlines()[8:72]]
     answers = [qwen_like.decode(qwen_like(" " + text, add_special_tokens=False)["input_ids"][:127]) for text in answers]
@@ -132,9 +155,11 @@ def main(argv: list[str] | None = None) -> None:
     tokens = batch.num_tokens
     student_parameters, teacher_parameters = 1.7e9, 8.2e9
     bound = (10 * student_parameters + 2 * teacher_parameters) * tokens / 400e12
-    print(f"151k -> 128k pair: {seconds * 1e3:.1f} ms per step of {tokens} completion tokens "
-          f"({seconds / tokens * 1e6:.1f} us/token); the step's FLOP lower bound is {bound * 1e3:.0f} ms, so at most "
-          f"{seconds / bound:.1%} of it")
+    print(
+        f"151k -> 128k pair: {seconds * 1e3:.1f} ms per step of {tokens} completion tokens "
+        f"({seconds / tokens * 1e6:.1f} us/token); the step's FLOP lower bound is {bound * 1e3:.0f} ms, so at most "
+        f"{seconds / bound:.1%} of it"
+    )
 
 
 if __name__ == "__main__":

@@ -57,12 +57,19 @@ def timed_run(config: Path, out: Path, policy: dict, load: str | None) -> list[f
     """Seconds of each step of one `opd train` run, beside `load` (a LOADS key) if given."""
     from opd.io.sinks import read_metrics
 
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OMP_NUM_THREADS")}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OMP_NUM_THREADS")
+    }
     busy = subprocess.Popen([sys.executable, "-c", LOADS[load]], env=env) if load else None
     try:
-        subprocess.run([sys.executable, "-m", "opd", "train", str(config), "--set", f"run.output_dir={out}"],
-                       env={**env, **policy}, check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "opd", "train", str(config), "--set", f"run.output_dir={out}"],
+            env={**env, **policy},
+            check=True,
+            capture_output=True,
+        )
     finally:
         if busy is not None:
             busy.kill()

@@ -30,16 +30,15 @@ from pathlib import Path
 import torch
 
 from opd.config.files import validate
+from opd.data.prompts import load_prompts
 from opd.demo.far_pair import pruned_teacher
 from opd.demo.run import ASSETS
 from opd.demo.task import write_split
-from opd.data.prompts import load_prompts
 from opd.errors import StudentCollapsed
-from opd.rollout.sampler import ModelSampler
+from opd.io.sinks import read_metrics
 from opd.models.loading import load_model
 from opd.models.precision import Precision
-from opd.rollout.sampler import SamplingSettings
-from opd.io.sinks import read_metrics
+from opd.rollout.sampler import ModelSampler, SamplingSettings
 from opd.train.trainer import train
 
 STEP = re.compile(r"step \d+")
@@ -47,19 +46,32 @@ RUNS = {
     "reverse_kl_pg alone": {"loss.forward_kl_coef": 0.0},
     "reverse_kl_pg alone, guard stop": {"loss.forward_kl_coef": 0.0, "run.collapse_guard": "stop"},
     "the default: + forward KL (auto, 1.0)": {},
-    "mixture, lambda 0 -> 0.5": {"loss.forward_kl_coef": 0.0, "rollout.student_fraction": 0.5,
-                                 "rollout.student_fraction_start": 0.0, "rollout.student_fraction_ramp_steps": 50},
+    "mixture, lambda 0 -> 0.5": {
+        "loss.forward_kl_coef": 0.0,
+        "rollout.student_fraction": 0.5,
+        "rollout.student_fraction_start": 0.0,
+        "rollout.student_fraction_ramp_steps": 50,
+    },
 }
 
 
 def config(work: Path, name: str, student: Path, steps: int, changes: dict) -> dict:
     raw = {
-        "run": {"output_dir": str(work / name), "max_steps": steps, "eval_every": 10, "precision": "fp32",
-                "progress": False},
+        "run": {
+            "output_dir": str(work / name),
+            "max_steps": steps,
+            "eval_every": 10,
+            "precision": "fp32",
+            "progress": False,
+        },
         "student": {"path": str(student)},
         "teacher": {"path": str(ASSETS / "teacher")},
-        "data": {"train": str(work / "train.jsonl"), "eval": str(work / "eval.jsonl"), "max_prompt_tokens": 64,
-                 "eval_max_prompts": 100},
+        "data": {
+            "train": str(work / "train.jsonl"),
+            "eval": str(work / "eval.jsonl"),
+            "max_prompt_tokens": 64,
+            "eval_max_prompts": 100,
+        },
         "rollout": {"samples_per_prompt": 4, "max_new_tokens": 40},
         "loss": {"kind": "reverse_kl_pg"},
         "batch": {"prompts_per_step": 16, "micro_batch_size": 64},
@@ -76,8 +88,10 @@ def summarize(name: str, rows: list[dict], outcome: str) -> dict:
     trained = [row for row in rows if "entropy/student" in row]
     start_entropy = evals[0]["eval/entropy/student"]  # the untrained student, the same for every run
     return {
-        "run": name, "outcome": outcome,
-        "kl_start": evals[0]["eval/distill/reverse_kl"], "kl_end": evals[-1]["eval/distill/reverse_kl"],
+        "run": name,
+        "outcome": outcome,
+        "kl_start": evals[0]["eval/distill/reverse_kl"],
+        "kl_end": evals[-1]["eval/distill/reverse_kl"],
         "kl_best": min(row["eval/distill/reverse_kl"] for row in evals),
         "entropy_start": start_entropy,
         "entropy_min_fraction": min(row["entropy/student"] for row in trained) / start_entropy,
@@ -92,17 +106,24 @@ def plot(curves: dict[str, list[dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("entropy/student", "entropy of the student's sampling distribution"),
-              ("generation/repetition", "repeated 4-grams in the student's samples"),
-              ("eval/distill/reverse_kl", "held-out reverse KL (nats/token)"),
-              ("eval/entropy/student", "held-out entropy/student")]
+    panels = [
+        ("entropy/student", "entropy of the student's sampling distribution"),
+        ("generation/repetition", "repeated 4-grams in the student's samples"),
+        ("eval/distill/reverse_kl", "held-out reverse KL (nats/token)"),
+        ("eval/entropy/student", "held-out entropy/student"),
+    ]
     figure, axes = plt.subplots(1, 4, figsize=(20, 4.5), constrained_layout=True)
     for index, (name, rows) in enumerate(curves.items()):
         for axis, (key, title) in zip(axes, panels):
             points = [(row["step"], row[key]) for row in rows if row.get(key) is not None]
             if points:
-                axis.plot(*zip(*points), color=f"C{index}", marker="o" if key.startswith("eval/") else None,
-                          markersize=3, label=name)
+                axis.plot(
+                    *zip(*points),
+                    color=f"C{index}",
+                    marker="o" if key.startswith("eval/") else None,
+                    markersize=3,
+                    label=name,
+                )
             axis.set_title(title)
             axis.set_xlabel("step")
             axis.grid(alpha=0.3)
@@ -150,27 +171,34 @@ def main() -> None:
             print(json.dumps(summaries[-1]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     plot(curves, args.out / "far_apart.png")
-    lines = ["| run | outcome | held-out reverse KL: start → end (best) | change | lowest entropy/student, "
-             "fraction of the untrained student's | highest repetition | held-out accuracy at the end |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| run | outcome | held-out reverse KL: start → end (best) | change | lowest entropy/student, "
+        "fraction of the untrained student's | highest repetition | held-out accuracy at the end |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
     for s in summaries:
         change = s["kl_end"] / s["kl_start"] - 1
-        lines.append(f"| {s['run']} | {s['outcome']} | {s['kl_start']:.2f} → {s['kl_end']:.2f} ({s['kl_best']:.2f}) "
-                     f"| {change:+.0%} | {s['entropy_min_fraction']:.0%} | {s['repetition_max']:.2f} "
-                     f"| {s['accuracy_end']:.1%} |")
+        lines.append(
+            f"| {s['run']} | {s['outcome']} | {s['kl_start']:.2f} → {s['kl_end']:.2f} ({s['kl_best']:.2f}) "
+            f"| {change:+.0%} | {s['entropy_min_fraction']:.0%} | {s['repetition_max']:.2f} "
+            f"| {s['accuracy_end']:.1%} |"
+        )
     table = "\n".join(lines)
-    reading = "\n".join(f"- {name}:\n" + "\n".join(f"  - `{text!r}`" for text in texts)
-                        for name, texts in samples.items())
+    reading = "\n".join(
+        f"- {name}:\n" + "\n".join(f"  - `{text!r}`" for text in texts) for name, texts in samples.items()
+    )
     (args.out / "far_apart.md").write_text(
         "# A far-apart pair: collapse, the guard, and two remedies\n\n"
         f"`python benchmarks/far_apart.py --steps {args.steps}` (see its docstring for the pair and the settings).\n\n"
-        + table + "\n\n![curves](far_apart.png)\n\n"
+        + table
+        + "\n\n![curves](far_apart.png)\n\n"
         "Reading it: the entropy and repetition columns are over the training steps' own samples, against the "
         "untrained student's held-out entropy; the two `reverse_kl_pg` runs share their first steps exactly "
         "(same seed), so the stopped run shows what the guard cut short. One seed per run: treat differences "
         "of a few tenths of a nat as noise.\n\n"
         "## The final students' own words\n\nThe first three held-out problems, sampled at T = 1 from each final "
-        "student (the stopped run has none):\n\n" + reading + "\n")
+        "student (the stopped run has none):\n\n" + reading + "\n"
+    )
     print(table)
 
 

@@ -27,6 +27,7 @@ from transformers import Qwen3ForCausalLM
 from opd.config.files import validate
 from opd.io.sinks import read_metrics
 from opd.train.trainer import train
+
 from rollout_engines import big_student
 
 
@@ -53,24 +54,44 @@ def main() -> None:
         student = big_student(work / "student")
         teacher = teacher_copy(student, work / "teacher")
         rng = random.Random(0)
-        (work / "train.jsonl").write_text("".join(
-            json.dumps({"prompt": " ".join(f"w{rng.randrange(2, 32_000)}" for _ in range(24))}) + "\n"
-            for _ in range(256)))
+        (work / "train.jsonl").write_text(
+            "".join(
+                json.dumps({"prompt": " ".join(f"w{rng.randrange(2, 32_000)}" for _ in range(24))}) + "\n"
+                for _ in range(256)
+            )
+        )
         best: dict[str, dict] = {}
         for round_index in range(args.rounds):
-            for name, coef in (("reverse_kl_pg alone (forward_kl_coef 0)", 0.0), ("the default (+ forward KL, 1.0)", None)):
+            for name, coef in (
+                ("reverse_kl_pg alone (forward_kl_coef 0)", 0.0),
+                ("the default (+ forward KL, 1.0)", None),
+            ):
                 output = work / f"{round_index}-{coef}"
-                train(validate({
-                    "run": {"output_dir": str(output), "max_steps": args.steps, "precision": args.precision,
-                            "progress": False},
-                    "student": {"path": str(student)}, "teacher": {"path": str(teacher)},
-                    "data": {"train": str(work / "train.jsonl"), "max_prompt_tokens": 32},
-                    "rollout": {"samples_per_prompt": 4, "max_new_tokens": 64},
-                    "loss": {"forward_kl_coef": coef}, "batch": {"prompts_per_step": 8, "micro_batch_size": 8},
-                    "optim": {"lr": 1e-5}}), log=lambda *_: None)
+                train(
+                    validate(
+                        {
+                            "run": {
+                                "output_dir": str(output),
+                                "max_steps": args.steps,
+                                "precision": args.precision,
+                                "progress": False,
+                            },
+                            "student": {"path": str(student)},
+                            "teacher": {"path": str(teacher)},
+                            "data": {"train": str(work / "train.jsonl"), "max_prompt_tokens": 32},
+                            "rollout": {"samples_per_prompt": 4, "max_new_tokens": 64},
+                            "loss": {"forward_kl_coef": coef},
+                            "batch": {"prompts_per_step": 8, "micro_batch_size": 8},
+                            "optim": {"lr": 1e-5},
+                        }
+                    ),
+                    log=lambda *_: None,
+                )
                 rows = read_metrics(output / "metrics.jsonl")[1:]  # after the warm-up step
-                figures = {part: statistics.median(row[f"timing/{part}_s"] for row in rows)
-                           for part in ("rollout", "teacher", "update")}
+                figures = {
+                    part: statistics.median(row[f"timing/{part}_s"] for row in rows)
+                    for part in ("rollout", "teacher", "update")
+                }
                 figures["step"] = sum(figures.values())
                 if name not in best or figures["step"] < best[name]["step"]:
                     best[name] = figures
@@ -78,8 +99,10 @@ def main() -> None:
     print("\n| run | median step s | rollout s | teacher s | update s |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name, figures in best.items():
-        print(f"| {name} | {figures['step']:.2f} | {figures['rollout']:.2f} | {figures['teacher']:.2f} "
-              f"| {figures['update']:.2f} |")
+        print(
+            f"| {name} | {figures['step']:.2f} | {figures['rollout']:.2f} | {figures['teacher']:.2f} "
+            f"| {figures['update']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

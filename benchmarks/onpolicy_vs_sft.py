@@ -50,26 +50,44 @@ def gsm8k_tiny_config(work: Path, args: argparse.Namespace) -> dict:
     if not (models / "teacher-sft" / "final").is_dir():  # the recipe's first two commands
         gsm8k_tiny.main(["--data", str(data / "train.jsonl"), "--out", str(models)])
         teacher_recipe = load_config(
-            ROOT / "examples" / "gsm8k_tiny_teacher.yaml", defaults={"loss.kind": "sft", "rollout.source": "dataset"},
-            overrides=[f"run.output_dir={models / 'teacher-sft'}", f"student.path={models / 'teacher-init'}",
-                       f"data.train={data / 'train.jsonl'}", "run.progress=false"],
+            ROOT / "examples" / "gsm8k_tiny_teacher.yaml",
+            defaults={"loss.kind": "sft", "rollout.source": "dataset"},
+            overrides=[
+                f"run.output_dir={models / 'teacher-sft'}",
+                f"student.path={models / 'teacher-init'}",
+                f"data.train={data / 'train.jsonl'}",
+                "run.progress=false",
+            ],
         )
         train(teacher_recipe, log=print)
-    recipe = load_config(ROOT / "examples" / "gsm8k_tiny.yaml", overrides=[
-        f"student.path={models / 'student-init'}", f"teacher.path={models / 'teacher-sft' / 'final'}",
-        f"data.train={data / 'train.jsonl'}", f"data.eval={data / 'test.jsonl'}",
-    ])
+    recipe = load_config(
+        ROOT / "examples" / "gsm8k_tiny.yaml",
+        overrides=[
+            f"student.path={models / 'student-init'}",
+            f"teacher.path={models / 'teacher-sft' / 'final'}",
+            f"data.train={data / 'train.jsonl'}",
+            f"data.eval={data / 'test.jsonl'}",
+        ],
+    )
     return recipe.model_dump(mode="json")
 
 
 TASKS = {
-    "synthetic": (synthetic_config, 150, "the demo's teacher (1.63M parameters) and sloppy student (0.22M), 16 prompts x "
-                  "4 samples per step, lr 3e-4 cosine, seed 0; held-out figures on 200 problems sampled from the "
-                  "student at temperature 1"),
-    "gsm8k_tiny": (gsm8k_tiny_config, 100, "GSM8K prompts; teacher 4 x 256 made by `opd sft` on GSM8K train answers, "
-                   "untrained student 2 x 128, 8 prompts x 4 samples x 128 tokens per step, lr 1e-3 cosine, seed 0 "
-                   "(examples/gsm8k_tiny.yaml); held-out figures on the first 64 GSM8K test prompts sampled from the "
-                   "student at temperature 1"),
+    "synthetic": (
+        synthetic_config,
+        150,
+        "the demo's teacher (1.63M parameters) and sloppy student (0.22M), 16 prompts x "
+        "4 samples per step, lr 3e-4 cosine, seed 0; held-out figures on 200 problems sampled from the "
+        "student at temperature 1",
+    ),
+    "gsm8k_tiny": (
+        gsm8k_tiny_config,
+        100,
+        "GSM8K prompts; teacher 4 x 256 made by `opd sft` on GSM8K train answers, "
+        "untrained student 2 x 128, 8 prompts x 4 samples x 128 tokens per step, lr 1e-3 cosine, seed 0 "
+        "(examples/gsm8k_tiny.yaml); held-out figures on the first 64 GSM8K test prompts sampled from the "
+        "student at temperature 1",
+    ),
 }
 
 
@@ -79,8 +97,13 @@ def run_all(work: Path, args: argparse.Namespace) -> dict[str, list[dict]]:
     results = {}
     for index, (label, changes) in enumerate(RUNS.items()):
         raw = {section: dict(values) if isinstance(values, dict) else values for section, values in base.items()}
-        raw["run"].update(output_dir=str(work / f"run-{index}"), max_steps=args.steps,
-                          eval_every=max(1, args.steps // 5), save_every=0, progress=False)
+        raw["run"].update(
+            output_dir=str(work / f"run-{index}"),
+            max_steps=args.steps,
+            eval_every=max(1, args.steps // 5),
+            save_every=0,
+            progress=False,
+        )
         for section, values in changes.items():
             raw[section].update(values)
         train(validate(raw), log=lambda *_: None)
@@ -108,14 +131,20 @@ def write_outputs(results: dict[str, list[dict]], args: argparse.Namespace) -> P
     stem = "onpolicy_vs_sft" + ("" if args.task == "synthetic" else f"_{args.task}")
     args.out.mkdir(parents=True, exist_ok=True)
     figure, (accuracy_axis, kl_axis) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
-    lines = ["| run | training TFLOPs | held-out accuracy | held-out reverse KL (nats/token) |", "| --- | ---: | ---: | ---: |"]
+    lines = [
+        "| run | training TFLOPs | held-out accuracy | held-out reverse KL (nats/token) |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     for label, rows in results.items():
         points = eval_points(rows)
         flops = [p[0] / 1e12 for p in points]
         accuracy_axis.plot(flops, [p[1] for p in points], marker="o", label=label)
         kl_axis.plot(flops, [p[2] for p in points], marker="o", label=label)
         lines += [f"| {label} | {f / 1e12:.2f} | {a:.1%} | {k:.3f} |" for f, a, k in points]
-    for axis, title in ((accuracy_axis, "held-out accuracy (pass@1, T=1)"), (kl_axis, "held-out reverse KL (nats/token)")):
+    for axis, title in (
+        (accuracy_axis, "held-out accuracy (pass@1, T=1)"),
+        (kl_axis, "held-out reverse KL (nats/token)"),
+    ):
         axis.set_xlabel("training TFLOPs (sampling + teacher + update)")
         axis.set_title(f"{args.task}: {title}")
         axis.grid(alpha=0.3)
@@ -126,9 +155,11 @@ def write_outputs(results: dict[str, list[dict]], args: argparse.Namespace) -> P
     table = args.out / f"{stem}.md"
     table.write_text(
         f"# On-policy distillation vs SFT on teacher samples ({args.task})\n\n"
-        f"`{command}`: {TASKS[args.task][2]}. FLOPs as in `opd.ops.flops` (2N sampling, 2N_T teacher scoring, 6N update "
+        f"`{command}`: {TASKS[args.task][2]}. FLOPs as in `opd.ops.flops` (2N sampling, 2N_T teacher scoring, 6N "
+        "update "
         "per token; the SFT run's teacher sampling pass gives ℓᵀ, so it runs no scoring pass).\n\n"
-        + "\n".join(lines) + f"\n\n![accuracy and reverse KL against FLOPs]({stem}.png)\n"
+        + "\n".join(lines)
+        + f"\n\n![accuracy and reverse KL against FLOPs]({stem}.png)\n"
     )
     return table
 
@@ -138,10 +169,18 @@ def main() -> None:
     parser.add_argument("--task", choices=sorted(TASKS), default="synthetic")
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default: 150 synthetic, 100 gsm8k_tiny)")
     parser.add_argument("--out", type=Path, default=Path("docs"))
-    parser.add_argument("--gsm8k", type=Path, default=ROOT.parent / "shared" / "data" / "gsm8k",
-                        help="folder with GSM8K train.jsonl and test.jsonl (gsm8k_tiny)")
-    parser.add_argument("--models", type=Path, default=ROOT / "runs" / "gsm8k-tiny",
-                        help="gsm8k_tiny models; built here first if teacher-sft/final is missing")
+    parser.add_argument(
+        "--gsm8k",
+        type=Path,
+        default=ROOT.parent / "shared" / "data" / "gsm8k",
+        help="folder with GSM8K train.jsonl and test.jsonl (gsm8k_tiny)",
+    )
+    parser.add_argument(
+        "--models",
+        type=Path,
+        default=ROOT / "runs" / "gsm8k-tiny",
+        help="gsm8k_tiny models; built here first if teacher-sft/final is missing",
+    )
     args = parser.parse_args()
     args.steps = args.steps or TASKS[args.task][1]
     with tempfile.TemporaryDirectory() as work:

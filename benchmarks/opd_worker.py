@@ -18,29 +18,40 @@ import tempfile
 from pathlib import Path
 
 import torch
+from memory import peak_rss_mb  # benchmarks/memory.py, beside this script
 
 from opd.config.files import validate
-from opd.ops.flops import matmul_parameters
 from opd.io.sinks import read_metrics
 from opd.models.loading import load_model
+from opd.ops.flops import matmul_parameters
 from opd.train.trainer import train
-
-from memory import peak_rss_mb  # benchmarks/memory.py, beside this script
 
 
 def opd_config(work: Path, settings: dict, output_dir: Path, max_steps: int) -> dict:
     rollouts = settings["prompts_per_step"] * settings["samples_per_prompt"]
     return {
-        "run": {"output_dir": str(output_dir), "seed": settings["seed"], "max_steps": max_steps, "log_every": 1,
-                "precision": settings["precision"], "device": "cpu", "progress": False},
+        "run": {
+            "output_dir": str(output_dir),
+            "seed": settings["seed"],
+            "max_steps": max_steps,
+            "log_every": 1,
+            "precision": settings["precision"],
+            "device": "cpu",
+            "progress": False,
+        },
         "student": {"path": str(work / "models" / "student")},
         "teacher": {"path": str(work / "models" / "teacher")},
         "data": {"train": str(work / "data" / "train.jsonl"), "shuffle": False, "max_prompt_tokens": 512},
-        "rollout": {"samples_per_prompt": settings["samples_per_prompt"], "max_new_tokens": settings["max_new_tokens"],
-                    "temperature": settings["temperature"]},
+        "rollout": {
+            "samples_per_prompt": settings["samples_per_prompt"],
+            "max_new_tokens": settings["max_new_tokens"],
+            "temperature": settings["temperature"],
+        },
         "loss": {"kind": settings.get("loss", "reverse_kl")},
-        "batch": {"prompts_per_step": settings["prompts_per_step"],
-                  "micro_batch_size": settings.get("micro_batch_size") or rollouts},
+        "batch": {
+            "prompts_per_step": settings["prompts_per_step"],
+            "micro_batch_size": settings.get("micro_batch_size") or rollouts,
+        },
         "optim": {"lr": settings["lr"], "schedule": "constant", "warmup_steps": 0, "max_grad_norm": 1.0},
     }
 
@@ -69,23 +80,35 @@ def main() -> None:
         rollouts = settings["prompts_per_step"] * settings["samples_per_prompt"]
         steps = [
             {
-                "rollout_s": row["timing/rollout_s"], "teacher_s": row["timing/teacher_s"],
+                "rollout_s": row["timing/rollout_s"],
+                "teacher_s": row["timing/teacher_s"],
                 "update_s": row["timing/update_s"],
                 "total_s": row["timing/rollout_s"] + row["timing/teacher_s"] + row["timing/update_s"],
                 "completion_tokens": round(row["generation/avg_length"] * rollouts),
                 # update FLOPs are 6N per prompt and completion token (opd.ops.flops)
-                "prompt_tokens": round(row["compute/update_flops"] / (6 * student_params)
-                                       - row["generation/avg_length"] * rollouts),
+                "prompt_tokens": round(
+                    row["compute/update_flops"] / (6 * student_params) - row["generation/avg_length"] * rollouts
+                ),
             }
-            for row in rows if row["step"] > args.warmup_steps
+            for row in rows
+            if row["step"] > args.warmup_steps
         ]
         if args.save_student:
             shutil.rmtree(args.save_student, ignore_errors=True)
             shutil.copytree(output_dir / "final", args.save_student)
-    args.out.write_text(json.dumps({
-        "system": "opd", "settings": settings, "steps": steps, "train_wall_s": train_wall_s,
-        "steps_done": result.steps_run, "peak_rss_mb": peak_rss_mb(),
-    }, indent=1))
+    args.out.write_text(
+        json.dumps(
+            {
+                "system": "opd",
+                "settings": settings,
+                "steps": steps,
+                "train_wall_s": train_wall_s,
+                "steps_done": result.steps_run,
+                "peak_rss_mb": peak_rss_mb(),
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

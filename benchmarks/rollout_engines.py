@@ -38,9 +38,19 @@ def big_student(folder: Path) -> Path:
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="</s>", unk_token="<unk>")
     torch.manual_seed(0)
-    config = Qwen3Config(vocab_size=32_000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                         num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=512,
-                         tie_word_embeddings=True, eos_token_id=0, pad_token_id=0)
+    config = Qwen3Config(
+        vocab_size=32_000,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=64,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     Qwen3ForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -81,14 +91,24 @@ def main() -> None:
             student = load_model(str(path), "student", torch.device("cpu"))
             settings = SamplingSettings(args.new_tokens, 1.0)
             ours = ModelSampler(student, settings, cpu)
-            engine = VLLMSampler(student, str(path), settings, VLLMEngineSettings(gpu_memory_utilization=0.2), cpu,
-                                 max_model_len=24 + args.new_tokens, seed=0)
+            engine = VLLMSampler(
+                student,
+                str(path),
+                settings,
+                VLLMEngineSettings(gpu_memory_utilization=0.2),
+                cpu,
+                max_model_len=24 + args.new_tokens,
+                seed=0,
+            )
             for samples in (1, 8):
                 batch = prompts(args.prompts, student.vocab_size)
                 opd_s, _, opd_tokens = best_round(ours, batch, samples, args.rounds)
                 vllm_s, sync_s, vllm_tokens = best_round(engine, batch, samples, args.rounds)
-                print(f"| {name} | {samples} | {opd_tokens / opd_s:,.0f} | {vllm_tokens / vllm_s:,.0f} | {sync_s:.3f} | "
-                      f"{sync_s / vllm_s:.0%} |", flush=True)
+                print(
+                    f"| {name} | {samples} | {opd_tokens / opd_s:,.0f} | {vllm_tokens / vllm_s:,.0f} | {sync_s:.3f} | "
+                    f"{sync_s / vllm_s:.0%} |",
+                    flush=True,
+                )
             engine.close()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"peak resident memory: {peak:.2f} GiB", file=sys.stderr)

@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from opd.ops.flops import matmul_parameters
-from opd.models.loading import load_model
 from opd.io.sinks import read_metrics
+from opd.models.loading import load_model
+from opd.ops.flops import matmul_parameters
 
 HERE = Path(__file__).resolve().parent
 
@@ -40,8 +40,13 @@ HERE = Path(__file__).resolve().parent
 def run(work: Path, ranks: int, threads: int, steps: int, scratch: Path, shard: bool = False) -> dict:
     output_dir = scratch / f"ranks-{ranks}-{shard}"
     config = {
-        "run": {"output_dir": str(output_dir), "max_steps": steps, "precision": "fp32", "device": "cpu",
-                "progress": False},
+        "run": {
+            "output_dir": str(output_dir),
+            "max_steps": steps,
+            "precision": "fp32",
+            "device": "cpu",
+            "progress": False,
+        },
         "student": {"path": str(work / "models" / "student"), "shard": shard},
         "teacher": {"path": str(work / "models" / "teacher")},
         "data": {"train": str(work / "data" / "train.jsonl"), "shuffle": False, "max_prompt_tokens": 512},
@@ -55,9 +60,20 @@ def run(work: Path, ranks: int, threads: int, steps: int, scratch: Path, shard: 
     with socket.socket() as probe:  # a free port on the loopback interface
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    launcher = [sys.executable] if ranks == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--node-rank=0", "--master-addr=127.0.0.1",
-        f"--master-port={port}", f"--nproc-per-node={ranks}"]
+    launcher = (
+        [sys.executable]
+        if ranks == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=1",
+            "--node-rank=0",
+            "--master-addr=127.0.0.1",
+            f"--master-port={port}",
+            f"--nproc-per-node={ranks}",
+        ]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "GLOO_SOCKET_IFNAME": "lo"}
     done = subprocess.run([*launcher, "-m", "opd", "train", str(path)], capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -66,10 +82,18 @@ def run(work: Path, ranks: int, threads: int, steps: int, scratch: Path, shard: 
     seconds = sum(row["timing/rollout_s"] + row["timing/teacher_s"] + row["timing/update_s"] for row in rows)
     tokens = sum(row["generation/avg_length"] * 32 for row in rows)
     rollout_s = sum(row["timing/rollout_s"] for row in rows)
-    return {"ranks": ranks, "threads": threads, "shard": shard, "tokens_per_s": tokens / seconds, "steps": len(rows),
-            "rollout_tokens_per_s": tokens / rollout_s,
-            "split": [sum(row[key] for row in rows) / seconds
-                      for key in ("timing/rollout_s", "timing/teacher_s", "timing/update_s")]}
+    return {
+        "ranks": ranks,
+        "threads": threads,
+        "shard": shard,
+        "tokens_per_s": tokens / seconds,
+        "steps": len(rows),
+        "rollout_tokens_per_s": tokens / rollout_s,
+        "split": [
+            sum(row[key] for row in rows) / seconds
+            for key in ("timing/rollout_s", "timing/teacher_s", "timing/update_s")
+        ],
+    }
 
 
 def main() -> None:
@@ -85,11 +109,15 @@ def main() -> None:
     student = load_model(str(work / "models" / "student"), "student", torch.device("cpu")).model
     gradient_bytes = 4 * sum(p.numel() for p in student.parameters())
     with tempfile.TemporaryDirectory() as scratch:
-        results = [run(work, ranks, threads, args.steps, Path(scratch), shard)
-                   for ranks, threads, shard in ((1, 2, False), (2, 1, False), (2, 1, True))]
-    lines = ["| ranks x threads | student | completion tokens/s | sampling tokens/s | rollout / teacher / update "
-             "| communication per step and rank |",
-             "| --- | --- | ---: | ---: | --- | ---: |"]
+        results = [
+            run(work, ranks, threads, args.steps, Path(scratch), shard)
+            for ranks, threads, shard in ((1, 2, False), (2, 1, False), (2, 1, True))
+        ]
+    lines = [
+        "| ranks x threads | student | completion tokens/s | sampling tokens/s | rollout / teacher / update "
+        "| communication per step and rank |",
+        "| --- | --- | ---: | ---: | --- | ---: |",
+    ]
     for result in results:
         ranks, share = result["ranks"], (result["ranks"] - 1) / result["ranks"]
         if ranks == 1:
@@ -100,10 +128,14 @@ def main() -> None:
             volume = f"{2 * share * gradient_bytes / 2**20:.0f} MiB (1 all-reduce)"
         split = " / ".join(f"{part:.0%}" for part in result["split"])
         layout = "sharded (FSDP2)" if result["shard"] else "replicated"
-        lines.append(f"| {ranks} x {result['threads']} | {layout} | {result['tokens_per_s']:,.0f} | "
-                     f"{result['rollout_tokens_per_s']:,.0f} | {split} | {volume} |")
-    print(f"student: {matmul_parameters(student) / 1e6:.1f}M parameters in matrix products, "
-          f"{gradient_bytes / 2**20:.1f} MiB of fp32 gradients")
+        lines.append(
+            f"| {ranks} x {result['threads']} | {layout} | {result['tokens_per_s']:,.0f} | "
+            f"{result['rollout_tokens_per_s']:,.0f} | {split} | {volume} |"
+        )
+    print(
+        f"student: {matmul_parameters(student) / 1e6:.1f}M parameters in matrix products, "
+        f"{gradient_bytes / 2**20:.1f} MiB of fp32 gradients"
+    )
     print("\n".join(lines))
     print(json.dumps(results))
 

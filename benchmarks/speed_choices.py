@@ -19,15 +19,15 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-from opd.ops.logprobs import token_logprobs
 from opd.data.prompts import PromptBatch
 from opd.data.rows import Example
-from opd.rollout.decoding import HFDecoder
-from opd.ops.forward import completion_hidden_states, logits_from_hidden
-from opd.train.host_memory import keep_freed_memory
 from opd.models.loading import LoadedModel
 from opd.models.precision import Precision
+from opd.ops.forward import completion_hidden_states, logits_from_hidden
+from opd.ops.logprobs import token_logprobs
+from opd.rollout.decoding import HFDecoder
 from opd.rollout.sampler import ModelSampler, SamplingSettings, draw
+from opd.train.host_memory import keep_freed_memory
 
 CPU = Precision(torch.device("cpu"))
 
@@ -35,6 +35,7 @@ CPU = Precision(torch.device("cpu"))
 def as_batch(token_ids: list[list[int]]) -> PromptBatch:
     keys = list(range(len(token_ids)))
     return PromptBatch(token_ids, keys, [Example("", None, None, 0)] * len(token_ids), keys)
+
 
 VOCAB = 8192
 
@@ -48,9 +49,18 @@ def tokenizer() -> PreTrainedTokenizerFast:
 
 def model(hidden: int, layers: int, tok) -> LoadedModel:
     torch.manual_seed(0)
-    config = Qwen3Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 128), head_dim=64,
-                         max_position_embeddings=1024, eos_token_id=0, pad_token_id=0)
+    config = Qwen3Config(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=max(1, hidden // 128),
+        head_dim=64,
+        max_position_embeddings=1024,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     return LoadedModel(Qwen3ForCausalLM(config).eval(), tok, "bench")
 
 
@@ -95,29 +105,65 @@ def main() -> None:
 
     tokens = 8 * 4 * new_tokens
     batched, serial = median_time(sample_batched, 2), median_time(sample_one_by_one, 1)
-    rows.append(("sampling 32 rollouts x 64 tokens (student 256x4)", "one batched loop", tokens / batched,
-                 "one rollout at a time", tokens / serial, "tokens/s"))
+    rows.append(
+        (
+            "sampling 32 rollouts x 64 tokens (student 256x4)",
+            "one batched loop",
+            tokens / batched,
+            "one rollout at a time",
+            tokens / serial,
+            "tokens/s",
+        )
+    )
 
     lean_sampler = sampler
     hf_sampler = ModelSampler(student, SamplingSettings(new_tokens), CPU)
     hf_sampler._decoder = HFDecoder(student.model)  # what the sampler falls back to for other architectures
-    lean, hf = (median_time(lambda s=s: s.sample(batch_prompts, 4, 0), 2)
-                for s in (lean_sampler, hf_sampler))
-    rows.append(("sampling, same work", "lean Llama-family step", tokens / lean, "Hugging Face forward", tokens / hf,
-                 "tokens/s"))
-    copy_sampler = ModelSampler(student, SamplingSettings(new_tokens), Precision(CPU.device, torch.bfloat16),
-                                low_precision_copy=True)
+    lean, hf = (median_time(lambda s=s: s.sample(batch_prompts, 4, 0), 2) for s in (lean_sampler, hf_sampler))
+    rows.append(
+        (
+            "sampling, same work",
+            "lean Llama-family step",
+            tokens / lean,
+            "Hugging Face forward",
+            tokens / hf,
+            "tokens/s",
+        )
+    )
+    copy_sampler = ModelSampler(
+        student, SamplingSettings(new_tokens), Precision(CPU.device, torch.bfloat16), low_precision_copy=True
+    )
     bf16_copy = median_time(lambda: copy_sampler.sample(batch_prompts, 4, 0), 2)
-    rows.append(("sampling, same work", "fp32 weights (CPU default)", tokens / lean, "bf16 weight copy", tokens / bf16_copy,
-                 "tokens/s"))
+    rows.append(
+        (
+            "sampling, same work",
+            "fp32 weights (CPU default)",
+            tokens / lean,
+            "bf16 weight copy",
+            tokens / bf16_copy,
+            "tokens/s",
+        )
+    )
     hook.remove()
 
     logits = torch.randn(32, VOCAB)
     inverse_cdf = median_time(lambda: [draw(logits, torch.rand(32)) for _ in range(100)])
-    multinomial = median_time(lambda: [torch.multinomial(torch.softmax(logits, -1), 1, generator=torch.Generator().manual_seed(0))
-                                       for _ in range(100)])
-    rows.append(("drawing 32 tokens from 8k-way distributions", "inverse CDF (1 uniform/row)", 3200 / inverse_cdf,
-                 "torch.multinomial", 3200 / multinomial, "tokens/s"))
+    multinomial = median_time(
+        lambda: [
+            torch.multinomial(torch.softmax(logits, -1), 1, generator=torch.Generator().manual_seed(0))
+            for _ in range(100)
+        ]
+    )
+    rows.append(
+        (
+            "drawing 32 tokens from 8k-way distributions",
+            "inverse CDF (1 uniform/row)",
+            3200 / inverse_cdf,
+            "torch.multinomial",
+            3200 / multinomial,
+            "tokens/s",
+        )
+    )
 
     teacher = model(512, 6, tok)
     ids = torch.randint(2, VOCAB, (32, 192))
@@ -135,10 +181,34 @@ def main() -> None:
         with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
             logits_from_hidden(teacher.model, completion_hidden_states(teacher.model, ids, mask, 128), VOCAB)
 
-    fp32_update, bf16_update = median_time(lambda: forward_backward(None)), median_time(lambda: forward_backward(torch.bfloat16))
-    rows.append(("student forward+backward, 32 x 192 tokens", "bf16 autocast", 32 * 128 / bf16_update, "fp32", 32 * 128 / fp32_update, "tokens/s"))
-    fp32_teacher, bf16_teacher = median_time(lambda: teacher_forward(None)), median_time(lambda: teacher_forward(torch.bfloat16))
-    rows.append(("teacher forward (512x6), 32 x 192 tokens", "bf16 autocast", 32 * 128 / bf16_teacher, "fp32", 32 * 128 / fp32_teacher, "tokens/s"))
+    fp32_update, bf16_update = (
+        median_time(lambda: forward_backward(None)),
+        median_time(lambda: forward_backward(torch.bfloat16)),
+    )
+    rows.append(
+        (
+            "student forward+backward, 32 x 192 tokens",
+            "bf16 autocast",
+            32 * 128 / bf16_update,
+            "fp32",
+            32 * 128 / fp32_update,
+            "tokens/s",
+        )
+    )
+    fp32_teacher, bf16_teacher = (
+        median_time(lambda: teacher_forward(None)),
+        median_time(lambda: teacher_forward(torch.bfloat16)),
+    )
+    rows.append(
+        (
+            "teacher forward (512x6), 32 x 192 tokens",
+            "bf16 autocast",
+            32 * 128 / bf16_teacher,
+            "fp32",
+            32 * 128 / fp32_teacher,
+            "tokens/s",
+        )
+    )
 
     def head_completion_only():
         with torch.no_grad():
@@ -148,16 +218,32 @@ def main() -> None:
         with torch.no_grad():
             teacher.model(input_ids=ids, attention_mask=mask).logits[:, 63:-1]
 
-    rows.append(("teacher scoring, 64 prompt + 128 completion tokens", "LM head on completion only",
-                 32 * 128 / median_time(head_completion_only), "LM head on every position", 32 * 128 / median_time(head_everywhere), "tokens/s"))
+    rows.append(
+        (
+            "teacher scoring, 64 prompt + 128 completion tokens",
+            "LM head on completion only",
+            32 * 128 / median_time(head_completion_only),
+            "LM head on every position",
+            32 * 128 / median_time(head_everywhere),
+            "tokens/s",
+        )
+    )
 
     logits = torch.randn(16, 128, 32768)
     targets = torch.randint(0, 32768, (16, 128))
 
     gathered = median_time(lambda: token_logprobs(logits, targets))
     full = median_time(lambda: torch.log_softmax(logits, -1).gather(-1, targets[..., None]))
-    rows.append(("sampled-token log-probs, 16 x 128 x 32k logits", "logit - logsumexp", 16 * 128 / gathered,
-                 "log_softmax then gather", 16 * 128 / full, "positions/s"))
+    rows.append(
+        (
+            "sampled-token log-probs, 16 x 128 x 32k logits",
+            "logit - logsumexp",
+            16 * 128 / gathered,
+            "log_softmax then gather",
+            16 * 128 / full,
+            "positions/s",
+        )
+    )
     extra = logits.numel() * 4 / 2**20
     print(f"(log_softmax then gather also allocates a second {extra:.0f} MiB [B x T x V] tensor; gathering does not)")
 

@@ -35,12 +35,12 @@ from opd.config.sections import TeacherConfig
 from opd.data.prompts import load_prompts
 from opd.demo.run import ASSETS, demo_config
 from opd.demo.task import write_split
-from opd.teachers.local import load_teacher
-from opd.rollout.sampler import ModelSampler, SamplingSettings
+from opd.io.sinks import read_metrics
 from opd.models.loading import load_model
 from opd.models.precision import Precision
+from opd.rollout.sampler import ModelSampler, SamplingSettings
+from opd.teachers.local import load_teacher
 from opd.teachers.remote import RemoteTeacher
-from opd.io.sinks import read_metrics
 
 
 def free_port() -> int:
@@ -50,9 +50,23 @@ def free_port() -> int:
 
 
 def start_server(model: Path, port: int) -> subprocess.Popen:
-    job = subprocess.Popen([sys.executable, "-m", "opd", "serve-teacher", str(model), "--port", str(port),
-                            "--precision", "fp32", "--device", "cpu"], start_new_session=True,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    job = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "opd",
+            "serve-teacher",
+            str(model),
+            "--port",
+            str(port),
+            "--precision",
+            "fp32",
+            "--device",
+            "cpu",
+        ],
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -79,8 +93,12 @@ def step_seconds(work: Path, teacher: dict, steps: int, name: str) -> dict[str, 
     raw["optim"].update(warmup_steps=0)
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
-    subprocess.run([sys.executable, "-m", "opd", "train", str(path)], check=True, capture_output=True,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run(
+        [sys.executable, "-m", "opd", "train", str(path)],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     rows = [row for row in read_metrics(work / name / "metrics.jsonl") if row["step"] > 1]
     parts = {key: sum(row[f"timing/{key}_s"] for row in rows) / len(rows) for key in ("rollout", "teacher", "update")}
     return {**parts, "step": sum(parts.values())}
@@ -151,8 +169,10 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: | ---: |")
     for name, row in (("local teacher", local_step), ("remote teacher", remote_step)):
         print(f"| {name} | {row['rollout']:.3f} | {row['teacher']:.3f} | {row['update']:.3f} | {row['step']:.3f} |")
-    print(f"remote adds {remote_step['step'] / local_step['step'] - 1:+.1%} to the step "
-          f"({remote_step['teacher'] - local_step['teacher']:+.3f} s in teacher scoring)")
+    print(
+        f"remote adds {remote_step['step'] / local_step['step'] - 1:+.1%} to the step "
+        f"({remote_step['teacher'] - local_step['teacher']:+.3f} s in teacher scoring)"
+    )
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def count_tokens(input_ids, attention_mask, output, eos_ids):
     import torch
 
     prompt_tokens = int(attention_mask.sum()) if attention_mask is not None else input_ids.numel()
-    completion = output[:, input_ids.shape[1]:]
+    completion = output[:, input_ids.shape[1] :]
     if completion.shape[1] == 0:
         return prompt_tokens, 0
     is_eos = torch.isin(completion, torch.tensor(eos_ids, device=completion.device))
@@ -99,8 +99,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     settings = load_settings(args.settings)
 
-    import torch
     import datasets
+    import torch
     import transformers
     import trl
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -116,7 +116,9 @@ def main(argv=None) -> int:
     rollouts_per_step = prompts_per_step * samples
     micro = int(settings.get("micro_batch_size") or rollouts_per_step)
     if rollouts_per_step % micro:
-        raise SystemExit(f"micro_batch_size {micro} must divide prompts_per_step*samples_per_prompt {rollouts_per_step}")
+        raise SystemExit(
+            f"micro_batch_size {micro} must divide prompts_per_step*samples_per_prompt {rollouts_per_step}"
+        )
     grad_accum = rollouts_per_step // micro
     bf16 = settings["precision"] == "bf16"
     teacher_dtype = settings.get("teacher_dtype", "fp32")
@@ -130,9 +132,11 @@ def main(argv=None) -> int:
         tokenizer.pad_token = tokenizer.eos_token
     student_dtype = settings.get("student_dtype", "fp32")
     student = AutoModelForCausalLM.from_pretrained(
-        student_dir, dtype=torch.bfloat16 if student_dtype == "bf16" else torch.float32)
+        student_dir, dtype=torch.bfloat16 if student_dtype == "bf16" else torch.float32
+    )
     teacher = AutoModelForCausalLM.from_pretrained(
-        teacher_dir, dtype=torch.bfloat16 if teacher_dtype == "bf16" else torch.float32)
+        teacher_dir, dtype=torch.bfloat16 if teacher_dtype == "bf16" else torch.float32
+    )
 
     with open(os.path.join(args.work, "data", "train.jsonl")) as handle:
         prompts = [json.loads(line)["prompt"] for line in handle if line.strip()]
@@ -206,25 +210,32 @@ def main(argv=None) -> int:
             timeline["last_end"] = now
             timeline["done"] += 1
             if timeline["done"] == 1:
-                print(f"[trl_worker] step 1: {clock.generate_calls} generate call(s) on the student, "
-                      f"{clock.rollouts} rollouts from {clock.distinct_prompts} distinct prompts "
-                      f"(expected {rollouts_per_step} = {prompts_per_step} x {samples}), "
-                      f"{clock.completion_tokens} completion tokens", file=sys.stderr, flush=True)
+                print(
+                    f"[trl_worker] step 1: {clock.generate_calls} generate call(s) on the student, "
+                    f"{clock.rollouts} rollouts from {clock.distinct_prompts} distinct prompts "
+                    f"(expected {rollouts_per_step} = {prompts_per_step} x {samples}), "
+                    f"{clock.completion_tokens} completion tokens",
+                    file=sys.stderr,
+                    flush=True,
+                )
             if clock.rollouts != rollouts_per_step:
-                raise RuntimeError(f"step {timeline['done']} saw {clock.rollouts} rollouts, "
-                                   f"expected {rollouts_per_step}")
+                raise RuntimeError(
+                    f"step {timeline['done']} saw {clock.rollouts} rollouts, expected {rollouts_per_step}"
+                )
             if timeline["done"] > warmup:
-                steps.append({
-                    "rollout_s": clock.rollout_s,
-                    "teacher_s": clock.teacher_s,
-                    "update_s": total - clock.rollout_s - clock.teacher_s,
-                    "total_s": total,
-                    "completion_tokens": clock.completion_tokens,
-                    "prompt_tokens": clock.prompt_tokens,
-                    "teacher_head_s": clock.teacher_head_s,
-                    "rollouts": clock.rollouts,
-                    "generate_calls": clock.generate_calls,
-                })
+                steps.append(
+                    {
+                        "rollout_s": clock.rollout_s,
+                        "teacher_s": clock.teacher_s,
+                        "update_s": total - clock.rollout_s - clock.teacher_s,
+                        "total_s": total,
+                        "completion_tokens": clock.completion_tokens,
+                        "prompt_tokens": clock.prompt_tokens,
+                        "teacher_head_s": clock.teacher_head_s,
+                        "rollouts": clock.rollouts,
+                        "generate_calls": clock.generate_calls,
+                    }
+                )
             if args.wall_seconds is not None and now - timeline["first_begin"] >= args.wall_seconds:
                 control.should_training_stop = True
             if args.steps is not None and timeline["done"] >= total_steps:
@@ -252,8 +263,7 @@ def main(argv=None) -> int:
         output = original_generate(*gen_args, **gen_kwargs)
         elapsed = time.perf_counter() - start
         input_ids = gen_kwargs.get("input_ids", gen_args[0] if gen_args else None)
-        prompt_tokens, completion_tokens = count_tokens(
-            input_ids, gen_kwargs.get("attention_mask"), output, eos_ids)
+        prompt_tokens, completion_tokens = count_tokens(input_ids, gen_kwargs.get("attention_mask"), output, eos_ids)
         clock.rollout_s += elapsed
         clock.prompt_tokens += prompt_tokens
         clock.completion_tokens += completion_tokens
@@ -264,8 +274,17 @@ def main(argv=None) -> int:
             gen_config = gen_kwargs.get("generation_config")
             observed["generation"] = {
                 key: getattr(gen_config, key, None)
-                for key in ("do_sample", "temperature", "top_k", "top_p", "min_p", "max_new_tokens", "use_cache",
-                            "cache_implementation", "num_return_sequences")
+                for key in (
+                    "do_sample",
+                    "temperature",
+                    "top_k",
+                    "top_p",
+                    "min_p",
+                    "max_new_tokens",
+                    "use_cache",
+                    "cache_implementation",
+                    "num_return_sequences",
+                )
             }
             observed["generation"]["batch_rows"] = int(input_ids.shape[0])
         return output
@@ -297,8 +316,10 @@ def main(argv=None) -> int:
         output = original_student_forward(*f_args, **f_kwargs)
         key = "student_train_forward" if torch.is_grad_enabled() else "student_generate_forward"
         if key not in observed:
-            observed[key] = {"autocast_cpu": torch.is_autocast_enabled("cpu"),
-                             "hidden_dtype": str(output.last_hidden_state.dtype)}
+            observed[key] = {
+                "autocast_cpu": torch.is_autocast_enabled("cpu"),
+                "hidden_dtype": str(output.last_hidden_state.dtype),
+            }
         return output
 
     student_backbone.forward = observed_student_forward
@@ -328,35 +349,37 @@ def main(argv=None) -> int:
         tokenizer.save_pretrained(args.save_student)
 
     effective = dict(settings)
-    effective.update({
-        "micro_batch_size": micro,
-        "per_device_train_batch_size": micro,
-        "gradient_accumulation_steps": grad_accum,
-        "rollouts_per_step": rollouts_per_step,
-        "dataset_rows": len(dataset),
-        "dataset_layout": "each prompt repeated samples_per_prompt times in a row, no shuffle",
-        "beta": config.beta,
-        "lmbda": 1.0,
-        "loss": "token-level reverse KL(student || teacher) over the full vocabulary, mean over completion tokens",
-        "top_k": config.top_k,
-        "top_p": config.top_p,
-        "max_completion_length": config.max_completion_length,
-        "bf16": config.bf16,
-        "teacher_dtype": teacher_dtype,
-        "student_dtype": student_dtype,
-        "cache_implementation": config.cache_implementation,
-        "gradient_checkpointing": config.gradient_checkpointing,
-        "optim": str(getattr(config.optim, "value", config.optim)),
-        "lr_scheduler_type": str(getattr(config.lr_scheduler_type, "value", config.lr_scheduler_type)),
-        "max_grad_norm": config.max_grad_norm,
-        "weight_decay": config.weight_decay,
-        "torch_compile": config.torch_compile,
-        "use_cache": bool(settings.get("use_cache", True)),
-        "num_threads": torch.get_num_threads(),
-        "transformers_version": transformers.__version__,
-        "torch_version": torch.__version__,
-        "observed": observed,
-    })
+    effective.update(
+        {
+            "micro_batch_size": micro,
+            "per_device_train_batch_size": micro,
+            "gradient_accumulation_steps": grad_accum,
+            "rollouts_per_step": rollouts_per_step,
+            "dataset_rows": len(dataset),
+            "dataset_layout": "each prompt repeated samples_per_prompt times in a row, no shuffle",
+            "beta": config.beta,
+            "lmbda": 1.0,
+            "loss": "token-level reverse KL(student || teacher) over the full vocabulary, mean over completion tokens",
+            "top_k": config.top_k,
+            "top_p": config.top_p,
+            "max_completion_length": config.max_completion_length,
+            "bf16": config.bf16,
+            "teacher_dtype": teacher_dtype,
+            "student_dtype": student_dtype,
+            "cache_implementation": config.cache_implementation,
+            "gradient_checkpointing": config.gradient_checkpointing,
+            "optim": str(getattr(config.optim, "value", config.optim)),
+            "lr_scheduler_type": str(getattr(config.lr_scheduler_type, "value", config.lr_scheduler_type)),
+            "max_grad_norm": config.max_grad_norm,
+            "weight_decay": config.weight_decay,
+            "torch_compile": config.torch_compile,
+            "use_cache": bool(settings.get("use_cache", True)),
+            "num_threads": torch.get_num_threads(),
+            "transformers_version": transformers.__version__,
+            "torch_version": torch.__version__,
+            "observed": observed,
+        }
+    )
     train_wall = (timeline["last_end"] - timeline["first_begin"]) if timeline["first_begin"] is not None else 0.0
     result = {
         "system": "trl",

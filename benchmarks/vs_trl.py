@@ -34,33 +34,53 @@ import torch
 
 from opd.config.files import validate
 from opd.data.prompts import load_prompts
-from opd.train.evaluate import evaluate
-from opd.teachers.local import load_teacher
-from opd.rollout.sampler import ModelSampler
-from opd.ops.flops import matmul_parameters
-from opd.train.host_memory import keep_freed_memory
 from opd.models.loading import load_model
 from opd.models.precision import Precision
-from opd.rollout.sampler import SamplingSettings
+from opd.ops.flops import matmul_parameters
+from opd.rollout.sampler import ModelSampler, SamplingSettings
+from opd.teachers.local import load_teacher
+from opd.train.evaluate import evaluate
+from opd.train.host_memory import keep_freed_memory
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 VOCAB = 8192
 LARGE_VOCAB = 151_936
 SHAPES = {
-    "student": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-                    num_key_value_heads=2, head_dim=64),
-    "teacher": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
-                    num_key_value_heads=4, head_dim=64),
+    "student": dict(
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+    ),
+    "teacher": dict(
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=64,
+    ),
 }
 # The step both systems do: 8 prompts x 4 samples x up to 128 new tokens at T = 1, reverse KL, one AdamW step.
-EQUAL = {"samples_per_prompt": 4, "max_new_tokens": 128, "prompts_per_step": 8, "temperature": 1.0, "lr": 1e-3,
-         "seed": 0, "precision": "fp32"}
+EQUAL = {
+    "samples_per_prompt": 4,
+    "max_new_tokens": 128,
+    "prompts_per_step": 8,
+    "temperature": 1.0,
+    "lr": 1e-3,
+    "seed": 0,
+    "precision": "fp32",
+}
 # Each system's fastest options on this machine for that same step (same math, same work per step).
 # opd: bf16 autocast (its default `precision: auto` on this CPU). TRL: bf16 (its default), the teacher
 # loaded in bf16 and fused AdamW; fp32 everywhere and fp32 with a bf16 teacher measured the same.
-BEST = {"opd": {**EQUAL, "precision": "bf16"},
-        "trl": {**EQUAL, "precision": "bf16", "teacher_dtype": "bf16", "optim": "adamw_torch_fused"}}
+BEST = {
+    "opd": {**EQUAL, "precision": "bf16"},
+    "trl": {**EQUAL, "precision": "bf16", "teacher_dtype": "bf16", "optim": "adamw_torch_fused"},
+}
 LARGE = {**EQUAL, "prompts_per_step": 4, "samples_per_prompt": 2}
 
 
@@ -77,14 +97,21 @@ def build_work(work: Path, gsm8k: Path, vocab_size: int = VOCAB) -> Path:
     tests = [json.loads(line)["question"] for line in (gsm8k / "test.jsonl").read_text().splitlines()][:64]
     for name, rows in (("train", questions), ("eval", tests)):
         (work / "data" / f"{name}.jsonl").write_text(
-            "".join(json.dumps({"prompt": f"Question: {q}\nAnswer:"}) + "\n" for q in rows))
+            "".join(json.dumps({"prompt": f"Question: {q}\nAnswer:"}) + "\n" for q in rows)
+        )
     tokenizer = train_tokenizer(gsm8k / "train.jsonl", VOCAB)
     if vocab_size > len(tokenizer):
         tokenizer = widen_vocabulary(tokenizer, vocab_size)
     for seed, (name, shape) in enumerate(SHAPES.items()):
         torch.manual_seed(seed)
-        config = Qwen3Config(vocab_size=len(tokenizer), max_position_embeddings=1024, tie_word_embeddings=True,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **shape)
+        config = Qwen3Config(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **shape,
+        )
         target = work / "models" / (name if name == "student" else "teacher-init")
         Qwen3ForCausalLM(config).save_pretrained(target)
         tokenizer.save_pretrained(target)
@@ -105,22 +132,26 @@ def widen_vocabulary(tokenizer, size: int):
     for index in range(len(tokenizer), size):
         vocab[f"<|filler_{index}|>"] = index
     backend = Tokenizer.from_str(json.dumps(spec))
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=tokenizer.eos_token, pad_token=tokenizer.pad_token)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token=tokenizer.eos_token, pad_token=tokenizer.pad_token
+    )
 
 
 def teach(work: Path, gsm8k: Path) -> None:
     """A short `opd sft` of the teacher on GSM8K train answers, so it has something to teach."""
     from opd.train.trainer import train
 
-    config = validate({
-        "run": {"output_dir": str(work / "teacher-sft"), "max_steps": 60, "precision": "auto", "progress": False},
-        "student": {"path": str(work / "models" / "teacher-init")},
-        "data": {"train": str(gsm8k / "train.jsonl"), "max_prompt_tokens": 256},
-        "rollout": {"source": "dataset", "samples_per_prompt": 1, "max_new_tokens": 160},
-        "loss": {"kind": "sft"},
-        "batch": {"prompts_per_step": 16, "micro_batch_size": 16},
-        "optim": {"lr": 3e-3, "warmup_steps": 10, "weight_decay": 0.01},
-    })
+    config = validate(
+        {
+            "run": {"output_dir": str(work / "teacher-sft"), "max_steps": 60, "precision": "auto", "progress": False},
+            "student": {"path": str(work / "models" / "teacher-init")},
+            "data": {"train": str(gsm8k / "train.jsonl"), "max_prompt_tokens": 256},
+            "rollout": {"source": "dataset", "samples_per_prompt": 1, "max_new_tokens": 160},
+            "loss": {"kind": "sft"},
+            "batch": {"prompts_per_step": 16, "micro_batch_size": 16},
+            "optim": {"lr": 3e-3, "warmup_steps": 10, "weight_decay": 0.01},
+        }
+    )
     print("building the teacher: 60 steps of opd sft on GSM8K train answers", flush=True)
     train(config, log=lambda *_: None)
     (work / "teacher-sft" / "final").rename(work / "models" / "teacher")
@@ -145,9 +176,22 @@ def matmul_peak(dtype: torch.dtype, seconds: float = 3.0) -> float:
 def run_worker(system: str, work: Path, settings: dict, args: argparse.Namespace, tag: str) -> dict:
     out = args.results / f"{tag}.json"
     python = args.trl_python if system == "trl" else sys.executable
-    command = [python, str(HERE / f"{system}_worker.py"), "--work", str(work), "--settings", json.dumps(settings),
-               "--warmup-steps", "1", "--wall-seconds", str(args.wall_seconds), "--out", str(out),
-               "--save-student", str(args.results / f"{tag}-student")]
+    command = [
+        python,
+        str(HERE / f"{system}_worker.py"),
+        "--work",
+        str(work),
+        "--settings",
+        json.dumps(settings),
+        "--warmup-steps",
+        "1",
+        "--wall-seconds",
+        str(args.wall_seconds),
+        "--out",
+        str(out),
+        "--save-student",
+        str(args.results / f"{tag}-student"),
+    ]
     print(f"  {tag} ...", end="", flush=True)
     started = time.perf_counter()
     completed = subprocess.run(command, capture_output=True, text=True, preexec_fn=_cap_memory)
@@ -190,13 +234,15 @@ def summarize(results: list[dict], work: Path, peaks: dict[str, float]) -> dict:
         completion = sum(s["completion_tokens"] for s in steps)
         tokens = completion + sum(s["prompt_tokens"] for s in steps)
         model_flops = (2 * student + 2 * teacher + 6 * student) * tokens  # opd.ops.flops: sampling, teacher, update
-        per_rep.append({
-            "tokens_per_s": completion / seconds,
-            "split": [sum(s[key] for s in steps) / seconds for key in ("rollout_s", "teacher_s", "update_s")],
-            "rss_mb": result["peak_rss_mb"],
-            "mfu": model_flops / seconds / peaks[result["settings"]["precision"]],
-            "steps": len(steps),
-        })
+        per_rep.append(
+            {
+                "tokens_per_s": completion / seconds,
+                "split": [sum(s[key] for s in steps) / seconds for key in ("rollout_s", "teacher_s", "update_s")],
+                "rss_mb": result["peak_rss_mb"],
+                "mfu": model_flops / seconds / peaks[result["settings"]["precision"]],
+                "steps": len(steps),
+            }
+        )
     mean = {key: statistics.mean(rep[key] for rep in per_rep) for key in ("tokens_per_s", "rss_mb", "mfu")}
     mean["split"] = [statistics.mean(rep["split"][i] for rep in per_rep) for i in range(3)]
     mean["tokens_per_s_range"] = (min(r["tokens_per_s"] for r in per_rep), max(r["tokens_per_s"] for r in per_rep))
@@ -212,11 +258,14 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "vs-trl")
     parser.add_argument("--gsm8k", type=Path, default=ROOT.parent / "shared" / "data" / "gsm8k")
     parser.add_argument("--trl-python", default=sys.executable, help="a Python with trl>=1.16 installed")
-    parser.add_argument("--only", choices=["equal", "best", "large"], action="append",
-                        help="run only these rows (default: all)")
+    parser.add_argument(
+        "--only", choices=["equal", "best", "large"], action="append", help="run only these rows (default: all)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "vs_trl.md")
     args = parser.parse_args()
-    check = subprocess.run([args.trl_python, "-c", "import trl; print(trl.__version__)"], capture_output=True, text=True)
+    check = subprocess.run(
+        [args.trl_python, "-c", "import trl; print(trl.__version__)"], capture_output=True, text=True
+    )
     if check.returncode != 0:
         sys.exit(f"error: --trl-python {args.trl_python} can't import trl; pip install -e '.[bench]'")
     rows = args.only or ["equal", "best", "large"]
@@ -229,8 +278,7 @@ def main() -> None:
     table = {}
     plans = {"equal": (work, {"opd": EQUAL, "trl": EQUAL}), "best": (work, BEST)}
     if "large" in rows:
-        plans["large"] = (build_work(args.work / "work-large", args.gsm8k, LARGE_VOCAB),
-                          {"opd": LARGE, "trl": LARGE})
+        plans["large"] = (build_work(args.work / "work-large", args.gsm8k, LARGE_VOCAB), {"opd": LARGE, "trl": LARGE})
     for row in rows:
         row_work, settings = plans[row]
         print(f"{row}:")
@@ -265,15 +313,18 @@ def render(table: dict, peaks: dict, initial_kl: float, args: argparse.Namespace
         low, high = s["tokens_per_s_range"]
         split = " / ".join(f"{part:.0%}" for part in s["split"])
         kl = f"{s['held_out_kl']:.3f}" if "held_out_kl" in s else ""
-        lines.append(f"| {row} | {system} | {precision} | {s['tokens_per_s']:,.0f} ({low:,.0f}–{high:,.0f}) | {ratio} "
-                     f"| {split} | {s['rss_mb_max']:,.0f} MB | {s['mfu']:.0%} | {kl} |")
+        lines.append(
+            f"| {row} | {system} | {precision} | {s['tokens_per_s']:,.0f} ({low:,.0f}–{high:,.0f}) | {ratio} "
+            f"| {split} | {s['rss_mb_max']:,.0f} MB | {s['mfu']:.0%} | {kl} |"
+        )
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     return (
         "# opd vs TRL DistillationTrainer\n\n"
         f"`python benchmarks/vs_trl.py --reps {args.reps} --wall-seconds {args.wall_seconds:.0f}` on {machine}, "
         f"TRL {trl_version}. Matmul peak measured in the same run: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
         f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s. Held-out reverse KL of the untrained student: {initial_kl:.3f}.\n\n"
-        + "\n".join(lines) + "\n"
+        + "\n".join(lines)
+        + "\n"
     )
 
 

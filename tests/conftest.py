@@ -12,13 +12,13 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from opd.ops.logprobs import process_logits, token_logprobs
-from opd.ops.batch import StepBatch
 from opd.data.prompts import PromptBatch
 from opd.data.rows import Example
 from opd.demo.task import make_problem
 from opd.demo.tokenizer import build_tokenizer
 from opd.models.precision import Precision
+from opd.ops.batch import StepBatch
+from opd.ops.logprobs import process_logits, token_logprobs
 from opd.rollout.sampler import ModelSampler, SamplingSettings
 
 CPU = Precision(torch.device("cpu"))
@@ -38,16 +38,30 @@ def gsm8k_dir() -> Path:
     return GSM8K
 
 
-def make_tiny_model(folder: Path, hidden: int = 32, layers: int = 2, seed: int = 0, extra_vocab_rows: int = 0,
-                    tokenizer=None, tied: bool = False) -> Path:
+def make_tiny_model(
+    folder: Path,
+    hidden: int = 32,
+    layers: int = 2,
+    seed: int = 0,
+    extra_vocab_rows: int = 0,
+    tokenizer=None,
+    tied: bool = False,
+) -> Path:
     """A randomly initialised Qwen3 and the demo tokenizer (pad == eos), saved as an HF folder."""
     tokenizer = tokenizer or build_tokenizer()
     torch.manual_seed(seed)
     config = Qwen3Config(
-        vocab_size=len(tokenizer) + extra_vocab_rows, hidden_size=hidden, intermediate_size=2 * hidden,
-        num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-        max_position_embeddings=256, tie_word_embeddings=tied,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer) + extra_vocab_rows,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=256,
+        tie_word_embeddings=tied,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     model = Qwen3ForCausalLM(config)
     model.save_pretrained(folder)
@@ -73,7 +87,10 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("data")
-    return {"train": write_problems(root / "train.jsonl", 64, seed=1), "eval": write_problems(root / "eval.jsonl", 8, seed=2)}
+    return {
+        "train": write_problems(root / "train.jsonl", 64, seed=1),
+        "eval": write_problems(root / "eval.jsonl", 8, seed=2),
+    }
 
 
 def tiny_raw_config(output_dir: Path, tiny_models: dict, tiny_data: dict) -> dict:
@@ -99,34 +116,60 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict
     import os
     import subprocess
 
-    return subprocess.run([sys.executable, "-m", "opd", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "opd", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def prompt_batch(token_ids: list[list[int]], answers: list[str | None] | None = None) -> PromptBatch:
     """Prompts as a PromptBatch, each its own row (row_index 0..n-1)."""
     answers = answers or [None] * len(token_ids)
     rows = [Example(prompt="", messages=None, answer=answer, line=index + 1) for index, answer in enumerate(answers)]
-    return PromptBatch(token_ids=token_ids, row_index=list(range(len(token_ids))), rows=rows,
-                       keys=list(range(len(token_ids))))
+    return PromptBatch(
+        token_ids=token_ids, row_index=list(range(len(token_ids))), rows=rows, keys=list(range(len(token_ids)))
+    )
 
 
-def model_sampler(model, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                  precision: Precision = CPU, **options) -> ModelSampler:
+def model_sampler(
+    model,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    precision: Precision = CPU,
+    **options,
+) -> ModelSampler:
     return ModelSampler(model, SamplingSettings(max_new_tokens, temperature, top_k, top_p), precision, **options)
 
 
-def make_batch(prompt_ids, prompt_mask, completion_ids, completion_mask, sampler_logprobs=None, finished=None,
-               prompt_index=None, **fields) -> StepBatch:
+def make_batch(
+    prompt_ids,
+    prompt_mask,
+    completion_ids,
+    completion_mask,
+    sampler_logprobs=None,
+    finished=None,
+    prompt_index=None,
+    **fields,
+) -> StepBatch:
     """A StepBatch from its tensors; row bookkeeping defaults to one prompt per row."""
     rows = completion_ids.shape[0]
     return StepBatch(
-        prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids, completion_mask=completion_mask,
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
         sampler_logprobs=torch.zeros(completion_ids.shape) if sampler_logprobs is None else sampler_logprobs,
         finished=torch.zeros(rows, dtype=torch.bool) if finished is None else finished,
         prompt_index=torch.arange(rows) if prompt_index is None else prompt_index,
         row_index=torch.arange(rows) if prompt_index is None else prompt_index,
-        rows=[None] * rows, **fields,
+        rows=[None] * rows,
+        **fields,
     )
 
 
@@ -141,7 +184,7 @@ def recompute_logprobs(model, rollouts: StepBatch, temperature: float, top_k: in
             logits = model.model(input_ids=ids).logits[0, len(prompt) - 1 : -1, : model.vocab_size]
         processed = process_logits(logits, temperature, top_k, top_p)
         values = torch.zeros(rollouts.completion_ids.shape[1])
-        values[:length] = token_logprobs(processed, ids[0, len(prompt):])
+        values[:length] = token_logprobs(processed, ids[0, len(prompt) :])
         rows.append(values)
     return torch.stack(rows)
 

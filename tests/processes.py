@@ -21,8 +21,14 @@ from conftest import free_port
 def running(argv: list[str], env: dict | None = None):
     """A process in a group of its own, killed whole on the way out, pass or fail (with any workers a
     launcher left behind). env: the whole environment (default: ours, with one thread)."""
-    job = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                           env=env or {**os.environ, "OMP_NUM_THREADS": "1"})
+    job = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env=env or {**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         yield job
     finally:
@@ -64,8 +70,22 @@ def descendants(pid: int) -> list[int]:
 def served(model: Path, *options: str, port: int | None = None):
     """`opd serve-teacher MODEL` on 127.0.0.1; yields its base URL once /health answers."""
     port = port or free_port()
-    with running([sys.executable, "-m", "opd", "serve-teacher", str(model), "--port", str(port),
-                  "--precision", "fp32", "--device", "cpu", *options]) as job:
+    with running(
+        [
+            sys.executable,
+            "-m",
+            "opd",
+            "serve-teacher",
+            str(model),
+            "--port",
+            str(port),
+            "--precision",
+            "fp32",
+            "--device",
+            "cpu",
+            *options,
+        ]
+    ) as job:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, job)
         yield url
@@ -87,16 +107,34 @@ def wait_healthy(url: str, job: subprocess.Popen | None = None, timeout: float =
     raise AssertionError(f"{url} did not come up")
 
 
-def command(config: dict, tmp_path: Path, name: str, ranks: int, *extra: str,
-            program: list[str] = ("-m", "opd"), env: dict | None = None) -> tuple[list[str], dict]:
+def command(
+    config: dict,
+    tmp_path: Path,
+    name: str,
+    ranks: int,
+    *extra: str,
+    program: list[str] = ("-m", "opd"),
+    env: dict | None = None,
+) -> tuple[list[str], dict]:
     """`opd train` on `ranks` processes (torchrun, its rendezvous and gloo on 127.0.0.1 only), or plainly
     for one rank; with the environment to run it in (ours, one thread per rank, and `env`)."""
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     opd = [*program, "train", str(path), *extra]
-    launcher = [sys.executable] if ranks == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--node-rank=0", "--master-addr=127.0.0.1",
-        f"--master-port={free_port()}", f"--nproc-per-node={ranks}"]
+    launcher = (
+        [sys.executable]
+        if ranks == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=1",
+            "--node-rank=0",
+            "--master-addr=127.0.0.1",
+            f"--master-port={free_port()}",
+            f"--nproc-per-node={ranks}",
+        ]
+    )
     return [*launcher, *opd], {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", **(env or {})}
 
 
@@ -106,8 +144,9 @@ def command(config: dict, tmp_path: Path, name: str, ranks: int, *extra: str,
 NATIVE_ABORT = "terminate called without an active exception"
 
 
-def launch(config: dict, tmp_path: Path, name: str, ranks: int, *extra: str,
-           env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def launch(
+    config: dict, tmp_path: Path, name: str, ranks: int, *extra: str, env: dict | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """Run `opd train` (see command) to its end; a launch past `timeout` seconds is killed whole and fails
     with subprocess.TimeoutExpired (a deadlock under gloo would otherwise wait for its 30-minute timeout)."""
     argv, env = command(config, tmp_path, name, ranks, *extra, env=env)

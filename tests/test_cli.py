@@ -22,13 +22,14 @@ from typing import Callable
 import pytest
 import torch
 import yaml
-from conftest import make_tiny_model, run_cli, tiny_raw_config
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from opd.cli import main
 from opd.config.files import load_config
 from opd.demo.tokenizer import EOS, UNK, build_tokenizer
+
+from conftest import make_tiny_model, run_cli, tiny_raw_config
 
 pytestmark = pytest.mark.e2e  # every test here runs opd in processes of its own
 
@@ -129,7 +130,9 @@ def missing_data(root, tiny_models, tiny_data):
 @scenario
 def malformed_jsonl(root, tiny_models, tiny_data):
     path = root / "train.jsonl"
-    path.write_text("\n".join(good_rows(tiny_data, 2) + ['{"prompt": "Question : unterminated'] + good_rows(tiny_data, 2)) + "\n")
+    path.write_text(
+        "\n".join(good_rows(tiny_data, 2) + ['{"prompt": "Question : unterminated'] + good_rows(tiny_data, 2)) + "\n"
+    )
     config = base_config(root, tiny_models, tiny_data)
     config["data"]["train"] = str(path)
     return train_args(root, config)
@@ -230,9 +233,7 @@ def cli_runs(request, tiny_models, tiny_data, tmp_path_factory) -> dict[str, Out
     wanted = set()
     for item in request.session.items:
         wanted.update(getattr(getattr(item, "function", None), "scenarios", ()))
-    prepared = {
-        name: SCENARIOS[name](tmp_path_factory.mktemp(name), tiny_models, tiny_data) for name in sorted(wanted)
-    }
+    prepared = {name: SCENARIOS[name](tmp_path_factory.mktemp(name), tiny_models, tiny_data) for name in sorted(wanted)}
     for prepared_scenario in prepared.values():
         if prepared_scenario.output_dir.exists():
             prepared_scenario.before = tree(prepared_scenario.output_dir)
@@ -288,7 +289,12 @@ def test_unknown_and_ill_typed_keys_in_the_file(cli_runs):
     outcome = cli_runs["config_errors"]
     config_path = outcome.scenario.args[1]
     assert_error_before_training(
-        outcome, config_path, "optim.lrr: unknown key", "did you mean 'optim.lr'", "rollout.samples_per_prompt", "'many'"
+        outcome,
+        config_path,
+        "optim.lrr: unknown key",
+        "did you mean 'optim.lr'",
+        "rollout.samples_per_prompt",
+        "'many'",
     )
 
 
@@ -296,7 +302,10 @@ def test_unknown_and_ill_typed_keys_in_the_file(cli_runs):
 def test_unknown_and_ill_typed_keys_via_set(cli_runs):
     assert_error_before_training(
         cli_runs["config_errors"],
-        "rollout.temprature: unknown key", "did you mean 'rollout.temperature'", "batch.prompts_per_step", "'lots'",
+        "rollout.temprature: unknown key",
+        "did you mean 'rollout.temperature'",
+        "batch.prompts_per_step",
+        "'lots'",
     )
 
 

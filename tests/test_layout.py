@@ -44,8 +44,10 @@ def opd_imports(path: Path) -> set[str]:
 
 def import_graph() -> dict[str, set[str]]:
     modules = {module_name(path): path for path in PACKAGE.rglob("*.py")}
-    return {name: {target for target in opd_imports(path) if target in modules and target != name}
-            for name, path in modules.items()}
+    return {
+        name: {target for target in opd_imports(path) if target in modules and target != name}
+        for name, path in modules.items()
+    }
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -55,7 +57,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         state[node] = "open"
         for target in sorted(graph[node]):
             if state.get(target) == "open":
-                return trail[trail.index(target):] + [target] if target in trail else [node, target]
+                return trail[trail.index(target) :] + [target] if target in trail else [node, target]
             if target not in state and (cycle := visit(target, trail + [target])):
                 return cycle
         state[node] = "done"
@@ -71,13 +73,22 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 # parts of one layer are independent of each other (the README's "How it is built" draws this).
 LAYERS = {
     "errors": 0,
-    "config": 1, "ops": 1, "distributed": 1,
-    "data": 2, "models": 2,
-    "rollout": 3, "teachers": 3, "rewards": 3,
-    "objectives": 4, "io": 4,
-    "train": 5, "serve": 5,
-    "demo": 6, "recipes": 6,
-    "cli": 7, "__main__": 8,
+    "config": 1,
+    "ops": 1,
+    "distributed": 1,
+    "data": 2,
+    "models": 2,
+    "rollout": 3,
+    "teachers": 3,
+    "rewards": 3,
+    "objectives": 4,
+    "io": 4,
+    "train": 5,
+    "serve": 5,
+    "demo": 6,
+    "recipes": 6,
+    "cli": 7,
+    "__main__": 8,
 }
 
 
@@ -107,10 +118,16 @@ def test_no_part_imports_a_part_of_its_own_or_a_higher_layer():
 
 
 def test_the_layer_check_finds_an_upward_import():
-    graph = {"opd.teachers.routed": {"opd.train.metrics"}, "opd.train.metrics": {"opd.teachers.alignment"},
-             "opd.rollout.sampler": {"opd.teachers.local"}, "opd.data.prompts": {"opd.data.tasks.gsm8k"}}
-    assert upward_imports(graph) == ["opd.rollout.sampler -> opd.teachers.local",
-                                     "opd.teachers.routed -> opd.train.metrics"]
+    graph = {
+        "opd.teachers.routed": {"opd.train.metrics"},
+        "opd.train.metrics": {"opd.teachers.alignment"},
+        "opd.rollout.sampler": {"opd.teachers.local"},
+        "opd.data.prompts": {"opd.data.tasks.gsm8k"},
+    }
+    assert upward_imports(graph) == [
+        "opd.rollout.sampler -> opd.teachers.local",
+        "opd.teachers.routed -> opd.train.metrics",
+    ]
 
 
 def test_no_import_cycle_in_the_package():
@@ -133,8 +150,11 @@ def test_the_tensor_functions_import_nothing_but_each_other():
 
 
 def test_no_source_file_is_past_400_lines():
-    long = {str(path.relative_to(PACKAGE)): n for path in PACKAGE.rglob("*.py")
-            if (n := len(path.read_text().splitlines())) > 400}
+    long = {
+        str(path.relative_to(PACKAGE)): n
+        for path in PACKAGE.rglob("*.py")
+        if (n := len(path.read_text().splitlines())) > 400
+    }
     assert long == {}
 
 

@@ -12,14 +12,41 @@ from functools import lru_cache
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-WORDS = ["hello", "world", "Mia", "has", "12", "apples", "東京", "ça", "va", "😀", "naïve", "price", "€5", "\n",
-         "the", "answer", "is", "####", "7", "127", "  ", "don't", "Ωmega"]
+WORDS = [
+    "hello",
+    "world",
+    "Mia",
+    "has",
+    "12",
+    "apples",
+    "東京",
+    "ça",
+    "va",
+    "😀",
+    "naïve",
+    "price",
+    "€5",
+    "\n",
+    "the",
+    "answer",
+    "is",
+    "####",
+    "7",
+    "127",
+    "  ",
+    "don't",
+    "Ωmega",
+]
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-LLAMA2 = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
-          "{% elif m['role'] == 'system' %}<<SYS>>{{ m['content'] }}<</SYS>>{% else %} {{ m['content'] }}</s>{% endif %}"
-          "{% endfor %}")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LLAMA2 = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+    "{% elif m['role'] == 'system' %}<<SYS>>{{ m['content'] }}<</SYS>>{% else %} {{ m['content'] }}</s>{% endif %}"
+    "{% endfor %}"
+)
 
 
 def random_text(rng: random.Random, words: int) -> str:
@@ -34,8 +61,13 @@ def byte_level_bpe(vocab_size: int = 290) -> PreTrainedTokenizerFast:
     backend.decoder = decoders.ByteLevel()
     backend.train_from_iterator(
         [random_text(rng, 10) for _ in range(3000)],
-        trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.chat_template = CHATML
     return tokenizer
@@ -51,11 +83,13 @@ def sentencepiece_unigram() -> PreTrainedTokenizerFast:
     vocab = [(piece, 0.0) for piece in pieces] + [(piece, -5.0) for piece in ascii_pieces] + [(w, -2.0) for w in words]
     backend = Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=True))
     backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                         decoders.Strip(" ", 1, 0)])
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                        pad_token="</s>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
+    )
     tokenizer.chat_template = LLAMA2
     return tokenizer
 

@@ -17,33 +17,63 @@ def _parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="distill a teacher into a student from a YAML config")
     sft = commands.add_parser(
-        "sft", help="supervised fine-tuning on the data's answers (default) or on teacher samples (rollout.source=teacher)"
+        "sft",
+        help="supervised fine-tuning on the data's answers (default) or on teacher samples (rollout.source=teacher)",
     )
     for command in (train, sft):
         command.add_argument("config", help="YAML config file")
-        command.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", dest="overrides",
-                             help="override config keys, e.g. --set optim.lr=1e-5 run.max_steps=50")
+        command.add_argument(
+            "--set",
+            nargs="+",
+            action="extend",
+            default=[],
+            metavar="KEY=VALUE",
+            dest="overrides",
+            help="override config keys, e.g. --set optim.lr=1e-5 run.max_steps=50",
+        )
         command.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
-        command.add_argument("--dry-run", action="store_true",
-                             help="validate the config and its local paths and print the memory plan per rank; "
-                                  "loads no weights, touches no network")
-        command.add_argument("--nproc-per-node", type=int, metavar="N",
-                             help="with --dry-run: plan for N ranks (default: WORLD_SIZE under torchrun, else 1)")
+        command.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="validate the config and its local paths and print the memory plan per rank; "
+            "loads no weights, touches no network",
+        )
+        command.add_argument(
+            "--nproc-per-node",
+            type=int,
+            metavar="N",
+            help="with --dry-run: plan for N ranks (default: WORLD_SIZE under torchrun, else 1)",
+        )
 
-    evaluation = commands.add_parser("eval", help="accuracy (pass@1, pass@K) of a model, and with a teacher the distillation metrics")
+    evaluation = commands.add_parser(
+        "eval", help="accuracy (pass@1, pass@K) of a model, and with a teacher the distillation metrics"
+    )
     evaluation.add_argument("--model", required=True, help="model folder or hub id")
     evaluation.add_argument("--data", required=True, help="JSONL path or hf:NAME[:CONFIG]:SPLIT")
-    evaluation.add_argument("--samples", type=int, default=1, metavar="K", help="samples per prompt (pass@K); default 1")
-    evaluation.add_argument("--teacher", help="teacher model: adds logprob/*, perplexity/* and distill/reverse_kl "
-                            "(distill/seq_reverse_kl for a teacher with another tokenizer)")
-    evaluation.add_argument("--teacher-chat-template", choices=["student", "own"], default="student",
-                            help="render the teacher's prompts with the student's template (default) or its own")
+    evaluation.add_argument(
+        "--samples", type=int, default=1, metavar="K", help="samples per prompt (pass@K); default 1"
+    )
+    evaluation.add_argument(
+        "--teacher",
+        help="teacher model: adds logprob/*, perplexity/* and distill/reverse_kl "
+        "(distill/seq_reverse_kl for a teacher with another tokenizer)",
+    )
+    evaluation.add_argument(
+        "--teacher-chat-template",
+        choices=["student", "own"],
+        default="student",
+        help="render the teacher's prompts with the student's template (default) or its own",
+    )
     evaluation.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     evaluation.add_argument("--max-new-tokens", type=int, default=256)
     evaluation.add_argument("--max-prompts", type=int, help="evaluate only the first N prompts")
     evaluation.add_argument("--system-prompt", help="system turn for chat and question rows")
-    evaluation.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                            help="as run.precision: bf16 autocast where the hardware has fast bf16 (default auto)")
+    evaluation.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="as run.precision: bf16 autocast where the hardware has fast bf16 (default auto)",
+    )
     evaluation.add_argument("--json", help="also write the metrics to this JSON file")
 
     report = commands.add_parser("report", help="plot runs' curves to report.png and a self-contained report.html")
@@ -54,14 +84,21 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="RUN_DIR/checkpoints/step-N")
     export.add_argument("out", help="folder to write (safetensors and tokenizer; with LoRA merged, adapter/ beside)")
 
-    serve = commands.add_parser("serve-teacher", help="score token sequences with a model over HTTP "
-                                                      "(vLLM-compatible /v1/completions; pip install 'opd[serve]')")
+    serve = commands.add_parser(
+        "serve-teacher",
+        help="score token sequences with a model over HTTP (vLLM-compatible /v1/completions; pip install 'opd[serve]')",
+    )
     serve.add_argument("model", help="model folder or hub id")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", help="require Authorization: Bearer KEY (default: $OPD_SERVE_API_KEY if set)")
-    serve.add_argument("--max-batch-tokens", type=int, default=16384, metavar="N",
-                       help="tokens scored together at most; a larger request gets 413 (default 16384)")
+    serve.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=16384,
+        metavar="N",
+        help="tokens scored together at most; a larger request gets 413 (default 16384)",
+    )
     serve.add_argument("--max-logprobs", type=int, default=20, metavar="K", help="largest prompt_logprobs (default 20)")
     serve.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -70,10 +107,17 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="distill a tiny model on a synthetic task; no network needed")
     demo.add_argument("--out", default="opd-demo", help="run directory to create (default: ./opd-demo)")
-    demo.add_argument("--teacher-tokenizer", choices=["same", "other"], default="same",
-                      help="other: a teacher with its own (byte-level BPE) tokenizer, through the chunk estimator")
-    demo.add_argument("--self-distill", action="store_true",
-                      help="no teacher model: the frozen student, shown the reference answer, teaches itself")
+    demo.add_argument(
+        "--teacher-tokenizer",
+        choices=["same", "other"],
+        default="same",
+        help="other: a teacher with its own (byte-level BPE) tokenizer, through the chunk estimator",
+    )
+    demo.add_argument(
+        "--self-distill",
+        action="store_true",
+        help="no teacher model: the frozen student, shown the reference answer, teaches itself",
+    )
     return parser
 
 
@@ -94,17 +138,22 @@ def _dry_run(config, ranks: int | None) -> None:
     check_inputs(config, ranks, resume=True)  # resume=True: a run directory that holds a run is fine here
     counts = {}
     train = config.data.train
-    train_sources = [("data.train", train)] if isinstance(train, str) else [
-        (f"data.train[{index}]", file.path) for index, file in enumerate(train)]
+    train_sources = (
+        [("data.train", train)]
+        if isinstance(train, str)
+        else [(f"data.train[{index}]", file.path) for index, file in enumerate(train)]
+    )
     for key, source in (*train_sources, ("data.eval", config.data.eval)):
         if source and not source.startswith("hf:"):
             counts[key] = f"{len(read_jsonl(source, key))} rows"
         elif source:
             counts[key] = "hub data set (not fetched)"
     rollouts = config.batch.prompts_per_step * config.rollout.samples_per_prompt
-    print(f"config OK: {config.run.max_steps} steps of {config.batch.prompts_per_step} prompts x "
-          f"{config.rollout.samples_per_prompt} samples = {rollouts} rollouts, loss {config.loss.kind}; "
-          + "; ".join(f"{key}: {value}" for key, value in counts.items()))
+    print(
+        f"config OK: {config.run.max_steps} steps of {config.batch.prompts_per_step} prompts x "
+        f"{config.rollout.samples_per_prompt} samples = {rollouts} rollouts, loss {config.loss.kind}; "
+        + "; ".join(f"{key}: {value}" for key, value in counts.items())
+    )
     device = config.run.device if config.run.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     print("\n".join(plan_memory(config, ranks, device).lines(ranks)))
 
@@ -120,9 +169,18 @@ def _evaluate(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
     if args.temperature <= 0:
         raise ConfigError(f"--temperature must be positive (got {args.temperature})")
-    metrics = evaluate_model(args.model, args.data, args.samples, args.teacher, args.temperature,
-                             args.max_new_tokens, args.max_prompts, args.system_prompt, precision=args.precision,
-                             teacher_chat_template=args.teacher_chat_template)
+    metrics = evaluate_model(
+        args.model,
+        args.data,
+        args.samples,
+        args.teacher,
+        args.temperature,
+        args.max_new_tokens,
+        args.max_prompts,
+        args.system_prompt,
+        precision=args.precision,
+        teacher_chat_template=args.teacher_chat_template,
+    )
     width = max(map(len, metrics))
     for name, value in metrics.items():
         print(f"{name:<{width}}  {value:.4f}" if isinstance(value, float) else f"{name:<{width}}  {value}")
@@ -146,9 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.dry_run:
                 _dry_run(config, args.nproc_per_node)
                 return 0
-            from opd.train.trainer import train
-
             from opd.distributed.world import World
+            from opd.train.trainer import train
 
             result = train(config, resume=args.resume)
             if World.from_environment().is_main:
@@ -171,9 +228,18 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.max_batch_tokens < 1 or args.max_logprobs < 0:
                 raise ConfigError("--max-batch-tokens must be at least 1 and --max-logprobs at least 0")
-            serve(args.model, args.host, args.port, args.api_key or os.environ.get("OPD_SERVE_API_KEY"),
-                  args.max_batch_tokens, args.precision, args.device, args.max_logprobs, args.served_model_name,
-                  args.trust_remote_code)
+            serve(
+                args.model,
+                args.host,
+                args.port,
+                args.api_key or os.environ.get("OPD_SERVE_API_KEY"),
+                args.max_batch_tokens,
+                args.precision,
+                args.device,
+                args.max_logprobs,
+                args.served_model_name,
+                args.trust_remote_code,
+            )
         elif args.command == "demo":
             from opd.demo.run import run_demo
 

@@ -11,8 +11,8 @@ import socket
 import pytest
 import yaml
 
-from opd.config.schema import Config
 from opd.config.files import dump_config, load_config, parse_override, validate
+from opd.config.schema import Config
 from opd.errors import ConfigError
 
 
@@ -148,8 +148,16 @@ def test_every_error_in_a_file_is_reported_at_once(tmp_path):
         load_config(path)
     message = str(info.value)
     assert path in message
-    for needle in ("optim.lrr", "did you mean 'optim.lr'", "rollout.samples_per_prompt", "'many'",
-                   "loss.kind", "'kl'", "run.max_steps", "student.path"):
+    for needle in (
+        "optim.lrr",
+        "did you mean 'optim.lr'",
+        "rollout.samples_per_prompt",
+        "'many'",
+        "loss.kind",
+        "'kl'",
+        "run.max_steps",
+        "student.path",
+    ):
         assert needle in message, needle
     assert "\n" not in message  # the CLI prints it as one line
 
@@ -173,8 +181,16 @@ def test_validation_touches_no_disk_and_no_network(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError(f"validation touched the outside world: {args!r}")
 
-    for module, name in [(os, "stat"), (os, "lstat"), (os, "listdir"), (os, "scandir"), (os, "mkdir"),
-                         (os, "makedirs"), (builtins, "open"), (socket, "create_connection")]:
+    for module, name in [
+        (os, "stat"),
+        (os, "lstat"),
+        (os, "listdir"),
+        (os, "scandir"),
+        (os, "mkdir"),
+        (os, "makedirs"),
+        (builtins, "open"),
+        (socket, "create_connection"),
+    ]:
         monkeypatch.setattr(module, name, forbidden)
     monkeypatch.setattr(socket.socket, "connect", forbidden)
     config = validate(raw)
@@ -233,7 +249,9 @@ def test_load_config_applies_overrides(tmp_path):
 
 def test_override_of_an_unknown_key_is_rejected_with_a_hint(tmp_path):
     path = write_yaml(tmp_path / "config.yaml", minimal_raw())
-    with pytest.raises(ConfigError, match=r"rollout\.temprature: unknown key \(did you mean 'rollout\.temperature'\?\)"):
+    with pytest.raises(
+        ConfigError, match=r"rollout\.temprature: unknown key \(did you mean 'rollout\.temperature'\?\)"
+    ):
         load_config(path, ["rollout.temprature=0.5"])
 
 
@@ -325,12 +343,18 @@ def test_full_vocabulary_loss_with_truncated_sampling_is_rejected(tmp_path):
         validate(raw)
 
 
-@pytest.mark.parametrize("changes", [{"loss.kind": "forward_kl"}, {"rollout.student_fraction": 0.5,
-                                                                   "rollout.off_policy_source": "dataset",
-                                                                   "loss.off_policy_kind": "forward_kl"}])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"loss.kind": "forward_kl"},
+        {"rollout.student_fraction": 0.5, "rollout.off_policy_source": "dataset", "loss.off_policy_kind": "forward_kl"},
+    ],
+)
 def test_a_sharded_teacher_with_a_full_vocabulary_loss_is_rejected_with_the_reason(tmp_path, changes):
     raw = with_keys(minimal_raw(str(tmp_path)), {"teacher.shard": True, **changes})
-    with pytest.raises(ConfigError, match=r"teacher.shard: .*forward_kl.* full distribution .*teacher.shard: false, or use loss"):
+    with pytest.raises(
+        ConfigError, match=r"teacher.shard: .*forward_kl.* full distribution .*teacher.shard: false, or use loss"
+    ):
         validate(raw)
     validate(with_keys(minimal_raw(str(tmp_path)), {"teacher.shard": True}))  # reverse_kl_pg: fine
 
@@ -341,20 +365,43 @@ def remote_raw(root: str, **teacher) -> dict:
     return raw
 
 
-@pytest.mark.parametrize("teacher, changes, message", [
-    ({"path": "/x"}, {}, r"teacher.path or teacher.url: give one .*not both or neither"),
-    ({"api": "vllm", "temperature": 0.7}, {}, r"teacher.temperature=0.7: vllm returns prompt log-probs at temperature 1"),
-    ({"api": "sglang", "temperature": 2.0}, {}, r"sglang returns prompt log-probs at temperature 1"),
-    ({}, {"loss.kind": "jsd"}, r"teacher.url: loss.kind=jsd needs the teacher's full distribution at every token, "
-                               r"which a server does not send .* or use loss.kind reverse_kl_pg or topk_forward_kl"),
-    ({}, {"loss.forward_kl_coef": 0.1}, r"teacher.url: loss.forward_kl_coef=0.1 needs .*set loss.forward_kl_coef: 0"),
-    ({}, {"loss.kind": "sft", "rollout.source": "teacher"},
-     r"teacher.url: rollout.source=teacher needs the teacher's own samples, and a teacher on a server scores the "
-     r"rollouts; it does not write them"),
-    ({}, {"loss.kind": "topk_forward_kl"}, r"teacher.top_k: loss.kind=topk_forward_kl needs the teacher's top-k "
-                                           r"log-probs at every token, and teacher.top_k is 0; set teacher.top_k"),
-    ({"shard": True}, {}, r"teacher.shard: a teacher on a server"),
-])
+@pytest.mark.parametrize(
+    "teacher, changes, message",
+    [
+        ({"path": "/x"}, {}, r"teacher.path or teacher.url: give one .*not both or neither"),
+        (
+            {"api": "vllm", "temperature": 0.7},
+            {},
+            r"teacher.temperature=0.7: vllm returns prompt log-probs at temperature 1",
+        ),
+        ({"api": "sglang", "temperature": 2.0}, {}, r"sglang returns prompt log-probs at temperature 1"),
+        (
+            {},
+            {"loss.kind": "jsd"},
+            r"teacher.url: loss.kind=jsd needs the teacher's full distribution at every token, "
+            r"which a server does not send .* or use loss.kind reverse_kl_pg or topk_forward_kl",
+        ),
+        (
+            {},
+            {"loss.forward_kl_coef": 0.1},
+            r"teacher.url: loss.forward_kl_coef=0.1 needs .*set loss.forward_kl_coef: 0",
+        ),
+        (
+            {},
+            {"loss.kind": "sft", "rollout.source": "teacher"},
+            r"teacher.url: rollout.source=teacher needs the teacher's own samples, and a teacher on a server scores "
+            r"the "
+            r"rollouts; it does not write them",
+        ),
+        (
+            {},
+            {"loss.kind": "topk_forward_kl"},
+            r"teacher.top_k: loss.kind=topk_forward_kl needs the teacher's top-k "
+            r"log-probs at every token, and teacher.top_k is 0; set teacher.top_k",
+        ),
+        ({"shard": True}, {}, r"teacher.shard: a teacher on a server"),
+    ],
+)
 def test_a_remote_teacher_is_refused_where_it_cannot_serve(tmp_path, teacher, changes, message):
     with pytest.raises(ConfigError, match=message):
         validate(with_keys(remote_raw(str(tmp_path), **teacher), changes))

@@ -8,8 +8,9 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from opd.config.schema import Config
 from opd.config.files import _known_keys, load_config
+from opd.config.schema import Config
+
 from conftest import ROOT, run_cli
 
 REFERENCE = ROOT / "examples" / "reference.yaml"
@@ -39,8 +40,14 @@ def test_reference_config_lists_every_key_with_its_default():
     known = [key for key in known if not any(key.startswith(section + ".") for section in off)]
     assert sorted(documented) == sorted(known)
     for section, annotation in ((name, field.annotation) for name, field in Config.model_fields.items()):
-        model = next((a for a in (annotation, *get_args(annotation))  # X | None -> X
-                      if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        model = next(
+            (
+                a
+                for a in (annotation, *get_args(annotation))  # X | None -> X
+                if isinstance(a, type) and issubclass(a, BaseModel)
+            ),
+            None,
+        )
         if model is None or getattr(config, section) is None:  # teachers, reward: off by default (see above)
             continue
         for key, field in model.model_fields.items():
@@ -63,12 +70,23 @@ def test_dry_run_validates_the_gpu_recipe_without_weights_or_network(tmp_path, g
     recipe = ROOT / "examples" / "gsm8k_qwen3.yaml"
     config = load_config(recipe)
     assert (config.student.path, config.teacher.path) == ("Qwen/Qwen3-1.7B", "Qwen/Qwen3-8B")
-    assert (config.rollout.samples_per_prompt, config.rollout.max_new_tokens, config.rollout.temperature) == (8, 128, 0.7)
+    assert (config.rollout.samples_per_prompt, config.rollout.max_new_tokens, config.rollout.temperature) == (
+        8,
+        128,
+        0.7,
+    )
     assert (config.optim.lr, config.optim.schedule, config.run.precision) == (1e-5, "cosine", "bf16")
     output_dir = tmp_path / "run"
     local_data = gsm8k_dir
-    result = run_cli("train", "--dry-run", str(recipe), "--set", f"run.output_dir={output_dir}",
-                     f"data.train={local_data / 'train.jsonl'}", f"data.eval={local_data / 'test.jsonl'}")
+    result = run_cli(
+        "train",
+        "--dry-run",
+        str(recipe),
+        "--set",
+        f"run.output_dir={output_dir}",
+        f"data.train={local_data / 'train.jsonl'}",
+        f"data.eval={local_data / 'test.jsonl'}",
+    )
     assert result.returncode == 0, result.stderr
     assert "config OK" in result.stdout and "7473 rows" in result.stdout and "1319 rows" in result.stdout
     assert not output_dir.exists()

@@ -13,8 +13,12 @@ from opd.config.resolve import RESOLVED_FILE, resolve
 from opd.errors import ConfigError
 from opd.train.trainer import train
 
-FACTS = [None, {"teacher": TeacherFacts()}, {"teacher": TeacherFacts(chunked=True, own_view=True)},
-         {"teacher": TeacherFacts(ends_turns_differently=True, own_view=True)}]
+FACTS = [
+    None,
+    {"teacher": TeacherFacts()},
+    {"teacher": TeacherFacts(chunked=True, own_view=True)},
+    {"teacher": TeacherFacts(ends_turns_differently=True, own_view=True)},
+]
 
 
 @pytest.mark.parametrize("facts", FACTS)
@@ -26,17 +30,26 @@ def test_resolving_twice_gives_equal_objects(tiny_config, facts):
     assert request.loss.forward_kl_coef is None  # the request is left as asked
 
 
-@pytest.mark.parametrize("facts, expected", [(None, 1.0), ({"teacher": TeacherFacts(chunked=True)}, 0.0),
-                                             ({"teacher": TeacherFacts(ends_turns_differently=True)}, 0.0)])
+@pytest.mark.parametrize(
+    "facts, expected",
+    [
+        (None, 1.0),
+        ({"teacher": TeacherFacts(chunked=True)}, 0.0),
+        ({"teacher": TeacherFacts(ends_turns_differently=True)}, 0.0),
+    ],
+)
 def test_the_forward_kl_default_follows_the_facts(tiny_config, facts, expected):
     assert resolve(validate(tiny_config), facts).loss.forward_kl_coef == expected
 
 
-@pytest.mark.parametrize("recorded, expected", [
-    ({"loss": {"forward_kl_coef": 0.0}}, 0.0),  # a run from before the default keeps running without it
-    ({"loss": {"forward_kl_coef": 1.0}}, 1.0),
-    ({}, 1.0),
-])
+@pytest.mark.parametrize(
+    "recorded, expected",
+    [
+        ({"loss": {"forward_kl_coef": 0.0}}, 0.0),  # a run from before the default keeps running without it
+        ({"loss": {"forward_kl_coef": 1.0}}, 1.0),
+        ({}, 1.0),
+    ],
+)
 def test_a_resumed_run_keeps_what_it_recorded_where_it_still_applies(tiny_config, recorded, expected):
     request = validate(tiny_config)
     assert resolve(request, None, recorded).loss.forward_kl_coef == expected
@@ -47,9 +60,12 @@ def test_a_resumed_run_keeps_what_it_recorded_where_it_still_applies(tiny_config
 def test_a_need_the_facts_rule_out_names_the_reason_and_the_fix(tiny_config):
     request = validate({**tiny_config, "loss": {"kind": "jsd"}})
     # Only the kind whose need the teacher gives is offered: a top-k is ruled out across tokenizers too.
-    with pytest.raises(ConfigError, match=r"^teacher: loss.kind=jsd needs the teacher's full distribution at every "
-                                          r"token, and its tokenizer differs .*; give a teacher with the student's "
-                                          r"tokenizer, or use loss.kind reverse_kl_pg$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^teacher: loss.kind=jsd needs the teacher's full distribution at every "
+        r"token, and its tokenizer differs .*; give a teacher with the student's "
+        r"tokenizer, or use loss.kind reverse_kl_pg$",
+    ):
         resolve(request, {"teacher": TeacherFacts(chunked=True)})
 
 

@@ -7,8 +7,8 @@ from fractions import Fraction
 
 import pytest
 
-from opd.demo.tokenizer import build_tokenizer
 from opd.data.tasks.gsm8k import extract_answer, gold_answer, is_correct
+from opd.demo.tokenizer import build_tokenizer
 
 
 @pytest.mark.parametrize(
@@ -30,7 +30,9 @@ def test_extraction_order_and_number_parsing(completion, expected):
     assert extract_answer(completion) == expected
 
 
-@pytest.mark.parametrize("completion", ["#### 1000", "#### 1,000", "#### $1000", "#### 1000.0", "#### 1000.00", "\\boxed{1,000}"])
+@pytest.mark.parametrize(
+    "completion", ["#### 1000", "#### 1,000", "#### $1000", "#### 1000.0", "#### 1000.00", "\\boxed{1,000}"]
+)
 def test_numeric_comparison_ignores_commas_dollars_and_trailing_zeros(completion):
     assert is_correct(completion, "work\n#### 1,000") is True
 
@@ -56,7 +58,8 @@ def test_every_gsm8k_test_gold_answer_parses_to_its_number(gsm8k_dir):
 def _chat_tokenizer():
     tokenizer = build_tokenizer()
     tokenizer.chat_template = (
-        "{% for m in messages %}{{ 'The' if m['role'] == 'system' else 'Question' }} : {{ m['content'] }} \n {% endfor %}"
+        "{% for m in messages %}{{ 'The' if m['role'] == 'system' else 'Question' }} : {{ m['content'] }} \n "
+        "{% endfor %}"
         "{% if add_generation_prompt %}Answer : {% endif %}"
     )
     return tokenizer
@@ -100,7 +103,8 @@ def test_real_gsm8k_file_loads_as_prompts(gsm8k_dir):
 
 
 def test_hub_source_is_read_through_datasets(monkeypatch, tmp_path):
-    """`hf:openai/gsm8k:main:test` calls datasets.load_dataset(name, config, split=...) (a stand-in here: no network)."""
+    """`hf:openai/gsm8k:main:test` calls datasets.load_dataset(name, config, split=...) (a stand-in here: no
+    network)."""
     import sys
     import types
 
@@ -137,5 +141,7 @@ def test_chat_template_kwargs_reach_the_template(tmp_path):
     tokenizer = _chat_tokenizer()
     tokenizer.chat_template += "{% if add_word %}Then{% endif %}"
     plain = tokenizer.decode(load_prompts(str(path), "data.train", tokenizer, 64).token_ids[0])
-    extra = tokenizer.decode(load_prompts(str(path), "data.train", tokenizer, 64, template_kwargs={"add_word": True}).token_ids[0])
+    extra = tokenizer.decode(
+        load_prompts(str(path), "data.train", tokenizer, 64, template_kwargs={"add_word": True}).token_ids[0]
+    )
     assert extra == plain + " Then"

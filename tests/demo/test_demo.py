@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import run_cli
 from opd.config.files import load_config
+
+from conftest import run_cli
 
 pytestmark = pytest.mark.e2e  # every test here runs opd in processes of its own
 
@@ -28,8 +29,15 @@ def test_demo_distills_and_its_config_repeats_the_run(tmp_path):
     for path in (config.student.path, config.teacher.path, config.data.train, config.data.eval):
         assert Path(path).exists(), path
     # Without the held-out evaluations (they draw from streams of their own), to the same weights.
-    repeat = run_cli("train", str(out / "config.yaml"), "--set", f"run.output_dir={tmp_path / 'repeat'}", "run.progress=false",
-                     "data.eval=null", timeout=1200)
+    repeat = run_cli(
+        "train",
+        str(out / "config.yaml"),
+        "--set",
+        f"run.output_dir={tmp_path / 'repeat'}",
+        "run.progress=false",
+        "data.eval=null",
+        timeout=1200,
+    )
     assert repeat.returncode == 0, repeat.stderr
     original = load_file(out / "final" / "model.safetensors")
     repeated = load_file(tmp_path / "repeat" / "final" / "model.safetensors")
@@ -58,6 +66,7 @@ def test_demo_self_distillation_with_the_answer_shown_to_the_teacher_only_improv
     summary = json.loads((out / "demo_summary.json").read_text())
     assert summary["student_accuracy_after"] - summary["student_accuracy_before"] >= 0.10
     config = load_config(out / "config.yaml")
-    assert config.teacher.path == config.student.path  # the student's own initial weights
+    assert config.teacher.path == "student"  # as asked; it reads the student's own initial weights:
+    assert config.teacher_path("teacher") == config.student.path
     rows = [json.loads(line) for line in Path(config.data.train).read_text().splitlines()[:3]]
     assert all(row["teacher_context"].startswith("####") and "####" not in row["prompt"] for row in rows)

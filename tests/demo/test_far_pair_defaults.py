@@ -23,8 +23,13 @@ def test_the_defaults_keep_a_pruned_student_learning(tmp_path):
     write_split(tmp_path / "train.jsonl", 1000, seed=1)
     write_split(tmp_path / "eval.jsonl", 50, seed=2)
     raw = {  # the defaults, but for the step's size and a learning rate a small model takes
-        "run": {"output_dir": str(tmp_path / "run"), "max_steps": 40, "eval_every": 40, "precision": "fp32",
-                "progress": False},
+        "run": {
+            "output_dir": str(tmp_path / "run"),
+            "max_steps": 40,
+            "eval_every": 40,
+            "precision": "fp32",
+            "progress": False,
+        },
         "student": {"path": str(pruned_teacher(tmp_path / "student", keep=[3]))},
         "teacher": {"path": str(ASSETS / "teacher")},
         "data": {"train": str(tmp_path / "train.jsonl"), "eval": str(tmp_path / "eval.jsonl"), "max_prompt_tokens": 64},

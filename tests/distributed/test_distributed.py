@@ -17,19 +17,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from processes import command, launch, running
 from opd.io.checkpoint import latest_checkpoint
 from opd.io.sinks import read_metrics
+
+from processes import command, launch, running
 
 pytestmark = pytest.mark.e2e  # every test here runs opd in processes of its own
 
 
 def run_config(tiny_config, output_dir: Path, steps: int, micro: int, **run) -> dict:
-    return {**tiny_config,
-            "run": {**tiny_config["run"], "output_dir": str(output_dir), "max_steps": steps, **run},
-            "batch": {"prompts_per_step": 4, "micro_batch_size": micro},
-            "rollout": {"samples_per_prompt": 2, "max_new_tokens": 8},
-            "optim": {"lr": 1e-2, "schedule": "constant", "eps": 1e-3}}
+    return {
+        **tiny_config,
+        "run": {**tiny_config["run"], "output_dir": str(output_dir), "max_steps": steps, **run},
+        "batch": {"prompts_per_step": 4, "micro_batch_size": micro},
+        "rollout": {"samples_per_prompt": 2, "max_new_tokens": 8},
+        "optim": {"lr": 1e-2, "schedule": "constant", "eps": 1e-3},
+    }
 
 
 def weights(output_dir: Path) -> dict[str, torch.Tensor]:
@@ -53,7 +56,9 @@ def one_rank(tiny_models, tiny_data, tmp_path_factory):
     root, runs = tmp_path_factory.mktemp("one-rank"), {}
     students = {"untied": tiny_models["student"], "tied": None}
 
-    def run(micro: int, student: str = "untied", lora: bool = False, forward_kl: bool = True) -> tuple[dict, list, Path]:
+    def run(
+        micro: int, student: str = "untied", lora: bool = False, forward_kl: bool = True
+    ) -> tuple[dict, list, Path]:
         key = (micro, student, lora, forward_kl)
         if key not in runs:
             if students[student] is None:
@@ -76,14 +81,20 @@ def one_rank(tiny_models, tiny_data, tmp_path_factory):
 LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "lm_head"]}
 
 
-@pytest.mark.parametrize("micro, shard_student, shard_teacher, student", [
-    (8, False, False, "untied"), (2, False, False, "untied"),  # replicated, with and without micro-batching
-    (2, False, True, "untied"),  # the teacher sharded
-    (8, True, True, "untied"), (2, True, False, "untied"),  # the student sharded
-    (2, True, False, "tied"),  # a student whose LM head is its input embeddings (Qwen3-1.7B's layout)
-])
-def test_two_ranks_equal_one_rank_with_the_whole_batch(one_rank, tiny_config, tmp_path, micro, shard_student,
-                                                       shard_teacher, student):
+@pytest.mark.parametrize(
+    "micro, shard_student, shard_teacher, student",
+    [
+        (8, False, False, "untied"),
+        (2, False, False, "untied"),  # replicated, with and without micro-batching
+        (2, False, True, "untied"),  # the teacher sharded
+        (8, True, True, "untied"),
+        (2, True, False, "untied"),  # the student sharded
+        (2, True, False, "tied"),  # a student whose LM head is its input embeddings (Qwen3-1.7B's layout)
+    ],
+)
+def test_two_ranks_equal_one_rank_with_the_whole_batch(
+    one_rank, tiny_config, tmp_path, micro, shard_student, shard_teacher, student
+):
     expected, rows_one, student_path = one_rank(micro, student, forward_kl=not shard_teacher)
     config = run_config(tiny_config, tmp_path / "two", 3, micro)
     config["student"]["path"] = str(student_path)
@@ -118,15 +129,23 @@ def test_a_mixture_with_the_student_prompts_on_one_rank_equals_one_rank(tiny_con
     1's takes the data's answer. Every collective must pair across ranks, although one rank has no
     student rows (the ranks once disagreed on whether the batch carried the sampler's entropy, and the
     run deadlocked). Bounded in time, and the weights and metrics of one rank with both prompts."""
-    config = {**tiny_config, "run": {**tiny_config["run"], "max_steps": 2},
-              "rollout": {**tiny_config["rollout"], "student_fraction": 0.5, "off_policy_source": "dataset"},
-              "optim": {"lr": 1e-2, "schedule": "constant", "eps": 1e-3}}
+    config = {
+        **tiny_config,
+        "run": {**tiny_config["run"], "max_steps": 2},
+        "rollout": {**tiny_config["rollout"], "student_fraction": 0.5, "off_policy_source": "dataset"},
+        "optim": {"lr": 1e-2, "schedule": "constant", "eps": 1e-3},
+    }
     start = load_file(Path(config["student"]["path"]) / "model.safetensors")
     runs = {}
     for ranks in (1, 2):
         output_dir = tmp_path / f"{ranks}-ranks"
-        result = launch({**config, "run": {**config["run"], "output_dir": str(output_dir)}}, tmp_path,
-                        output_dir.name, ranks, timeout=240)
+        result = launch(
+            {**config, "run": {**config["run"], "output_dir": str(output_dir)}},
+            tmp_path,
+            output_dir.name,
+            ranks,
+            timeout=240,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         runs[ranks] = read_metrics(output_dir / "metrics.jsonl")
     assert_same_update(weights(tmp_path / "1-ranks"), weights(tmp_path / "2-ranks"), start)
@@ -138,7 +157,9 @@ def test_a_mixture_with_the_student_prompts_on_one_rank_equals_one_rank(tiny_con
 
 def killed_at_step(config: dict, tmp_path: Path, name: str, ranks: int, step: int) -> None:
     """Run until every process kills itself with SIGKILL on reaching `step`."""
-    argv, env = command(config, tmp_path, name, ranks, program=[str(Path(__file__).parent.parent / "sigkill_at_step.py")])
+    argv, env = command(
+        config, tmp_path, name, ranks, program=[str(Path(__file__).parent.parent / "sigkill_at_step.py")]
+    )
     with running(argv, {**env, "OPD_SIGKILL_AT_STEP": str(step)}) as job:
         job.wait(timeout=300)
     assert job.returncode != 0 and not (Path(config["run"]["output_dir"]) / "final").exists()
@@ -186,8 +207,9 @@ def test_a_rank_that_dies_ends_the_job_without_a_final_model(tiny_config, tmp_pa
         while latest_checkpoint(output_dir) is None and time.time() < deadline and job.poll() is None:
             time.sleep(0.2)
         assert latest_checkpoint(output_dir) is not None
-        workers = subprocess.run(["pgrep", "-f", "-P", str(job.pid), "opd"], capture_output=True,
-                                 text=True).stdout.split()
+        workers = subprocess.run(
+            ["pgrep", "-f", "-P", str(job.pid), "opd"], capture_output=True, text=True
+        ).stdout.split()
         assert len(workers) == 2
         os.kill(int(workers[-1]), signal.SIGKILL)
         killed_at = time.time()

@@ -17,8 +17,13 @@ def policy_after(code: str, **env: str) -> str:
     """OMP_WAIT_POLICY as a fresh interpreter has it after `code`, in an environment with only `env` of
     the wait settings."""
     clean = {key: value for key, value in os.environ.items() if key not in SETTINGS}
-    result = subprocess.run([sys.executable, "-c", f"{code}\nimport os; print(os.environ.get('OMP_WAIT_POLICY'))"],
-                            capture_output=True, text=True, env={**clean, **env}, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport os; print(os.environ.get('OMP_WAIT_POLICY'))"],
+        capture_output=True,
+        text=True,
+        env={**clean, **env},
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout.strip().splitlines()[-1]
 
@@ -26,14 +31,17 @@ def policy_after(code: str, **env: str) -> str:
 def test_the_command_line_lets_idle_workers_sleep_before_torch_loads():
     """Every `opd` command goes through main, which sets the policy first (here with --help, which
     imports nothing heavy)."""
-    code = ("import sys\nfrom opd.cli import main\n"
-            "assert 'torch' not in sys.modules\n"
-            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass")
+    code = (
+        "import sys\nfrom opd.cli import main\n"
+        "assert 'torch' not in sys.modules\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass"
+    )
     assert policy_after(code) == "PASSIVE"
 
 
-@pytest.mark.parametrize("setting, value", [("OMP_WAIT_POLICY", "ACTIVE"), ("GOMP_SPINCOUNT", "1000"),
-                                            ("KMP_BLOCKTIME", "0")])
+@pytest.mark.parametrize(
+    "setting, value", [("OMP_WAIT_POLICY", "ACTIVE"), ("GOMP_SPINCOUNT", "1000"), ("KMP_BLOCKTIME", "0")]
+)
 def test_a_users_own_wait_setting_is_kept(setting, value):
     code = "from opd.distributed.threads import sleep_waiting_threads\nassert not sleep_waiting_threads()"
     expected = value if setting == "OMP_WAIT_POLICY" else "None"
@@ -48,9 +56,11 @@ def test_nothing_is_set_once_torch_has_loaded():
 
 def test_child_processes_inherit_the_policy():
     """torchrun's ranks and a teacher server started by opd wait the same way."""
-    code = ("import subprocess, sys\nfrom opd.distributed.threads import sleep_waiting_threads\n"
-            "sleep_waiting_threads()\n"
-            "subprocess.run([sys.executable, '-c', 'import os; print(os.environ[\"OMP_WAIT_POLICY\"])'], check=True)")
+    code = (
+        "import subprocess, sys\nfrom opd.distributed.threads import sleep_waiting_threads\n"
+        "sleep_waiting_threads()\n"
+        "subprocess.run([sys.executable, '-c', 'import os; print(os.environ[\"OMP_WAIT_POLICY\"])'], check=True)"
+    )
     clean = {key: value for key, value in os.environ.items() if key not in SETTINGS}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean, timeout=120)
     assert result.stdout.split() == ["PASSIVE"], result.stderr[-2000:]

@@ -7,9 +7,10 @@ import json
 
 import pytest
 
-from conftest import run_cli
 from opd.config.files import validate
 from opd.train.trainer import train
+
+from conftest import run_cli
 
 pytestmark = pytest.mark.e2e  # every test here runs opd in processes of its own
 

@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_cli
-from opd.config.resolve import resolve
 from opd.config.files import validate
+from opd.config.resolve import resolve
 from opd.errors import ConfigError
 from opd.io.sinks import read_metrics
 from opd.train.setup import prepare
 from opd.train.trainer import train
+
+from conftest import run_cli
 
 
 class FakeSummaryWriter:
@@ -58,8 +59,11 @@ def fake_trackers(monkeypatch):
 
 
 def reported(tiny_config, **run) -> dict:
-    return {**tiny_config, "run": {**tiny_config["run"], "report_to": ["tensorboard", "wandb"], **run},
-            "optim": {**tiny_config["optim"], "schedule": "constant"}}  # so resuming may add steps
+    return {
+        **tiny_config,
+        "run": {**tiny_config["run"], "report_to": ["tensorboard", "wandb"], **run},
+        "optim": {**tiny_config["optim"], "schedule": "constant"},
+    }  # so resuming may add steps
 
 
 def test_both_trackers_get_every_metrics_row_and_are_closed(tiny_config, fake_trackers):
@@ -92,7 +96,9 @@ def test_resume_continues_the_same_wandb_run_and_purges_tensorboard_past_the_che
 
 def test_a_missing_tracker_package_fails_before_any_weight_loads(tiny_config, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` raise ImportError
-    monkeypatch.setattr("opd.train.setup.load_model", lambda *a, **k: pytest.fail("weights loaded before the tracker check"))
+    monkeypatch.setattr(
+        "opd.train.setup.load_model", lambda *a, **k: pytest.fail("weights loaded before the tracker check")
+    )
     with pytest.raises(ConfigError, match=r"run.report_to: 'wandb' needs its package .*pip install 'opd\[wandb\]'"):
         prepare(validate({**tiny_config, "run": {**tiny_config["run"], "report_to": ["wandb"]}}), resume=False)
     assert not Path(tiny_config["run"]["output_dir"]).exists()
@@ -108,7 +114,8 @@ def test_cli_names_the_missing_tracker_in_one_line(tiny_config, tmp_path):
     result = run_cli("train", str(config), "--set", "run.report_to=[wandb]", env={"PYTHONPATH": str(blocker.parent)})
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: run.report_to: 'wandb' needs its package (No module named wandb); install it with pip install 'opd[wandb]'"
+        "error: run.report_to: 'wandb' needs its package (No module named wandb); install it with pip install "
+        "'opd[wandb]'"
     ]
 
 

@@ -23,8 +23,11 @@ class WithWindow(torch.nn.Module):
 
 def test_the_check_names_the_length_the_window_and_the_model():
     check_context(WithWindow(256), 256, "a row", "student.path")  # exactly the window fits
-    with pytest.raises(ConfigError, match=r"^a row is 257 tokens, past student.path's context of 256 tokens; lower "
-                                          r"data.max_prompt_tokens or rollout.max_new_tokens$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^a row is 257 tokens, past student.path's context of 256 tokens; lower "
+        r"data.max_prompt_tokens or rollout.max_new_tokens$",
+    ):
         check_context(WithWindow(256), 257, "a row", "student.path")
     with pytest.raises(ModelError):
         check_context(WithWindow(8), 9, "a row", "teacher t", ModelError)

@@ -10,14 +10,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import make_tiny_model
 from opd.config.files import validate
-from opd.rollout.decoding import HFDecoder, make_decoder
 from opd.errors import ConfigError
 from opd.ops.forward import completion_hidden_states, logits_from_hidden
+from opd.rollout.decoding import HFDecoder, make_decoder
 from opd.train.setup import prepare
 from opd.train.step import train_step
 from opd.train.trainer import train
+
+from conftest import make_tiny_model
 
 pytest.importorskip("peft")
 
@@ -25,10 +26,13 @@ TARGETS = ["q_proj", "v_proj", "lm_head"]  # the LM head too: a loss that read l
 
 
 def lora_config(tiny_config, output_dir: Path, steps: int, **run) -> dict:
-    return {**tiny_config, "run": {**tiny_config["run"], "output_dir": str(output_dir), "max_steps": steps, **run},
-            "student": {**tiny_config["student"], "lora": {"r": 4, "alpha": 8, "target_modules": TARGETS}},
-            "data": {**tiny_config["data"], "eval": None},
-            "optim": {"lr": 1e-2, "schedule": "constant"}}
+    return {
+        **tiny_config,
+        "run": {**tiny_config["run"], "output_dir": str(output_dir), "max_steps": steps, **run},
+        "student": {**tiny_config["student"], "lora": {"r": 4, "alpha": 8, "target_modules": TARGETS}},
+        "data": {**tiny_config["data"], "eval": None},
+        "optim": {"lr": 1e-2, "schedule": "constant"},
+    }
 
 
 def test_base_weights_stay_and_adapters_move_through_every_forward(tiny_config, tmp_path):
@@ -67,8 +71,9 @@ def test_resume_is_exact_and_final_is_a_merged_model_with_the_adapters_beside_it
 
     saved = checkpoint_state(checkpoint)["model"]
     assert saved and all("lora_" in name for name in saved)  # the adapters alone
-    resumed = train(validate(lora_config(tiny_config, tmp_path / "parted", 4, save_every=1)), resume=True,
-                    log=lambda *_: None)
+    resumed = train(
+        validate(lora_config(tiny_config, tmp_path / "parted", 4, save_every=1)), resume=True, log=lambda *_: None
+    )
     assert resumed.steps_run == 2
     merged = load_file(straight.output_dir / "final" / "model.safetensors")
     assert merged.keys() == load_file(Path(tiny_config["student"]["path"]) / "model.safetensors").keys()
@@ -84,12 +89,17 @@ def test_resume_is_exact_and_final_is_a_merged_model_with_the_adapters_beside_it
 
     final = straight.output_dir / "final"
     plain = AutoModelForCausalLM.from_pretrained(final).eval()
-    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_config["student"]["path"]),
-                                        final / "adapter").eval()
+    adapted = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_config["student"]["path"]), final / "adapter"
+    ).eval()
     ids = torch.tensor([[3, 14, 15, 9, 26, 5]])
     with torch.no_grad():
-        torch.testing.assert_close(plain(input_ids=ids).logits.log_softmax(-1),
-                                   adapted(input_ids=ids).logits.log_softmax(-1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            plain(input_ids=ids).logits.log_softmax(-1),
+            adapted(input_ids=ids).logits.log_softmax(-1),
+            atol=1e-5,
+            rtol=1e-5,
+        )
 
 
 def test_lora_bad_input_is_one_line_before_any_weight_loads(tiny_config, tmp_path, monkeypatch):
@@ -100,8 +110,11 @@ def test_lora_bad_input_is_one_line_before_any_weight_loads(tiny_config, tmp_pat
         prepare(validate(raw), resume=False, log=lambda *_: None)
     tied = make_tiny_model(tmp_path / "tied", tied=True)  # its head's delta would land on the embeddings too
     raw["student"]["lora"]["target_modules"] = TARGETS
-    with pytest.raises(ConfigError, match=r"^student.lora.target_modules: lm_head: lm_head and embed_tokens are one "
-                                          r"tensor in \S+tied \(tie_word_embeddings\).*; leave it out$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^student.lora.target_modules: lm_head: lm_head and embed_tokens are one "
+        r"tensor in \S+tied \(tie_word_embeddings\).*; leave it out$",
+    ):
         prepare(validate({**raw, "student": {**raw["student"], "path": str(tied)}}), resume=False, log=lambda *_: None)
     raw["student"]["lora"] = {"dropout": 0.1}
     with pytest.raises(ConfigError, match="student.lora.dropout=0.1"):

@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from opd.ops.logprobs import process_logits, token_logprobs
 from opd.objectives import losses
+from opd.ops.logprobs import process_logits, token_logprobs
 
 NEG_INF = float("-inf")
 
@@ -285,8 +285,10 @@ def test_reference_float64_jsd_formula_matches_enumeration():
     teacher = random_logits(4, 5, seed=13)
     for beta in (0.1, 0.5, 0.9):
         torch.testing.assert_close(
-            torch_divergence64("jsd", student, teacher, beta), reference_values("jsd", student, teacher, beta),
-            atol=1e-12, rtol=0,
+            torch_divergence64("jsd", student, teacher, beta),
+            reference_values("jsd", student, teacher, beta),
+            atol=1e-12,
+            rtol=0,
         )
 
 
@@ -307,7 +309,9 @@ def test_jsd_near_endpoints_is_beta_times_the_kl():
         torch.testing.assert_close(near_one / eps, reverse, rtol=20 * eps, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind,beta", [("forward_kl", None), ("reverse_kl", None), ("jsd", 0.5), ("jsd", 0.0), ("jsd", 1.0)])
+@pytest.mark.parametrize(
+    "kind,beta", [("forward_kl", None), ("reverse_kl", None), ("jsd", 0.5), ("jsd", 0.0), ("jsd", 1.0)]
+)
 def test_divergences_with_zero_probability_entries_are_finite(kind, beta):
     """A -inf logit (probability 0, as top-k/top-p truncation makes) contributes 0 log 0 = 0, not NaN:
     teacher zeros in forward KL(pT||pS) and student zeros in reverse KL(pS||pT) and JSD are finite."""
@@ -352,8 +356,10 @@ def test_jsd_where_both_models_give_an_entry_zero_probability_has_the_reference_
         p_teacher = torch_softmax64(teacher[row, keep])
         mixture = beta * p_teacher + (1 - beta) * p_student
         support = p_student > 0
-        value = beta * torch_kl64(p_teacher, mixture) + (1 - beta) * (
-            p_student[support] * (p_student[support].log() - mixture[support].log())).sum()
+        value = (
+            beta * torch_kl64(p_teacher, mixture)
+            + (1 - beta) * (p_student[support] * (p_student[support].log() - mixture[support].log())).sum()
+        )
         (value * weights[row]).backward()
         expected = torch.zeros(6, dtype=torch.float64)
         expected[keep] = torch.nan_to_num(reference.grad)
@@ -554,8 +560,7 @@ def test_sampled_reverse_kl_estimate_averages_to_exact_reverse_kl():
     count = 200_000
     samples = torch.multinomial(torch.tensor(p_s), count, replacement=True, generator=generator)  # (N,)
     k = (
-        token_logprobs(student.expand(count, -1), samples)
-        - token_logprobs(teacher.expand(count, -1), samples)
+        token_logprobs(student.expand(count, -1), samples) - token_logprobs(teacher.expand(count, -1), samples)
     ).double()  # (N,)
     standard_error = k.std().item() / math.sqrt(count)
     assert abs(k.mean().item() - exact) < 4 * standard_error

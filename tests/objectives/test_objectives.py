@@ -19,9 +19,16 @@ from opd.ops.batch import TokenChunk
 
 
 def chunk(tokens, sampler_logprobs, advantages) -> TokenChunk:
-    return TokenChunk(completion_ids=torch.tensor(tokens), sampler_logprobs=torch.tensor(sampler_logprobs),
-                      teacher_logprobs=None, teacher_hidden=None, teacher_topk_ids=None, teacher_topk_logprobs=None,
-                      advantages=torch.tensor(advantages), source=torch.zeros(len(tokens), dtype=torch.long))
+    return TokenChunk(
+        completion_ids=torch.tensor(tokens),
+        sampler_logprobs=torch.tensor(sampler_logprobs),
+        teacher_logprobs=None,
+        teacher_hidden=None,
+        teacher_topk_ids=None,
+        teacher_topk_logprobs=None,
+        advantages=torch.tensor(advantages),
+        source=torch.zeros(len(tokens), dtype=torch.long),
+    )
 
 
 @pytest.mark.parametrize("kind", get_args(LossConfig.model_fields["kind"].annotation))
@@ -40,26 +47,43 @@ def test_the_objective_is_built_from_a_resolved_config_only(tiny_config):
         build_objective(validate(tiny_config))  # forward_kl_coef still null
 
 
-@pytest.mark.parametrize("changes,needs", [
-    ({}, {FULL_DISTRIBUTION, TOKEN_LOGPROBS}),  # the default: a local teacher adds the forward-KL term
-    ({"rollout": {"top_k": 5}}, {TOKEN_LOGPROBS}),  # ... but not under truncation
-    ({"teacher": {"url": "http://127.0.0.1:1", "path": None}}, {TOKEN_LOGPROBS}),  # nor from a server
-    ({"loss": {"forward_kl_coef": 0.1}}, {FULL_DISTRIBUTION, TOKEN_LOGPROBS}),
-    ({"rollout": {"student_fraction": 0.5}}, {FULL_DISTRIBUTION, TOKEN_LOGPROBS, SAMPLES}),
-    ({"rollout": {"student_fraction": 0.5}, "loss": {"off_policy_kind": "sft", "forward_kl_coef": 0}},
-     {TOKEN_LOGPROBS, SAMPLES}),
-    ({"rollout": {"student_fraction": 0.5, "off_policy_source": "dataset"},
-      "loss": {"off_policy_kind": "sft", "forward_kl_coef": 0}}, {TOKEN_LOGPROBS}),
-    ({"rollout": {"student_fraction": 1.0, "student_fraction_start": 0.2, "student_fraction_ramp_steps": 5},
-      "loss": {"kind": "forward_kl", "off_policy_kind": "sft"}}, {FULL_DISTRIBUTION, SAMPLES}),
-    ({"reward": {"verifier": "gsm8k"}, "loss": {"forward_kl_coef": 0}}, {TOKEN_LOGPROBS}),
-    ({"reward": {"verifier": "gsm8k"}, "loss": {"kl_coef": 0}}, set()),  # pure RL: the teacher only watches
-    ({"reward": {"verifier": "gsm8k", "coef": 0}, "loss": {"kl_coef": 1}}, {FULL_DISTRIBUTION, TOKEN_LOGPROBS}),
-    ({"loss": {"kind": "topk_forward_kl"}, "teacher": {"top_k": 3}}, {TOP_K}),
-])
+@pytest.mark.parametrize(
+    "changes,needs",
+    [
+        ({}, {FULL_DISTRIBUTION, TOKEN_LOGPROBS}),  # the default: a local teacher adds the forward-KL term
+        ({"rollout": {"top_k": 5}}, {TOKEN_LOGPROBS}),  # ... but not under truncation
+        ({"teacher": {"url": "http://127.0.0.1:1", "path": None}}, {TOKEN_LOGPROBS}),  # nor from a server
+        ({"loss": {"forward_kl_coef": 0.1}}, {FULL_DISTRIBUTION, TOKEN_LOGPROBS}),
+        ({"rollout": {"student_fraction": 0.5}}, {FULL_DISTRIBUTION, TOKEN_LOGPROBS, SAMPLES}),
+        (
+            {"rollout": {"student_fraction": 0.5}, "loss": {"off_policy_kind": "sft", "forward_kl_coef": 0}},
+            {TOKEN_LOGPROBS, SAMPLES},
+        ),
+        (
+            {
+                "rollout": {"student_fraction": 0.5, "off_policy_source": "dataset"},
+                "loss": {"off_policy_kind": "sft", "forward_kl_coef": 0},
+            },
+            {TOKEN_LOGPROBS},
+        ),
+        (
+            {
+                "rollout": {"student_fraction": 1.0, "student_fraction_start": 0.2, "student_fraction_ramp_steps": 5},
+                "loss": {"kind": "forward_kl", "off_policy_kind": "sft"},
+            },
+            {FULL_DISTRIBUTION, SAMPLES},
+        ),
+        ({"reward": {"verifier": "gsm8k"}, "loss": {"forward_kl_coef": 0}}, {TOKEN_LOGPROBS}),
+        ({"reward": {"verifier": "gsm8k"}, "loss": {"kl_coef": 0}}, set()),  # pure RL: the teacher only watches
+        ({"reward": {"verifier": "gsm8k", "coef": 0}, "loss": {"kl_coef": 1}}, {FULL_DISTRIBUTION, TOKEN_LOGPROBS}),
+        ({"loss": {"kind": "topk_forward_kl"}, "teacher": {"top_k": 3}}, {TOP_K}),
+    ],
+)
 def test_added_terms_and_mixtures_need_what_they_compute_with(tiny_config, changes, needs):
-    raw = {**tiny_config, **{section: {**(tiny_config.get(section) or {}), **values}
-                             for section, values in changes.items()}}
+    raw = {
+        **tiny_config,
+        **{section: {**(tiny_config.get(section) or {}), **values} for section, values in changes.items()},
+    }
     config = resolve(validate(raw))
     assert needed(config) == needs
     build_objective(config)

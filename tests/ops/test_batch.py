@@ -9,11 +9,12 @@ from dataclasses import fields
 import pytest
 import torch
 
-from conftest import make_batch
-from opd.rollout.answers import DatasetAnswers
-from opd.ops.batch import STUDENT, TEACHER, StepBatch
 from opd.data.prompts import PromptStream, load_prompts
 from opd.demo.tokenizer import build_tokenizer
+from opd.ops.batch import STUDENT, TEACHER, StepBatch
+from opd.rollout.answers import DatasetAnswers
+
+from conftest import make_batch
 
 
 def full_batch() -> StepBatch:
@@ -23,12 +24,21 @@ def full_batch() -> StepBatch:
     completion_mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]])
     position = torch.arange(18.0).view(3, 6)  # row * 6 + column
     return make_batch(
-        torch.arange(15).view(3, 5), prompt_mask, torch.arange(18).view(3, 6), completion_mask,
-        sampler_logprobs=-position, finished=torch.tensor([True, True, False]), prompt_index=torch.tensor([0, 0, 1]),
-        teacher_logprobs=-2 * position, teacher_hidden=position[..., None].expand(3, 6, 4).clone(),
+        torch.arange(15).view(3, 5),
+        prompt_mask,
+        torch.arange(18).view(3, 6),
+        completion_mask,
+        sampler_logprobs=-position,
+        finished=torch.tensor([True, True, False]),
+        prompt_index=torch.tensor([0, 0, 1]),
+        teacher_logprobs=-2 * position,
+        teacher_hidden=position[..., None].expand(3, 6, 4).clone(),
         teacher_topk_ids=position.long()[..., None].expand(3, 6, 2).clone(),
-        teacher_topk_logprobs=-position[..., None].expand(3, 6, 2).clone(), advantages=3 * position,
-        sampler_entropy=position / 10, teacher_entropy=position / 20, chunk_index=position.long(),
+        teacher_topk_logprobs=-position[..., None].expand(3, 6, 2).clone(),
+        advantages=3 * position,
+        sampler_entropy=position / 10,
+        teacher_entropy=position / 20,
+        chunk_index=position.long(),
         rewards=torch.tensor([1.0, 0.0, 0.5]),
     ).replace(rows=["row a", "row b", "row c"], source=torch.tensor([STUDENT, TEACHER, STUDENT]))
 
@@ -133,15 +143,19 @@ def test_a_step_sampled_ahead_of_its_update_is_neither_lost_nor_repeated_on_resu
 
 def test_dataset_answers_are_found_by_row_so_duplicate_prompts_keep_their_own(tmp_path):
     path = tmp_path / "rows.jsonl"
-    rows = [{"prompt": "Question : Tom has 2 pens .", "answer": "#### 2", "source": "first"},
-            {"prompt": "Question : Tom has 2 pens .", "answer": "#### 3", "source": "second"}]
+    rows = [
+        {"prompt": "Question : Tom has 2 pens .", "answer": "#### 2", "source": "first"},
+        {"prompt": "Question : Tom has 2 pens .", "answer": "#### 3", "source": "second"},
+    ]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     tokenizer = build_tokenizer()
     prompts = load_prompts(str(path), "data.train", tokenizer, 64)
     assert prompts.token_ids[0] == prompts.token_ids[1]
     batch = DatasetAnswers(prompts, tokenizer, 8, torch.device("cpu")).sample(prompts.batch([1, 0]), 2, 0)
-    texts = [tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
-             for ids, mask in zip(batch.completion_ids, batch.completion_mask)]
+    texts = [
+        tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
+        for ids, mask in zip(batch.completion_ids, batch.completion_mask)
+    ]
     assert texts == ["#### 3", "#### 3", "#### 2", "#### 2"]
     assert batch.row_index.tolist() == [1, 1, 0, 0]
     assert [row.fields["source"] for row in batch.rows] == ["second", "second", "first", "first"]  # the whole row

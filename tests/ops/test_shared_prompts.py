@@ -6,12 +6,20 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from conftest import make_batch
 from opd.ops.batch import StepBatch
 from opd.ops.forward import completion_hidden_states, completion_hidden_states_of, shares_prompts
 
-SHAPE = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64)
+from conftest import make_batch
+
+SHAPE = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 MODELS = {
     "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**SHAPE, head_dim=8)),
     "llama": lambda: LlamaForCausalLM(LlamaConfig(**SHAPE)),
@@ -20,8 +28,9 @@ MODELS = {
 
 
 def hidden_states_of(model, batch: StepBatch) -> torch.Tensor:
-    return completion_hidden_states_of(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
-                                       batch.completion_mask, batch.prompt_index)
+    return completion_hidden_states_of(
+        model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, batch.prompt_index
+    )
 
 
 def grouped_rollouts() -> StepBatch:
@@ -54,7 +63,9 @@ def test_shared_prompts_give_the_plain_forwards_values_and_gradients(name, rows)
     model = MODELS[name]().eval()
     rollouts = grouped_rollouts().select(rows)
     shared = values_and_gradients(model, hidden_states_of(model, rollouts), rollouts.completion_mask)
-    plain_hidden = completion_hidden_states(model, rollouts.input_ids, rollouts.attention_mask, rollouts.completion_ids.shape[1])
+    plain_hidden = completion_hidden_states(
+        model, rollouts.input_ids, rollouts.attention_mask, rollouts.completion_ids.shape[1]
+    )
     plain = values_and_gradients(model, plain_hidden, rollouts.completion_mask)
     torch.testing.assert_close(shared[0], plain[0], atol=1e-5, rtol=1e-4)
     assert len(shared[1]) == len(plain[1]) > 0
@@ -73,5 +84,7 @@ def test_a_model_the_shared_forward_would_change_keeps_the_plain_one():
     rollouts = grouped_rollouts()
     with torch.no_grad():
         mine = hidden_states_of(model, rollouts)
-        plain = completion_hidden_states(model, rollouts.input_ids, rollouts.attention_mask, rollouts.completion_ids.shape[1])
+        plain = completion_hidden_states(
+            model, rollouts.input_ids, rollouts.attention_mask, rollouts.completion_ids.shape[1]
+        )
     torch.testing.assert_close(mine, plain)

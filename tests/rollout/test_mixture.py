@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from opd.ops.logprobs import token_logprobs
-from opd.ops.batch import DATASET, STUDENT, TEACHER, TokenChunk
 from opd.config.files import validate
 from opd.errors import ConfigError
-from opd.objectives.kinds import BySource, NegativeLogLikelihood, PolicyGradient
-from opd.train.setup import prepare
 from opd.io.sinks import read_metrics
+from opd.objectives.kinds import BySource, NegativeLogLikelihood, PolicyGradient
+from opd.ops.batch import DATASET, STUDENT, TEACHER, TokenChunk
+from opd.ops.logprobs import token_logprobs
+from opd.train.setup import prepare
 from opd.train.step import train_step
 from opd.train.trainer import train
 
@@ -29,13 +29,19 @@ def mixed(tiny_config, **rollout) -> dict:
 def test_lambda_of_one_is_exactly_todays_run(tiny_config, tmp_path):
     base = {**tiny_config, "optim": {"lr": 1e-2}}
     today = one_step(base, tmp_path, "default")
-    explicit = one_step(base, tmp_path, "lambda-1", rollout={"student_fraction": 1.0, "student_fraction_start": 1.0,
-                                                            "student_fraction_ramp_steps": 3})
+    explicit = one_step(
+        base,
+        tmp_path,
+        "lambda-1",
+        rollout={"student_fraction": 1.0, "student_fraction_start": 1.0, "student_fraction_ramp_steps": 3},
+    )
     assert_weights_close(today, explicit, atol=0)
 
 
 def test_the_lambda_schedule_ramps_linearly_then_holds(tiny_config):
-    config = validate(mixed(tiny_config, student_fraction=1.0, student_fraction_start=0.2, student_fraction_ramp_steps=4))
+    config = validate(
+        mixed(tiny_config, student_fraction=1.0, student_fraction_start=0.2, student_fraction_ramp_steps=4)
+    )
     assert [config.student_fraction_at(step) for step in (1, 2, 3, 5, 9)] == pytest.approx([0.2, 0.4, 0.6, 1.0, 1.0])
     assert validate(mixed(tiny_config)).student_fraction_at(7) == 0.5
     with pytest.raises(ConfigError, match="a mixture needs rollout.source=student"):
@@ -58,7 +64,9 @@ def test_a_mixed_step_has_rows_of_both_sources_and_metrics_split_by_source(tiny_
     metrics, _ = train_step(session, step=2)
     assert metrics[f"from_{off_source}/rows_fraction"] == 0.5
     assert f"from_{off_source}/logprob/student" in metrics and "distill/reverse_kl" in metrics
-    assert f"from_{off_source}/distill/reverse_kl" not in metrics and f"from_{off_source}/entropy/student" not in metrics
+    assert (
+        f"from_{off_source}/distill/reverse_kl" not in metrics and f"from_{off_source}/entropy/student" not in metrics
+    )
     assert f"from_{off_source}/distill/seq_reverse_kl" not in metrics
     assert 0 <= metrics["ratio/far_fraction"] <= 1 and metrics["ratio/max_abs_log"] < 1e-4  # student rows only
 
@@ -68,9 +76,16 @@ def test_each_row_is_trained_by_the_loss_of_its_source():
     others, with gradients to each."""
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(6, 9, generator=generator, requires_grad=True)
-    chunk = TokenChunk(completion_ids=torch.tensor([1, 2, 3, 4, 5, 6]), sampler_logprobs=-torch.rand(6, generator=generator),
-                       teacher_logprobs=None, teacher_hidden=None, teacher_topk_ids=None, teacher_topk_logprobs=None,
-                       advantages=torch.randn(6, generator=generator), source=torch.tensor([0, 1, 0, 2, 1, 0]))
+    chunk = TokenChunk(
+        completion_ids=torch.tensor([1, 2, 3, 4, 5, 6]),
+        sampler_logprobs=-torch.rand(6, generator=generator),
+        teacher_logprobs=None,
+        teacher_hidden=None,
+        teacher_topk_ids=None,
+        teacher_topk_logprobs=None,
+        advantages=torch.randn(6, generator=generator),
+        source=torch.tensor([0, 1, 0, 2, 1, 0]),
+    )
     on, off = PolicyGradient(1.0, 0, 1.0, None, 1.0, 0.0), NegativeLogLikelihood()
     values, logprobs = BySource(on, off).per_token(logits, chunk, None)
     student = chunk.source == STUDENT
@@ -116,17 +131,21 @@ class KeyedSampler:
 
         self.keys += prompts.keys
         rows = len(prompts) * samples_per_prompt
-        return make_batch(torch.ones(rows, 2, dtype=torch.long), torch.ones(rows, 2, dtype=torch.long),
-                          torch.ones(rows, 1, dtype=torch.long), torch.ones(rows, 1, dtype=torch.long)).replace(
-            source=torch.full((rows,), self.source))
+        return make_batch(
+            torch.ones(rows, 2, dtype=torch.long),
+            torch.ones(rows, 2, dtype=torch.long),
+            torch.ones(rows, 1, dtype=torch.long),
+            torch.ones(rows, 1, dtype=torch.long),
+        ).replace(source=torch.full((rows,), self.source))
 
 
 @pytest.mark.parametrize("fraction", [0.25, 0.5, 0.75])
 def test_the_student_share_is_counted_over_the_whole_step_whatever_the_world_size(fraction):
     """With 4 prompts a step, lambda = 0.75 is 3 student prompts on 1 rank and on 2 ranks alike (rounding
     each rank's share would give 4), and the student takes the same prompts (the step's first keys)."""
-    from conftest import prompt_batch
     from opd.rollout.mixture import RolloutMix
+
+    from conftest import prompt_batch
 
     def student_keys(shares):
         student, teacher = KeyedSampler(STUDENT), KeyedSampler(TEACHER)

@@ -7,18 +7,17 @@ import math
 import pytest
 import torch
 
-from opd.objectives import losses
-from opd.ops.batch import StepBatch
-from opd.errors import ModelError
-from opd.ops.forward import completion_hidden_states, logits_from_hidden
 from opd.models.loading import load_model
-from opd.train.metrics import masked_mean, rollout_metrics
+from opd.models.precision import Precision
+from opd.objectives import losses
 from opd.objectives.kinds import Divergence, PolicyGradient
+from opd.ops.batch import StepBatch
+from opd.ops.forward import completion_hidden_states, logits_from_hidden
 from opd.rollout.sampler import draw
 from opd.teachers.local import LocalTeacher
+from opd.train.metrics import masked_mean, rollout_metrics
 from opd.train.update import backward_micro_batch
 
-from opd.models.precision import Precision
 from conftest import CPU, model_sampler, prompt_batch, recompute_logprobs
 
 
@@ -30,8 +29,12 @@ def gradient_of(student, teacher, batch: StepBatch, objective, micro: int, chunk
     """Loss and flat gradient of one step's objective over micro-batches of `micro` rows."""
     student.model.zero_grad(set_to_none=True)
     batch = objective.prepare(batch)
-    loss = sum(backward_micro_batch(student, teacher, batch.select(slice(row, row + micro)), objective, batch.num_tokens,
-                                    chunk_size, CPU).loss for row in range(0, len(batch), micro))
+    loss = sum(
+        backward_micro_batch(
+            student, teacher, batch.select(slice(row, row + micro)), objective, batch.num_tokens, chunk_size, CPU
+        ).loss
+        for row in range(0, len(batch), micro)
+    )
     return loss, torch.cat([p.grad.flatten() for p in student.model.parameters() if p.grad is not None])
 
 
@@ -41,7 +44,10 @@ def models(tiny_models):
 
 
 def prompts(tokenizer):
-    return [tokenizer("Question : Mia has 3 apples . \n Answer :")["input_ids"], tokenizer("Question : Tom ?")["input_ids"]]
+    return [
+        tokenizer("Question : Mia has 3 apples . \n Answer :")["input_ids"],
+        tokenizer("Question : Tom ?")["input_ids"],
+    ]
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.0, 0, 1.0), (0.7, 20, 0.9)])
@@ -115,7 +121,11 @@ def sample_with_early_eos(models):
 def test_eos_stays_in_the_mask_when_pad_is_eos_and_nothing_after_it(models):
     rollouts = sample_with_early_eos(models)
     eos = models["student"].tokenizer.eos_token_id
-    early = [row for row in range(len(rollouts)) if rollouts.finished[row] and rollouts.completion_mask[row].sum() < rollouts.completion_ids.shape[1]]
+    early = [
+        row
+        for row in range(len(rollouts))
+        if rollouts.finished[row] and rollouts.completion_mask[row].sum() < rollouts.completion_ids.shape[1]
+    ]
     assert early, "test needs rollouts that stop before the last column"
     for row in early:
         eos_at = int((rollouts.completion_ids[row] == eos).nonzero()[0])
@@ -157,7 +167,9 @@ def test_eos_token_receives_gradient(models):
     advantages[row, eos_at] = 1.0  # only the EOS position carries reward
     student.model.zero_grad(set_to_none=True)
     objective = PolicyGradient(1.0, 0, 1.0, None, kl_coef=1.0, discount=0.0)
-    backward_micro_batch(student, None, rollouts.replace(advantages=advantages), objective, rollouts.num_tokens, 64, CPU)
+    backward_micro_batch(
+        student, None, rollouts.replace(advantages=advantages), objective, rollouts.num_tokens, 64, CPU
+    )
     eos_row_grad = student.model.get_output_embeddings().weight.grad[eos]
     assert eos_row_grad.abs().sum() > 0
 
@@ -172,9 +184,15 @@ def test_left_padding_keeps_positions(models):
     together = sampler.sample(prompt_batch([long, short]), 1, 0)
     alone = sampler.sample(prompt_batch([short]), 1, 0)
     # Same completion tokens for the short prompt, scored alone and padded:
-    forced = alone.replace(completion_ids=together.completion_ids[1:], completion_mask=together.completion_mask[1:],
-                           sampler_logprobs=together.sampler_logprobs[1:], finished=together.finished[1:])
-    torch.testing.assert_close(teacher.score(together).logprobs[1], teacher.score(forced).logprobs[0], atol=1e-5, rtol=0)
+    forced = alone.replace(
+        completion_ids=together.completion_ids[1:],
+        completion_mask=together.completion_mask[1:],
+        sampler_logprobs=together.sampler_logprobs[1:],
+        finished=together.finished[1:],
+    )
+    torch.testing.assert_close(
+        teacher.score(together).logprobs[1], teacher.score(forced).logprobs[0], atol=1e-5, rtol=0
+    )
     reference = recompute_logprobs(student, forced, 1.0)[0]
     torch.testing.assert_close(together.sampler_logprobs[1], reference * together.completion_mask[1], atol=2e-5, rtol=0)
 
@@ -212,7 +230,9 @@ def test_teacher_hidden_states_cover_only_completion(models):
     hidden = completion_hidden_states(teacher.model, ids, mask, 2)
     with torch.no_grad():
         full = teacher.model(input_ids=ids).logits[:, 2:4, : teacher.vocab_size]
-    torch.testing.assert_close(logits_from_hidden(teacher.model, hidden, teacher.vocab_size), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        logits_from_hidden(teacher.model, hidden, teacher.vocab_size), full, atol=1e-5, rtol=1e-5
+    )
 
 
 def test_sampling_stops_at_every_stop_token_of_the_generation_config(models):
@@ -238,7 +258,7 @@ def test_sampling_stops_at_every_stop_token_of_the_generation_config(models):
     for row in stopped:
         length = int(rollouts.completion_mask[row].sum())
         assert int(rollouts.completion_ids[row, length - 1]) in (stop, student.tokenizer.eos_token_id)
-        assert (rollouts.completion_ids[row, :length - 1] != stop).all()
+        assert (rollouts.completion_ids[row, : length - 1] != stop).all()
 
 
 def test_bf16_sampling_uses_a_copy_of_the_current_master_weights(tiny_models):
@@ -277,8 +297,11 @@ def test_micro_batches_of_different_lengths_give_the_whole_batch_gradient(models
     rollouts = rollouts.select(order)
     assert rollouts.select(slice(0, 4)).completion_ids.shape[1] < rollouts.completion_ids.shape[1]
     rollouts = teacher.score(rollouts, keep_hidden=True).attach(rollouts)
-    objective = (PolicyGradient(1.0, 0, 1.0, None, kl_coef=1.0, discount=0.5) if kind == "reverse_kl_pg"
-                 else Divergence(losses.forward_kl, 1.0))
+    objective = (
+        PolicyGradient(1.0, 0, 1.0, None, kl_coef=1.0, discount=0.5)
+        if kind == "reverse_kl_pg"
+        else Divergence(losses.forward_kl, 1.0)
+    )
     whole_loss, whole = gradient_of(student, teacher, rollouts, objective, len(rollouts), chunk_size=7)
     split_loss, split = gradient_of(student, teacher, rollouts, objective, 4, chunk_size=7)
     assert split_loss == pytest.approx(whole_loss, rel=1e-5)
@@ -304,7 +327,8 @@ def test_a_prompts_samples_depend_on_its_key_not_on_the_batch_it_is_in(models):
     for part, rows in ((alone, slice(0, 3)), (swapped, slice(0, 3))):
         width = int(together.completion_mask[3:].sum(1).max())
         assert torch.equal(part.completion_ids[rows, :width], together.completion_ids[3:, :width])
-        torch.testing.assert_close(part.sampler_logprobs[rows, :width], together.sampler_logprobs[3:, :width],
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            part.sampler_logprobs[rows, :width], together.sampler_logprobs[3:, :width], atol=1e-5, rtol=0
+        )
     other_key = keyed([second], [10])
     assert not torch.equal(other_key.completion_ids, alone.completion_ids)

@@ -10,15 +10,16 @@ import os
 import pytest
 import torch
 
-from conftest import make_tiny_model, prompt_batch, recompute_logprobs
 from opd.config.sections import LoraSettings, VLLMEngineSettings
 from opd.errors import ConfigError
 from opd.models.loading import load_model
 from opd.models.lora import add_adapters
+from opd.models.weights import plain_weights
 from opd.rollout import vllm_engine
 from opd.rollout.sampler import SamplingSettings
-from opd.models.weights import plain_weights
 from opd.rollout.vllm_engine import VLLMSampler, check_engine
+
+from conftest import make_tiny_model, prompt_batch, recompute_logprobs
 
 pytestmark = pytest.mark.vllm
 
@@ -40,8 +41,15 @@ def engine():
 
     path = _demo_student_path()
     student = load_model(path, "student.path", torch.device("cpu"))
-    sampler = VLLMSampler(student, path, SamplingSettings(48), VLLMEngineSettings(gpu_memory_utilization=0.1), CPU,
-                          max_model_len=256, seed=0)
+    sampler = VLLMSampler(
+        student,
+        path,
+        SamplingSettings(48),
+        VLLMEngineSettings(gpu_memory_utilization=0.1),
+        CPU,
+        max_model_len=256,
+        seed=0,
+    )
     yield sampler
     sampler.close()
 
@@ -61,8 +69,9 @@ def engine_logprobs_of(sampler: VLLMSampler, ids: list[int]) -> torch.Tensor:
     """(len(ids) - 1,) the engine's log-probs of ids[1:] given what precedes each (prompt log-probs)."""
     from vllm import SamplingParams
 
-    output = sampler.llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0),
-                                  use_tqdm=False)[0]
+    output = sampler.llm.generate(
+        [{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False
+    )[0]
     return torch.tensor([step[token].logprob for step, token in zip(output.prompt_logprobs[1:], ids[1:])])
 
 
@@ -104,8 +113,9 @@ def _train_a_little(student, steps: int, engine: VLLMSampler, fixed: list[int]) 
     generator = torch.Generator().manual_seed(0)
     for _ in range(steps):
         ids = torch.randint(0, student.vocab_size, (4, 12), generator=generator)
-        loss = torch.nn.functional.cross_entropy(student.model(input_ids=ids).logits[:, :-1].flatten(0, 1),
-                                                 ids[:, 1:].flatten())
+        loss = torch.nn.functional.cross_entropy(
+            student.model(input_ids=ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -125,7 +135,9 @@ def test_sync_after_each_of_three_steps_gives_the_engine_the_students_weights(en
 
 
 def test_sync_merges_lora_adapters_into_the_engines_weights(engine):
-    student = add_adapters(fresh_student(), LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    student = add_adapters(
+        fresh_student(), LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    )
     engine.policy = student
     fixed = [7, 8, 9, 50, 51, 52, 53, 2, 11, 12]
     _train_a_little(student, 3, engine, fixed)  # the adapters start at zero (B = 0): only training moves them

@@ -16,13 +16,14 @@ import torch
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from conftest import CPU, free_port, make_batch  # noqa: E402
-from processes import running, served  # noqa: E402
-from weights import assert_same_learning, final_weights  # noqa: E402
 from opd.config.schema import TeacherConfig  # noqa: E402
 from opd.io.sinks import read_metrics  # noqa: E402
 from opd.teachers.local import load_teacher  # noqa: E402
 from opd.teachers.remote import RemoteTeacher  # noqa: E402
+
+from conftest import CPU, free_port, make_batch  # noqa: E402
+from processes import running, served  # noqa: E402
+from weights import assert_same_learning, final_weights  # noqa: E402
 
 
 def scoring_batch(vocab: int) -> object:
@@ -36,8 +37,7 @@ def scoring_batch(vocab: int) -> object:
     completion_mask = torch.ones_like(completion_ids)
     completion_mask[1, 3:] = 0
     completion_mask[3, 1:] = 0
-    return make_batch(prompt_ids, prompt_mask, completion_ids, completion_mask,
-                      prompt_index=torch.tensor([0, 0, 1, 1]))
+    return make_batch(prompt_ids, prompt_mask, completion_ids, completion_mask, prompt_index=torch.tensor([0, 0, 1, 1]))
 
 
 @pytest.mark.e2e
@@ -48,9 +48,10 @@ def test_the_remote_teacher_gives_the_local_teachers_scores(tiny_models, tempera
     batch = scoring_batch(local.loaded.vocab_size)
     expected = local.score(batch)
     with served(tiny_models["teacher"]) as url:
-        remote = RemoteTeacher(TeacherConfig(url=url, temperature=temperature, top_k=top_k, request_tokens=12,
-                                             retry_deadline_s=10),
-                               local.loaded.vocab_size)
+        remote = RemoteTeacher(
+            TeacherConfig(url=url, temperature=temperature, top_k=top_k, request_tokens=12, retry_deadline_s=10),
+            local.loaded.vocab_size,
+        )
         remote.check(local.loaded.tokenizer)
         scores = remote.score(batch)
     mask = batch.completion_mask.bool()
@@ -76,11 +77,16 @@ def test_bad_requests_get_a_4xx_and_the_server_goes_on(tiny_models):
         assert post(url, good, key="wrong").status_code == 401
         assert httpx.get(url + "/v1/models").status_code == 401
         assert httpx.get(url + "/health").status_code == 200  # health needs no key, as vLLM's
-        bad = {"malformed JSON": (None, b"{not json"), "token out of range": ({**good, "prompt": [5, 10**6]}, None),
-               "empty prompt": ({**good, "prompt": []}, None), "text prompt": ({**good, "prompt": "hello"}, None),
-               "oversized": ({**good, "prompt": [5] * 65}, None), "no prompt_logprobs": ({"prompt": [5, 6]}, None),
-               "unknown model": ({**good, "model": "other"}, None),
-               "start past the end": ({**good, "logprob_start": 5}, None)}
+        bad = {
+            "malformed JSON": (None, b"{not json"),
+            "token out of range": ({**good, "prompt": [5, 10**6]}, None),
+            "empty prompt": ({**good, "prompt": []}, None),
+            "text prompt": ({**good, "prompt": "hello"}, None),
+            "oversized": ({**good, "prompt": [5] * 65}, None),
+            "no prompt_logprobs": ({"prompt": [5, 6]}, None),
+            "unknown model": ({**good, "model": "other"}, None),
+            "start past the end": ({**good, "logprob_start": 5}, None),
+        }
         for name, (body, raw) in bad.items():
             response = post(url, body, key="sesame", raw=raw)
             assert 400 <= response.status_code < 500, name
@@ -109,16 +115,34 @@ def vllm_fixture() -> dict:
     (vLLM docs, OpenAI-compatible server, 'prompt_logprobs' extra parameter; DESIGN.md §7): one entry per
     prompt position, the first null; the position's own token is always a key, with its rank, beside the
     top 2 (here token 13 is ranked 5th at its position, so that entry has 3 keys)."""
-    return {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": "m", "choices": [{
-        "index": 0, "text": "!", "logprobs": None, "finish_reason": "length", "stop_reason": None,
-        "prompt_logprobs": [
-            None,
-            {"12": {"logprob": -0.1, "rank": 1, "decoded_token": "b"},
-             "40": {"logprob": -2.5, "rank": 2, "decoded_token": "x"}},
-            {"13": {"logprob": -3.0, "rank": 5, "decoded_token": "c"},
-             "7": {"logprob": -0.5, "rank": 1, "decoded_token": "y"},
-             "9": {"logprob": -1.5, "rank": 2, "decoded_token": "z"}}]}],
-        "usage": {"prompt_tokens": 3, "total_tokens": 4, "completion_tokens": 1}}
+    return {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 0,
+        "model": "m",
+        "choices": [
+            {
+                "index": 0,
+                "text": "!",
+                "logprobs": None,
+                "finish_reason": "length",
+                "stop_reason": None,
+                "prompt_logprobs": [
+                    None,
+                    {
+                        "12": {"logprob": -0.1, "rank": 1, "decoded_token": "b"},
+                        "40": {"logprob": -2.5, "rank": 2, "decoded_token": "x"},
+                    },
+                    {
+                        "13": {"logprob": -3.0, "rank": 5, "decoded_token": "c"},
+                        "7": {"logprob": -0.5, "rank": 1, "decoded_token": "y"},
+                        "9": {"logprob": -1.5, "rank": 2, "decoded_token": "z"},
+                    },
+                ],
+            }
+        ],
+        "usage": {"prompt_tokens": 3, "total_tokens": 4, "completion_tokens": 1},
+    }
 
 
 def sglang_fixture() -> list:
@@ -126,11 +150,20 @@ def sglang_fixture() -> list:
     (sglang docs/references/sampling_params.md for the request; the scheduler's output processor builds
     input_token_logprobs as [None] + values[:-1] aligned with input_ids[logprob_start_len:], each
     [logprob, token_id, text]). Text is null unless return_text_in_logprobs."""
-    return [{"text": "", "meta_info": {
-        "id": "r1", "prompt_tokens": 3, "completion_tokens": 0,
-        "input_token_logprobs": [[None, 11, None], [-0.1, 12, None], [-3.0, 13, None]],
-        "input_top_logprobs": [None, [[-0.1, 12, None], [-2.5, 40, None]], [[-0.5, 7, None], [-1.5, 9, None]]],
-        "output_token_logprobs": [], "output_top_logprobs": []}}]
+    return [
+        {
+            "text": "",
+            "meta_info": {
+                "id": "r1",
+                "prompt_tokens": 3,
+                "completion_tokens": 0,
+                "input_token_logprobs": [[None, 11, None], [-0.1, 12, None], [-3.0, 13, None]],
+                "input_top_logprobs": [None, [[-0.1, 12, None], [-2.5, 40, None]], [[-0.5, 7, None], [-1.5, 9, None]]],
+                "output_token_logprobs": [],
+                "output_top_logprobs": [],
+            },
+        }
+    ]
 
 
 def test_the_client_reads_vllm_and_sglang_answers():
@@ -149,17 +182,24 @@ def test_the_client_reads_vllm_and_sglang_answers():
 
 
 def remote_config(tiny_config, output_dir: Path, url: str, steps: int = 3, **teacher) -> dict:
-    return {**tiny_config, "run": {**tiny_config["run"], "output_dir": str(output_dir), "max_steps": steps},
-            "teacher": {"url": url, "retry_deadline_s": 60, "timeout_s": 5, **teacher},
-            "optim": {"lr": 1e-2, "schedule": "constant", "eps": 1e-3}}
+    return {
+        **tiny_config,
+        "run": {**tiny_config["run"], "output_dir": str(output_dir), "max_steps": steps},
+        "teacher": {"url": url, "retry_deadline_s": 60, "timeout_s": 5, **teacher},
+        "optim": {"lr": 1e-2, "schedule": "constant", "eps": 1e-3},
+    }
 
 
 def local_config(tiny_config, output_dir: Path, steps: int = 3, **teacher) -> dict:
     """The same run with the teacher in this process, without the default's forward-KL term, which a
     server's teacher resolves to 0 (it sends no full distribution)."""
-    return {**tiny_config, "run": {**tiny_config["run"], "output_dir": str(output_dir), "max_steps": steps},
-            "teacher": {**tiny_config["teacher"], **teacher}, "loss": {"forward_kl_coef": 0.0},
-            "optim": {"lr": 1e-2, "schedule": "constant", "eps": 1e-3}}
+    return {
+        **tiny_config,
+        "run": {**tiny_config["run"], "output_dir": str(output_dir), "max_steps": steps},
+        "teacher": {**tiny_config["teacher"], **teacher},
+        "loss": {"forward_kl_coef": 0.0},
+        "optim": {"lr": 1e-2, "schedule": "constant", "eps": 1e-3},
+    }
 
 
 @pytest.mark.e2e
@@ -172,11 +212,14 @@ def test_training_against_the_server_equals_training_against_the_local_teacher(t
     loss = {"loss": {"kind": "topk_forward_kl"}} if teacher.get("top_k") else {"reward": {"verifier": "gsm8k"}}
     train(validate({**local_config(tiny_config, tmp_path / "local", **teacher), **loss}), log=lambda *_: None)
     with served(Path(tiny_config["teacher"]["path"])) as url:
-        train(validate({**remote_config(tiny_config, tmp_path / "remote", url, **teacher), **loss}),
-              log=lambda *_: None)
+        train(
+            validate({**remote_config(tiny_config, tmp_path / "remote", url, **teacher), **loss}), log=lambda *_: None
+        )
     if "reward" in loss:
         assert "reward/mean" in read_metrics(tmp_path / "remote" / "metrics.jsonl")[-1]
-    assert_same_learning(final_weights(tmp_path / "local"), final_weights(tmp_path / "remote"), tiny_config["student"]["path"])
+    assert_same_learning(
+        final_weights(tmp_path / "local"), final_weights(tmp_path / "remote"), tiny_config["student"]["path"]
+    )
 
 
 @contextmanager
@@ -215,15 +258,18 @@ def test_a_server_killed_and_restarted_mid_run_changes_nothing(tiny_config, tmp_
     port = free_port()
     with ExitStack() as cleanup:  # the run outlives the first server, and is killed last
         with served(teacher, port=port) as url:
-            job = cleanup.enter_context(training(remote_config(tiny_config, tmp_path / "remote", url, steps),
-                                                 tmp_path, "remote"))
+            job = cleanup.enter_context(
+                training(remote_config(tiny_config, tmp_path / "remote", url, steps), tmp_path, "remote")
+            )
             wait_for_step(tmp_path / "remote", 3, job)
         assert job.poll() is None, "the run ended before the server was killed"
         time.sleep(1.0)  # the run retries against a dead port meanwhile
         with served(teacher, port=port):
             _, stderr = job.communicate(timeout=300)
     assert job.returncode == 0, stderr[-2000:]
-    assert_same_learning(final_weights(tmp_path / "local"), final_weights(tmp_path / "remote"), tiny_config["student"]["path"])
+    assert_same_learning(
+        final_weights(tmp_path / "local"), final_weights(tmp_path / "remote"), tiny_config["student"]["path"]
+    )
     assert [row["step"] for row in read_metrics(tmp_path / "remote" / "metrics.jsonl")] == list(range(steps + 1))
 
 
@@ -280,8 +326,13 @@ class FaultyProxy:
                 if fault == "slow":
                     proxy.spoiled += 1
                     time.sleep(proxy.delay_s)
-                answer = httpx.request(method, proxy.target + self.path, content=body,
-                                       headers={"content-type": "application/json"}, timeout=60)
+                answer = httpx.request(
+                    method,
+                    proxy.target + self.path,
+                    content=body,
+                    headers={"content-type": "application/json"},
+                    timeout=60,
+                )
                 content = answer.content
                 if fault == "truncate":
                     proxy.spoiled += 1
@@ -320,4 +371,6 @@ def test_errors_delays_and_dropped_connections_change_nothing(tiny_config, tmp_p
         finally:
             proxy.close()
     assert proxy.spoiled >= 8  # every kind of fault, at least twice
-    assert_same_learning(final_weights(tmp_path / "local"), final_weights(tmp_path / "remote"), tiny_config["student"]["path"])
+    assert_same_learning(
+        final_weights(tmp_path / "local"), final_weights(tmp_path / "remote"), tiny_config["student"]["path"]
+    )

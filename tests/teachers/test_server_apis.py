@@ -14,8 +14,10 @@ ROWS = [([5, 6, 7, 8], 2), ([9, 10, 11], 1)]
 
 def test_request_bodies():
     path, body = SERVER_APIS["vllm"].score_request("m", ROWS, top_k=3, temperature=0.7)
-    assert (path, body) == ("/v1/completions", {"model": "m", "prompt": [[5, 6, 7, 8], [9, 10, 11]],
-                                                "max_tokens": 1, "prompt_logprobs": 3})
+    assert (path, body) == (
+        "/v1/completions",
+        {"model": "m", "prompt": [[5, 6, 7, 8], [9, 10, 11]], "max_tokens": 1, "prompt_logprobs": 3},
+    )
     path, body = SERVER_APIS["opd"].score_request("m", ROWS, top_k=0, temperature=0.7)
     assert path == "/v1/completions" and body["temperature"] == 0.7 and body["logprob_start"] == [2, 1]
     assert body["prompt"] == [[5, 6, 7, 8], [9, 10, 11]] and body["prompt_logprobs"] == 0

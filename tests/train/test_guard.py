@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from opd.ops.logprobs import entropy, token_logprobs, token_logprobs_and_entropy
-from opd.io.checkpoint import latest_checkpoint
 from opd.config.files import validate
 from opd.errors import StudentCollapsed
+from opd.io.checkpoint import latest_checkpoint
+from opd.io.sinks import read_metrics
+from opd.ops.logprobs import entropy, token_logprobs, token_logprobs_and_entropy
 from opd.train.guard import CollapseGuard
 from opd.train.metrics import repetition
-from opd.io.sinks import read_metrics
 from opd.train.trainer import train
 
 
@@ -94,9 +94,12 @@ def test_a_forced_collapse_trips_the_guard(tiny_config, mode):
     """Two healthy steps, then the checkpoint's student is made to collapse and the run resumed. With
     stop, the guard ends the run at the second collapsed step, before its update, naming the last good
     checkpoint and writing no final/; with warn it prints one line and the run finishes."""
-    raw = {**tiny_config, "run": {**tiny_config["run"], "max_steps": 2, "save_every": 1, "collapse_guard": mode,
-                                  "collapse_patience": 2},
-           "data": {**tiny_config["data"], "eval": None}, "optim": {"lr": 1e-3, "schedule": "constant"}}
+    raw = {
+        **tiny_config,
+        "run": {**tiny_config["run"], "max_steps": 2, "save_every": 1, "collapse_guard": mode, "collapse_patience": 2},
+        "data": {**tiny_config["data"], "eval": None},
+        "optim": {"lr": 1e-3, "schedule": "constant"},
+    }
     train(validate(raw), log=lambda *_: None)
     output_dir = Path(raw["run"]["output_dir"])
     collapse_checkpoint(output_dir / "checkpoints" / "step-2")
@@ -115,12 +118,17 @@ def test_a_forced_collapse_trips_the_guard(tiny_config, mode):
 
 
 def test_repetition_of_several_batches_combines_as_if_pooled():
-    from conftest import make_batch
     from opd.train.metrics import combine, rollout_metrics
+
+    from conftest import make_batch
 
     ids = torch.tensor([[1, 2, 3, 4, 1, 2, 3, 4, 9, 9], [5, 6, 7, 0, 0, 0, 0, 0, 0, 0]])
     mask = torch.tensor([[1] * 10, [1] * 3 + [0] * 7])
-    parts = [make_batch(torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long), ids[i : i + 1],
-                        mask[i : i + 1]) for i in range(2)]
+    parts = [
+        make_batch(
+            torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long), ids[i : i + 1], mask[i : i + 1]
+        )
+        for i in range(2)
+    ]
     pieces = [(rollout_metrics(part), part.num_tokens, len(part)) for part in parts]
     assert combine(pieces)["generation/repetition"] == pytest.approx(repetition(ids, mask))

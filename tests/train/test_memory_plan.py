@@ -19,23 +19,33 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from conftest import run_cli, write_problems
-from processes import launch
-from opd.config.sections import LoraSettings
 from opd.config.files import validate
+from opd.config.sections import LoraSettings
 from opd.demo.tokenizer import build_tokenizer
+from opd.io.sinks import read_metrics
 from opd.models.shapes import model_shape
 from opd.train.memory import plan_memory
-from opd.io.sinks import read_metrics
+
+from conftest import run_cli, write_problems
+from processes import launch
 
 
 def make_model(folder: Path, layers: int, tied: bool = False) -> Path:
     tokenizer = build_tokenizer()
     torch.manual_seed(0)
-    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=512, intermediate_size=1536, num_hidden_layers=layers,
-                         num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=256,
-                         tie_word_embeddings=tied, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=256,
+        tie_word_embeddings=tied,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     Qwen3ForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -44,17 +54,23 @@ def make_model(folder: Path, layers: int, tied: bool = False) -> Path:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("memory")
-    return {"student": make_model(root / "student", 8), "teacher": make_model(root / "teacher", 12),
-            "data": write_problems(root / "train.jsonl", 32, seed=1)}
+    return {
+        "student": make_model(root / "student", 8),
+        "teacher": make_model(root / "teacher", 12),
+        "data": write_problems(root / "train.jsonl", 32, seed=1),
+    }
 
 
 def raw_config(models, output_dir: Path, micro: int, shard: bool = False) -> dict:
-    return {"run": {"output_dir": str(output_dir), "max_steps": 3, "precision": "fp32", "device": "cpu",
-                    "progress": False},
-            "student": {"path": str(models["student"]), "shard": shard}, "teacher": {"path": str(models["teacher"])},
-            "data": {"train": str(models["data"]), "max_prompt_tokens": 32},  # its prompts have up to 31 tokens
-            "rollout": {"samples_per_prompt": 4, "max_new_tokens": 48},
-            "batch": {"prompts_per_step": 4, "micro_batch_size": micro}, "optim": {"lr": 1e-4}}
+    return {
+        "run": {"output_dir": str(output_dir), "max_steps": 3, "precision": "fp32", "device": "cpu", "progress": False},
+        "student": {"path": str(models["student"]), "shard": shard},
+        "teacher": {"path": str(models["teacher"])},
+        "data": {"train": str(models["data"]), "max_prompt_tokens": 32},  # its prompts have up to 31 tokens
+        "rollout": {"samples_per_prompt": 4, "max_new_tokens": 48},
+        "batch": {"prompts_per_step": 4, "micro_batch_size": micro},
+        "optim": {"lr": 1e-4},
+    }
 
 
 def test_the_plan_counts_what_the_models_hold(models, tmp_path):
@@ -65,7 +81,9 @@ def test_the_plan_counts_what_the_models_hold(models, tmp_path):
         assert shape.parameters == sum(parameter.numel() for parameter in model.parameters())
         assert shape.layers == 2 and shape.vocab == model.config.vocab_size
     plan = plan_memory(validate(raw_config(models, tmp_path / "run", 16)), 1, "cpu")
-    student = sum(parameter.numel() for parameter in AutoModelForCausalLM.from_pretrained(models["student"]).parameters())
+    student = sum(
+        parameter.numel() for parameter in AutoModelForCausalLM.from_pretrained(models["student"]).parameters()
+    )
     assert plan.resident["student weights (fp32)"] == 4 * student
     assert plan.resident["AdamW state (2 x fp32)"] == 8 * student
     sharded = plan_memory(validate(raw_config(models, tmp_path / "run", 16, shard=True)), 2, "cpu")
@@ -86,10 +104,19 @@ def test_lora_counts_the_adapters_that_peft_adds(models):
 def test_a_hub_id_without_a_local_config_is_named(models, tmp_path):
     raw = raw_config(models, tmp_path / "run", 16)
     raw["teacher"]["path"] = "someone/not-downloaded"
-    result = run_cli("train", "--dry-run", str(write_yaml(raw, tmp_path)), "--nproc-per-node", "2",
-                     env={"HF_HUB_CACHE": str(tmp_path / "empty-cache")})
+    result = run_cli(
+        "train",
+        "--dry-run",
+        str(write_yaml(raw, tmp_path)),
+        "--nproc-per-node",
+        "2",
+        env={"HF_HUB_CACHE": str(tmp_path / "empty-cache")},
+    )
     assert result.returncode == 0, result.stderr
-    assert "teacher.path: someone/not-downloaded has no local config.json and none in the Hugging Face cache" in result.stdout
+    assert (
+        "teacher.path: someone/not-downloaded has no local config.json and none in the Hugging Face cache"
+        in result.stdout
+    )
     assert "student weights (fp32)" in result.stdout  # the student is still planned
 
 
@@ -119,8 +146,10 @@ def test_the_planned_peak_is_within_a_quarter_of_the_measured_one(models, tmp_pa
 def test_a_child_of_a_large_process_measures_its_own_peak():
     """Linux carries ru_maxrss over from the parent through fork and exec; the measured peak must not."""
     held = torch.ones(2**28)  # 1 GiB, touched, in this (the parent) process
-    child = ("import torch; from opd.train.memory import PeakMemory; peak = PeakMemory(torch.device('cpu')); "
-             "peak.start(); x = torch.ones(2**25); print(peak.bytes() / 2**30)")  # 0.125 GiB
+    child = (
+        "import torch; from opd.train.memory import PeakMemory; peak = PeakMemory(torch.device('cpu')); "
+        "peak.start(); x = torch.ones(2**25); print(peak.bytes() / 2**30)"
+    )  # 0.125 GiB
     measured = float(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout)
     assert 0.1 < measured < 0.3, measured
     del held

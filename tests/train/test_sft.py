@@ -9,7 +9,6 @@ import pytest
 import torch
 import yaml
 
-from conftest import recompute_logprobs, run_cli
 from opd.config.files import load_config, validate
 from opd.errors import ConfigError, DataError
 from opd.io.sinks import read_metrics
@@ -18,9 +17,15 @@ from opd.train.step import score
 from opd.train.trainer import train
 from opd.train.update import update_student
 
+from conftest import recompute_logprobs, run_cli
+
 
 def sft_config(tiny_config, **rollout) -> dict:
-    return {**tiny_config, "loss": {"kind": "sft"}, "rollout": {**tiny_config["rollout"], "source": "dataset", **rollout}}
+    return {
+        **tiny_config,
+        "loss": {"kind": "sft"},
+        "rollout": {**tiny_config["rollout"], "source": "dataset", **rollout},
+    }
 
 
 def reference_nll(model, rollouts) -> float:
@@ -70,8 +75,12 @@ def test_dataset_source_needs_answers_before_any_weight_loads(tiny_config, tmp_p
     data.write_text(json.dumps({"prompt": "Question : Tom has 2 pens ."}) + "\n")
     raw = sft_config(tiny_config)
     raw["data"] = {**raw["data"], "train": str(data)}
-    monkeypatch.setattr("opd.train.setup.load_model", lambda *a, **k: pytest.fail("weights loaded before the data check"))
-    monkeypatch.setattr("opd.teachers.build.load_teacher", lambda *a, **k: pytest.fail("weights loaded before the data check"))
+    monkeypatch.setattr(
+        "opd.train.setup.load_model", lambda *a, **k: pytest.fail("weights loaded before the data check")
+    )
+    monkeypatch.setattr(
+        "opd.teachers.build.load_teacher", lambda *a, **k: pytest.fail("weights loaded before the data check")
+    )
     with pytest.raises(DataError, match="rollout.source=dataset needs an 'answer'"):
         prepare(validate(raw), resume=False, log=lambda *_: None)
 
@@ -107,7 +116,9 @@ def test_dataset_sft_runs_without_a_teacher_and_reports_no_teacher_figures(tiny_
     train_rows = [row for row in rows if "loss" in row]
     assert len(train_rows) == 2
     for row in rows:
-        assert not any("teacher" in key or "reverse_kl" in key for key in row if not key.startswith(("compute/", "timing/")))
+        assert not any(
+            "teacher" in key or "reverse_kl" in key for key in row if not key.startswith(("compute/", "timing/"))
+        )
     for row in train_rows:
         assert row["compute/teacher_flops"] == 0 and row["compute/rollout_flops"] == 0
         assert row["loss"] == pytest.approx(-row["logprob/student"], rel=1e-5)
@@ -116,15 +127,20 @@ def test_dataset_sft_runs_without_a_teacher_and_reports_no_teacher_figures(tiny_
 
 @pytest.mark.parametrize("source", ["student", "teacher"])
 def test_every_other_run_needs_a_teacher(tiny_config, source):
-    raw = {**tiny_config, "loss": {"kind": "sft" if source == "teacher" else "reverse_kl_pg"},
-           "rollout": {"source": source}}
+    raw = {
+        **tiny_config,
+        "loss": {"kind": "sft" if source == "teacher" else "reverse_kl_pg"},
+        "rollout": {"source": source},
+    }
     del raw["teacher"]
     with pytest.raises(ConfigError, match=f"teacher.path: required for .* rollout.source={source}"):
         validate(raw)
 
 
 @pytest.mark.parametrize("teacher_temperature", [1.0, 0.5])
-def test_teacher_samples_are_scored_again_only_under_another_distribution(tiny_config, teacher_temperature, monkeypatch):
+def test_teacher_samples_are_scored_again_only_under_another_distribution(
+    tiny_config, teacher_temperature, monkeypatch
+):
     raw = sft_config(tiny_config, source="teacher")
     raw["teacher"] = {**raw["teacher"], "temperature": teacher_temperature}
     config = validate(raw)

@@ -13,10 +13,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from opd.io import checkpoint as checkpoint_module
-from opd.io.checkpoint import latest_checkpoint
 from opd.config.files import validate
 from opd.errors import TrainingDiverged
+from opd.io import checkpoint as checkpoint_module
+from opd.io.checkpoint import latest_checkpoint
 from opd.io.sinks import read_metrics
 from opd.train.trainer import train
 
@@ -27,7 +27,11 @@ from weights import assert_weights_close, final_weights, one_step
 @pytest.mark.parametrize("kind", ["reverse_kl_pg", "jsd"])
 def test_micro_batch_size_does_not_change_the_update(tiny_config, tmp_path, kind):
     """One step with micro_batch_size B and with B/4 gives the same weights (TRL #4719)."""
-    base = {**tiny_config, "batch": {"prompts_per_step": 4, "micro_batch_size": 8}, "loss": {"kind": kind, "discount": 0.9 if kind == "reverse_kl_pg" else 0.0}}
+    base = {
+        **tiny_config,
+        "batch": {"prompts_per_step": 4, "micro_batch_size": 8},
+        "loss": {"kind": kind, "discount": 0.9 if kind == "reverse_kl_pg" else 0.0},
+    }
     # Adam's first step is lr * g / (|g| + eps): about sign(g) for gradients near zero, where float
     # noise of 1e-9 would flip whole steps. A larger eps keeps the update a smooth function of g.
     base["optim"] = {"lr": 1e-2, "max_grad_norm": None, "eps": 1e-3}
@@ -57,14 +61,22 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_config, tmp_path):
     config_path.write_text(yaml.safe_dump(raw))
 
     def run(*extra):
-        return subprocess.run([sys.executable, "-m", "opd", "train", str(config_path), *extra], capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "opd", "train", str(config_path), *extra],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     uninterrupted = run("--set", f"run.output_dir={tmp_path / 'uninterrupted'}")
     assert uninterrupted.returncode == 0, uninterrupted.stderr
 
     killed_dir = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-m", "opd", "train", str(config_path), "--set", f"run.output_dir={killed_dir}"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "opd", "train", str(config_path), "--set", f"run.output_dir={killed_dir}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while not (killed_dir / "checkpoints" / "step-3").exists() and time.time() < deadline:
         time.sleep(0.01)
@@ -132,10 +144,27 @@ def test_metrics_file_has_every_named_figure(tiny_config):
     raw = {**tiny_config, "run": {**tiny_config["run"], "max_steps": 2, "eval_every": 1}}
     train(validate(raw), log=lambda *_: None)
     rows = read_metrics(Path(raw["run"]["output_dir"]) / "metrics.jsonl")
-    names = ["loss", "logprob/student", "logprob/teacher", "perplexity/student", "perplexity/teacher",
-             "distill/reverse_kl", "generation/avg_length", "generation/eos_fraction", "grad_norm", "lr",
-             "timing/rollout_s", "timing/teacher_s", "timing/update_s", "throughput/tokens_per_s",
-             "ratio/far_fraction", "ratio/max_abs_log", "entropy/student", "entropy/teacher", "generation/repetition"]
+    names = [
+        "loss",
+        "logprob/student",
+        "logprob/teacher",
+        "perplexity/student",
+        "perplexity/teacher",
+        "distill/reverse_kl",
+        "generation/avg_length",
+        "generation/eos_fraction",
+        "grad_norm",
+        "lr",
+        "timing/rollout_s",
+        "timing/teacher_s",
+        "timing/update_s",
+        "throughput/tokens_per_s",
+        "ratio/far_fraction",
+        "ratio/max_abs_log",
+        "entropy/student",
+        "entropy/teacher",
+        "generation/repetition",
+    ]
     assert [row["step"] for row in rows] == [0, 1, 2]
     for row in rows[1:]:
         assert set(names) <= row.keys()
@@ -149,8 +178,12 @@ def test_metrics_file_has_every_named_figure(tiny_config):
 def test_resume_refuses_a_changed_config_but_allows_more_steps(tiny_config):
     from opd.errors import ConfigError
 
-    raw = {**tiny_config, "run": {**tiny_config["run"], "max_steps": 2, "save_every": 1},
-           "data": {**tiny_config["data"], "eval": None}, "optim": {"lr": 1e-3, "schedule": "constant"}}
+    raw = {
+        **tiny_config,
+        "run": {**tiny_config["run"], "max_steps": 2, "save_every": 1},
+        "data": {**tiny_config["data"], "eval": None},
+        "optim": {"lr": 1e-3, "schedule": "constant"},
+    }
     train(validate(raw), log=lambda *_: None)
     changed = {**raw, "optim": {**raw["optim"], "lr": 5e-3}}
     with pytest.raises(ConfigError, match=r"optim.lr: 0.001 -> 0.005"):
@@ -170,8 +203,12 @@ def test_resume_keeps_the_forward_kl_term_the_run_recorded(tiny_config, recorded
     config.yaml held resolved values and which has no resolved.yaml); resumed with the default (null), it
     keeps 0 rather than being refused or switching the term on mid-run. A fresh run asks null and
     resolves to 1.0, and records both."""
-    raw = {**tiny_config, "run": {**tiny_config["run"], "max_steps": 2, "save_every": 1},
-           "data": {**tiny_config["data"], "eval": None}, "optim": {"lr": 1e-3, "schedule": "constant"}}
+    raw = {
+        **tiny_config,
+        "run": {**tiny_config["run"], "max_steps": 2, "save_every": 1},
+        "data": {**tiny_config["data"], "eval": None},
+        "optim": {"lr": 1e-3, "schedule": "constant"},
+    }
     output_dir = Path(raw["run"]["output_dir"])
     train(validate({**raw, "loss": {"forward_kl_coef": 0.0}}), log=lambda *_: None)
     if recorded_in == "config.yaml":
@@ -192,8 +229,12 @@ def test_resume_with_more_steps_keeps_the_cosine_schedule_the_saved_steps_follow
     raise step 3's lr from 0.5 to 0.85 of the base, so it is refused unless decay_steps keeps the horizon."""
     from opd.errors import ConfigError
 
-    raw = {**tiny_config, "run": {**tiny_config["run"], "max_steps": 4, "save_every": 1},
-           "data": {**tiny_config["data"], "eval": None}, "optim": {"lr": 1e-3, "schedule": "cosine"}}
+    raw = {
+        **tiny_config,
+        "run": {**tiny_config["run"], "max_steps": 4, "save_every": 1},
+        "data": {**tiny_config["data"], "eval": None},
+        "optim": {"lr": 1e-3, "schedule": "cosine"},
+    }
     output_dir = Path(raw["run"]["output_dir"])
     assert train(validate(raw), log=lambda *_: None, time_limit_s=0.0).steps_run == 1
     stretched = {**raw, "run": {**raw["run"], "max_steps": 8}}
@@ -234,8 +275,11 @@ def test_first_update_is_on_policy_even_with_dropout(tiny_models, tiny_config, t
     model_config = AutoConfig.from_pretrained(student_dir)
     model_config.attention_dropout = 0.5
     model_config.save_pretrained(student_dir)
-    raw = {**tiny_config, "student": {"path": str(student_dir)},
-           "rollout": {"samples_per_prompt": 2, "max_new_tokens": 8, "temperature": 0.7}}
+    raw = {
+        **tiny_config,
+        "student": {"path": str(student_dir)},
+        "rollout": {"samples_per_prompt": 2, "max_new_tokens": 8, "temperature": 0.7},
+    }
     config = validate(raw)
     session = prepare(config, resume=False, log=lambda *_: None)
     batch = session.rollouts.primary.sample(session.train_prompts.batch([0, 1]), 2, 0)
@@ -250,8 +294,11 @@ def test_time_limit_stops_after_the_step_it_passes_in_and_writes_final(tiny_conf
     assert result.steps_run == 1
     rows = read_metrics(result.output_dir / "metrics.jsonl")
     assert [row["step"] for row in rows] == [0, 1]  # the last step is logged and evaluated like a last step
-    assert "loss" in rows[1] and "eval/accuracy" in rows[1] and result.last_eval == {
-        key: value for key, value in rows[1].items() if key.startswith("eval/")}
+    assert (
+        "loss" in rows[1]
+        and "eval/accuracy" in rows[1]
+        and result.last_eval == {key: value for key, value in rows[1].items() if key.startswith("eval/")}
+    )
     assert (result.output_dir / "final" / "model.safetensors").exists()
 
 
@@ -259,19 +306,29 @@ def test_time_limit_stops_after_the_step_it_passes_in_and_writes_final(tiny_conf
 def test_no_lm_head_call_sees_more_than_a_chunk_of_tokens(tiny_config, kind):
     """Teacher scoring and the loss never run an LM head, the student's or the teacher's, over more than
     `loss.chunk_size` positions (hooks on the head modules themselves, through a whole training step)."""
+    from opd.ops.logprobs import tokens_per_chunk
     from opd.train.setup import prepare
     from opd.train.step import train_step
-    from opd.ops.logprobs import tokens_per_chunk
 
-    assert (tokens_per_chunk(None, 151_936), tokens_per_chunk(None, 8192), tokens_per_chunk(7, 151_936)) == (110, 2048, 7)
-    raw = {**tiny_config, "loss": {"kind": kind, "chunk_size": 5}, "data": {**tiny_config["data"], "eval": None},
-           "batch": {"prompts_per_step": 2, "micro_batch_size": 4}, "rollout": {"samples_per_prompt": 2, "max_new_tokens": 8}}
+    assert (tokens_per_chunk(None, 151_936), tokens_per_chunk(None, 8192), tokens_per_chunk(7, 151_936)) == (
+        110,
+        2048,
+        7,
+    )
+    raw = {
+        **tiny_config,
+        "loss": {"kind": kind, "chunk_size": 5},
+        "data": {**tiny_config["data"], "eval": None},
+        "batch": {"prompts_per_step": 2, "micro_batch_size": 4},
+        "rollout": {"samples_per_prompt": 2, "max_new_tokens": 8},
+    }
     config = validate(raw)
     session = prepare(config, resume=False, log=lambda *_: None)
     seen = {"student": [], "teacher": []}
     for name, model in (("student", session.student.model), ("teacher", session.teacher.model)):
         model.get_output_embeddings().register_forward_hook(
-            lambda module, inputs, output, name=name: seen[name].append(inputs[0].shape[:-1].numel()))
+            lambda module, inputs, output, name=name: seen[name].append(inputs[0].shape[:-1].numel())
+        )
     metrics, _ = train_step(session, step=1)
     assert metrics["generation/avg_length"] * 4 > 5  # the step has more tokens than one chunk
     assert seen["student"] and seen["teacher"]
@@ -285,7 +342,9 @@ def test_opd_export_writes_a_checkpoint_as_the_final_model_would_be(tiny_config,
     output_dir = Path(raw["run"]["output_dir"])
     result = run_cli("export", str(output_dir / "checkpoints" / "step-2"), str(tmp_path / "exported"))
     assert result.returncode == 0, result.stderr
-    exported, final = (load_file(folder / "model.safetensors") for folder in (tmp_path / "exported", output_dir / "final"))
+    exported, final = (
+        load_file(folder / "model.safetensors") for folder in (tmp_path / "exported", output_dir / "final")
+    )
     assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
     assert (tmp_path / "exported" / "tokenizer.json").is_file()
     bad = run_cli("export", str(output_dir), str(tmp_path / "nothing"))
@@ -296,8 +355,12 @@ def test_opd_export_writes_a_checkpoint_as_the_final_model_would_be(tiny_config,
 def test_a_checkpoint_this_opd_cannot_read_is_refused_before_any_weight_loads(tiny_config, monkeypatch):
     from opd.errors import ConfigError
 
-    raw = {**tiny_config, "run": {**tiny_config["run"], "max_steps": 1, "save_every": 1},
-           "data": {**tiny_config["data"], "eval": None}, "optim": {"lr": 1e-3, "schedule": "constant"}}
+    raw = {
+        **tiny_config,
+        "run": {**tiny_config["run"], "max_steps": 1, "save_every": 1},
+        "data": {**tiny_config["data"], "eval": None},
+        "optim": {"lr": 1e-3, "schedule": "constant"},
+    }
     train(validate(raw), log=lambda *_: None)
     checkpoint = Path(raw["run"]["output_dir"]) / "checkpoints" / "step-1"
     for item in (checkpoint / "state").iterdir():  # as written by an opd before DCP checkpoints

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_cli, write_problems
 from opd.demo.run import ASSETS
 from opd.io.sinks import read_metrics
+
+from conftest import run_cli, write_problems
 from processes import launch
 from weights import assert_same_learning, assert_weights_close, final_weights
 
@@ -35,13 +36,23 @@ def engine_config(tmp_path: Path, **run) -> Path:
     """The demo's models on a few problems, sampled by vLLM; returns the config file."""
     data = write_problems(tmp_path / "train.jsonl", 32, seed=1)
     raw = {
-        "run": {"output_dir": str(tmp_path / "run"), "seed": 0, "max_steps": 4, "precision": "fp32", "progress": False,
-                **run},
+        "run": {
+            "output_dir": str(tmp_path / "run"),
+            "seed": 0,
+            "max_steps": 4,
+            "precision": "fp32",
+            "progress": False,
+            **run,
+        },
         "student": {"path": str(ASSETS / "student")},
         "teacher": {"path": str(ASSETS / "teacher")},
         "data": {"train": str(data), "max_prompt_tokens": 64},
-        "rollout": {"engine": "vllm", "samples_per_prompt": 2, "max_new_tokens": 24,
-                    "vllm": {"gpu_memory_utilization": 0.1}},
+        "rollout": {
+            "engine": "vllm",
+            "samples_per_prompt": 2,
+            "max_new_tokens": 24,
+            "vllm": {"gpu_memory_utilization": 0.1},
+        },
         "batch": {"prompts_per_step": 2, "micro_batch_size": 4},
         "optim": {"lr": 1e-3, "schedule": "constant"},
     }
@@ -70,9 +81,20 @@ def test_resume_after_sigkill_with_the_engine_matches_the_uninterrupted_run(tmp_
     uninterrupted = run_cli("train", str(config), "--set", f"run.output_dir={tmp_path / 'whole'}")
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
     killed_dir = tmp_path / "killed"
-    dying = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "sigkill_at_step.py"), "train",
-                            str(config), "--set", f"run.output_dir={killed_dir}"],
-                           capture_output=True, text=True, timeout=300, env={**os.environ, "OPD_SIGKILL_AT_STEP": "3"})
+    dying = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).parent.parent / "sigkill_at_step.py"),
+            "train",
+            str(config),
+            "--set",
+            f"run.output_dir={killed_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OPD_SIGKILL_AT_STEP": "3"},
+    )
     assert dying.returncode == -9
     assert not (killed_dir / "final").exists()
     resumed = run_cli("train", str(config), "--set", f"run.output_dir={killed_dir}", "--resume")
@@ -95,14 +117,18 @@ def test_two_sharded_ranks_with_an_engine_each_equal_one_rank(tmp_path):
     raw["student"]["lora"] = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "down_proj"]}  # the head is tied
     runs = {}
     for ranks in (1, 2):
-        config = {**raw, "run": {**raw["run"], "output_dir": str(tmp_path / f"{ranks}-ranks")},
-                  "student": {**raw["student"], "shard": ranks > 1}}
+        config = {
+            **raw,
+            "run": {**raw["run"], "output_dir": str(tmp_path / f"{ranks}-ranks")},
+            "student": {**raw["student"], "shard": ranks > 1},
+        }
         result = launch(config, tmp_path, f"{ranks}-ranks", ranks)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "Traceback" not in result.stderr, result.stderr[-3000:]  # vLLM's shutdown once outlived the group
         runs[ranks] = read_metrics(tmp_path / f"{ranks}-ranks" / "metrics.jsonl")
-    assert_same_learning(final_weights(tmp_path / "1-ranks"), final_weights(tmp_path / "2-ranks"),
-                         str(ASSETS / "student"), fraction=0.01)
+    assert_same_learning(
+        final_weights(tmp_path / "1-ranks"), final_weights(tmp_path / "2-ranks"), str(ASSETS / "student"), fraction=0.01
+    )
     for one, two in zip(runs[1], runs[2]):
         assert two["generation/avg_length"] == one["generation/avg_length"]  # the same samples
         assert two["distill/reverse_kl"] == pytest.approx(one["distill/reverse_kl"], rel=1e-3, abs=1e-5)
@@ -134,7 +160,9 @@ def test_the_engine_refuses_what_it_cannot_serve_before_training(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("error: student.path: vLLM ")
     assert "NoSuchForCausalLM" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()  # nothing written
-    teacher_samples = run_cli("train", str(config), "--set", "rollout.source=teacher", "--set", "loss.kind=sft")  # both apply
+    teacher_samples = run_cli(
+        "train", str(config), "--set", "rollout.source=teacher", "--set", "loss.kind=sft"
+    )  # both apply
     assert teacher_samples.returncode != 0
     assert "rollout.engine: vllm samples the student" in teacher_samples.stderr
 
@@ -147,9 +175,18 @@ def test_embedding_rows_past_the_tokenizer_are_never_sampled(tmp_path):
     from opd.demo.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer()
-    config = Qwen3Config(vocab_size=len(tokenizer) + 60, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=256,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer) + 60,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     padded = tmp_path / "padded"
     Qwen3ForCausalLM(config).save_pretrained(padded)
     tokenizer.save_pretrained(padded)

@@ -75,8 +75,11 @@ class Limit:
 def config_facts(config: Config, name: str) -> TeacherFacts:
     """A teacher's facts as far as the config alone tells."""
     settings = config.teacher_configs[name]
-    own_view = (settings.chat_template == "own" or settings.alignment == "chunks"
-                or config.data.teacher_system_prompt is not None)
+    own_view = (
+        settings.chat_template == "own"
+        or settings.alignment == "chunks"
+        or config.data.teacher_system_prompt is not None
+    )
     return TeacherFacts(chunked=settings.alignment == "chunks", own_view=own_view)
 
 
@@ -92,36 +95,80 @@ def teacher_limits(config: Config, name: str, facts: TeacherFacts | None = None)
             limits.setdefault(capability, limit)
 
     if settings.remote:
-        rule_out((FULL_DISTRIBUTION,), Limit(f"{key}.url", "which a server does not send (it sends token log-probs "
-                                             "and a top-k)", "give its path (a teacher in this process)"))
-        rule_out((SAMPLES,), Limit(f"{key}.url", "and a teacher on a server scores the rollouts; it does not write "
-                                   "them", "give its path (a teacher in this process)"))
+        rule_out(
+            (FULL_DISTRIBUTION,),
+            Limit(
+                f"{key}.url",
+                "which a server does not send (it sends token log-probs and a top-k)",
+                "give its path (a teacher in this process)",
+            ),
+        )
+        rule_out(
+            (SAMPLES,),
+            Limit(
+                f"{key}.url",
+                "and a teacher on a server scores the rollouts; it does not write them",
+                "give its path (a teacher in this process)",
+            ),
+        )
     if settings.shard:
-        rule_out((FULL_DISTRIBUTION,), Limit(f"{key}.shard", "which a sharded teacher can't give inside the student's "
-                                             "loss (its LM head is not gathered there)", f"set {key}.shard: false"))
+        rule_out(
+            (FULL_DISTRIBUTION,),
+            Limit(
+                f"{key}.shard",
+                "which a sharded teacher can't give inside the student's loss (its LM head is not gathered there)",
+                f"set {key}.shard: false",
+            ),
+        )
     if config.teachers:
-        rule_out((FULL_DISTRIBUTION,), Limit("teachers", "and several teachers score token log-probs (and top-k) "
-                                             "only", "give one teacher"))
-        rule_out((SAMPLES,), Limit("teachers", "and several teachers need the student's own samples",
-                                   "give one teacher"))
+        rule_out(
+            (FULL_DISTRIBUTION,),
+            Limit("teachers", "and several teachers score token log-probs (and top-k) only", "give one teacher"),
+        )
+        rule_out(
+            (SAMPLES,), Limit("teachers", "and several teachers need the student's own samples", "give one teacher")
+        )
     if facts.chunked:
         where = f"{key}.alignment=chunks" if settings.alignment == "chunks" else key
-        rule_out((TOP_K, FULL_DISTRIBUTION), Limit(
-            where, "and its tokenizer differs from the student's: across tokenizers only the sampled text's "
-            "log-probs compare, chunk by chunk, not distributions over one vocabulary",
-            "give a teacher with the student's tokenizer"))
+        rule_out(
+            (TOP_K, FULL_DISTRIBUTION),
+            Limit(
+                where,
+                "and its tokenizer differs from the student's: across tokenizers only the sampled text's "
+                "log-probs compare, chunk by chunk, not distributions over one vocabulary",
+                "give a teacher with the student's tokenizer",
+            ),
+        )
     if facts.ends_turns_differently:
-        rule_out((TOP_K, FULL_DISTRIBUTION), Limit(
-            f"{key}.chat_template=own", "and the teacher ends turns with a token the student never stops on, so their "
-            "distributions at the last position are over different events", f"set {key}.chat_template: student"))
+        rule_out(
+            (TOP_K, FULL_DISTRIBUTION),
+            Limit(
+                f"{key}.chat_template=own",
+                "and the teacher ends turns with a token the student never stops on, so their "
+                "distributions at the last position are over different events",
+                f"set {key}.chat_template: student",
+            ),
+        )
     if facts.own_view:
-        rule_out((SAMPLES,), Limit(
-            key, "and it reads rows its own way (its template, tokenizer, system prompt or privileged context), so "
-            "its samples are not the student's tokens of the student's prompt: it can score rollouts, not write "
-            "them", "give a teacher that reads rows as the student does"))
+        rule_out(
+            (SAMPLES,),
+            Limit(
+                key,
+                "and it reads rows its own way (its template, tokenizer, system prompt or privileged context), so "
+                "its samples are not the student's tokens of the student's prompt: it can score rollouts, not write "
+                "them",
+                "give a teacher that reads rows as the student does",
+            ),
+        )
     if not settings.top_k:  # last: where a limit above rules a top-k out too, setting top_k would not help
-        rule_out((TOP_K,), Limit(f"{key}.top_k", f"and {key}.top_k is 0",
-                                 f"set {key}.top_k, e.g. 20" if config.teacher is not None else "set top_k on each"))
+        rule_out(
+            (TOP_K,),
+            Limit(
+                f"{key}.top_k",
+                f"and {key}.top_k is 0",
+                f"set {key}.top_k, e.g. 20" if config.teacher is not None else "set top_k on each",
+            ),
+        )
     return limits
 
 
@@ -134,15 +181,28 @@ def run_needs(config: Config, forward_kl_coef: float | None = None) -> list[Need
     kind_need = KIND_NEEDS[loss.kind]
     pure_rl = loss.kind == "reverse_kl_pg" and not loss.kl_coef and config.reward is not None and config.reward.coef
     if kind_need is not None and not pure_rl:
-        lighter = tuple(kind for kind in ("reverse_kl_pg", "topk_forward_kl")
-                        if NEED_ORDER.index(KIND_NEEDS[kind]) < NEED_ORDER.index(kind_need))
+        lighter = tuple(
+            kind
+            for kind in ("reverse_kl_pg", "topk_forward_kl")
+            if NEED_ORDER.index(KIND_NEEDS[kind]) < NEED_ORDER.index(kind_need)
+        )
         needs.append(Need(kind_need, f"loss.kind={loss.kind}", kinds_instead=lighter))
     if forward_kl_coef:
-        needs.append(Need(FULL_DISTRIBUTION, f"loss.forward_kl_coef={forward_kl_coef}",
-                          "set loss.forward_kl_coef: 0 (its default, null, turns it on only where it can run)"))
+        needs.append(
+            Need(
+                FULL_DISTRIBUTION,
+                f"loss.forward_kl_coef={forward_kl_coef}",
+                "set loss.forward_kl_coef: 0 (its default, null, turns it on only where it can run)",
+            )
+        )
     if config.mixed and loss.off_policy_kind == "forward_kl":
-        needs.append(Need(FULL_DISTRIBUTION, "loss.off_policy_kind=forward_kl (a mixture's off-policy rows)",
-                          "use loss.off_policy_kind: sft"))
+        needs.append(
+            Need(
+                FULL_DISTRIBUTION,
+                "loss.off_policy_kind=forward_kl (a mixture's off-policy rows)",
+                "use loss.off_policy_kind: sft",
+            )
+        )
     if config.teacher_writes:
         writer = "rollout.source=teacher" if config.rollout.source == "teacher" else "rollout.off_policy_source=teacher"
         needs.append(Need(SAMPLES, writer, "let the data set's answers write the rollouts (dataset)"))
@@ -154,8 +214,9 @@ def needed(config: Config, forward_kl_coef: float | None = None) -> set[str]:
     return {need.capability for need in run_needs(config, forward_kl_coef)}
 
 
-def check_needs(config: Config, facts: dict[str, TeacherFacts] | None = None,
-                forward_kl_coef: float | None = None) -> None:
+def check_needs(
+    config: Config, facts: dict[str, TeacherFacts] | None = None, forward_kl_coef: float | None = None
+) -> None:
     """The one rule: every teacher gives what the run needs. Raises ValueError naming the key that rules a
     need out, the need's reason, and what to change. facts: by teacher name (default: the config's)."""
     for name in config.teacher_configs:
@@ -164,13 +225,20 @@ def check_needs(config: Config, facts: dict[str, TeacherFacts] | None = None,
             limit = limits.get(need.capability)
             if limit is not None:
                 # A lighter kind is offered where the teacher gives its need, or can once another key is set.
-                kinds = [kind if KIND_NEEDS[kind] not in limits else f"{kind} ({limits[KIND_NEEDS[kind]].fix})"
-                         for kind in need.kinds_instead if limits.get(KIND_NEEDS[kind]) in (None, *[
-                             other for other in limits.values() if other is not limit])]
-                fixes = [limit.fix, *([f"use loss.kind {' or '.join(kinds)}"] if kinds else []),
-                         *([need.instead] if need.instead else [])]
-                raise ValueError(f"{limit.key}: {need.reason} needs {WHAT[need.capability]}, {limit.why}; "
-                                 + ", or ".join(fixes))
+                kinds = [
+                    kind if KIND_NEEDS[kind] not in limits else f"{kind} ({limits[KIND_NEEDS[kind]].fix})"
+                    for kind in need.kinds_instead
+                    if limits.get(KIND_NEEDS[kind])
+                    in (None, *[other for other in limits.values() if other is not limit])
+                ]
+                fixes = [
+                    limit.fix,
+                    *([f"use loss.kind {' or '.join(kinds)}"] if kinds else []),
+                    *([need.instead] if need.instead else []),
+                ]
+                raise ValueError(
+                    f"{limit.key}: {need.reason} needs {WHAT[need.capability]}, {limit.why}; " + ", or ".join(fixes)
+                )
 
 
 def forward_kl_default(config: Config, facts: dict[str, TeacherFacts] | None = None) -> float:

@@ -31,8 +31,9 @@ REQUEST_FILE, RESOLVED_FILE = "config.yaml", "resolved.yaml"
 def recorded_resolution_file(output_dir: Path) -> Path | None:
     """Where a run in `output_dir` recorded its resolved config: resolved.yaml, or for a run from before
     it existed its config.yaml (which held the resolved values then); None for no run."""
-    return next((Path(output_dir) / name for name in (RESOLVED_FILE, REQUEST_FILE)
-                 if (Path(output_dir) / name).is_file()), None)
+    return next(
+        (Path(output_dir) / name for name in (RESOLVED_FILE, REQUEST_FILE) if (Path(output_dir) / name).is_file()), None
+    )
 
 
 def recorded_resolution(output_dir: Path) -> dict | None:

@@ -12,8 +12,17 @@ from pydantic import Field, model_validator
 
 from opd.config.capabilities import FULL_DISTRIBUTION, check_needs, forward_kl_default, run_needs
 from opd.config.sections import (
-    BatchConfig, DataConfig, LossConfig, NamedTeacher, OptimConfig,
-    RewardConfig, RolloutConfig, RunConfig, StudentConfig, TeacherConfig, _Strict,
+    BatchConfig,
+    DataConfig,
+    LossConfig,
+    NamedTeacher,
+    OptimConfig,
+    RewardConfig,
+    RolloutConfig,
+    RunConfig,
+    StudentConfig,
+    TeacherConfig,
+    _Strict,
 )
 
 
@@ -44,14 +53,20 @@ class Config(_Strict):
             )
         mixed = self.mixed
         if mixed and self.rollout.source != "student":
-            raise ValueError(f"rollout.student_fraction: a mixture needs rollout.source=student (got "
-                             f"{self.rollout.source}); its other share comes from rollout.off_policy_source")
+            raise ValueError(
+                f"rollout.student_fraction: a mixture needs rollout.source=student (got "
+                f"{self.rollout.source}); its other share comes from rollout.off_policy_source"
+            )
         if self.rollout.engine != "opd" and self.rollout.source != "student":
-            raise ValueError(f"rollout.engine: {self.rollout.engine} samples the student, and rollout.source="
-                             f"{self.rollout.source} leaves it nothing to sample; use rollout.engine: opd")
+            raise ValueError(
+                f"rollout.engine: {self.rollout.engine} samples the student, and rollout.source="
+                f"{self.rollout.source} leaves it nothing to sample; use rollout.engine: opd"
+            )
         if self.loss.forward_kl_coef and self.loss.kind != "reverse_kl_pg":
-            raise ValueError(f"loss.forward_kl_coef={self.loss.forward_kl_coef} adds to reverse_kl_pg only "
-                             f"(loss.kind={self.loss.kind})")
+            raise ValueError(
+                f"loss.forward_kl_coef={self.loss.forward_kl_coef} adds to reverse_kl_pg only "
+                f"(loss.kind={self.loss.kind})"
+            )
         self._check_reward()
         self._check_teachers()
         self._check_teacher_views()
@@ -68,11 +83,15 @@ class Config(_Strict):
                 "student's own samples (source student); sft needs someone else's (source teacher or dataset)"
             )
         teacher = self.teacher
-        if mixed and (self.student.shard or (teacher is not None and teacher.shard
-                                             and self.rollout.off_policy_source == "teacher")):
-            raise ValueError("student.shard / teacher.shard with a GKD mixture (rollout.student_fraction below 1): "
-                             "a rank whose share of the step holds no prompt for a sharded sampler would skip its "
-                             "collectives; shard without the mixture, or replicate (shard: false)")
+        if mixed and (
+            self.student.shard
+            or (teacher is not None and teacher.shard and self.rollout.off_policy_source == "teacher")
+        ):
+            raise ValueError(
+                "student.shard / teacher.shard with a GKD mixture (rollout.student_fraction below 1): "
+                "a rank whose share of the step holds no prompt for a sharded sampler would skip its "
+                "collectives; shard without the mixture, or replicate (shard: false)"
+            )
         check_needs(self)  # what each teacher gives, as far as the config tells; setup checks again with its tokenizer
         full = next((need for need in needs if need.capability == FULL_DISTRIBUTION), None)
         if full is not None and (self.rollout.top_k or self.rollout.top_p < 1):
@@ -87,31 +106,46 @@ class Config(_Strict):
         if reward is None:
             return
         if self.loss.kind != "reverse_kl_pg":
-            raise ValueError(f"reward: adds its advantage to reverse_kl_pg's, a policy gradient (loss.kind={self.loss.kind})")
+            raise ValueError(
+                f"reward: adds its advantage to reverse_kl_pg's, a policy gradient (loss.kind={self.loss.kind})"
+            )
         if reward.coef and self.rollout.samples_per_prompt < 2:
-            raise ValueError("reward: each reward is compared with the mean of its prompt's samples, which needs "
-                             f"rollout.samples_per_prompt >= 2 (got {self.rollout.samples_per_prompt})")
+            raise ValueError(
+                "reward: each reward is compared with the mean of its prompt's samples, which needs "
+                f"rollout.samples_per_prompt >= 2 (got {self.rollout.samples_per_prompt})"
+            )
         forward_kl = self.loss.forward_kl_coef if self.loss.forward_kl_coef is not None else forward_kl_default(self)
         if not reward.coef and not self.loss.kl_coef and not forward_kl and not self.mixed:
-            raise ValueError("reward.coef=0 and loss.kl_coef=0 (no forward-KL term, no mixture) leave the student "
-                             "nothing to learn from")
+            raise ValueError(
+                "reward.coef=0 and loss.kl_coef=0 (no forward-KL term, no mixture) leave the student "
+                "nothing to learn from"
+            )
 
     def _check_teacher_views(self) -> None:
         """What a teacher that reads rows its own way needs (what it can't give is capabilities' part)."""
         if not all(field in self.data.teacher_context_format for field in ("{context}", "{prompt}")):
-            raise ValueError(f"data.teacher_context_format: {self.data.teacher_context_format!r} must contain "
-                             "{context} and {prompt}")
+            raise ValueError(
+                f"data.teacher_context_format: {self.data.teacher_context_format!r} must contain "
+                "{context} and {prompt}"
+            )
         for teacher in self.teacher_configs.values():
-            if teacher.remote and teacher.tokenizer is None and (teacher.chat_template == "own"
-                                                                  or teacher.alignment == "chunks"):
-                raise ValueError("teacher.tokenizer: a teacher on a server that renders its own template or has its "
-                                 "own tokens needs its tokenizer here (a folder or hub id) to build its sequences")
+            if (
+                teacher.remote
+                and teacher.tokenizer is None
+                and (teacher.chat_template == "own" or teacher.alignment == "chunks")
+            ):
+                raise ValueError(
+                    "teacher.tokenizer: a teacher on a server that renders its own template or has its "
+                    "own tokens needs its tokenizer here (a folder or hub id) to build its sequences"
+                )
 
     def _check_teachers(self) -> None:
         named = [file.teacher for file in self.data.train if file.teacher] if isinstance(self.data.train, list) else []
         if self.teachers is None:
             if named:
-                raise ValueError(f"data.train: files name teachers ({', '.join(named)}) but no teachers: list names them")
+                raise ValueError(
+                    f"data.train: files name teachers ({', '.join(named)}) but no teachers: list names them"
+                )
             return
         if self.teacher is not None:
             raise ValueError("teacher and teachers: give one teacher, or a list of named teachers, not both")
@@ -122,8 +156,10 @@ class Config(_Strict):
         if unknown:
             raise ValueError(f"data.train: teacher {unknown[0]!r} is not one of the teachers {names}")
         if self.rollout.source != "student" or self.mixed or any(teacher.shard for teacher in self.teachers):
-            raise ValueError("teachers: several teachers need the student's own samples (rollout.source student, "
-                             "no mixture) and replicated teachers (shard: false)")
+            raise ValueError(
+                "teachers: several teachers need the student's own samples (rollout.source student, "
+                "no mixture) and replicated teachers (shard: false)"
+            )
         if len({teacher.top_k for teacher in self.teachers}) > 1:
             raise ValueError("teachers: give every teacher the same top_k")
 
@@ -153,8 +189,9 @@ class Config(_Strict):
     def mixed(self) -> bool:
         """Some rows of a step are someone else's (GKD's lambda below 1 at some step)."""
         rollout = self.rollout
-        return rollout.student_fraction < 1 or (rollout.student_fraction_start is not None
-                                                 and rollout.student_fraction_start < 1)
+        return rollout.student_fraction < 1 or (
+            rollout.student_fraction_start is not None and rollout.student_fraction_start < 1
+        )
 
     def student_fraction_at(self, step: int) -> float:
         """GKD's lambda at a step (from 1): a linear ramp from student_fraction_start over the ramp steps."""

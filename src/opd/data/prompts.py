@@ -31,8 +31,10 @@ class PromptBatch:
 
     def split(self, count: int) -> tuple["PromptBatch", "PromptBatch"]:
         """The first `count` prompts, and the rest."""
-        return (PromptBatch(self.token_ids[:count], self.row_index[:count], self.rows[:count], self.keys[:count]),
-                PromptBatch(self.token_ids[count:], self.row_index[count:], self.rows[count:], self.keys[count:]))
+        return (
+            PromptBatch(self.token_ids[:count], self.row_index[:count], self.rows[:count], self.keys[:count]),
+            PromptBatch(self.token_ids[count:], self.row_index[count:], self.rows[count:], self.keys[count:]),
+        )
 
 
 @dataclass
@@ -53,8 +55,12 @@ class PromptSet:
 
     def batch(self, indices: list[int], keys: list[int] | None = None) -> PromptBatch:
         """Prompts at `indices`; their random-stream keys default to the indices (held-out sets)."""
-        return PromptBatch([self.token_ids[i] for i in indices], list(indices), [self.examples[i] for i in indices],
-                           list(indices) if keys is None else list(keys))
+        return PromptBatch(
+            [self.token_ids[i] for i in indices],
+            list(indices),
+            [self.examples[i] for i in indices],
+            list(indices) if keys is None else list(keys),
+        )
 
 
 def load_prompts(
@@ -97,10 +103,12 @@ def load_train_prompts(train, key: str, *options) -> PromptSet:
         for example in prompts.examples:
             example.teacher = example.teacher or file.teacher
         sets.append(prompts)
-    return PromptSet(token_ids=[ids for each in sets for ids in each.token_ids],
-                     examples=[example for each in sets for example in each.examples],
-                     skipped_too_long=sum(each.skipped_too_long for each in sets),
-                     path=", ".join(each.path for each in sets))
+    return PromptSet(
+        token_ids=[ids for each in sets for ids in each.token_ids],
+        examples=[example for each in sets for example in each.examples],
+        skipped_too_long=sum(each.skipped_too_long for each in sets),
+        path=", ".join(each.path for each in sets),
+    )
 
 
 @dataclass(frozen=True)
@@ -161,6 +169,8 @@ class PromptStream:
     def consume(self, step: StepPrompts) -> None:
         """The update of `step` has used its prompts (steps are consumed in the order they were taken)."""
         if step.positions.start != self.consumed:
-            raise ValueError(f"prompts at {step.positions.start} consumed with the stream at {self.consumed}: "
-                             "steps are consumed in the order they were taken")
+            raise ValueError(
+                f"prompts at {step.positions.start} consumed with the stream at {self.consumed}: "
+                "steps are consumed in the order they were taken"
+            )
         self.consumed = step.positions.stop

@@ -60,7 +60,9 @@ def _example_from_row(row: Any, path: Path, line_number: int) -> Example:
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     prompt, messages, question = row.get("prompt"), row.get("messages"), row.get("question")
     if prompt is None and messages is None and question is None:
-        raise DataError(f"{where}: row needs a 'prompt' string, a 'messages' list or a 'question' (keys: {sorted(row)})")
+        raise DataError(
+            f"{where}: row needs a 'prompt' string, a 'messages' list or a 'question' (keys: {sorted(row)})"
+        )
     for name, value in (("prompt", prompt), ("question", question)):
         if value is not None and not isinstance(value, str):
             raise DataError(f"{where}: '{name}' must be a string")
@@ -97,7 +99,10 @@ def read_hub(spec: str, key: str) -> list[Example]:
     try:
         rows = datasets.load_dataset(name, config, split=split)
     except Exception as exc:  # offline, unknown name or split: the user needs one line
-        raise DataError(f"{key}: could not load '{spec}' from the hub: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise DataError(
+            f"{key}: could not load '{spec}' from the hub: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
     examples = [_example_from_row(dict(row), Path(spec), index) for index, row in enumerate(rows, start=1)]
     if not examples:
         raise DataError(f"{key}: '{spec}' holds no rows")

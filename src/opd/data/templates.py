@@ -12,7 +12,10 @@ from opd.errors import DataError
 
 
 def encode_prompt(
-    example: Example, tokenizer: PreTrainedTokenizerBase, system_prompt: str | None = None, template_kwargs: dict | None = None
+    example: Example,
+    tokenizer: PreTrainedTokenizerBase,
+    system_prompt: str | None = None,
+    template_kwargs: dict | None = None,
 ) -> list[int]:
     """Token ids of a row's prompt: `render_prompt`'s text, tokenized as its template (or the plain
     tokenizer) would."""
@@ -22,13 +25,18 @@ def encode_prompt(
 
 def place_context(context_format: str, context: str, prompt: str) -> str:
     """`context_format` with {context} and {prompt} filled in one pass (neither text's braces are read)."""
-    return re.sub(r"\{(context|prompt)\}", lambda match: context if match.group(1) == "context" else prompt,
-                  context_format)
+    return re.sub(
+        r"\{(context|prompt)\}", lambda match: context if match.group(1) == "context" else prompt, context_format
+    )
 
 
 def render_prompt(
-    example: Example, tokenizer: PreTrainedTokenizerBase, system_prompt: str | None = None,
-    template_kwargs: dict | None = None, context: str | None = None, context_format: str = "{context}\n\n{prompt}",
+    example: Example,
+    tokenizer: PreTrainedTokenizerBase,
+    system_prompt: str | None = None,
+    template_kwargs: dict | None = None,
+    context: str | None = None,
+    context_format: str = "{context}\n\n{prompt}",
 ) -> tuple[str, bool]:
     """A row's prompt as text, and whether the tokenizer should add its own special tokens (BOS) to it.
 
@@ -54,7 +62,9 @@ def render_prompt(
     elif example.messages is not None:
         messages = list(example.messages)
         if context is not None:
-            last_user = max((index for index, message in enumerate(messages) if message["role"] == "user"), default=None)
+            last_user = max(
+                (index for index, message in enumerate(messages) if message["role"] == "user"), default=None
+            )
             if last_user is None:
                 raise DataError(f"line {example.line}: the row has teacher_context but no user turn to add it to")
             messages[last_user] = {**messages[last_user], "content": with_context(messages[last_user]["content"])}
@@ -65,7 +75,8 @@ def render_prompt(
     else:
         return with_context(example.prompt), True
     try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
-                                             **(template_kwargs or {})), False
+        return tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False, **(template_kwargs or {})
+        ), False
     except Exception as exc:  # jinja raises TemplateError and others for e.g. non-alternating roles
         raise DataError(f"line {example.line}: the chat template rejected the messages ({exc})") from None

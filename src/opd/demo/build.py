@@ -31,31 +31,47 @@ from pathlib import Path
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from opd.ops.logprobs import token_logprobs
-from opd.objectives import losses
-from opd.io.checkpoint import save_model
 from opd.demo.task import hinted_prompt, make_problem, write_split
 from opd.demo.tokenizer import build_bpe_tokenizer, build_tokenizer
+from opd.io.checkpoint import save_model
+from opd.models.loading import LoadedModel
+from opd.objectives import losses
 from opd.ops.batch import left_pad, right_pad
 from opd.ops.forward import completion_hidden_states, logits_from_hidden
+from opd.ops.logprobs import token_logprobs
 from opd.train.evaluate import evaluate_model
-from opd.models.loading import LoadedModel
 
 ASSETS = Path(__file__).parent / "assets"
 ASSET_NAMES = ["teacher", "student", "teacher_bpe", "student_hinted"]
 
-TEACHER_SHAPE = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
-                     num_key_value_heads=2, head_dim=32)
-STUDENT_SHAPE = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=3,
-                     num_key_value_heads=1, head_dim=32)
+TEACHER_SHAPE = dict(
+    hidden_size=192,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    head_dim=32,
+)
+STUDENT_SHAPE = dict(
+    hidden_size=96,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=3,
+    num_key_value_heads=1,
+    head_dim=32,
+)
 
 
 def new_model(tokenizer, shape: dict, seed: int) -> LoadedModel:
     torch.manual_seed(seed)
     config = Qwen3Config(
-        vocab_size=len(tokenizer), max_position_embeddings=256, tie_word_embeddings=True,
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **shape,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **shape,
     )
     return LoadedModel(Qwen3ForCausalLM(config), tokenizer, path="new")
 
@@ -91,7 +107,13 @@ def supervised_loss(model: LoadedModel, prompts: list[list[int]], answers: list[
 
 
 def train_supervised(
-    model: LoadedModel, steps: int, batch_size: int, lr: float, seed: int, slip: float = 0.0, hint: float = 0.0,
+    model: LoadedModel,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    slip: float = 0.0,
+    hint: float = 0.0,
     log=print,
 ) -> None:
     tokenizer = model.tokenizer
@@ -137,25 +159,45 @@ def build(name: str, args: argparse.Namespace) -> LoadedModel:
         train_supervised(model, args.teacher_bpe_steps, batch_size=64, lr=2e-3, seed=13)
     else:
         model = new_model(build_tokenizer(), STUDENT_SHAPE, seed=4)
-        train_supervised(model, args.student_hinted_steps, batch_size=64, lr=2e-3, seed=14, slip=args.student_slip,
-                         hint=args.hint_fraction)
+        train_supervised(
+            model,
+            args.student_hinted_steps,
+            batch_size=64,
+            lr=2e-3,
+            seed=14,
+            slip=args.student_slip,
+            hint=args.hint_fraction,
+        )
     return model
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ASSETS)
-    parser.add_argument("--only", nargs="+", metavar="NAME", choices=ASSET_NAMES,
-                        help=f"build just these, of {', '.join(ASSET_NAMES)} (default: teacher and student)")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        choices=ASSET_NAMES,
+        help=f"build just these, of {', '.join(ASSET_NAMES)} (default: teacher and student)",
+    )
     parser.add_argument("--teacher-steps", type=int, default=2000)
     parser.add_argument("--student-steps", type=int, default=1000)
     # More steps than the teacher's: numbers are spelled digit by digit in up to three BPE tokens.
     parser.add_argument("--teacher-bpe-steps", type=int, default=3000)
     parser.add_argument("--student-hinted-steps", type=int, default=1000)
-    parser.add_argument("--student-slip", type=float, default=0.7,
-                        help="fraction of the student's training answers whose last line repeats the first result")
-    parser.add_argument("--hint-fraction", type=float, default=0.3,
-                        help="fraction of student_hinted's training prompts that carry the hint")
+    parser.add_argument(
+        "--student-slip",
+        type=float,
+        default=0.7,
+        help="fraction of the student's training answers whose last line repeats the first result",
+    )
+    parser.add_argument(
+        "--hint-fraction",
+        type=float,
+        default=0.3,
+        help="fraction of student_hinted's training prompts that carry the hint",
+    )
     parser.add_argument("--skip-teacher", action="store_true", help="keep the teacher already in --out")
     args = parser.parse_args(argv)
     names = args.only or (["student"] if args.skip_teacher else ["teacher", "student"])

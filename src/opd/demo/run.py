@@ -20,19 +20,19 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from safetensors import safe_open
 from rich.table import Table
+from safetensors import safe_open
 
-from opd.config.schema import Config
 from opd.config.files import validate
+from opd.config.schema import Config
 from opd.data.prompts import load_prompts
 from opd.demo.task import HINT_FORMAT, write_split
 from opd.errors import ConfigError
-from opd.train.evaluate import evaluate
-from opd.teachers.local import load_teacher
-from opd.rollout.sampler import ModelSampler, SamplingSettings
-from opd.models.precision import Precision
 from opd.io.report import write_report
+from opd.models.precision import Precision
+from opd.rollout.sampler import ModelSampler, SamplingSettings
+from opd.teachers.local import load_teacher
+from opd.train.evaluate import evaluate
 from opd.train.trainer import train
 
 ASSETS = Path(__file__).parent / "assets"
@@ -43,13 +43,23 @@ def demo_config(out: Path, teacher: str = "teacher", student: str = "student") -
     hinted = teacher == "student"
     return validate(
         {
-            "run": {"output_dir": str(out), "seed": 0, "max_steps": 150, "save_every": 50, "eval_every": 50,
-                    "precision": "fp32"},
+            "run": {
+                "output_dir": str(out),
+                "seed": 0,
+                "max_steps": 150,
+                "save_every": 50,
+                "eval_every": 50,
+                "precision": "fp32",
+            },
             "student": {"path": str(out / "models" / student)},
             "teacher": {"path": teacher if hinted else str(out / "models" / teacher)},
-            "data": {"train": str(out / "data" / "train.jsonl"), "eval": str(out / "data" / "eval.jsonl"),
-                     "max_prompt_tokens": 64, "eval_max_prompts": 200,
-                     **({"teacher_context_format": HINT_FORMAT} if hinted else {})},
+            "data": {
+                "train": str(out / "data" / "train.jsonl"),
+                "eval": str(out / "data" / "eval.jsonl"),
+                "max_prompt_tokens": 64,
+                "eval_max_prompts": 200,
+                **({"teacher_context_format": HINT_FORMAT} if hinted else {}),
+            },
             "rollout": {"samples_per_prompt": 4, "max_new_tokens": 40, "temperature": 1.0},
             "loss": {"kind": "reverse_kl_pg"},
             "batch": {"prompts_per_step": 16, "micro_batch_size": 64},
@@ -63,10 +73,20 @@ def teacher_accuracy(config: Config, eval_path: Path | None = None) -> float:
     """The teacher's own accuracy on the held-out prompts (eval_path: those prompts as it sees them)."""
     precision = Precision.resolve(config.run.precision, config.run.device)
     teacher = load_teacher(config.teacher_path("teacher"), "teacher.path", precision).loaded
-    prompts = load_prompts(str(eval_path or config.data.eval), "data.eval", teacher.tokenizer, config.data.max_prompt_tokens)
+    prompts = load_prompts(
+        str(eval_path or config.data.eval), "data.eval", teacher.tokenizer, config.data.max_prompt_tokens
+    )
     sampler = ModelSampler(teacher, SamplingSettings.of(config.rollout), precision)
-    metrics = evaluate(sampler, None, prompts, teacher.tokenizer, samples_per_prompt=1, batch_prompts=256,
-                       seed=config.run.seed + 1, max_prompts=config.data.eval_max_prompts)
+    metrics = evaluate(
+        sampler,
+        None,
+        prompts,
+        teacher.tokenizer,
+        samples_per_prompt=1,
+        batch_prompts=256,
+        seed=config.run.seed + 1,
+        max_prompts=config.data.eval_max_prompts,
+    )
     return metrics["eval/accuracy"]
 
 
@@ -83,19 +103,26 @@ def run_demo(out: str | Path, teacher_tokenizer: str = "same", self_distill: boo
     (out / "data").mkdir(parents=True, exist_ok=True)
     write_split(out / "data" / "train.jsonl", 4000, seed=1, hint=self_distill)
     write_split(out / "data" / "eval.jsonl", 200, seed=2, hint=self_distill)  # held-out KL against the hinted teacher
-    teacher, student = ("student", "student_hinted") if self_distill else (
-        "teacher_bpe" if teacher_tokenizer == "other" else "teacher", "student")
+    teacher, student = (
+        ("student", "student_hinted")
+        if self_distill
+        else ("teacher_bpe" if teacher_tokenizer == "other" else "teacher", "student")
+    )
     for name in {student} | ({teacher} if teacher != "student" else set()):  # `student`: the student's own weights
         shutil.copytree(ASSETS / name, out / "models" / name)
     config = demo_config(out, teacher, student)
     if self_distill:
         write_split(out / "data" / "eval_hinted.jsonl", 200, seed=2, hint_in_prompt=True)
-        console.print(f"[bold]opd demo[/bold]: a {_size(out / 'models' / student)} student teaches itself, its "
-                      f"frozen copy shown the reference answer's last line; run directory {out}")
+        console.print(
+            f"[bold]opd demo[/bold]: a {_size(out / 'models' / student)} student teaches itself, its "
+            f"frozen copy shown the reference answer's last line; run directory {out}"
+        )
     else:
-        console.print(f"[bold]opd demo[/bold]: distilling a {_size(out / 'models' / teacher)} teacher "
-                      f"({'byte-level BPE' if teacher_tokenizer == 'other' else 'word-level'} tokens) into a "
-                      f"{_size(out / 'models' / student)} student (word-level tokens); run directory {out}")
+        console.print(
+            f"[bold]opd demo[/bold]: distilling a {_size(out / 'models' / teacher)} teacher "
+            f"({'byte-level BPE' if teacher_tokenizer == 'other' else 'word-level'} tokens) into a "
+            f"{_size(out / 'models' / student)} student (word-level tokens); run directory {out}"
+        )
     teacher_acc = teacher_accuracy(config, out / "data" / "eval_hinted.jsonl" if self_distill else None)
     result = train(config, log=console.print)
     summary = {
@@ -126,10 +153,15 @@ def _table(summary: dict[str, float]) -> Table:
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
     table.add_row("teacher accuracy (as it sees the prompts)", f"{summary['teacher_accuracy']:.1%}", "")
-    table.add_row("student accuracy", f"{summary['student_accuracy_before']:.1%}", f"{summary['student_accuracy_after']:.1%}")
+    table.add_row(
+        "student accuracy", f"{summary['student_accuracy_before']:.1%}", f"{summary['student_accuracy_after']:.1%}"
+    )
     before = summary["reverse_kl_before"]
     change = f" ({summary['reverse_kl_after'] / before - 1:+.0%})" if abs(before) > 1e-6 else ""
-    table.add_row("held-out reverse KL (sequence, nats/token)", f"{summary['reverse_kl_before']:.3f}",
-                  f"{summary['reverse_kl_after']:.3f}{change}")
+    table.add_row(
+        "held-out reverse KL (sequence, nats/token)",
+        f"{summary['reverse_kl_before']:.3f}",
+        f"{summary['reverse_kl_after']:.3f}{change}",
+    )
     table.add_row("wall time", "", f"{summary['wall_time_s']:.0f} s")
     return table

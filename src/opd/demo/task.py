@@ -20,8 +20,20 @@ from pathlib import Path
 from opd.data.templates import place_context
 
 NAMES = ["Mia", "Tom", "Ava", "Leo", "Zoe", "Sam", "Ivy", "Max", "Eli", "Amy", "Ben", "Kim"]
-PRONOUNS = {"Mia": "She", "Ava": "She", "Zoe": "She", "Ivy": "She", "Amy": "She", "Kim": "She",
-            "Tom": "He", "Leo": "He", "Sam": "He", "Max": "He", "Eli": "He", "Ben": "He"}
+PRONOUNS = {
+    "Mia": "She",
+    "Ava": "She",
+    "Zoe": "She",
+    "Ivy": "She",
+    "Amy": "She",
+    "Kim": "She",
+    "Tom": "He",
+    "Leo": "He",
+    "Sam": "He",
+    "Max": "He",
+    "Eli": "He",
+    "Ben": "He",
+}
 ITEMS = ["apples", "pens", "cards", "books", "coins", "shells", "stamps", "cookies"]
 MAX_NUMBER = 200
 
@@ -39,23 +51,29 @@ def make_problem(rng: random.Random, slip: float = 0.0) -> dict[str, str]:
         a, b = rng.randint(2, 30), rng.randint(2, 30)
         c = rng.randint(1, a + b - 1)
         first, second = a + b, a + b - c
-        question = (f"{name} has {a} {item} . {pronoun} buys {b} more and gives away {c} . "
-                    f"How many {item} does {name} have now ?")
+        question = (
+            f"{name} has {a} {item} . {pronoun} buys {b} more and gives away {c} . "
+            f"How many {item} does {name} have now ?"
+        )
         steps = [f"{name} has {a} + {b} = {first} {item} .", f"{name} has {first} - {c} = {second} {item} ."]
     elif kind == 1:
         a, b = rng.randint(2, 9), rng.randint(2, 9)
         c = rng.randint(1, 30)
         first, second = a * b, a * b + c
-        question = (f"{name} buys {a} boxes with {b} {item} in each box . {pronoun} also finds {c} {item} . "
-                    f"How many {item} does {name} have ?")
+        question = (
+            f"{name} buys {a} boxes with {b} {item} in each box . {pronoun} also finds {c} {item} . "
+            f"How many {item} does {name} have ?"
+        )
         steps = [f"The boxes hold {a} * {b} = {first} {item} .", f"{name} has {first} + {c} = {second} {item} ."]
     else:
         a = rng.randint(10, 60)
         b = rng.randint(1, a - 1)
         c = rng.randint(2, 5)
         first, second = a - b, (a - b) * c
-        question = (f"{name} had {a} {item} and lost {b} . Then {name} got {c} times as many as were left . "
-                    f"How many {item} does {name} have ?")
+        question = (
+            f"{name} had {a} {item} and lost {b} . Then {name} got {c} times as many as were left . "
+            f"How many {item} does {name} have ?"
+        )
         steps = [f"{name} kept {a} - {b} = {first} {item} .", f"{name} has {first} * {c} = {second} {item} ."]
     prompt = f"Question : {question} \n Answer :"
     final = first if slip and rng.random() < slip else second

@@ -41,8 +41,11 @@ def shard_model(model: torch.nn.Module, device: torch.device, compute_dtype: tor
     the weights' own dtype (a bf16 teacher, or fp32). The mesh is on `device`'s type (a CPU run on a
     machine with GPUs stays on the CPU)."""
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype \
+    policy = (
+        MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        if compute_dtype
         else MixedPrecisionPolicy()
+    )
     classes = layer_classes(model)
     for module in model.modules():
         if type(module).__name__ in classes:

@@ -27,8 +27,9 @@ class World:
     @classmethod
     def from_environment(cls) -> "World":
         """The world torchrun describes in RANK, WORLD_SIZE and LOCAL_RANK; a world of one without them."""
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                   int(os.environ.get("LOCAL_RANK", 0)))
+        return cls(
+            int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+        )
 
     @property
     def is_main(self) -> bool:
@@ -39,8 +40,9 @@ class World:
         collective fail (and torchrun stop the job) rather than wait for ever."""
         if self.size > 1 and not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10),
-                                    device_id=device if device.type == "cuda" else None)
+            dist.init_process_group(
+                backend, timeout=datetime.timedelta(minutes=10), device_id=device if device.type == "cuda" else None
+            )
 
     def close(self) -> None:
         if self.size > 1 and dist.is_initialized():
@@ -51,7 +53,9 @@ class World:
             dist.barrier()
 
     def _device(self) -> torch.device:
-        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        return (
+            torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        )
 
     def sum(self, value: float) -> float:
         """The sum over ranks of a number, in float64."""

@@ -1,1 +1,2 @@
-"""What a run writes and reads back: atomic checkpoints, Hugging Face exports, metric sinks, reports, the progress bar."""
+"""What a run writes and reads back: atomic checkpoints, Hugging Face exports, metric sinks, reports, the progress
+bar."""

@@ -68,7 +68,9 @@ def _write_model(student: LoadedModel, folder: Path, weights: dict | None = None
     a sharded student, gathered by the caller."""
     if weights is not None:  # a tied LM head is written once, under the embeddings' name, as Hugging Face does
         model = student.model
-        tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - dict(model.named_parameters()).keys()
+        tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - dict(
+            model.named_parameters()
+        ).keys()
         weights = {name: value for name, value in weights.items() if name not in tied}  # a copy: it pops entries
         model.save_pretrained(folder, safe_serialization=True, state_dict=weights)
     else:
@@ -122,21 +124,31 @@ def _training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
     return {"model": model_state, "optimizer": optimizer_state} if optimizer is not None else {"model": model_state}
 
 
-def save_checkpoint(output_dir: Path, step: int, student: LoadedModel, optimizer: torch.optim.Optimizer,
-                    world: World, trainer_state: dict[str, Any]) -> Path:
+def save_checkpoint(
+    output_dir: Path,
+    step: int,
+    student: LoadedModel,
+    optimizer: torch.optim.Optimizer,
+    world: World,
+    trainer_state: dict[str, Any],
+) -> Path:
     """Every rank calls this. trainer_state: the scheduler, data position and the like, written by rank 0
     beside the DCP state, with every rank's random state added."""
     folder = Path(output_dir) / "checkpoints" / f"step-{step}"
     if world.is_main:
         _begin(folder)
     world.barrier()
-    _one_process_quietly(dcp.save, _training_state(student.model, optimizer, student.adapter is not None),
-                         checkpoint_id=_partial(folder) / STATE_DIR)
+    _one_process_quietly(
+        dcp.save,
+        _training_state(student.model, optimizer, student.adapter is not None),
+        checkpoint_id=_partial(folder) / STATE_DIR,
+    )
     random_states = world.gather(rng_state())
     world.barrier()  # every rank's shard is written
     if world.is_main:
-        write_trainer_state(_partial(folder), {**trainer_state, "step": step, "rng": random_states,
-                                               "world_size": world.size})
+        write_trainer_state(
+            _partial(folder), {**trainer_state, "step": step, "rng": random_states, "world_size": world.size}
+        )
         _commit(folder)
     world.barrier()
     return folder
@@ -152,8 +164,9 @@ def check_checkpoint(folder: Path) -> None:
         raise ConfigError(f"--resume: {folder} has no {STATE_DIR}/ (written by an older opd); start a new run")
 
 
-def load_checkpoint(folder: Path, student: LoadedModel, optimizer: torch.optim.Optimizer | None,
-                    world: World = World()) -> dict[str, Any]:
+def load_checkpoint(
+    folder: Path, student: LoadedModel, optimizer: torch.optim.Optimizer | None, world: World = World()
+) -> dict[str, Any]:
     """Load a checkpoint's weights (and optimizer state) into the student in place, resharded to this
     world, restore this rank's random state if the checkpoint has one for it, and return the trainer
     state. Raises ConfigError when the checkpoint does not fit the student."""
@@ -166,9 +179,13 @@ def load_checkpoint(folder: Path, student: LoadedModel, optimizer: torch.optim.O
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"--resume: {folder} does not fit the student of this config ({first_line[:300]})") from None
     # Adapters alone: the frozen base weights are the ones missing, by design.
-    set_state_dict(student.model, optimizer or [], model_state_dict=state["model"],
-                   optim_state_dict=state.get("optimizer", {}),
-                   options=StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only))
+    set_state_dict(
+        student.model,
+        optimizer or [],
+        model_state_dict=state["model"],
+        optim_state_dict=state.get("optimizer", {}),
+        options=StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only),
+    )
     trainer_state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
     random_states = trainer_state.get("rng") or []
     if world.rank < len(random_states):

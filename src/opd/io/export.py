@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from opd.io.checkpoint import load_checkpoint, save_model
+from opd.config.files import load_config
 from opd.config.schema import Config
 from opd.config.sections import StudentConfig
-from opd.config.files import load_config
 from opd.errors import ConfigError
+from opd.io.checkpoint import load_checkpoint, save_model
 from opd.models.loading import LoadedModel, load_model
 from opd.models.lora import add_adapters
 
@@ -39,8 +39,10 @@ def export_checkpoint(checkpoint: Path, output: Path) -> Path:
         raise ConfigError(f"{output}: already exists and is not an empty folder; choose another")
     config_path = checkpoint.parent.parent / "config.yaml"
     if not (checkpoint / "trainer_state.pt").is_file() or not config_path.is_file():
-        raise ConfigError(f"{checkpoint}: not a complete checkpoint of an opd run (expected RUN/checkpoints/step-N "
-                          "with RUN/config.yaml)")
+        raise ConfigError(
+            f"{checkpoint}: not a complete checkpoint of an opd run (expected RUN/checkpoints/step-N "
+            "with RUN/config.yaml)"
+        )
     config: Config = load_config(config_path)
     student = plain_student(config.student)  # a relative student.path is read from where the run was launched
     load_checkpoint(checkpoint, student, optimizer=None)

@@ -92,8 +92,16 @@ def _summary_rows(runs: dict[str, list[dict]]) -> list[list[str]]:
         def show(row: dict, key: str, fmt: str) -> str:
             return format(row[key], fmt) if row.get(key) is not None else "–"
 
-        table.append([name, str(rows[-1]["step"]), show(first, "eval/accuracy", ".1%"), show(last, "eval/accuracy", ".1%"),
-                      show(first, _kl_key(first), ".3f"), show(last, _kl_key(last), ".3f")])
+        table.append(
+            [
+                name,
+                str(rows[-1]["step"]),
+                show(first, "eval/accuracy", ".1%"),
+                show(last, "eval/accuracy", ".1%"),
+                show(first, _kl_key(first), ".3f"),
+                show(last, _kl_key(last), ".3f"),
+            ]
+        )
     return table
 
 
@@ -110,13 +118,21 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
     png_path, html_path = out_dir / "report.png", out_dir / "report.html"
     plot(runs, png_path)
     image = base64.b64encode(png_path.read_bytes()).decode("ascii")
-    header = ["run", "last step", "accuracy (first eval)", "accuracy (last eval)", "reverse KL (first eval)", "reverse KL (last eval)"]
+    header = [
+        "run",
+        "last step",
+        "accuracy (first eval)",
+        "accuracy (last eval)",
+        "reverse KL (first eval)",
+        "reverse KL (last eval)",
+    ]
     cells = "".join(
         "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in _summary_rows(runs)
     )
     html_path.write_text(f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>opd report</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}</style>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}</style>
 </head><body>
 <h1>opd report</h1>
 <p>Healthy on-policy distillation: teacher perplexity falls, teacher log-prob rises, reverse KL falls;

@@ -73,7 +73,9 @@ class TensorBoardTracker:
     def __init__(self, output_dir: Path, start_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        self.writer = SummaryWriter(
+            log_dir=str(output_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None
+        )
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
@@ -93,8 +95,12 @@ class WandbTracker:
         id_file = output_dir / "wandb_run_id"
         run_id = id_file.read_text().strip() if id_file.exists() else None  # None: W&B makes a new one
         self.run = wandb.init(
-            project=config.run.wandb_project, name=output_dir.name, id=run_id, resume="allow",
-            dir=str(output_dir), config=config.model_dump(mode="json"),
+            project=config.run.wandb_project,
+            name=output_dir.name,
+            id=run_id,
+            resume="allow",
+            dir=str(output_dir),
+            config=config.model_dump(mode="json"),
         )
         id_file.write_text(self.run.id + "\n")
 
@@ -114,8 +120,10 @@ class MetricSinks:
         self.trackers: list[Tracker] = []
         if not enabled:
             return
-        makers = {"tensorboard": lambda: TensorBoardTracker(output_dir, start_step),
-                  "wandb": lambda: WandbTracker(config, output_dir)}
+        makers = {
+            "tensorboard": lambda: TensorBoardTracker(output_dir, start_step),
+            "wandb": lambda: WandbTracker(config, output_dir),
+        }
         for name in config.run.report_to:
             try:
                 self.trackers.append(makers[name]())

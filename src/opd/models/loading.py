@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import logging as hf_logging
 
 from opd.errors import ConfigError, ModelError, OpdError
@@ -107,13 +114,17 @@ def load_model(
     return loaded
 
 
-def check_context(model: torch.nn.Module, tokens: int, what: str, whose: str, error: type[OpdError] = ConfigError) -> None:
+def check_context(
+    model: torch.nn.Module, tokens: int, what: str, whose: str, error: type[OpdError] = ConfigError
+) -> None:
     """`what`, `tokens` long, within the context window of `whose` model; else one line naming both.
     Checked by setup for the configured lengths and by a viewed teacher for its own (longer) rows."""
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if isinstance(limit, int) and tokens > limit:
-        raise error(f"{what} is {tokens} tokens, past {whose}'s context of {limit} tokens; "
-                    "lower data.max_prompt_tokens or rollout.max_new_tokens")
+        raise error(
+            f"{what} is {tokens} tokens, past {whose}'s context of {limit} tokens; "
+            "lower data.max_prompt_tokens or rollout.max_new_tokens"
+        )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -36,10 +36,16 @@ def check_lora(settings: LoraSettings, student_path: str, trust_remote_code: boo
     names = {name.rsplit(".", 1)[-1] for name, _ in skeleton.named_modules()}
     missing = [target for target in settings.target_modules if target not in names]
     if missing:
-        linear = sorted({name.rsplit(".", 1)[-1] for name, module in skeleton.named_modules()
-                         if isinstance(module, torch.nn.Linear)})
-        raise ConfigError(f"student.lora.target_modules: {missing} not in {student_path} "
-                          f"(its linear layers: {', '.join(linear)})")
+        linear = sorted(
+            {
+                name.rsplit(".", 1)[-1]
+                for name, module in skeleton.named_modules()
+                if isinstance(module, torch.nn.Linear)
+            }
+        )
+        raise ConfigError(
+            f"student.lora.target_modules: {missing} not in {student_path} (its linear layers: {', '.join(linear)})"
+        )
 
 
 def refuse_tied_targets(model: torch.nn.Module, settings: LoraSettings, student_path: str) -> None:
@@ -53,9 +59,11 @@ def refuse_tied_targets(model: torch.nn.Module, settings: LoraSettings, student_
     pair = [names.get(head), names.get(embeddings)]
     tied = [name for name in pair if name in settings.target_modules]
     if tied:
-        raise ConfigError(f"student.lora.target_modules: {' and '.join(tied)}: {pair[0]} and {pair[1]} are one "
-                          f"tensor in {student_path} (tie_word_embeddings), which a merged adapter (final/, export, "
-                          f"the vLLM engine) can't keep apart; leave {'them' if len(tied) > 1 else 'it'} out")
+        raise ConfigError(
+            f"student.lora.target_modules: {' and '.join(tied)}: {pair[0]} and {pair[1]} are one "
+            f"tensor in {student_path} (tie_word_embeddings), which a merged adapter (final/, export, "
+            f"the vLLM engine) can't keep apart; leave {'them' if len(tied) > 1 else 'it'} out"
+        )
 
 
 def add_adapters(student: LoadedModel, settings: LoraSettings) -> LoadedModel:
@@ -64,8 +72,8 @@ def add_adapters(student: LoadedModel, settings: LoraSettings) -> LoadedModel:
 
     refuse_tied_targets(student.model, settings, student.path)
 
-    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=0.0,
-                        target_modules=settings.target_modules, bias="none")
+    config = LoraConfig(
+        r=settings.r, lora_alpha=settings.alpha, lora_dropout=0.0, target_modules=settings.target_modules, bias="none"
+    )
     wrapper = get_peft_model(student.model, config)
-    return LoadedModel(model=wrapper.get_base_model(), tokenizer=student.tokenizer, path=student.path,
-                       adapter=wrapper)
+    return LoadedModel(model=wrapper.get_base_model(), tokenizer=student.tokenizer, path=student.path, adapter=wrapper)

@@ -60,8 +60,9 @@ class Precision:
         return self.autocast_dtype or torch.float32
 
     def autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                              enabled=self.autocast_dtype is not None)
+        return torch.autocast(
+            self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
+        )
 
 
 class LowPrecisionCopy:

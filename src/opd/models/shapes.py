@@ -45,9 +45,18 @@ def model_shape(path: str, trust_remote_code: bool = False, lora: LoraSettings |
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     mlp = getattr(config, "intermediate_size", None) or 4 * hidden
-    return ModelShape(parameters, _lora_parameters(model, lora) if lora else None, max(layer_sizes, default=0), root,
-                      len(layers) or config.num_hidden_layers, hidden, mlp, heads * head_dim, kv_heads * head_dim,
-                      model.get_output_embeddings().weight.shape[0])
+    return ModelShape(
+        parameters,
+        _lora_parameters(model, lora) if lora else None,
+        max(layer_sizes, default=0),
+        root,
+        len(layers) or config.num_hidden_layers,
+        hidden,
+        mlp,
+        heads * head_dim,
+        kv_heads * head_dim,
+        model.get_output_embeddings().weight.shape[0],
+    )
 
 
 def _cached_config(repo_id: str) -> str | None:
@@ -68,8 +77,11 @@ def _lora_parameters(model: torch.nn.Module, lora: LoraSettings) -> int:
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear):
             continue
-        targeted = module is not head if lora.target_modules == "all-linear" else \
-            name.rsplit(".", 1)[-1] in lora.target_modules
+        targeted = (
+            module is not head
+            if lora.target_modules == "all-linear"
+            else name.rsplit(".", 1)[-1] in lora.target_modules
+        )
         if targeted:
             total += lora.r * (module.in_features + module.out_features)
     return total

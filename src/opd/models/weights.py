@@ -12,14 +12,18 @@ from torch.distributed.fsdp import FSDPModule
 from opd.distributed.sharding import is_sharded
 
 
-def plain_weights(model: torch.nn.Module, keep: Callable[[str], bool] = lambda name: True
-                  ) -> Iterator[tuple[str, torch.Tensor]]:
+def plain_weights(
+    model: torch.nn.Module, keep: Callable[[str], bool] = lambda name: True
+) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's weights under a plain checkpoint's names: a LoRA layer's base weight with its
     adapters' delta added (peft's get_delta_weight, so embeddings and fan-in-fan-out layers come out
     right), and no adapter tensors. Tied weights come once (named_parameters drops the repeat).
     keep: which parameters (by their name in `model`) to read; the others are not touched."""
-    lora_layers = {name: module for name, module in model.named_modules()
-                   if hasattr(module, "base_layer") and hasattr(module, "get_delta_weight")}
+    lora_layers = {
+        name: module
+        for name, module in model.named_modules()
+        if hasattr(module, "base_layer") and hasattr(module, "get_delta_weight")
+    }
     for name, parameter in model.named_parameters():
         if ".lora_" in name or not keep(name):
             continue
@@ -49,7 +53,8 @@ def engine_weights(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[tuple
     unit_of = {name: module for name, module in model.named_modules() if isinstance(module, FSDPModule)}
     owner = {  # each parameter's innermost unit ("" is the root), found once for the whole sync
         parameter: max((unit for unit in unit_of if not unit or parameter.startswith(unit + ".")), key=len)
-        for parameter, _ in model.named_parameters()}
+        for parameter, _ in model.named_parameters()
+    }
     for unit_name, unit in unit_of.items():  # the root comes first, as FSDP2's lazy initialisation wants
         unit.unshard()
         try:

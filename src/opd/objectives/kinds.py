@@ -28,8 +28,9 @@ class Objective(Protocol):
         """The batch with whatever this objective computes once per step (advantages)."""
         ...
 
-    def per_token(self, student_logits: torch.Tensor, chunk: TokenChunk,
-                  teacher: FullDistributionTeacher | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def per_token(
+        self, student_logits: torch.Tensor, chunk: TokenChunk, teacher: FullDistributionTeacher | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """student_logits (c, V) with grad, at the chunk's positions. Returns per-token loss values (c,)
         and the student's log-probs of the chunk's tokens (c,) under the objective's processing."""
         ...
@@ -48,23 +49,38 @@ class PolicyGradient:
     (pure RL; a teacher, where given, only adds metrics).
     """
 
-    def __init__(self, temperature: float, top_k: int, top_p: float, ratio_clip: float | None, kl_coef: float,
-                 discount: float, forward_kl_coef: float = 0.0, reward_coef: float = 0.0,
-                 reward_scale_by_std: bool = False):
+    def __init__(
+        self,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        ratio_clip: float | None,
+        kl_coef: float,
+        discount: float,
+        forward_kl_coef: float = 0.0,
+        reward_coef: float = 0.0,
+        reward_scale_by_std: bool = False,
+    ):
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.ratio_clip, self.kl_coef, self.discount = ratio_clip, kl_coef, discount
-        self.forward_kl_coef, self.reward_coef, self.reward_scale_by_std = forward_kl_coef, reward_coef, reward_scale_by_std
+        self.forward_kl_coef, self.reward_coef, self.reward_scale_by_std = (
+            forward_kl_coef,
+            reward_coef,
+            reward_scale_by_std,
+        )
 
     def prepare(self, batch: StepBatch) -> StepBatch:
         mask = batch.completion_mask
         if not self.kl_coef and self.reward_coef:
             advantages = torch.zeros(mask.shape, device=mask.device)  # (B, T)
         elif batch.chunk_index is not None:  # a teacher of another tokenizer: one advantage per chunk
-            advantages = losses.chunk_advantages(batch.sampler_logprobs, batch.teacher_logprobs, batch.chunk_index,
-                                                 mask, self.kl_coef, self.discount)  # (B, T)
+            advantages = losses.chunk_advantages(
+                batch.sampler_logprobs, batch.teacher_logprobs, batch.chunk_index, mask, self.kl_coef, self.discount
+            )  # (B, T)
         else:
-            advantages = losses.discounted_advantages(batch.sampler_logprobs, batch.teacher_logprobs,
-                                                      mask, self.kl_coef, self.discount)  # (B, T)
+            advantages = losses.discounted_advantages(
+                batch.sampler_logprobs, batch.teacher_logprobs, mask, self.kl_coef, self.discount
+            )  # (B, T)
         if self.reward_coef:
             rewarded = losses.group_advantages(batch.rewards, batch.prompt_index, self.reward_scale_by_std)  # (B,)
             advantages = advantages + self.reward_coef * rewarded.unsqueeze(1) * mask
@@ -149,14 +165,22 @@ class BySource:
 
 OBJECTIVES: dict[str, Callable[[Config], Objective]] = {
     "reverse_kl_pg": lambda config: PolicyGradient(
-        config.rollout.temperature, config.rollout.top_k, config.rollout.top_p, config.loss.ratio_clip,
-        config.loss.kl_coef, config.loss.discount, config.loss.forward_kl_coef,
-        config.reward.coef if config.reward else 0.0, bool(config.reward and config.reward.normalize == "mean_std")),
+        config.rollout.temperature,
+        config.rollout.top_k,
+        config.rollout.top_p,
+        config.loss.ratio_clip,
+        config.loss.kl_coef,
+        config.loss.discount,
+        config.loss.forward_kl_coef,
+        config.reward.coef if config.reward else 0.0,
+        bool(config.reward and config.reward.normalize == "mean_std"),
+    ),
     "topk_forward_kl": lambda config: TopKForwardKL(config.rollout.temperature),
     "forward_kl": lambda config: Divergence(losses.forward_kl, config.rollout.temperature),
     "reverse_kl": lambda config: Divergence(losses.reverse_kl, config.rollout.temperature),
-    "jsd": lambda config: Divergence(partial(losses.generalized_jsd, beta=config.loss.jsd_beta),
-                                     config.rollout.temperature),
+    "jsd": lambda config: Divergence(
+        partial(losses.generalized_jsd, beta=config.loss.jsd_beta), config.rollout.temperature
+    ),
     "sft": lambda config: NegativeLogLikelihood(),
 }
 

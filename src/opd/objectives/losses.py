@@ -61,8 +61,9 @@ def chunk_advantages(
     return torch.where(kept, chunk_values.gather(1, slot), 0.0)
 
 
-def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, scale_by_std: bool = False,
-                     epsilon: float = 1e-4) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, groups: torch.Tensor, scale_by_std: bool = False, epsilon: float = 1e-4
+) -> torch.Tensor:
     """A_i = r_i - mean of r over the rows of i's group (a prompt's samples), with scale_by_std divided
     by (the group's sample standard deviation + epsilon), as GRPO does. Rows whose reward is NaN (none
     was given) are left out of their group's figures and get 0, as does a group of one.
@@ -72,7 +73,9 @@ def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, scale_by_std: 
     given = ~torch.isnan(rewards)
     values = torch.where(given, rewards.float(), 0.0)
     _, group = torch.unique(groups, return_inverse=True)  # (B,) in 0..G-1
-    count = torch.zeros(int(group.max()) + 1 if len(group) else 0, device=rewards.device).index_add_(0, group, given.float())
+    count = torch.zeros(int(group.max()) + 1 if len(group) else 0, device=rewards.device).index_add_(
+        0, group, given.float()
+    )
     mean = torch.zeros_like(count).index_add_(0, group, values) / count.clamp(min=1)  # (G,)
     centered = torch.where(given, values - mean[group], 0.0)
     if scale_by_std:
@@ -174,7 +177,9 @@ def _log_one_minus_exp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def topk_forward_kl(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+def topk_forward_kl(
+    student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor
+) -> torch.Tensor:
     """KL(pi_T || pi_theta) over the teacher's top-k tokens S plus one tail bucket for the rest, per
     position: sum_{i in S} p_i (log p_i - log q_i) + p_tail (log p_tail - log q_tail), where
     p_tail = 1 - sum_S p_i and q_tail = 1 - sum_S q_i. The tail keeps the student from piling mass
@@ -224,8 +229,10 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     # and set to -inf afterwards, outside the graph's reach.
     both_zero = torch.isneginf(student_logp) & torch.isneginf(teacher_logp)
     if bool(both_zero.any()):
-        mixture_logp = torch.logaddexp(torch.where(both_zero, 0.0, teacher_logp) + math.log(beta),
-                                       torch.where(both_zero, 0.0, student_logp) + math.log(1 - beta))
+        mixture_logp = torch.logaddexp(
+            torch.where(both_zero, 0.0, teacher_logp) + math.log(beta),
+            torch.where(both_zero, 0.0, student_logp) + math.log(1 - beta),
+        )
         mixture_logp = mixture_logp.masked_fill(both_zero, float("-inf"))
     else:
         mixture_logp = torch.logaddexp(teacher_logp + math.log(beta), student_logp + math.log(1 - beta))

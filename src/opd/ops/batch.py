@@ -92,8 +92,10 @@ class StepBatch:
 
     def completion_texts(self, tokenizer) -> list[str]:
         """Each row's completion inside the mask, decoded without special tokens."""
-        return [tokenizer.decode([token for token, keep in zip(ids, mask) if keep], skip_special_tokens=True)
-                for ids, mask in zip(self.completion_ids.tolist(), self.completion_mask.tolist())]
+        return [
+            tokenizer.decode([token for token, keep in zip(ids, mask) if keep], skip_special_tokens=True)
+            for ids, mask in zip(self.completion_ids.tolist(), self.completion_mask.tolist())
+        ]
 
     def replace(self, **changes: Any) -> "StepBatch":
         return replace(self, **changes)
@@ -146,9 +148,13 @@ class StepBatch:
                 joined[spec.name] = None
             elif any(value is None for value in values):  # e.g. no sampler entropy for the data's answers
                 present = next(value for value in values if value is not None)
-                values = [present.new_zeros((*batch.completion_ids.shape, *present.shape[2:])) if value is None
-                          else value for batch, value in zip(batches, values)]
-                joined[spec.name] = torch.cat([_pad_columns(value, completion_width, 0, left=False) for value in values])
+                values = [
+                    present.new_zeros((*batch.completion_ids.shape, *present.shape[2:])) if value is None else value
+                    for batch, value in zip(batches, values)
+                ]
+                joined[spec.name] = torch.cat(
+                    [_pad_columns(value, completion_width, 0, left=False) for value in values]
+                )
             elif isinstance(values[0], list):
                 joined[spec.name] = [item for value in values for item in value]
             elif layout == "row":
@@ -156,8 +162,9 @@ class StepBatch:
             else:
                 width = prompt_width if layout == "prompt" else completion_width
                 fill = pad_id if spec.name in ("prompt_ids", "completion_ids") else 0
-                joined[spec.name] = torch.cat([_pad_columns(value, width, fill, left=layout == "prompt")
-                                               for value in values])
+                joined[spec.name] = torch.cat(
+                    [_pad_columns(value, width, fill, left=layout == "prompt") for value in values]
+                )
         return StepBatch(**joined)
 
     def select(self, rows: slice | torch.Tensor | list[int]) -> "StepBatch":
@@ -199,8 +206,15 @@ class TokenChunk:
     tokens (c,), sampler_logprobs (c,), and where present teacher_logprobs (c,), advantages (c,),
     teacher_hidden (c, H), teacher_topk_ids / teacher_topk_logprobs (c, K); and source (c,)."""
 
-    FIELDS = ("completion_ids", "sampler_logprobs", "teacher_logprobs", "teacher_hidden", "teacher_topk_ids",
-              "teacher_topk_logprobs", "advantages")
+    FIELDS = (
+        "completion_ids",
+        "sampler_logprobs",
+        "teacher_logprobs",
+        "teacher_hidden",
+        "teacher_topk_ids",
+        "teacher_topk_logprobs",
+        "advantages",
+    )
 
     completion_ids: torch.Tensor
     sampler_logprobs: torch.Tensor
@@ -217,8 +231,12 @@ class TokenChunk:
 
     def subset(self, keep: torch.Tensor) -> "TokenChunk":
         """The tokens where `keep` (c,) is True."""
-        return TokenChunk(**{name: None if getattr(self, name) is None else getattr(self, name)[keep]
-                             for name in (*self.FIELDS, "source")})
+        return TokenChunk(
+            **{
+                name: None if getattr(self, name) is None else getattr(self, name)[keep]
+                for name in (*self.FIELDS, "source")
+            }
+        )
 
 
 def _pad_columns(value: torch.Tensor, width: int, fill, left: bool) -> torch.Tensor:

@@ -70,17 +70,25 @@ def shared_prompt_hidden_states(
     decoder = model.base_model  # the body without the LM head
     cache = DynamicCache(config=model.config)
     unique_mask = prompt_mask[first_row]
-    encoded = decoder(input_ids=prompt_ids[first_row], attention_mask=unique_mask,
-                      position_ids=position_ids_from_mask(unique_mask), use_cache=True,
-                      **{cache_keyword(decoder): cache})
+    encoded = decoder(
+        input_ids=prompt_ids[first_row],
+        attention_mask=unique_mask,
+        position_ids=position_ids_from_mask(unique_mask),
+        use_cache=True,
+        **{cache_keyword(decoder): cache},
+    )
     first_hidden = encoded.last_hidden_state[row_group, -1:]  # (B, 1, H): predicts completion token 0
     if completion_ids.shape[1] == 1:
         return first_hidden
     cache.batch_select_indices(row_group)  # each row gets its prompt's keys and values
     mask = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1)  # (B, P + T - 1)
-    rest = decoder(input_ids=completion_ids[:, :-1], attention_mask=mask,
-                   position_ids=position_ids_from_mask(mask)[:, prompt_ids.shape[1]:], use_cache=True,
-                   **{cache_keyword(decoder): cache})
+    rest = decoder(
+        input_ids=completion_ids[:, :-1],
+        attention_mask=mask,
+        position_ids=position_ids_from_mask(mask)[:, prompt_ids.shape[1] :],
+        use_cache=True,
+        **{cache_keyword(decoder): cache},
+    )
     return torch.cat([first_hidden, rest.last_hidden_state], dim=1)
 
 
@@ -113,8 +121,9 @@ def _probe_prompt_sharing(model: PreTrainedModel) -> bool:
     try:
         with torch.autocast(device.type, enabled=False):
             shared = shared_prompt_hidden_states(model, prompts, prompt_mask, completions, completion_mask, index)
-            plain = completion_hidden_states(model, torch.cat([prompts, completions], 1),
-                                             torch.cat([prompt_mask, completion_mask], 1), 4)
+            plain = completion_hidden_states(
+                model, torch.cat([prompts, completions], 1), torch.cat([prompt_mask, completion_mask], 1), 4
+            )
     except Exception:  # e.g. a cache type without batch_select_indices
         return False
     finally:
@@ -140,10 +149,20 @@ def completion_hidden_states_of(
     Arguments as in `shared_prompt_hidden_states`."""
     # A sharded model takes the plain path always: one body call whatever the batch holds (and no probe),
     # so every rank makes the same collectives.
-    if not isinstance(model, FSDPModule) and len(torch.unique(prompt_index)) < len(prompt_index) and shares_prompts(model):
-        return shared_prompt_hidden_states(model, prompt_ids, prompt_mask, completion_ids, completion_mask, prompt_index)
-    return completion_hidden_states(model, torch.cat([prompt_ids, completion_ids], 1),
-                                    torch.cat([prompt_mask, completion_mask], 1), completion_ids.shape[1])
+    if (
+        not isinstance(model, FSDPModule)
+        and len(torch.unique(prompt_index)) < len(prompt_index)
+        and shares_prompts(model)
+    ):
+        return shared_prompt_hidden_states(
+            model, prompt_ids, prompt_mask, completion_ids, completion_mask, prompt_index
+        )
+    return completion_hidden_states(
+        model,
+        torch.cat([prompt_ids, completion_ids], 1),
+        torch.cat([prompt_mask, completion_mask], 1),
+        completion_ids.shape[1],
+    )
 
 
 def logits_from_hidden(model: PreTrainedModel, hidden: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -20,10 +20,22 @@ from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 EOS = "<|endoftext|>"
 SHAPES = {
-    "teacher-init": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=64),
-    "student-init": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, head_dim=64),
+    "teacher-init": dict(
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+    ),
+    "student-init": dict(
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+    ),
 }
 
 
@@ -33,8 +45,12 @@ def train_tokenizer(data: Path, vocab_size: int = 4096) -> PreTrainedTokenizerFa
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     backend.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS, pad_token=EOS)
 
@@ -47,8 +63,14 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = train_tokenizer(args.data)
     for seed, (name, shape) in enumerate(SHAPES.items()):
         torch.manual_seed(seed)
-        config = Qwen3Config(vocab_size=len(tokenizer), max_position_embeddings=1024, tie_word_embeddings=True,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **shape)
+        config = Qwen3Config(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **shape,
+        )
         Qwen3ForCausalLM(config).save_pretrained(args.out / name)
         tokenizer.save_pretrained(args.out / name)
         print(f"wrote {args.out / name}")

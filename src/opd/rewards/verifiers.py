@@ -1,13 +1,12 @@
-"""Task rewards beside the teacher (`reward:`): a verifier grades each decoded completion against its
-data set row, and the objective adds the reward's group-normalized advantage to the distillation one.
+"""Task rewards beside the teacher (`reward:`): a verifier grades each decoded completion against its data set row, and
+the objective adds the reward's group-normalized advantage to the distillation one.
 
-A verifier is `function(completion: str, row: dict) -> float`: the completion decoded without special
-tokens, and the row's JSONL fields (`answer`, `question`, `messages` and any extra field); it may
-return any finite number (a bool, a numpy scalar, a 0-d tensor). `gsm8k` is built in: 1 where the completion's final number equals the row's `#### N` answer, else 0. Any
-other is named `package.module:function` and imported before any weight loads, from the Python path
-and the working directory. A verifier that
-raises or returns something other than a finite number (a bool counts as 0 or 1) stops the step with one line naming it and
-the row (file and line); the run then writes no final/.
+A verifier is `function(completion: str, row: dict) -> float`: the completion decoded without special tokens, and the
+row's JSONL fields (`answer`, `question`, `messages` and any extra field); it may return any finite number (a bool, a
+numpy scalar, a 0-d tensor). `gsm8k` is built in: 1 where the completion's final number equals the row's `#### N`
+answer, else 0. Any other is named `package.module:function` and imported before any weight loads, from the Python
+path and the working directory. A verifier that raises or returns something other than a finite number (a bool counts
+as 0 or 1) stops the step with one line naming it and the row (file and line); the run then writes no final/.
 """
 
 from __future__ import annotations
@@ -50,8 +49,9 @@ def load_verifier(spec: str) -> Verifier:
         return BUILT_IN[spec]
     module_name, _, function_name = spec.partition(":")
     if not module_name or not function_name:
-        raise ConfigError(f"reward.verifier: '{spec}' is neither a built-in ({', '.join(BUILT_IN)}) "
-                          f"nor a 'package.module:function'")
+        raise ConfigError(
+            f"reward.verifier: '{spec}' is neither a built-in ({', '.join(BUILT_IN)}) nor a 'package.module:function'"
+        )
     if "" not in sys.path and os.getcwd() not in sys.path:  # as `python -m` does: a module beside the run's files
         sys.path.insert(0, os.getcwd())
     try:
@@ -70,8 +70,10 @@ def check_rows(spec: str, prompts: PromptSet) -> None:
         return
     for example in prompts.examples:
         if example.answer is None or gold_answer(example.answer) is None:
-            raise DataError(f"{prompts.path}:{example.line}: reward.verifier gsm8k needs an 'answer' ending in "
-                            "'#### N' on every row")
+            raise DataError(
+                f"{prompts.path}:{example.line}: reward.verifier gsm8k needs an 'answer' ending in "
+                "'#### N' on every row"
+            )
 
 
 class RewardScorer:
@@ -87,12 +89,15 @@ class RewardScorer:
             value = self.verifier(text, row.fields)
         except Exception as exc:
             message = " ".join(str(exc).split())  # one line, whatever the verifier's message holds
-            raise RewardFailed(f"reward.verifier {self.spec} raised {type(exc).__name__} on {where}: {message}") from None
+            raise RewardFailed(
+                f"reward.verifier {self.spec} raised {type(exc).__name__} on {where}: {message}"
+            ) from None
         number = self._number(value)
         if number is None or not math.isfinite(number):
             shown = " ".join(repr(value).split())[:80]
-            raise RewardFailed(f"reward.verifier {self.spec} returned {shown} ({type(value).__name__}) on {where}, "
-                               "not a finite number")
+            raise RewardFailed(
+                f"reward.verifier {self.spec} returned {shown} ({type(value).__name__}) on {where}, not a finite number"
+            )
         return number
 
     @staticmethod

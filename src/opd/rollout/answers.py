@@ -50,8 +50,17 @@ class DatasetAnswers:
             return [value for value in values for _ in range(samples_per_prompt)]
 
         answers = [self.answers[index] for index in each(prompts.row_index)]
-        completion_ids, completion_mask = right_pad([answer[: self.max_new_tokens] for answer in answers],
-                                                    self.pad_id, self.device)  # (B, T)
+        completion_ids, completion_mask = right_pad(
+            [answer[: self.max_new_tokens] for answer in answers], self.pad_id, self.device
+        )  # (B, T)
         finished = torch.tensor([len(answer) <= self.max_new_tokens for answer in answers], device=self.device)
-        return completions_batch(prompts, samples_per_prompt, self.pad_id, completion_ids, completion_mask,
-                                 torch.zeros(completion_ids.shape, device=self.device), finished, DATASET)
+        return completions_batch(
+            prompts,
+            samples_per_prompt,
+            self.pad_id,
+            completion_ids,
+            completion_mask,
+            torch.zeros(completion_ids.shape, device=self.device),
+            finished,
+            DATASET,
+        )

@@ -30,8 +30,14 @@ class HFDecoder:
         self.model = model
 
     def _forward(self, input_ids, position_ids) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, attention_mask=self.attention, position_ids=position_ids,
-                         use_cache=True, logits_to_keep=1, **{cache_keyword(self.model): self.cache})
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=self.attention,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_keyword(self.model): self.cache},
+        )
         return out.logits[:, -1].float()
 
     def start(self, prompt_ids, prompt_mask, copies: int, max_new_tokens: int) -> torch.Tensor:
@@ -86,13 +92,16 @@ class LeanDecoder:
             and all(kind == "full_attention" for kind in layer_types)
             # A window applies unless the config turns it off (Qwen2/3: use_sliding_window=False);
             # Mistral v0.1 has a 4,096 window and no such switch.
-            and (getattr(config, "sliding_window", None) is None or getattr(config, "use_sliding_window", True) is False)
+            and (
+                getattr(config, "sliding_window", None) is None or getattr(config, "use_sliding_window", True) is False
+            )
             and getattr(config, "mlp_bias", False) is False
             and getattr(config, "hidden_act", "silu") == "silu"
             # LoRA adapters live in the modules' forwards, and FSDP2 gathers weights in them: this step
             # reads weights directly, so it refuses both.
-            and not any(hasattr(module, "lora_A") or type(module).__name__.startswith("FSDP")
-                        for module in model.modules())
+            and not any(
+                hasattr(module, "lora_A") or type(module).__name__.startswith("FSDP") for module in model.modules()
+            )
         )
 
     def _fuse_weights(self) -> None:
@@ -105,8 +114,13 @@ class LeanDecoder:
             qkv_bias = None
             if attention.q_proj.bias is not None:  # Qwen2
                 qkv_bias = torch.cat([projection.bias for projection in projections])
-            self.fused.append((torch.cat([projection.weight for projection in projections]), qkv_bias,
-                               torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])))
+            self.fused.append(
+                (
+                    torch.cat([projection.weight for projection in projections]),
+                    qkv_bias,
+                    torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+                )
+            )
 
     def _layers(self, hidden, position_ids, mask, start: int) -> torch.Tensor:
         """hidden (B, n, H) at positions start..start+n-1 of the cache; mask (B, 1, n, L) bool, True = attend.
@@ -116,7 +130,9 @@ class LeanDecoder:
         cos, sin = self.body.rotary_emb(hidden, position_ids)
         cos, sin = cos[:, None].to(hidden.dtype), sin[:, None].to(hidden.dtype)  # (B, 1, n, d)
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        for layer, (keys, values), (qkv_weight, qkv_bias, gate_up_weight) in zip(self.body.layers, self.cache, self.fused):
+        for layer, (keys, values), (qkv_weight, qkv_bias, gate_up_weight) in zip(
+            self.body.layers, self.cache, self.fused
+        ):
             attention = layer.self_attn
             qkv = torch.nn.functional.linear(_rms_norm(layer.input_layernorm, hidden), qkv_weight, qkv_bias)
             query, key, value = qkv.split([q_size, kv_size, kv_size], dim=-1)
@@ -134,11 +150,17 @@ class LeanDecoder:
                 mixed = (scores @ values[:, :, :end]).view(batch, self.heads, 1, self.head_dim)
             else:
                 mixed = torch.nn.functional.scaled_dot_product_attention(
-                    query, keys[:, :, :end], values[:, :, :end], attn_mask=mask, scale=self.scaling,
+                    query,
+                    keys[:, :, :end],
+                    values[:, :, :end],
+                    attn_mask=mask,
+                    scale=self.scaling,
                     enable_gqa=self.heads != self.kv_heads,
                 )  # (B, heads, n, d)
             hidden = hidden + attention.o_proj(mixed.transpose(1, 2).reshape(batch, length, -1))
-            gate, up = torch.nn.functional.linear(_rms_norm(layer.post_attention_layernorm, hidden), gate_up_weight).chunk(2, dim=-1)
+            gate, up = torch.nn.functional.linear(
+                _rms_norm(layer.post_attention_layernorm, hidden), gate_up_weight
+            ).chunk(2, dim=-1)
             hidden = hidden + layer.mlp.down_proj(torch.nn.functional.silu(gate) * up)
         last = _rms_norm(self.body.norm, hidden[:, -1])
         return self.model.get_output_embeddings()(last).float()  # (B, V)
@@ -153,10 +175,10 @@ class LeanDecoder:
         causal = torch.ones(width, width, dtype=torch.bool, device=real.device).tril()
         # Left-padding rows attend to themselves only, so no row of the mask is empty (NaN in SDPA).
         mask = (causal & real[:, None, :]) | torch.eye(width, dtype=torch.bool, device=real.device)
-        logits = self._layers(self.body.embed_tokens(prompt_ids), position_ids_from_mask(prompt_mask),
-                              mask[:, None], 0)
-        self.cache = [(keys.repeat_interleave(copies, 0), values.repeat_interleave(copies, 0))
-                      for keys, values in self.cache]
+        logits = self._layers(self.body.embed_tokens(prompt_ids), position_ids_from_mask(prompt_mask), mask[:, None], 0)
+        self.cache = [
+            (keys.repeat_interleave(copies, 0), values.repeat_interleave(copies, 0)) for keys, values in self.cache
+        ]
         self.key_mask = torch.ones(prompts * copies, 1, 1, width + max_new_tokens, dtype=torch.bool, device=real.device)
         self.key_mask[:, 0, 0, :width] = real.repeat_interleave(copies, 0)
         self.length = width
@@ -169,8 +191,9 @@ class LeanDecoder:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         self.positions = self.positions + 1
-        logits = self._layers(self.body.embed_tokens(tokens), self.positions,
-                              self.key_mask[:, :, :, : self.length + 1], self.length)
+        logits = self._layers(
+            self.body.embed_tokens(tokens), self.positions, self.key_mask[:, :, :, : self.length + 1], self.length
+        )
         self.length += 1
         return logits
 

@@ -28,8 +28,13 @@ class RolloutMix:
     whichever sources a rank's share of the step drew from: the update decides from it whether to
     compute the student's entropy, a collective."""
 
-    def __init__(self, primary: Sampler, secondary: Sampler | None = None,
-                 student_fraction: Callable[[int], float] = lambda step: 1.0, pad_id: int = 0):
+    def __init__(
+        self,
+        primary: Sampler,
+        secondary: Sampler | None = None,
+        student_fraction: Callable[[int], float] = lambda step: 1.0,
+        pad_id: int = 0,
+    ):
         self.primary, self.secondary = primary, secondary
         self.student_fraction, self.pad_id = student_fraction, pad_id
         self.gives_entropy = primary.gives_entropy
@@ -42,8 +47,9 @@ class RolloutMix:
         for sampler in filter(None, (self.primary, self.secondary)):
             sampler.close()
 
-    def sample(self, prompts: PromptBatch, samples_per_prompt: int, seed: int, step: int,
-               step_keys: range | None = None) -> StepBatch:
+    def sample(
+        self, prompts: PromptBatch, samples_per_prompt: int, seed: int, step: int, step_keys: range | None = None
+    ) -> StepBatch:
         """step_keys: the keys of the whole step's prompts, every rank's (default: this batch's)."""
         if self.secondary is None:
             return self.primary.sample(prompts, samples_per_prompt, seed)
@@ -51,13 +57,24 @@ class RolloutMix:
         student_count = int(self.student_fraction(step) * len(step_keys) + 0.5)
         # This rank's keys rise through the step, so its student prompts are a prefix of its share.
         own, others = prompts.split(sum(key < step_keys.start + student_count for key in prompts.keys))
-        parts = [sampler.sample(part, samples_per_prompt, seed)
-                 for sampler, part in ((self.primary, own), (self.secondary, others)) if len(part)]
+        parts = [
+            sampler.sample(part, samples_per_prompt, seed)
+            for sampler, part in ((self.primary, own), (self.secondary, others))
+            if len(part)
+        ]
         # Entropy is read at the student's rows only: other rows get zeros where the student's engine gives it.
-        parts = [part.replace(sampler_entropy=(None if not self.gives_entropy else part.sampler_entropy
-                                               if part.sampler_entropy is not None
-                                               else torch.zeros_like(part.sampler_logprobs)))
-                 for part in parts]
+        parts = [
+            part.replace(
+                sampler_entropy=(
+                    None
+                    if not self.gives_entropy
+                    else part.sampler_entropy
+                    if part.sampler_entropy is not None
+                    else torch.zeros_like(part.sampler_logprobs)
+                )
+            )
+            for part in parts
+        ]
         return StepBatch.concat(parts, self.pad_id)
 
     def sampling_flops(self, batch: StepBatch) -> float:
@@ -71,8 +88,14 @@ class RolloutMix:
         return total
 
 
-def build_rollouts(config: Config, student_sampler: Sampler, teacher: LoadedModel | None, prompts: PromptSet,
-                   tokenizer, precision: Precision) -> RolloutMix:
+def build_rollouts(
+    config: Config,
+    student_sampler: Sampler,
+    teacher: LoadedModel | None,
+    prompts: PromptSet,
+    tokenizer,
+    precision: Precision,
+) -> RolloutMix:
     """Who writes the training completions: `rollout.source` (the student's sampler, from its engine; the
     teacher model `teacher`; or the data set's answers, tokenized by the student's `tokenizer`), and with
     GKD's lambda below 1 the student mixed with `rollout.off_policy_source`."""

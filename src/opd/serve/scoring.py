@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from opd.ops.batch import left_pad, right_pad
-from opd.ops.forward import completion_hidden_states, completion_hidden_states_of, logits_from_hidden
 from opd.models.loading import LoadedModel
 from opd.models.precision import Precision
+from opd.ops.batch import left_pad, right_pad
+from opd.ops.forward import completion_hidden_states, completion_hidden_states_of, logits_from_hidden
 
 BATCH_WINDOW_S = 0.003  # how long the batcher waits for more requests once one has arrived
 
@@ -35,8 +35,15 @@ class Scored:
 
 
 @torch.no_grad()
-def score_sequences(teacher: LoadedModel, precision: Precision, chunk_size: int, sequences: list[list[int]],
-                    starts: list[int], temperatures: list[float], top_ks: list[int]) -> list[Scored]:
+def score_sequences(
+    teacher: LoadedModel,
+    precision: Precision,
+    chunk_size: int,
+    sequences: list[list[int]],
+    starts: list[int],
+    temperatures: list[float],
+    top_ks: list[int],
+) -> list[Scored]:
     """Log-probs of each sequence's tokens from position starts[i] (at least 1) on, under temperatures[i],
     with the top_ks[i] most likely tokens there. Where every sequence starts past its first token, the
     part before the start is a prompt, encoded once for the sequences that share it; otherwise the
@@ -65,8 +72,14 @@ def score_sequences(teacher: LoadedModel, precision: Precision, chunk_size: int,
     results, begin = [], 0
     for sequence, start, top_k in zip(sequences, starts, top_ks):
         end = begin + len(sequence) - max(1, start)
-        results.append(Scored(logprobs[begin:end].tolist(), ranks[begin:end].tolist(),
-                              topk_indices[begin:end, :top_k].tolist(), topk_values[begin:end, :top_k].tolist()))
+        results.append(
+            Scored(
+                logprobs[begin:end].tolist(),
+                ranks[begin:end].tolist(),
+                topk_indices[begin:end, :top_k].tolist(),
+                topk_values[begin:end, :top_k].tolist(),
+            )
+        )
         begin = end
     return results
 
@@ -77,7 +90,7 @@ def _whole_hidden(teacher, precision, sequences, starts, temperatures):
     ids, mask = left_pad(sequences, 0, precision.device)  # (B, L)
     asked = torch.zeros_like(mask, dtype=torch.bool)
     for row, (sequence, start) in enumerate(zip(sequences, starts)):
-        asked[row, ids.shape[1] - len(sequence) + max(1, start):] = True
+        asked[row, ids.shape[1] - len(sequence) + max(1, start) :] = True
     with precision.autocast():
         hidden = completion_hidden_states(teacher.model, ids, mask, ids.shape[1] - 1)  # column c predicts c + 1
     return _asked(hidden, ids[:, 1:], asked[:, 1:], temperatures)
@@ -89,13 +102,22 @@ def _split_hidden(teacher, precision, sequences, starts, temperatures):
     sequences that share it, the local teacher's computation exactly."""
     device = precision.device
     groups: dict[tuple[int, ...], int] = {}
-    prompt_index = [groups.setdefault(tuple(sequence[:start]), len(groups)) for sequence, start in zip(sequences, starts)]
+    prompt_index = [
+        groups.setdefault(tuple(sequence[:start]), len(groups)) for sequence, start in zip(sequences, starts)
+    ]
     prompt_ids, prompt_mask = left_pad([sequence[:start] for sequence, start in zip(sequences, starts)], 0, device)
-    completion_ids, completion_mask = right_pad([sequence[start:] for sequence, start in zip(sequences, starts)], 0,
-                                                device)
+    completion_ids, completion_mask = right_pad(
+        [sequence[start:] for sequence, start in zip(sequences, starts)], 0, device
+    )
     with precision.autocast():
-        hidden = completion_hidden_states_of(teacher.model, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                                             torch.tensor(prompt_index, device=device))  # (B, T, H)
+        hidden = completion_hidden_states_of(
+            teacher.model,
+            prompt_ids,
+            prompt_mask,
+            completion_ids,
+            completion_mask,
+            torch.tensor(prompt_index, device=device),
+        )  # (B, T, H)
     return _asked(hidden, completion_ids, completion_mask.bool(), temperatures)
 
 

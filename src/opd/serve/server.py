@@ -26,8 +26,8 @@ from functools import partial
 from opd.errors import ConfigError
 from opd.models.loading import LoadedModel
 from opd.models.precision import Precision
-from opd.serve.scoring import Batcher, Scored, _Job, score_sequences
 from opd.ops.logprobs import tokens_per_chunk
+from opd.serve.scoring import Batcher, Scored, _Job, score_sequences
 
 
 class RequestError(Exception):
@@ -43,8 +43,11 @@ def _sequences(prompt) -> list[list[int]]:
     if isinstance(prompt, list) and prompt and all(isinstance(each, list) for each in prompt):
         if all(each and all(isinstance(token, int) for token in each) for each in prompt):
             return prompt
-    raise RequestError(400, "prompt: expected a non-empty list of token ids, or a list of such lists "
-                            "(opd serve-teacher scores token ids, not text)")
+    raise RequestError(
+        400,
+        "prompt: expected a non-empty list of token ids, or a list of such lists "
+        "(opd serve-teacher scores token ids, not text)",
+    )
 
 
 def parse_completion_request(body, vocab_size: int, context: int, max_batch_tokens: int, max_logprobs: int) -> _Job:
@@ -53,8 +56,11 @@ def parse_completion_request(body, vocab_size: int, context: int, max_batch_toke
     sequences = _sequences(body.get("prompt"))
     top_k = body.get("prompt_logprobs")
     if not isinstance(top_k, int) or isinstance(top_k, bool) or not 0 <= top_k <= max_logprobs:
-        raise RequestError(400, f"prompt_logprobs: expected an integer from 0 to {max_logprobs} (this server "
-                                f"only scores prompts), got {top_k!r}")
+        raise RequestError(
+            400,
+            f"prompt_logprobs: expected an integer from 0 to {max_logprobs} (this server "
+            f"only scores prompts), got {top_k!r}",
+        )
     temperature = body.get("temperature", 1.0)
     if temperature is None:
         temperature = 1.0
@@ -62,8 +68,11 @@ def parse_completion_request(body, vocab_size: int, context: int, max_batch_toke
         raise RequestError(400, f"temperature: expected a positive number, got {temperature!r}")
     starts = body.get("logprob_start", 0)
     starts = [starts] * len(sequences) if isinstance(starts, int) and not isinstance(starts, bool) else starts
-    if not isinstance(starts, list) or len(starts) != len(sequences) or not all(
-            isinstance(start, int) and start >= 0 for start in starts):
+    if (
+        not isinstance(starts, list)
+        or len(starts) != len(sequences)
+        or not all(isinstance(start, int) and start >= 0 for start in starts)
+    ):
         raise RequestError(400, "logprob_start: expected a non-negative integer, or one per prompt")
     for sequence, start in zip(sequences, starts):
         if start > len(sequence):
@@ -71,14 +80,20 @@ def parse_completion_request(body, vocab_size: int, context: int, max_batch_toke
         if any(isinstance(token, bool) for token in sequence):
             raise RequestError(400, "prompt: token ids must be integers, not booleans")
         if min(sequence) < 0 or max(sequence) >= vocab_size:
-            raise RequestError(400, f"prompt: token id {max(sequence) if max(sequence) >= vocab_size else min(sequence)} "
-                                    f"is outside this model's vocabulary of {vocab_size}")
+            raise RequestError(
+                400,
+                f"prompt: token id {max(sequence) if max(sequence) >= vocab_size else min(sequence)} "
+                f"is outside this model's vocabulary of {vocab_size}",
+            )
         if len(sequence) > context:
             raise RequestError(400, f"prompt: {len(sequence)} tokens exceed the model's context of {context}")
     tokens = sum(map(len, sequences))
     if tokens > max_batch_tokens:
-        raise RequestError(413, f"the request holds {tokens} tokens, more than this server's --max-batch-tokens "
-                                f"{max_batch_tokens}; split it")
+        raise RequestError(
+            413,
+            f"the request holds {tokens} tokens, more than this server's --max-batch-tokens "
+            f"{max_batch_tokens}; split it",
+        )
     return _Job(sequences, starts, float(temperature), top_k)
 
 
@@ -89,23 +104,49 @@ def completion_response(model_name: str, job: _Job, scored: list[Scored], token_
         entries: list[dict | None] = [None] * max(1, start)
         for offset, position in enumerate(range(max(1, start), len(sequence))):
             token = sequence[position]
-            entry = {str(candidate): {"logprob": logprob, "rank": rank, "decoded_token": token_names[candidate]}
-                     for rank, (candidate, logprob) in enumerate(zip(result.topk_ids[offset],
-                                                                     result.topk_logprobs[offset]), 1)}
+            entry = {
+                str(candidate): {"logprob": logprob, "rank": rank, "decoded_token": token_names[candidate]}
+                for rank, (candidate, logprob) in enumerate(
+                    zip(result.topk_ids[offset], result.topk_logprobs[offset]), 1
+                )
+            }
             if str(token) not in entry:  # the position's own token, ranked among all (ties share the best rank)
-                entry[str(token)] = {"logprob": result.logprobs[offset], "rank": max(result.ranks[offset], len(entry) + 1),
-                                     "decoded_token": token_names[token]}
+                entry[str(token)] = {
+                    "logprob": result.logprobs[offset],
+                    "rank": max(result.ranks[offset], len(entry) + 1),
+                    "decoded_token": token_names[token],
+                }
             entries.append(entry)
-        choices.append({"index": index, "text": "", "logprobs": None, "finish_reason": "length",
-                        "stop_reason": None, "prompt_logprobs": entries[: len(sequence)]})
+        choices.append(
+            {
+                "index": index,
+                "text": "",
+                "logprobs": None,
+                "finish_reason": "length",
+                "stop_reason": None,
+                "prompt_logprobs": entries[: len(sequence)],
+            }
+        )
     tokens = sum(map(len, job.sequences))
-    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-            "model": model_name, "choices": choices,
-            "usage": {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens}}
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model_name,
+        "choices": choices,
+        "usage": {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens},
+    }
 
 
-def create_app(teacher: LoadedModel, precision: Precision, model_name: str, api_key: str | None = None,
-               max_batch_tokens: int = 16384, max_logprobs: int = 20, chunk_size: int | None = None):
+def create_app(
+    teacher: LoadedModel,
+    precision: Precision,
+    model_name: str,
+    api_key: str | None = None,
+    max_batch_tokens: int = 16384,
+    max_logprobs: int = 20,
+    chunk_size: int | None = None,
+):
     """The FastAPI application serving `teacher` under `model_name`."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -148,8 +189,18 @@ def create_app(teacher: LoadedModel, precision: Precision, model_name: str, api_
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "opd",
-                                            "max_model_len": context, "vocab_size": vocab_size}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": model_name,
+                    "object": "model",
+                    "owned_by": "opd",
+                    "max_model_len": context,
+                    "vocab_size": vocab_size,
+                }
+            ],
+        }
 
     async def json_body(request: Request):
         try:
@@ -185,16 +236,25 @@ def create_app(teacher: LoadedModel, precision: Precision, model_name: str, api_
     return app
 
 
-def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_batch_tokens: int = 16384, precision: str = "auto", device: str = "auto", max_logprobs: int = 20,
-          served_model_name: str | None = None, trust_remote_code: bool = False) -> None:
+def serve(
+    model: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_batch_tokens: int = 16384,
+    precision: str = "auto",
+    device: str = "auto",
+    max_logprobs: int = 20,
+    served_model_name: str | None = None,
+    trust_remote_code: bool = False,
+) -> None:
     """Load `model` and serve it until interrupted."""
     try:
         import uvicorn
     except ImportError:
         raise ConfigError("opd serve-teacher needs the server extra: pip install 'opd[serve]'") from None
-    from opd.teachers.local import load_teacher
     from opd.models.loading import check_model_path
+    from opd.teachers.local import load_teacher
 
     check_model_path(model, "MODEL")
     resolved = Precision.resolve(precision, device)

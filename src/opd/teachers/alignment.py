@@ -30,8 +30,9 @@ import torch
 TRUNCATED, UNREPRESENTABLE = -1, -2
 
 
-def align_chunks(student_lengths: list[torch.Tensor], teacher_lengths: list[torch.Tensor]
-                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def align_chunks(
+    student_lengths: list[torch.Tensor], teacher_lengths: list[torch.Tensor]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per row, the chunk of each student token (n_s,) and of each teacher token (n_t,), numbered from 0.
 
     student_lengths, teacher_lengths: per row, the bytes of each token (a virtual byte for an end-of-turn

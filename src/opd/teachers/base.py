@@ -36,9 +36,14 @@ class TeacherScores:
     flops: float = 0.0  # what this scoring cost in this process (a server's work is not counted)
 
     def attach(self, batch: StepBatch) -> StepBatch:
-        return batch.replace(teacher_logprobs=self.logprobs, teacher_hidden=self.hidden,
-                             teacher_topk_ids=self.topk_ids, teacher_topk_logprobs=self.topk_logprobs,
-                             teacher_entropy=self.entropy, chunk_index=self.chunk_index)
+        return batch.replace(
+            teacher_logprobs=self.logprobs,
+            teacher_hidden=self.hidden,
+            teacher_topk_ids=self.topk_ids,
+            teacher_topk_logprobs=self.topk_logprobs,
+            teacher_entropy=self.entropy,
+            chunk_index=self.chunk_index,
+        )
 
 
 @runtime_checkable

@@ -47,22 +47,34 @@ def build_view(config: Config, name: str, student_tokenizer, examples: list) -> 
     weight loads."""
     settings, key = config.teacher_configs[name], config.teacher_key(name)
     source = settings.tokenizer or (None if settings.remote else config.teacher_path(name))
-    teacher_tokenizer = student_tokenizer if source is None else load_tokenizer(
-        source, f"{key}.tokenizer" if settings.tokenizer else f"{key}.path", settings.trust_remote_code)
+    teacher_tokenizer = (
+        student_tokenizer
+        if source is None
+        else load_tokenizer(
+            source, f"{key}.tokenizer" if settings.tokenizer else f"{key}.path", settings.trust_remote_code
+        )
+    )
     data = config.data
     teacher_system = data.system_prompt if data.teacher_system_prompt is None else data.teacher_system_prompt
-    view_settings = ViewSettings(settings.chat_template, teacher_system or None,
-                                 data.teacher_context_format, data.chat_template_kwargs, settings.alignment,
-                                 student_system_prompt=data.system_prompt)
+    view_settings = ViewSettings(
+        settings.chat_template,
+        teacher_system or None,
+        data.teacher_context_format,
+        data.chat_template_kwargs,
+        settings.alignment,
+        student_system_prompt=data.system_prompt,
+    )
     try:
-        view = TeacherView(student_tokenizer, teacher_tokenizer,
-                           stop_token_ids(config.student.path, student_tokenizer), view_settings)
+        view = TeacherView(
+            student_tokenizer, teacher_tokenizer, stop_token_ids(config.student.path, student_tokenizer), view_settings
+        )
     except ValueError as exc:
         raise ConfigError(f"{key}.alignment: {exc}") from None
     needed = view.needed(examples)
     known = config_facts(config, name)
-    facts = TeacherFacts(chunked=view.chunked, ends_turns_differently=view.ends_turns_differently,
-                         own_view=known.own_view or needed)
+    facts = TeacherFacts(
+        chunked=view.chunked, ends_turns_differently=view.ends_turns_differently, own_view=known.own_view or needed
+    )
     if not needed:
         return None, facts
     view.teacher_prompts(examples)
@@ -72,10 +84,13 @@ def build_view(config: Config, name: str, student_tokenizer, examples: list) -> 
 def plan_views(config: Config, student_tokenizer, rows: list) -> TeacherPlan:
     """Each teacher's view of the rows routed to it (`rows`: every training and evaluation row)."""
     names = list(config.teacher_configs)
-    built = {name: build_view(config, name, student_tokenizer, [row for row in rows if route(row, names) == name])
-             for name in names}
-    return TeacherPlan({name: view for name, (view, _) in built.items()},
-                       {name: facts for name, (_, facts) in built.items()}, {})
+    built = {
+        name: build_view(config, name, student_tokenizer, [row for row in rows if route(row, names) == name])
+        for name in names
+    }
+    return TeacherPlan(
+        {name: view for name, (view, _) in built.items()}, {name: facts for name, (_, facts) in built.items()}, {}
+    )
 
 
 def probe_servers(config: Config, plan: TeacherPlan, student_tokenizer) -> None:
@@ -99,16 +114,31 @@ def load_teachers(config: Config, plan: TeacherPlan, precision: Precision, world
             scorers[name] = plan.servers[name]
             continue
         key = f"{config.teacher_key(name)}.path"
-        local = load_teacher(config.teacher_path(name), key, precision, settings.temperature, config.loss.chunk_size,
-                             settings.trust_remote_code, settings.top_k)
-        check_context(local.model, config.data.max_prompt_tokens + config.rollout.max_new_tokens,
-                      "data.max_prompt_tokens + rollout.max_new_tokens", key)
+        local = load_teacher(
+            config.teacher_path(name),
+            key,
+            precision,
+            settings.temperature,
+            config.loss.chunk_size,
+            settings.trust_remote_code,
+            settings.top_k,
+        )
+        check_context(
+            local.model,
+            config.data.max_prompt_tokens + config.rollout.max_new_tokens,
+            "data.max_prompt_tokens + rollout.max_new_tokens",
+            key,
+        )
         if settings.shard and world.size > 1:
             shard_model(local.model, precision.device)  # in its own dtype: bf16 under bf16, no optimizer
             sharded = True
         scorers[name] = locals_[name] = local
-    scorers = {name: ViewedTeacher(scorer, plan.views[name], locals_[name].model if name in locals_ else None)
-               if plan.views[name] else scorer for name, scorer in scorers.items()}
+    scorers = {
+        name: ViewedTeacher(scorer, plan.views[name], locals_[name].model if name in locals_ else None)
+        if plan.views[name]
+        else scorer
+        for name, scorer in scorers.items()
+    }
     scorer = RoutedTeachers(scorers) if config.teachers else next(iter(scorers.values()), None)
     writer = locals_["teacher"].loaded if "teacher" in locals_ and config.teacher is not None else None
     return Teachers(scorer, writer, sharded)

@@ -52,16 +52,24 @@ class CrossTokenizer:
         self.student_bytes, self.teacher_bytes = TokenBytes.of(student_tokenizer), TokenBytes.of(teacher_tokenizer)
         self.teacher_tokenizer, self.stop_ids, self.end_id = teacher_tokenizer, stop_ids, end_id
 
-    def completions(self, completion_ids: torch.Tensor, completion_mask: torch.Tensor, finished: torch.Tensor,
-                    prompts: list[TeacherPrompt]) -> TeacherCompletions:
+    def completions(
+        self,
+        completion_ids: torch.Tensor,
+        completion_mask: torch.Tensor,
+        finished: torch.Tensor,
+        prompts: list[TeacherPrompt],
+    ) -> TeacherCompletions:
         """completion_ids, completion_mask: (B, T) the student's; finished: (B,); prompts: each row's. The
         alignment comes on the completions' device."""
         ids, mask = completion_ids.cpu(), completion_mask.cpu().bool()
         rows, width = ids.shape
         lengths = mask.sum(1)  # (B,)
         last = (lengths - 1).clamp(min=0)
-        ended = (finished.cpu().bool() & (lengths > 0)
-                 & torch.isin(ids.gather(1, last.unsqueeze(1)).squeeze(1), self.stop_ids))  # (B,)
+        ended = (
+            finished.cpu().bool()
+            & (lengths > 0)
+            & torch.isin(ids.gather(1, last.unsqueeze(1)).squeeze(1), self.stop_ids)
+        )  # (B,)
         text_mask = mask & ~(ended.unsqueeze(1) & (torch.arange(width) == last.unsqueeze(1)))  # (B, T)
         token_lengths = self.student_bytes.lengths[ids] * text_mask  # (B, T) bytes of each text token
         data = self.student_bytes.bytes_of(ids[text_mask])  # every row's text bytes, row after row
@@ -75,13 +83,14 @@ class CrossTokenizer:
             usable, tail_code = _usable_bytes(row_data, ends[row, : text_tokens[row]], ended[row])
             text, prompt = row_data[:usable].decode("utf-8"), prompts[row]
             if prompt.separator != prompt.student_separator and text.startswith(prompt.student_separator):
-                text = prompt.separator + text[len(prompt.student_separator):]
+                text = prompt.separator + text[len(prompt.student_separator) :]
                 shifts.append((len(prompt.student_separator.encode()), len(prompt.separator.encode())))
             else:
                 shifts.append((0, 0))
             texts.append(text)
-            keeps.append(int((ends[row, : text_tokens[row]] <= usable).sum()) if usable < len(row_data)
-                         else text_tokens[row])
+            keeps.append(
+                int((ends[row, : text_tokens[row]] <= usable).sum()) if usable < len(row_data) else text_tokens[row]
+            )
             codes.append(tail_code)
             ended[row] = ended[row] and usable == len(row_data)  # the end-of-turn chunk needs all the text
         teacher_ids, teacher_lengths, unknown = self._encode(texts, prompts)
@@ -93,10 +102,14 @@ class CrossTokenizer:
             lengths_ = _shifted(lengths_, shift)
             return torch.cat([lengths_, one]) if ended[row] else lengths_
 
-        pairs = align_chunks([side(token_lengths[row, : keeps[row]], row, shifts[row][0]) for row in aligned],
-                             [side(teacher_lengths[row], row, shifts[row][1]) for row in aligned])
-        teacher_rows = [ids_ + [self.end_id] if ended[row] or teacher_lengths[row] is None or not ids_ else ids_
-                        for row, ids_ in enumerate(teacher_ids)]  # never an empty row: a placeholder, unscored
+        pairs = align_chunks(
+            [side(token_lengths[row, : keeps[row]], row, shifts[row][0]) for row in aligned],
+            [side(teacher_lengths[row], row, shifts[row][1]) for row in aligned],
+        )
+        teacher_rows = [
+            ids_ + [self.end_id] if ended[row] or teacher_lengths[row] is None or not ids_ else ids_
+            for row, ids_ in enumerate(teacher_ids)
+        ]  # never an empty row: a placeholder, unscored
         student_chunk = torch.full((rows, width), TRUNCATED, dtype=torch.long)
         teacher_chunk = torch.full((rows, max(map(len, teacher_rows))), -1, dtype=torch.long)
         for row, length in enumerate(lengths.tolist()):
@@ -105,10 +118,16 @@ class CrossTokenizer:
             student_chunk[row, : len(student)] = student
             teacher_chunk[row, : len(teacher)] = teacher
             if bool(unknown[row].any()) or not ended[row]:
-                _drop_chunks(student_chunk[row, : len(student)], teacher_chunk[row, : len(teacher)], unknown[row],
-                             trailing=not ended[row])
+                _drop_chunks(
+                    student_chunk[row, : len(student)],
+                    teacher_chunk[row, : len(teacher)],
+                    unknown[row],
+                    trailing=not ended[row],
+                )
         device = completion_ids.device
-        return TeacherCompletions(teacher_rows, ended, ChunkAlignment(student_chunk.to(device), teacher_chunk.to(device)))
+        return TeacherCompletions(
+            teacher_rows, ended, ChunkAlignment(student_chunk.to(device), teacher_chunk.to(device))
+        )
 
     def _encode(self, texts: list[str], prompts: list[TeacherPrompt]):
         """Each text encoded by the teacher after its prompt: after the prompt's anchor for every row in one
@@ -117,22 +136,33 @@ class CrossTokenizer:
         byte lengths (None where no encoding gives back the text's bytes exactly), and which are unknown tokens."""
         backend = self.teacher_tokenizer.backend_tokenizer  # its Encodings: ids now, offsets only where needed
         table = self.teacher_bytes
-        anchored = backend.encode_batch([prompt.anchor_text + text for prompt, text in zip(prompts, texts)],
-                                        add_special_tokens=False)
-        candidates = [encoding.ids[len(prompt.anchor_ids):] if encoding.ids[: len(prompt.anchor_ids)] == prompt.anchor_ids
-                      else [] for encoding, prompt in zip(anchored, prompts)]
+        anchored = backend.encode_batch(
+            [prompt.anchor_text + text for prompt, text in zip(prompts, texts)], add_special_tokens=False
+        )
+        candidates = [
+            encoding.ids[len(prompt.anchor_ids) :]
+            if encoding.ids[: len(prompt.anchor_ids)] == prompt.anchor_ids
+            else []
+            for encoding, prompt in zip(anchored, prompts)
+        ]
         # Every row checked at once: one gather of lengths, one of bytes, then a bytes comparison per row.
         flat = torch.tensor([token for ids in candidates for token in ids], dtype=torch.long)
         counts = [len(ids) for ids in candidates]
         lengths = table.lengths[flat].split(counts)
         data, offset = table.bytes_of(flat), 0
-        has_unknown = ((flat == table.unk_id) if table.unk_id is not None else torch.zeros_like(flat, dtype=torch.bool))
-        unknown_rows = set(torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))[has_unknown].tolist())
+        has_unknown = (flat == table.unk_id) if table.unk_id is not None else torch.zeros_like(flat, dtype=torch.bool)
+        unknown_rows = set(
+            torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))[has_unknown].tolist()
+        )
         results = []
         for row, (prompt, text) in enumerate(zip(prompts, texts)):
             size = int(lengths[row].sum())
             found = None
-            if row not in unknown_rows and data[offset : offset + size] == text.encode("utf-8") and (candidates[row] or not text):
+            if (
+                row not in unknown_rows
+                and data[offset : offset + size] == text.encode("utf-8")
+                and (candidates[row] or not text)
+            ):
                 found = (candidates[row], lengths[row], torch.zeros(counts[row], dtype=torch.bool))
             offset += size
             if found is None and candidates[row]:  # an unknown token, or bytes that differ: checked one by one
@@ -154,7 +184,9 @@ class CrossTokenizer:
         ids = encoding.ids[skip:]
         tensor = torch.tensor(ids, dtype=torch.long)
         lengths = table.lengths[tensor] if ids else torch.zeros(0, dtype=torch.long)
-        unknown = (tensor == table.unk_id) if table.unk_id is not None and ids else torch.zeros(len(ids), dtype=torch.bool)
+        unknown = (
+            (tensor == table.unk_id) if table.unk_id is not None and ids else torch.zeros(len(ids), dtype=torch.bool)
+        )
         data = text.encode("utf-8")
         if not bool(unknown.any()):
             return (ids, lengths, unknown) if table.bytes_of(tensor) == data else None
@@ -197,15 +229,16 @@ def _usable_bytes(data: bytes, token_ends: torch.Tensor, ended: bool) -> tuple[i
             break
         usable = at_boundary
     try:  # only an incomplete last character (a cut completion) is truncation
-        data[valid_utf8_prefix(data):].decode("utf-8")
+        data[valid_utf8_prefix(data) :].decode("utf-8")
         cut_character = False
     except UnicodeDecodeError as exc:
         cut_character = exc.reason == "unexpected end of data" and not ended
     return usable, TRUNCATED if cut_character else UNREPRESENTABLE
 
 
-def _drop_chunks(student_chunk: torch.Tensor, teacher_chunk: torch.Tensor, unknown: torch.Tensor,
-                 trailing: bool) -> None:
+def _drop_chunks(
+    student_chunk: torch.Tensor, teacher_chunk: torch.Tensor, unknown: torch.Tensor, trailing: bool
+) -> None:
     """In place: chunks holding a teacher unknown token become UNREPRESENTABLE; a cut completion's last
     chunk becomes TRUNCATED unless it is one token on each side (see opd.teachers.alignment)."""
     if bool(unknown.any()):

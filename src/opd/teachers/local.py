@@ -14,8 +14,15 @@ from opd.ops.logprobs import token_logprobs_and_entropy, tokens_per_chunk
 from opd.teachers.base import TeacherScores
 
 
-def load_teacher(path: str, key: str, precision: Precision, temperature: float = 1.0,
-                 chunk_size: int | None = None, trust_remote_code: bool = False, top_k: int = 0) -> LocalTeacher:
+def load_teacher(
+    path: str,
+    key: str,
+    precision: Precision,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    trust_remote_code: bool = False,
+    top_k: int = 0,
+) -> LocalTeacher:
     """A teacher in this process: weights in bf16 under bf16 (it has no optimizer), logits in chunks of
     `chunk_size` tokens (None: 64 MiB fp32 blocks at its vocabulary)."""
     loaded = load_model(path, key, precision.device, trust_remote_code, dtype=precision.frozen_weights_dtype)
@@ -60,9 +67,14 @@ class LocalTeacher:
 
     def _score(self, batch: StepBatch, keep_hidden: bool) -> TeacherScores:
         with self.precision.autocast():
-            hidden = completion_hidden_states_of(self.loaded.model, batch.prompt_ids, batch.prompt_mask,
-                                                 batch.completion_ids, batch.completion_mask,
-                                                 batch.prompt_index)  # (B, T, H)
+            hidden = completion_hidden_states_of(
+                self.loaded.model,
+                batch.prompt_ids,
+                batch.prompt_mask,
+                batch.completion_ids,
+                batch.completion_mask,
+                batch.prompt_index,
+            )  # (B, T, H)
         flat_hidden, flat_tokens = hidden.flatten(0, 1), batch.completion_ids.flatten()
         flat_logprobs = torch.zeros(flat_tokens.shape, device=hidden.device)  # (B*T,)
         flat_entropy = torch.zeros(flat_tokens.shape, device=hidden.device)  # (B*T,)
@@ -76,7 +88,11 @@ class LocalTeacher:
                 flat_topk_logprobs[chunk], flat_topk_ids[chunk] = logits.log_softmax(-1).topk(k, dim=-1)
         shape = batch.completion_ids.shape
         topk = (flat_topk_ids.view(*shape, k), flat_topk_logprobs.view(*shape, k)) if k else (None, None)
-        return TeacherScores(logprobs=flat_logprobs.view(shape), hidden=hidden if keep_hidden else None,
-                             entropy=flat_entropy.view(shape),  # (B, T) each, 0 outside the mask
-                             topk_ids=topk[0], topk_logprobs=topk[1],  # (B, T, K) each
-                             flops=forward_flops(self._matmul_parameters, batch))
+        return TeacherScores(
+            logprobs=flat_logprobs.view(shape),
+            hidden=hidden if keep_hidden else None,
+            entropy=flat_entropy.view(shape),  # (B, T) each, 0 outside the mask
+            topk_ids=topk[0],
+            topk_logprobs=topk[1],  # (B, T, K) each
+            flops=forward_flops(self._matmul_parameters, batch),
+        )

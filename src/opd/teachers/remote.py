@@ -22,9 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from opd.ops.batch import StepBatch
 from opd.config.sections import TeacherConfig
 from opd.errors import ConfigError, OpdError
+from opd.ops.batch import StepBatch
 from opd.teachers.base import TeacherScores
 from opd.teachers.server_apis import SERVER_APIS
 
@@ -52,8 +52,11 @@ class RemoteTeacher:
         self.name = f"{config.model or config.api} at {self.url}"
         api_key = config.api_key or os.environ.get(config.api_key_env)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(headers=headers, timeout=httpx.Timeout(config.timeout_s),
-                                   limits=httpx.Limits(max_connections=config.concurrency))
+        self.client = httpx.Client(
+            headers=headers,
+            timeout=httpx.Timeout(config.timeout_s),
+            limits=httpx.Limits(max_connections=config.concurrency),
+        )
         self.pool = ThreadPoolExecutor(max_workers=config.concurrency)
         self.model = config.model
         self.api = SERVER_APIS[config.api]
@@ -69,8 +72,10 @@ class RemoteTeacher:
         try:
             self._score_rows([(probe, 1)])
         except ConfigError as exc:
-            raise ConfigError(f"teacher.url: {self.url} refused the student's token id {self.vocab_size - 1} "
-                              f"(its vocabulary must cover the student's {self.vocab_size}): {exc}") from None
+            raise ConfigError(
+                f"teacher.url: {self.url} refused the student's token id {self.vocab_size - 1} "
+                f"(its vocabulary must cover the student's {self.vocab_size}): {exc}"
+            ) from None
 
     # --- scoring ---------------------------------------------------------------------------------
 
@@ -78,8 +83,11 @@ class RemoteTeacher:
         """ℓᵀ (B, T) of every completion token, 0 outside the mask; with teacher.top_k also (B, T, K)."""
         rows = []
         for prompt, prompt_mask, completion, length in zip(
-                batch.prompt_ids.tolist(), batch.prompt_mask.tolist(), batch.completion_ids.tolist(),
-                batch.completion_mask.sum(1).tolist()):
+            batch.prompt_ids.tolist(),
+            batch.prompt_mask.tolist(),
+            batch.completion_ids.tolist(),
+            batch.completion_mask.sum(1).tolist(),
+        ):
             tokens = [token for token, keep in zip(prompt, prompt_mask) if keep]
             rows.append((tokens + completion[: int(length)], len(tokens)))
         requests, current, size = [], [], 0
@@ -104,8 +112,11 @@ class RemoteTeacher:
                 if k:
                     topk_ids[row, :n], topk_logprobs[row, :n] = torch.tensor(ids), torch.tensor(values)
         device = batch.completion_ids.device
-        return TeacherScores(logprobs=logprobs.to(device), topk_ids=topk_ids.to(device) if k else None,
-                             topk_logprobs=topk_logprobs.to(device) if k else None)
+        return TeacherScores(
+            logprobs=logprobs.to(device),
+            topk_ids=topk_ids.to(device) if k else None,
+            topk_logprobs=topk_logprobs.to(device) if k else None,
+        )
 
     def _score_rows(self, rows: list[tuple[list[int], int]]) -> list[tuple[list[float], list, list]]:
         """[(sequence, start)] -> for each, the log-probs of sequence[start:] and the top-k ids and
@@ -124,17 +135,20 @@ class RemoteTeacher:
                 if response.status_code >= 500 or response.status_code in (408, 429):
                     raise _Retry(f"HTTP {response.status_code}")
                 if response.status_code >= 400:
-                    raise ConfigError(f"teacher.url: {self.url}{path} answered {response.status_code}: "
-                                      f"{_message(response)}")
+                    raise ConfigError(
+                        f"teacher.url: {self.url}{path} answered {response.status_code}: {_message(response)}"
+                    )
                 return parse(response.json())
             except (httpx.TransportError, _Retry, ValueError, KeyError, TypeError, IndexError) as exc:
                 last = f"{type(exc).__name__}: {exc}".strip()
             attempt += 1
             pause = min(10.0, 0.25 * 2**attempt) * random.uniform(0.5, 1.5)
             if time.monotonic() + pause > give_up_at:
-                raise TeacherUnavailable(f"teacher server {self.url} gave no usable answer for "
-                                         f"{self.config.retry_deadline_s:g} s (teacher.retry_deadline_s); last error: "
-                                         f"{last[:200]}")
+                raise TeacherUnavailable(
+                    f"teacher server {self.url} gave no usable answer for "
+                    f"{self.config.retry_deadline_s:g} s (teacher.retry_deadline_s); last error: "
+                    f"{last[:200]}"
+                )
             time.sleep(pause)
 
 

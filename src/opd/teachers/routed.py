@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from opd.ops.batch import StepBatch
 from opd.data.prompts import PromptSet
 from opd.errors import DataError
+from opd.ops.batch import StepBatch
 from opd.teachers.base import TeacherScores, TokenScorer
 
 
@@ -31,8 +31,7 @@ def check_routes(prompts: PromptSet | None, names: list[str], key: str) -> None:
         name = route(example, names)
         where = f"{key}: {example.file}:{example.line}"
         if name is None:
-            raise DataError(f"{where}: the row names no teacher (a 'teacher' field) and its file none; "
-                            f"one of {names}")
+            raise DataError(f"{where}: the row names no teacher (a 'teacher' field) and its file none; one of {names}")
         if name not in names:
             raise DataError(f"{where}: teacher {name!r} is not one of the teachers {names}")
 
@@ -79,5 +78,11 @@ class RoutedTeachers:
                     topk_ids = torch.zeros(*shape, k, dtype=torch.long, device=logprobs.device)
                     topk_logprobs = torch.zeros(*shape, k, device=logprobs.device)
                 topk_ids[rows, :width], topk_logprobs[rows, :width] = scores.topk_ids, scores.topk_logprobs
-        return TeacherScores(logprobs=logprobs, entropy=entropy if every_entropy else None, topk_ids=topk_ids,
-                             topk_logprobs=topk_logprobs, chunk_index=chunk_index, flops=flops)
+        return TeacherScores(
+            logprobs=logprobs,
+            entropy=entropy if every_entropy else None,
+            topk_ids=topk_ids,
+            topk_logprobs=topk_logprobs,
+            chunk_index=chunk_index,
+            flops=flops,
+        )

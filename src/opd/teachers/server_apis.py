@@ -52,21 +52,31 @@ class VllmApi:
         if wanted is None and len(served) == 1:
             return served[0]
         if wanted not in served:
-            raise ConfigError(f"teacher.model: {url} serves {served}, not {wanted!r}"
-                              + ("" if wanted else "; name one with teacher.model"))
+            raise ConfigError(
+                f"teacher.model: {url} serves {served}, not {wanted!r}"
+                + ("" if wanted else "; name one with teacher.model")
+            )
         return wanted
 
     def check_tokenizer(self, call: Call, model: str | None, tokenizer, url: str) -> None:
         expected = tokenizer.encode(PROBE_TEXT, add_special_tokens=False)
-        given = call("POST", "/tokenize", {"model": model, "prompt": PROBE_TEXT, "add_special_tokens": False}).get("tokens")
+        given = call("POST", "/tokenize", {"model": model, "prompt": PROBE_TEXT, "add_special_tokens": False}).get(
+            "tokens"
+        )
         if given != expected:
-            raise ConfigError(f"teacher.url: {url} tokenizes differently from the student ({PROBE_TEXT!r} -> "
-                              f"{given} there, {expected} here); the teacher must share the student's tokenizer")
+            raise ConfigError(
+                f"teacher.url: {url} tokenizes differently from the student ({PROBE_TEXT!r} -> "
+                f"{given} there, {expected} here); the teacher must share the student's tokenizer"
+            )
 
     def score_request(self, model: str | None, rows: Rows, top_k: int, temperature: float) -> tuple[str, dict]:
         # Temperature is not applied to prompt log-probs here, so none is sent: ℓᵀ is at temperature 1.
-        return "/v1/completions", {"model": model, "prompt": [sequence for sequence, _ in rows], "max_tokens": 1,
-                                   "prompt_logprobs": top_k}
+        return "/v1/completions", {
+            "model": model,
+            "prompt": [sequence for sequence, _ in rows],
+            "max_tokens": 1,
+            "prompt_logprobs": top_k,
+        }
 
     def parse(self, answer, rows: Rows, top_k: int) -> RowScores:
         return parse_vllm(answer, rows, top_k)
@@ -93,9 +103,13 @@ class SglangApi:
         pass  # no tokenize route to ask; the vocabulary probe still runs
 
     def score_request(self, model: str | None, rows: Rows, top_k: int, temperature: float) -> tuple[str, dict]:
-        return "/generate", {"input_ids": [sequence for sequence, _ in rows], "sampling_params": {"max_new_tokens": 0},
-                             "return_logprob": True, "logprob_start_len": [start - 1 for _, start in rows],
-                             "top_logprobs_num": top_k}
+        return "/generate", {
+            "input_ids": [sequence for sequence, _ in rows],
+            "sampling_params": {"max_new_tokens": 0},
+            "return_logprob": True,
+            "logprob_start_len": [start - 1 for _, start in rows],
+            "top_logprobs_num": top_k,
+        }
 
     def parse(self, answer, rows: Rows, top_k: int) -> RowScores:
         return parse_sglang(answer, rows, top_k)
@@ -118,8 +132,13 @@ def parse_vllm(answer: dict, rows: list[tuple[list[int], int]], top_k: int) -> l
             logprobs.append(float(entry[str(sequence[position])]["logprob"]))
             if top_k:
                 # The k best by log-prob among the entries ranked within k (ties can give one more).
-                ranked = sorted(((-float(item["logprob"]), int(token)) for token, item in entry.items()
-                                 if item.get("rank") is not None and item["rank"] <= top_k))[:top_k]
+                ranked = sorted(
+                    (
+                        (-float(item["logprob"]), int(token))
+                        for token, item in entry.items()
+                        if item.get("rank") is not None and item["rank"] <= top_k
+                    )
+                )[:top_k]
                 if len(ranked) != top_k:
                     raise ValueError(f"{len(ranked)} top log-probs at a position, asked for {top_k}")
                 ids.append([token for _, token in ranked])

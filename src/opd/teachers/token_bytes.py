@@ -41,8 +41,9 @@ def byte_level_alphabet() -> dict[str, int]:
 def _decoder_steps(tokenizer) -> list[dict]:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer; opd reads token bytes from a "
-                         "`tokenizers` backend")
+        raise ValueError(
+            f"{type(tokenizer).__name__} is not a fast tokenizer; opd reads token bytes from a `tokenizers` backend"
+        )
     decoder = json.loads(backend.to_str()).get("decoder")
     if decoder is None:
         return []
@@ -57,8 +58,11 @@ def _piece_rule(steps: list[dict]):
         return lambda token: bytes(alphabet[character] for character in token if character in alphabet)
     if not steps:
         return lambda token: (" " + token).encode()
-    replacements = [(step["pattern"]["String"], step["content"]) for step in steps
-                    if step["type"] == "Replace" and "String" in step.get("pattern", {})]
+    replacements = [
+        (step["pattern"]["String"], step["content"])
+        for step in steps
+        if step["type"] == "Replace" and "String" in step.get("pattern", {})
+    ]
     replacements += [(step.get("replacement", "▁"), " ") for step in steps if step["type"] == "Metaspace"]
     byte_fallback = "ByteFallback" in kinds
     word_piece = next((step for step in steps if step["type"] == "WordPiece"), None)
@@ -69,7 +73,7 @@ def _piece_rule(steps: list[dict]):
             return bytes([int(match.group(1), 16)])
         if word_piece is not None:
             prefix = word_piece.get("prefix", "##")
-            token = token[len(prefix):] if token.startswith(prefix) else " " + token
+            token = token[len(prefix) :] if token.startswith(prefix) else " " + token
         if suffix:
             token = token[: -len(suffix)] + " " if token.endswith(suffix) else token
         for pattern, content in replacements:
@@ -90,7 +94,11 @@ class TokenBytes:
         self.lengths = torch.tensor([len(piece) for piece in pieces], dtype=torch.long)
         self.starts = torch.cumsum(self.lengths, 0) - self.lengths
         joined = b"".join(pieces)
-        self.flat = torch.from_numpy(np.frombuffer(joined, dtype=np.uint8).copy()) if joined else torch.zeros(0, dtype=torch.uint8)
+        self.flat = (
+            torch.from_numpy(np.frombuffer(joined, dtype=np.uint8).copy())
+            if joined
+            else torch.zeros(0, dtype=torch.uint8)
+        )
         self.unk_id = unk_id
 
     @classmethod
@@ -99,8 +107,9 @@ class TokenBytes:
         rule = _piece_rule(_decoder_steps(tokenizer))
         added = {index: token for index, token in tokenizer.added_tokens_decoder.items() if index < size}
         tokens = tokenizer.convert_ids_to_tokens(list(range(size)))
-        pieces = [added[index].content.encode() if index in added else rule(token or "")
-                  for index, token in enumerate(tokens)]
+        pieces = [
+            added[index].content.encode() if index in added else rule(token or "") for index, token in enumerate(tokens)
+        ]
         return cls(pieces, tokenizer.unk_token_id)
 
     def bytes_of(self, ids: torch.Tensor) -> bytes:

@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from opd.teachers.alignment import ChunkAlignment
-from opd.ops.batch import StepBatch, left_pad, right_pad
 from opd.data.rows import Example
 from opd.data.templates import render_prompt
 from opd.errors import DataError, ModelError
 from opd.models.loading import check_context
+from opd.ops.batch import StepBatch, left_pad, right_pad
+from opd.teachers.alignment import ChunkAlignment
 from opd.teachers.base import TeacherScores, TokenScorer
 from opd.teachers.cross_tokenizer import CrossTokenizer, TeacherPrompt
 
@@ -58,9 +58,12 @@ def _rendered_exchange(tokenizer, template_kwargs: dict | None) -> tuple[str, st
         return None
     user = [{"role": "user", "content": "hi"}]
     try:
-        prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False, **(template_kwargs or {}))
-        turn = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": REPLY_MARKER}], tokenize=False,
-                                             **(template_kwargs or {}))
+        prompt = tokenizer.apply_chat_template(
+            user, add_generation_prompt=True, tokenize=False, **(template_kwargs or {})
+        )
+        turn = tokenizer.apply_chat_template(
+            [*user, {"role": "assistant", "content": REPLY_MARKER}], tokenize=False, **(template_kwargs or {})
+        )
     except Exception:  # jinja raises TemplateError and others
         return None
     return (prompt, turn) if REPLY_MARKER in turn else None
@@ -83,7 +86,7 @@ def end_of_turn_id(tokenizer, template_kwargs: dict | None = None) -> int:
     exchange = _rendered_exchange(tokenizer, template_kwargs)
     if exchange is not None:
         turn = exchange[1]
-        after = tokenizer(turn[turn.rindex(REPLY_MARKER) + len(REPLY_MARKER):], add_special_tokens=False)["input_ids"]
+        after = tokenizer(turn[turn.rindex(REPLY_MARKER) + len(REPLY_MARKER) :], add_special_tokens=False)["input_ids"]
         if after and after[0] in tokenizer.all_special_ids:
             return after[0]
     return tokenizer.eos_token_id
@@ -97,20 +100,30 @@ class TeacherView:
         self.settings = settings
         same_vocabulary = student_tokenizer.get_vocab() == teacher_tokenizer.get_vocab()
         if settings.alignment == "tokens" and not same_vocabulary:
-            raise ValueError("the teacher's tokenizer differs from the student's, so its tokens can't be matched one "
-                             "for one (alignment: tokens); use alignment auto or chunks")
+            raise ValueError(
+                "the teacher's tokenizer differs from the student's, so its tokens can't be matched one "
+                "for one (alignment: tokens); use alignment auto or chunks"
+            )
         self.chunked = settings.alignment == "chunks" or not same_vocabulary
         self.own_template = settings.chat_template == "own"
         self.stop_ids = torch.tensor(sorted(student_stop_ids))
-        self.end_id = (end_of_turn_id(teacher_tokenizer, settings.template_kwargs) if self.own_template
-                       else teacher_tokenizer.eos_token_id)
+        self.end_id = (
+            end_of_turn_id(teacher_tokenizer, settings.template_kwargs)
+            if self.own_template
+            else teacher_tokenizer.eos_token_id
+        )
         self.renderer = teacher_tokenizer if self.own_template else student_tokenizer
         if self.chunked:
             self.cross = CrossTokenizer(student_tokenizer, teacher_tokenizer, self.stop_ids, self.end_id)
         # Reply separators of two templates, translated across tokenizers (see TeacherPrompt).
-        self.separators = ((reply_separator(teacher_tokenizer, settings.template_kwargs),
-                            reply_separator(student_tokenizer, settings.template_kwargs))
-                           if self.own_template and self.chunked else ("", ""))
+        self.separators = (
+            (
+                reply_separator(teacher_tokenizer, settings.template_kwargs),
+                reply_separator(student_tokenizer, settings.template_kwargs),
+            )
+            if self.own_template and self.chunked
+            else ("", "")
+        )
         self._prompts: dict[int, tuple] = {}
 
     @property
@@ -129,8 +142,12 @@ class TeacherView:
         return self.chunked or self.swaps_end_of_turn or self.changes_prompts(examples)
 
     def changes_prompts(self, examples: list[Example]) -> bool:
-        return (self.chunked or self.own_template or self.settings.system_prompt != self.settings.student_system_prompt
-                or any(example.fields.get(CONTEXT_FIELD) is not None for example in examples))
+        return (
+            self.chunked
+            or self.own_template
+            or self.settings.system_prompt != self.settings.student_system_prompt
+            or any(example.fields.get(CONTEXT_FIELD) is not None for example in examples)
+        )
 
     def teacher_prompt(self, example: Example) -> TeacherPrompt:
         return self.teacher_prompts([example])[0]
@@ -153,18 +170,28 @@ class TeacherView:
                 anchor = plain_ids[-ANCHOR_TOKENS:] if start else plain_ids
                 # The row is kept with its prompt, so its id is not reused while cached.
                 separators = self.separators if not add_special else ("", "")  # template rows only
-                self._prompts[key] = (TeacherPrompt(texts[index], ids[index], texts[index][start:], anchor, *separators),
-                                      new[key])
+                self._prompts[key] = (
+                    TeacherPrompt(texts[index], ids[index], texts[index][start:], anchor, *separators),
+                    new[key],
+                )
         return [self._prompts[id(example)][0] for example in examples]
 
     def _render(self, example: Example) -> tuple[str, bool]:
         settings = self.settings
         try:
-            return render_prompt(example, self.renderer, settings.system_prompt, settings.template_kwargs,
-                                 example.fields.get(CONTEXT_FIELD), settings.context_format)
+            return render_prompt(
+                example,
+                self.renderer,
+                settings.system_prompt,
+                settings.template_kwargs,
+                example.fields.get(CONTEXT_FIELD),
+                settings.context_format,
+            )
         except DataError as exc:
             where = f"{example.file}:{example.line}" if example.file else f"line {example.line}"
-            raise DataError(f"{where}: the teacher's prompt: {str(exc).removeprefix(f'line {example.line}: ')}") from None
+            raise DataError(
+                f"{where}: the teacher's prompt: {str(exc).removeprefix(f'line {example.line}: ')}"
+            ) from None
 
     def teacher_batch(self, batch: StepBatch) -> tuple[StepBatch, ChunkAlignment | None]:
         """The batch the teacher scores, and with another tokenizer the alignment of its tokens."""
@@ -179,8 +206,9 @@ class TeacherView:
         """Same vocabulary: the student's completion ids as they are, after the teacher's own prompt."""
         changes = {}
         if self.changes_prompts(batch.rows):
-            changes["prompt_ids"], changes["prompt_mask"] = self._prompt_columns(self.teacher_prompts(batch.rows),
-                                                                                 batch.prompt_ids.device)
+            changes["prompt_ids"], changes["prompt_mask"] = self._prompt_columns(
+                self.teacher_prompts(batch.rows), batch.prompt_ids.device
+            )
         if self.swaps_end_of_turn:
             ids, mask = batch.completion_ids, batch.completion_mask
             last = (mask.cumsum(1) == mask.sum(1, keepdim=True)) & mask.bool()  # (B, T) each row's last token
@@ -196,10 +224,17 @@ class TeacherView:
         completion_ids, completion_mask = right_pad(teacher.rows, self.teacher_tokenizer.pad_token_id, device)
         prompt_ids, prompt_mask = self._prompt_columns(prompts, device)
         teacher_batch = StepBatch(
-            prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-            completion_mask=completion_mask, sampler_logprobs=torch.zeros(completion_ids.shape, device=device),
-            finished=torch.tensor(teacher.ended, device=device), prompt_index=batch.prompt_index,
-            row_index=batch.row_index, rows=batch.rows, source=batch.source)
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            completion_ids=completion_ids,
+            completion_mask=completion_mask,
+            sampler_logprobs=torch.zeros(completion_ids.shape, device=device),
+            finished=torch.tensor(teacher.ended, device=device),
+            prompt_index=batch.prompt_index,
+            row_index=batch.row_index,
+            rows=batch.rows,
+            source=batch.source,
+        )
         return teacher_batch, teacher.alignment
 
 
@@ -221,10 +256,16 @@ class ViewedTeacher:
         teacher_batch, alignment = self.view.teacher_batch(batch)
         lengths = teacher_batch.prompt_mask.sum(1) + teacher_batch.completion_mask.sum(1)
         if self.local_model is not None:
-            check_context(self.local_model, int(lengths.max()), "its own view of a row (its template, privileged "
-                          "context or tokenizer make rows longer)", f"teacher {self.name}", ModelError)
+            check_context(
+                self.local_model,
+                int(lengths.max()),
+                "its own view of a row (its template, privileged context or tokenizer make rows longer)",
+                f"teacher {self.name}",
+                ModelError,
+            )
         scores = self.scorer.score(teacher_batch, keep_hidden=keep_hidden)
         if alignment is None:
             return scores
-        return TeacherScores(logprobs=alignment.fold(scores.logprobs), chunk_index=alignment.student_chunk,
-                             flops=scores.flops)
+        return TeacherScores(
+            logprobs=alignment.fold(scores.logprobs), chunk_index=alignment.student_chunk, flops=scores.flops
+        )

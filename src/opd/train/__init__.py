@@ -1,1 +1,2 @@
-"""The loop (trainer.py) and what it calls: setup, the micro-batched update, metrics, evaluation, the collapse guard, the memory plan."""
+"""The loop (trainer.py) and what it calls: setup, the micro-batched update, metrics, evaluation, the collapse guard,
+the memory plan."""

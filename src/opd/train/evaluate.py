@@ -55,8 +55,9 @@ def evaluate(
     calls = int(world.max(len(shares))) if equal_calls else len(shares)
     for call in range(calls):
         padding = call >= len(shares)
-        batch = sampler.sample(prompts.batch([0] if padding else shares[call]), 1 if padding else samples_per_prompt,
-                               seed)
+        batch = sampler.sample(
+            prompts.batch([0] if padding else shares[call]), 1 if padding else samples_per_prompt, seed
+        )
         if teacher is not None:
             batch = teacher.score(batch).attach(batch)
         if padding:
@@ -103,13 +104,18 @@ def evaluate_model(
     teacher = None
     if teacher_path is not None:
         # A teacher with another tokenizer (or template) scores its own view of each row: distill/seq_reverse_kl.
-        view = TeacherView(student.tokenizer, load_tokenizer(teacher_path, "--teacher"), student.stop_token_ids,
-                           ViewSettings(teacher_chat_template, system_prompt, student_system_prompt=system_prompt))
+        view = TeacherView(
+            student.tokenizer,
+            load_tokenizer(teacher_path, "--teacher"),
+            student.stop_token_ids,
+            ViewSettings(teacher_chat_template, system_prompt, student_system_prompt=system_prompt),
+        )
         teacher = load_teacher(teacher_path, "--teacher", precision)
         if view.needed(prompts.examples):
             teacher = ViewedTeacher(teacher, view)
     sampler = ModelSampler(student, SamplingSettings(max_new_tokens, temperature), precision)
-    metrics = evaluate(sampler, teacher, prompts, student.tokenizer, samples, max(1, batch_rollouts // samples),
-                       seed, max_prompts)
+    metrics = evaluate(
+        sampler, teacher, prompts, student.tokenizer, samples, max(1, batch_rollouts // samples), seed, max_prompts
+    )
     metrics["eval/prompts"] = min(len(prompts), max_prompts or len(prompts))
     return metrics

@@ -47,10 +47,12 @@ class CollapseGuard:
             return None
         reference_name = "the teacher's" if self.reference == "teacher" else "its first step's"
         reference_text = "n/a" if reference is None else f"{reference:.3g}"
-        return (f"the student's samples look collapsed for {self.streak} steps in a row: "
-                f"entropy/student {entropy:.3g} vs {reference_name} {reference_text} "
-                f"(limit {self.entropy_fraction:g}x), generation/repetition {figures.get('generation/repetition', 0):.2f} "
-                f"(limit {self.max_repetition:g}); read its samples (run.collapse_guard)")
+        return (
+            f"the student's samples look collapsed for {self.streak} steps in a row: "
+            f"entropy/student {entropy:.3g} vs {reference_name} {reference_text} "
+            f"(limit {self.entropy_fraction:g}x), generation/repetition {figures.get('generation/repetition', 0):.2f} "
+            f"(limit {self.max_repetition:g}); read its samples (run.collapse_guard)"
+        )
 
     def state_dict(self) -> dict:
         return {"start_entropy": self.start_entropy, "streak": self.streak}

@@ -63,8 +63,10 @@ class MemoryPlan:
         if not self.resident:
             return ["memory plan: none", *[f"  note: {note}" for note in self.notes]]
         lines = [f"memory plan per rank ({world_size} rank{'s' if world_size > 1 else ''}):"]
-        for title, items in {"resident": self.resident, **{f"while {name}": items
-                                                          for name, items in self.phases.items()}}.items():
+        for title, items in {
+            "resident": self.resident,
+            **{f"while {name}": items for name, items in self.phases.items()},
+        }.items():
             lines.append(f"  {title + ':':<46}{_gib(sum(items.values()))}")
             lines += [f"    {name:<44}{_gib(value)}" for name, value in items.items()]
         lines.append(f"  {'peak (resident + the largest phase):':<46}{_gib(self.peak)}")
@@ -115,16 +117,27 @@ def plan_memory(config: Config, world_size: int, device: str = "cuda") -> Memory
     teacher_sharded = bool(config.teacher and config.teacher.shard and world_size > 1)
     for index, shape in enumerate(planned):
         name = "teacher" if len(planned) == 1 else f"teacher {index + 1}"
-        resident[f"{name} weights ({'bf16' if bf16 else 'fp32'}{', sharded' if teacher_sharded else ''})"] = \
+        resident[f"{name} weights ({'bf16' if bf16 else 'fp32'}{', sharded' if teacher_sharded else ''})"] = (
             compute_bytes * shape.parameters / (world_size if teacher_sharded else 1)
+        )
 
     rollout, data = config.rollout, config.data
     rows = config.batch.prompts_per_step // world_size * rollout.samples_per_prompt
     sequence = data.max_prompt_tokens + rollout.max_new_tokens
     micro = config.batch.micro_batch_size
-    engine = ENGINES[config.rollout.engine].memory(EngineMemoryInputs(
-        config, student, device, rows, sequence, bf16 and device == "cuda", compute_bytes, sharded,
-        device_memory(device)))
+    engine = ENGINES[config.rollout.engine].memory(
+        EngineMemoryInputs(
+            config,
+            student,
+            device,
+            rows,
+            sequence,
+            bf16 and device == "cuda",
+            compute_bytes,
+            sharded,
+            device_memory(device),
+        )
+    )
     resident.update(engine.resident)
     notes.extend(engine.notes)
     sampling = engine.sampling
@@ -134,8 +147,10 @@ def plan_memory(config: Config, world_size: int, device: str = "cuda") -> Memory
     # Saved for the backward, per position and layer: the inputs of the attention's and the MLP's
     # products, queries, keys, values and attention output, the gated MLP's four intermediate-size
     # values (in compute precision), and the two norms' inputs on the fp32 residual stream.
-    per_token_layer = compute_bytes * (2 * student.hidden + 2 * student.query_width + 2 * student.kv_width
-                                       + 4 * student.mlp) + 4 * 2 * student.hidden
+    per_token_layer = (
+        compute_bytes * (2 * student.hidden + 2 * student.query_width + 2 * student.kv_width + 4 * student.mlp)
+        + 4 * 2 * student.hidden
+    )
     # Each prompt's hidden states are computed once for all its samples in the micro-batch.
     positions = -(-micro // rollout.samples_per_prompt) * data.max_prompt_tokens + micro * rollout.max_new_tokens
     update = {
@@ -145,20 +160,26 @@ def plan_memory(config: Config, world_size: int, device: str = "cuda") -> Memory
     if bf16 and not sharded:  # autocast's bf16 copy of each weight, saved for the input gradients
         update["bf16 weight casts kept for the backward"] = 2 * student.parameters
     if teacher is not None and not isinstance(teacher, str) and full_distribution:
-        update["teacher hidden states kept for the loss"] = \
+        update["teacher hidden states kept for the loss"] = (
             rows * rollout.max_new_tokens * teacher.hidden * compute_bytes
+        )
     if sharded:
         # Full-size root gradients (compute precision, then fp32 for the reduce-scatter) before they shard.
         update["root gradients before the reduce-scatter"] = (compute_bytes + 4) * student.root
         # The root (embeddings, norm, LM head) stays gathered for the whole loss; a layer and the next prefetched.
         update["root and two layers, gathered"] = compute_bytes * (student.root + 2 * student.largest_layer)
     # AdamW's foreach step holds one moment-sized temporary (the denominator) over all its parameters.
-    phases = {**({"sampling": sampling} if sampling else {}), "updating": update,
-              "the optimizer step": {"AdamW temporaries (fp32)": 4 * trainable / split}}
+    phases = {
+        **({"sampling": sampling} if sampling else {}),
+        "updating": update,
+        "the optimizer step": {"AdamW temporaries (fp32)": 4 * trainable / split},
+    }
     if teacher is not None and not isinstance(teacher, str):
         teacher_chunk = min(tokens_per_chunk(config.loss.chunk_size, teacher.vocab), rows * rollout.max_new_tokens)
-        scoring = {"teacher logit chunks": 2 * teacher_chunk * teacher.vocab * 4,
-                   "teacher activations of one layer": 2 * rows * sequence * (teacher.hidden + teacher.mlp) * 4}
+        scoring = {
+            "teacher logit chunks": 2 * teacher_chunk * teacher.vocab * 4,
+            "teacher activations of one layer": 2 * rows * sequence * (teacher.hidden + teacher.mlp) * 4,
+        }
         if teacher_sharded:
             scoring["teacher root and a layer, gathered"] = compute_bytes * (teacher.root + teacher.largest_layer)
         phases["scoring"] = scoring

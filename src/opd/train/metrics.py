@@ -33,11 +33,13 @@ def rollout_metrics(batch: StepBatch, prefix: str = "") -> dict[str, float]:
         scored = mask if batch.chunk_index is None else mask.bool() & (batch.chunk_index >= 0)
         teacher_lp = masked_mean(teacher_logprobs, scored)
         log_ratio = masked_mean(batch.sampler_logprobs - teacher_logprobs, scored)
-        metrics.update({
-            f"{prefix}logprob/teacher": teacher_lp,
-            f"{prefix}perplexity/teacher": math.exp(-teacher_lp),
-            f"{prefix}distill/seq_reverse_kl": log_ratio,
-        })
+        metrics.update(
+            {
+                f"{prefix}logprob/teacher": teacher_lp,
+                f"{prefix}perplexity/teacher": math.exp(-teacher_lp),
+                f"{prefix}distill/seq_reverse_kl": log_ratio,
+            }
+        )
         if batch.chunk_index is None:
             metrics[f"{prefix}distill/reverse_kl"] = log_ratio
         else:
@@ -126,8 +128,14 @@ def pieces_over_ranks(parts: dict, world: World) -> dict:
     return {key: [rank_parts[key] for rank_parts in gathered if key in rank_parts] for key in keys}
 
 
-PER_TEACHER = ("distill/reverse_kl", "distill/seq_reverse_kl", "logprob/teacher", "generation/avg_length", "reward/mean",
-               "reward/std")
+PER_TEACHER = (
+    "distill/reverse_kl",
+    "distill/seq_reverse_kl",
+    "logprob/teacher",
+    "generation/avg_length",
+    "reward/mean",
+    "reward/std",
+)
 
 
 def per_teacher_metrics(teachers: RoutedTeachers, batch: StepBatch, world: World) -> dict[str, float]:

@@ -12,11 +12,24 @@ from opd.errors import ConfigError
 
 # Keys that may change between a run and its resumption: they don't change what the steps compute
 # (sharding changes the layout only; DCP checkpoints load into either).
-_RESUMABLE_CHANGES = {"run.max_steps", "run.save_every", "run.eval_every", "run.log_every", "run.progress",
-                      "run.report_to", "run.wandb_project", "student.shard", "teacher.shard",
-                      # where and how a teacher on a server is reached (it must serve the same model)
-                      "teacher.url", "teacher.api_key_env", "teacher.timeout_s", "teacher.concurrency",
-                      "teacher.request_tokens", "teacher.retry_deadline_s"}
+_RESUMABLE_CHANGES = {
+    "run.max_steps",
+    "run.save_every",
+    "run.eval_every",
+    "run.log_every",
+    "run.progress",
+    "run.report_to",
+    "run.wandb_project",
+    "student.shard",
+    "teacher.shard",
+    # where and how a teacher on a server is reached (it must serve the same model)
+    "teacher.url",
+    "teacher.api_key_env",
+    "teacher.timeout_s",
+    "teacher.concurrency",
+    "teacher.request_tokens",
+    "teacher.retry_deadline_s",
+}
 
 
 def check_resumable(output_dir: Path, config: Config) -> None:
@@ -31,16 +44,22 @@ def check_resumable(output_dir: Path, config: Config) -> None:
     # old horizon, as long as the effective horizon stays the same.
     for flat, horizon in ((saved, _saved_horizon(saved)), (current, config.decay_steps)):
         flat["optim.decay_steps"] = horizon if flat.get("optim.schedule") == "cosine" else None
-    changed = sorted(key for key in saved.keys() | current.keys()
-                     if saved.get(key) != current.get(key) and key not in _RESUMABLE_CHANGES)
+    changed = sorted(
+        key
+        for key in saved.keys() | current.keys()
+        if saved.get(key) != current.get(key) and key not in _RESUMABLE_CHANGES
+    )
     if "optim.decay_steps" in changed:
         raise ConfigError(
             f"--resume: run.max_steps {saved.get('run.max_steps')} -> {config.run.max_steps} would stretch the cosine "
-            f"schedule that the saved steps followed; keep it with --set optim.decay_steps={saved['optim.decay_steps']}")
+            f"schedule that the saved steps followed; keep it with --set optim.decay_steps={saved['optim.decay_steps']}"
+        )
     if changed:
         details = ", ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in changed)
-        raise ConfigError(f"--resume: the config differs from the run's {saved_path} in {details}; "
-                          f"only {', '.join(sorted(_RESUMABLE_CHANGES))} may change")
+        raise ConfigError(
+            f"--resume: the config differs from the run's {saved_path} in {details}; "
+            f"only {', '.join(sorted(_RESUMABLE_CHANGES))} may change"
+        )
 
 
 def _saved_horizon(saved: dict) -> int | None:

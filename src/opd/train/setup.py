@@ -59,7 +59,9 @@ class Session:
     teacher_sharded: bool  # a teacher is sharded with FSDP2: every rank must call it equally often
     needs: set[str]  # what the run needs of its teacher (opd.config.capabilities)
     objective: Objective
-    rollouts: RolloutMix  # writes the training rollouts: the student's engine, for sft the teacher or the data, or a mix
+    rollouts: (
+        RolloutMix  # writes the training rollouts: the student's engine, for sft the teacher or the data, or a mix
+    )
     student_sampler: ModelSampler  # the student's own samples, for evaluation (exact entropy)
     scored_by_sampler: bool  # the sampler's log-probs are already ℓᵀ (see sampled_by_teacher_distribution)
     chunk_size: int  # completion tokens per chunk of full-vocabulary logits
@@ -89,8 +91,13 @@ def sampled_by_teacher_distribution(config: Config) -> bool:
     """True when the teacher sampled the rollouts under exactly the distribution it scores with: the
     sampler's log-probs are then ℓᵀ already, and a second teacher forward would only repeat them."""
     rollout, teacher = config.rollout, config.teacher
-    return (rollout.source == "teacher" and teacher is not None and rollout.temperature == teacher.temperature
-            and rollout.top_k == 0 and rollout.top_p == 1)
+    return (
+        rollout.source == "teacher"
+        and teacher is not None
+        and rollout.temperature == teacher.temperature
+        and rollout.top_k == 0
+        and rollout.top_p == 1
+    )
 
 
 def lr_schedule(config: Config):
@@ -114,7 +121,8 @@ def check_output_dir(output_dir: Path, resume: bool) -> None:
     holds_run = (output_dir / "metrics.jsonl").exists() or (output_dir / "checkpoints").exists()
     if holds_run and not resume:
         raise ConfigError(
-            f"run.output_dir: '{output_dir}' already holds a run; pass --resume to continue it or choose another directory"
+            f"run.output_dir: '{output_dir}' already holds a run; pass --resume to continue it or choose another "
+            "directory"
         )
 
 
@@ -123,8 +131,10 @@ def check_inputs(config: Config, ranks: int, resume: bool) -> None:
     the step's split over `ranks`, the models' paths."""
     check_output_dir(Path(config.run.output_dir), resume)
     if config.batch.prompts_per_step % ranks:
-        raise ConfigError(f"batch.prompts_per_step={config.batch.prompts_per_step} does not divide by the "
-                          f"world size {ranks}: each rank takes an equal share of a step's prompts")
+        raise ConfigError(
+            f"batch.prompts_per_step={config.batch.prompts_per_step} does not divide by the "
+            f"world size {ranks}: each rank takes an equal share of a step's prompts"
+        )
     check_model_path(config.student.path, "student.path")
     ENGINES[config.rollout.engine].check(config)
     for name, settings in config.teacher_configs.items():
@@ -151,8 +161,10 @@ def load_data(config: Config, tokenizer, log=print) -> tuple[PromptSet, PromptSe
             check_rows(config.reward.verifier, prompts)
     for prompts in filter(None, (train_prompts, eval_prompts)):
         if prompts.skipped_too_long:
-            log(f"warning: skipped {prompts.skipped_too_long} prompts of '{prompts.path}' longer than "
-                f"data.max_prompt_tokens={data.max_prompt_tokens}; {len(prompts)} remain")
+            log(
+                f"warning: skipped {prompts.skipped_too_long} prompts of '{prompts.path}' longer than "
+                f"data.max_prompt_tokens={data.max_prompt_tokens}; {len(prompts)} remain"
+            )
     return train_prompts, eval_prompts
 
 
@@ -163,8 +175,12 @@ def load_student(config: Config, precision: Precision, world: World) -> tuple[Lo
     student = load_model(config.student.path, "student.path", precision.device, config.student.trust_remote_code)
     if config.student.lora is not None:
         student = add_adapters(student, config.student.lora)
-    check_context(student.model, config.data.max_prompt_tokens + config.rollout.max_new_tokens,
-                  "data.max_prompt_tokens + rollout.max_new_tokens", "student.path")
+    check_context(
+        student.model,
+        config.data.max_prompt_tokens + config.rollout.max_new_tokens,
+        "data.max_prompt_tokens + rollout.max_new_tokens",
+        "student.path",
+    )
     student.model.eval()
     sharded = config.student.shard and world.size > 1
     if sharded:
@@ -176,8 +192,9 @@ def build_optimizer(config: Config, student: LoadedModel):
     """AdamW over the trainable weights, and its schedule (lr_schedule)."""
     optim = config.optim
     trainable = [parameter for parameter in student.model.parameters() if parameter.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=optim.lr, betas=optim.betas, eps=optim.eps,
-                                  weight_decay=optim.weight_decay)
+    optimizer = torch.optim.AdamW(
+        trainable, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay
+    )
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config))
 
 
@@ -236,8 +253,13 @@ def prepare(request: Config, resume: bool, log=print, world: World | None = None
     optimizer, scheduler = build_optimizer(config, student)
     stream = PromptStream(len(train_prompts), config.run.seed, config.data.shuffle)
     run = config.run
-    guard = CollapseGuard(run.collapse_guard, run.collapse_entropy_fraction, run.collapse_reference,
-                          run.collapse_repetition, run.collapse_patience)
+    guard = CollapseGuard(
+        run.collapse_guard,
+        run.collapse_entropy_fraction,
+        run.collapse_reference,
+        run.collapse_repetition,
+        run.collapse_patience,
+    )
     start_step, start_flops = 0, 0.0
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, student, optimizer, world)
@@ -251,19 +273,35 @@ def prepare(request: Config, resume: bool, log=print, world: World | None = None
 
     engine = ENGINES[config.rollout.engine].build(config, student, precision)  # the training rollouts
     # Evaluation samples with opd's own sampler (exact entropy): the engine itself where it is opd's.
-    student_sampler = engine if isinstance(engine, ModelSampler) else ModelSampler(
-        student, SamplingSettings.of(config.rollout), precision)
+    student_sampler = (
+        engine
+        if isinstance(engine, ModelSampler)
+        else ModelSampler(student, SamplingSettings.of(config.rollout), precision)
+    )
     return Session(
-        config=config, output_dir=output_dir, world=world, sharded=sharded, precision=precision, student=student,
-        teacher=teachers.scorer, teacher_sharded=teachers.sharded, needs=needed(config),
+        config=config,
+        output_dir=output_dir,
+        world=world,
+        sharded=sharded,
+        precision=precision,
+        student=student,
+        teacher=teachers.scorer,
+        teacher_sharded=teachers.sharded,
+        needs=needed(config),
         objective=build_objective(config),
         rollouts=build_rollouts(config, engine, teachers.writer, train_prompts, student.tokenizer, precision),
         student_sampler=student_sampler,
         scored_by_sampler=sampled_by_teacher_distribution(config),
         chunk_size=tokens_per_chunk(config.loss.chunk_size, student.vocab_size),
         student_params=matmul_parameters(student.model),
-        train_prompts=train_prompts, eval_prompts=eval_prompts, stream=stream,
-        optimizer=optimizer, scheduler=scheduler, guard=guard, start_step=start_step, start_flops=start_flops,
+        train_prompts=train_prompts,
+        eval_prompts=eval_prompts,
+        stream=stream,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        guard=guard,
+        start_step=start_step,
+        start_flops=start_flops,
         peak_memory=peak_memory,
         rewards=RewardScorer(config.reward.verifier, tokenizer) if config.reward is not None else None,
     )

@@ -50,8 +50,13 @@ def produce_batch(session: Session, step: int, policy_version: int) -> ScoredBat
     world, config = session.world, session.config
     prompts = session.stream.take_step(config.batch.prompts_per_step // world.size, world.rank, world.size)
     sync_s = session.rollouts.sync_weights()
-    batch = session.rollouts.sample(session.train_prompts.batch(prompts.indices, prompts.keys),
-                                    config.rollout.samples_per_prompt, config.run.seed, step, prompts.positions)
+    batch = session.rollouts.sample(
+        session.train_prompts.batch(prompts.indices, prompts.keys),
+        config.rollout.samples_per_prompt,
+        config.run.seed,
+        step,
+        prompts.positions,
+    )
     if session.rewards is not None:
         batch = grade(session, batch, step)
     sampled = time.perf_counter()
@@ -81,12 +86,14 @@ def consume_batch(session: Session, scored: ScoredBatch, log=print) -> tuple[dic
     if "entropy/student" in update:  # the engine gave no entropy; the update's recompute did, so the guard comes after
         watch_collapse(session, step, metrics, "after this step's update", log)
     timings = {**scored.timings, "timing/update_s": finished - consuming}
-    metrics.update({
-        **{key: world.max(value) if key == "timing/weight_sync_s" else value for key, value in timings.items()},
-        "throughput/tokens_per_s": world.sum(batch.num_tokens) / world.max(finished - scored.started),
-        **{key: world.sum(value) for key, value in costs.items()},
-        "memory/peak_gib": world.max(session.peak_memory.bytes()) / GIB,  # the largest rank's, so far
-    })
+    metrics.update(
+        {
+            **{key: world.max(value) if key == "timing/weight_sync_s" else value for key, value in timings.items()},
+            "throughput/tokens_per_s": world.sum(batch.num_tokens) / world.max(finished - scored.started),
+            **{key: world.sum(value) for key, value in costs.items()},
+            "memory/peak_gib": world.max(session.peak_memory.bytes()) / GIB,  # the largest rank's, so far
+        }
+    )
     return metrics, sum(metrics[key] for key in costs)
 
 
@@ -135,8 +142,13 @@ def sample_metrics(session: Session, batch: StepBatch) -> dict[str, float]:
         part = batch if len(rows) == len(batch) else batch.select(rows)
         figures = rollout_metrics(part)
         if source != STUDENT:
-            for name in ("distill/reverse_kl", "distill/seq_reverse_kl", "logprob/student", "perplexity/student",
-                         "entropy/student"):
+            for name in (
+                "distill/reverse_kl",
+                "distill/seq_reverse_kl",
+                "logprob/student",
+                "perplexity/student",
+                "entropy/student",
+            ):
                 figures.pop(name, None)
         parts[source] = (figures, part.num_tokens, len(rows))
     by_source = pieces_over_ranks(parts, world)

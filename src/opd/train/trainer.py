@@ -62,7 +62,8 @@ def train(request: Config, resume: bool = False, log=print, time_limit_s: float 
             flops += step_cost
             metrics["compute/flops"] = flops
             last_step = step == run.max_steps or (  # the slowest rank decides, so all stop together
-                time_limit_s is not None and world.max(time.perf_counter() - loop_started) >= time_limit_s)
+                time_limit_s is not None and world.max(time.perf_counter() - loop_started) >= time_limit_s
+            )
             if session.eval_prompts is not None and ((run.eval_every and step % run.eval_every == 0) or last_step):
                 last_eval = run_eval(session)
                 metrics.update(last_eval)
@@ -90,8 +91,12 @@ def save(session: Session, step: int | None = None, flops: float = 0.0) -> None:
     """A checkpoint at `step` (every rank writes its shard), or final/ without one (rank 0 writes the
     whole student, gathered first where it is sharded). Every rank must call this."""
     if step is not None:
-        trainer_state = {"scheduler": session.scheduler.state_dict(), "prompts_consumed": session.stream.consumed,
-                         "flops": flops, "guard": session.guard.state_dict()}
+        trainer_state = {
+            "scheduler": session.scheduler.state_dict(),
+            "prompts_consumed": session.stream.consumed,
+            "flops": flops,
+            "guard": session.guard.state_dict(),
+        }
         save_checkpoint(session.output_dir, step, session.student, session.optimizer, session.world, trainer_state)
         return
     final = session.output_dir / "final"
@@ -111,12 +116,18 @@ def save(session: Session, step: int | None = None, flops: float = 0.0) -> None:
 def run_eval(session: Session) -> dict[str, float]:
     config = session.config
     return evaluate(
-        session.student_sampler, session.teacher, session.eval_prompts, session.student.tokenizer,
+        session.student_sampler,
+        session.teacher,
+        session.eval_prompts,
+        session.student.tokenizer,
         samples_per_prompt=config.rollout.eval_samples_per_prompt,
         # As many rollouts per sampling call as a training step makes on a rank.
         batch_prompts=max(1, rollouts_per_step(config) // session.world.size // config.rollout.eval_samples_per_prompt),
-        seed=config.run.seed + 1, max_prompts=config.data.eval_max_prompts, world=session.world,
-        equal_calls=session.sharded or session.teacher_sharded, rewards=session.rewards,
+        seed=config.run.seed + 1,
+        max_prompts=config.data.eval_max_prompts,
+        world=session.world,
+        equal_calls=session.sharded or session.teacher_sharded,
+        rewards=session.rewards,
     )
 
 

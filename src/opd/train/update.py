@@ -1,12 +1,12 @@
 """From a scored batch to one optimizer step: micro-batched, chunked over completion tokens.
 
-For each micro-batch (`StepBatch.select`, which trims every field alike) the student's hidden states
-are computed with gradients once. Only the completion tokens inside the mask are then gathered (no LM
-head on padding or after EOS), and the LM head, the log-probs and the loss run over chunks of
-`chunk_size` of those tokens, each chunk backpropagating into a detached copy of the hidden states
-before the next is built (a sharded student recomputes each chunk in one backward instead). At most one chunk of [chunk_size x V] logits is alive at a time, for the
-student and the teacher alike, whatever the batch. The loss is normalized once, by the completion
-tokens of the whole step, so micro-batching does not change the gradient.
+For each micro-batch (`StepBatch.select`, which trims every field alike) the student's hidden states are computed with
+gradients once. Only the completion tokens inside the mask are then gathered (no LM head on padding or after EOS), and
+the LM head, the log-probs and the loss run over chunks of `chunk_size` of those tokens, each chunk backpropagating
+into a detached copy of the hidden states before the next is built (a sharded student recomputes each chunk in one
+backward instead). At most one chunk of [chunk_size x V] logits is alive at a time, for the student and the teacher
+alike, whatever the batch. The loss is normalized once, by the completion tokens of the whole step, so micro-batching
+does not change the gradient.
 """
 
 from __future__ import annotations
@@ -18,16 +18,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from opd.objectives import losses
-from opd.ops.batch import SOURCE_NAMES, STUDENT, StepBatch
+from opd.distributed.sharding import is_sharded, through_root
 from opd.errors import TrainingDiverged
+from opd.models.loading import LoadedModel
+from opd.models.precision import Precision
+from opd.objectives import losses
+from opd.objectives.kinds import Objective
+from opd.ops.batch import SOURCE_NAMES, STUDENT, StepBatch
 from opd.ops.forward import completion_hidden_states_of, logits_from_hidden
 from opd.ops.logprobs import entropy, process_logits
 from opd.rollout.sampler import SamplingSettings
-from opd.models.loading import LoadedModel
-from opd.objectives.kinds import Objective
-from opd.models.precision import Precision
-from opd.distributed.sharding import is_sharded, through_root
 from opd.teachers.base import FullDistributionTeacher
 
 if TYPE_CHECKING:
@@ -69,8 +69,9 @@ class _ChunkFigures:
                 self.entropy_sum += float(entropies[sampled].double().sum())
 
     def result(self, loss: float) -> MicroBatchResult:
-        return MicroBatchResult(loss, self.logprob_sums, self.token_counts, self.far_tokens, self.max_abs_log_ratio,
-                                self.entropy_sum)
+        return MicroBatchResult(
+            loss, self.logprob_sums, self.token_counts, self.far_tokens, self.max_abs_log_ratio, self.entropy_sum
+        )
 
 
 def backward_micro_batch(
@@ -93,8 +94,14 @@ def backward_micro_batch(
 
     def hidden_states() -> torch.Tensor:  # (b, T, H)
         with precision.autocast():
-            return completion_hidden_states_of(student.model, part.prompt_ids, part.prompt_mask, part.completion_ids,
-                                               part.completion_mask, part.prompt_index)
+            return completion_hidden_states_of(
+                student.model,
+                part.prompt_ids,
+                part.prompt_mask,
+                part.completion_ids,
+                part.completion_mask,
+                part.prompt_index,
+            )
 
     def chunk_loss(flat_hidden: torch.Tensor, flat_index: torch.Tensor):
         """The chunk's share of the step loss, the student's log-probs of its tokens (c,), and where asked
@@ -155,8 +162,9 @@ def sampling_entropy(logits: torch.Tensor, chunk, sampling: SamplingSettings | N
     if sampling is None:
         return None
     with torch.no_grad():
-        processed = process_logits(logits.detach(), sampling.temperature, sampling.top_k, sampling.top_p,
-                                   keep=chunk.tokens)
+        processed = process_logits(
+            logits.detach(), sampling.temperature, sampling.top_k, sampling.top_p, keep=chunk.tokens
+        )
         return entropy(processed)
 
 
@@ -182,8 +190,18 @@ def update_student(session: Session, batch: StepBatch) -> dict[str, float]:
     results = []
     for row in range(0, len(batch), micro):
         part = batch.select(slice(row, row + micro))
-        results.append(backward_micro_batch(session.student, session.teacher, part, session.objective, normalizer,
-                                            session.chunk_size, session.precision, sampling))
+        results.append(
+            backward_micro_batch(
+                session.student,
+                session.teacher,
+                part,
+                session.objective,
+                normalizer,
+                session.chunk_size,
+                session.precision,
+                sampling,
+            )
+        )
     if not session.sharded:  # FSDP2 already reduce-scattered the sharded gradients
         world.sum_gradients(session.student.model.parameters())
     loss = world.sum(sum(result.loss for result in results)) * normalizer / step_tokens
@@ -202,8 +220,12 @@ def update_student(session: Session, batch: StepBatch) -> dict[str, float]:
         if token_counts[source]:  # the student's mean log-prob of the tokens this source wrote
             figures[f"student_logprob/{name}"] = float(logprob_sums[source] / token_counts[source])
     if token_counts[STUDENT]:
-        figures["ratio/far_fraction"] = world.sum(sum(result.far_tokens for result in results)) / float(token_counts[STUDENT])
+        figures["ratio/far_fraction"] = world.sum(sum(result.far_tokens for result in results)) / float(
+            token_counts[STUDENT]
+        )
         figures["ratio/max_abs_log"] = world.max(max(result.max_abs_log_ratio for result in results))
         if sampling is not None:
-            figures["entropy/student"] = world.sum(sum(result.entropy_sum for result in results)) / float(token_counts[STUDENT])
+            figures["entropy/student"] = world.sum(sum(result.entropy_sum for result in results)) / float(
+                token_counts[STUDENT]
+            )
     return figures
