@@ -1,17 +1,18 @@
-"""The demo's step time on an idle machine and beside one busy process, with spinning and sleeping
-OpenMP workers (see opd.distributed.threads).
+"""The demo's step time on an idle machine and beside one busy process, with long-spinning, briefly
+spinning and sleeping OpenMP workers (see opd.distributed.threads).
 
-    python benchmarks/busy_machine.py [--steps 12] [--loads none python torch]    # about 4 minutes
+    python benchmarks/busy_machine.py [--steps 12] [--loads none python torch]    # about 6 minutes
 
 Each run is `opd train` on the demo's models and data (its config, without evaluation or checkpoints)
 in a process of its own, as a user starts it, with the machine's default thread count. The wait
 policies compared:
-- `spin`: GOMP_SPINCOUNT=300000, libgomp's own default when no policy is set (opd before it chose one);
-- `sleep`: nothing set, so opd sets OMP_WAIT_POLICY=PASSIVE (its default now).
+- `spin`: GOMP_SPINCOUNT=300000, libgomp's own default when nothing is set (opd before it chose);
+- `brief`: nothing set, so opd sets GOMP_SPINCOUNT=3000 (its default now);
+- `sleep`: OMP_WAIT_POLICY=PASSIVE, a wake-up for every operation.
 The loads beside it: `none` (idle); `python`, one process spinning on one core (a plain CPU-bound job);
 `torch`, one process of matrix products on every core with torch's defaults (another training job).
 Reported: the median seconds a step (rollout + teacher + update) after the first, from metrics.jsonl,
-and whether both policies trained the same weights bit for bit.
+and whether all three trained the same weights bit for bit.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-POLICIES = {"spin": {"GOMP_SPINCOUNT": "300000"}, "sleep": {}}
+POLICIES = {"spin": {"GOMP_SPINCOUNT": "300000"}, "brief": {}, "sleep": {"OMP_WAIT_POLICY": "PASSIVE"}}
 LOADS = {
     "python": "while True: pass",
     "torch": "import torch\nx = torch.randn(256, 256)\nwhile True: x = torch.tanh(x @ x.T / 256)",
@@ -88,15 +89,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         config = demo_run_config(Path(tmp) / "demo", args.steps)
         print(f"{os.cpu_count()} cores; median seconds a demo step after the first ({args.steps} steps)")
-        print(f"{'beside':>8} {'spin':>8} {'sleep':>8}  same weights")
+        print(f"{'beside':>8}" + "".join(f"{policy:>8}" for policy in POLICIES) + "  same weights")
         for load in args.loads:
             medians, finals = {}, {}
             for policy, env in POLICIES.items():
                 out = Path(tmp) / f"{load}-{policy}"
                 medians[policy] = statistics.median(timed_run(config, out, env, None if load == "none" else load)[1:])
                 finals[policy] = load_file(out / "final" / "model.safetensors")
-            same = all(finals["spin"][name].equal(finals["sleep"][name]) for name in finals["spin"])
-            print(f"{load:>8} {medians['spin']:8.3f} {medians['sleep']:8.3f}  {same}", flush=True)
+            same = all(finals[policy][name].equal(finals["spin"][name]) for policy in finals for name in finals["spin"])
+            print(f"{load:>8}" + "".join(f"{medians[policy]:8.3f}" for policy in POLICIES) + f"  {same}", flush=True)
 
 
 if __name__ == "__main__":

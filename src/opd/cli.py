@@ -190,9 +190,9 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from opd.distributed.threads import sleep_waiting_threads
+    from opd.distributed.threads import shorten_idle_spin
 
-    sleep_waiting_threads()  # before any command imports torch (opd.distributed.threads says why)
+    shorten_idle_spin()  # before any command imports torch (opd.distributed.threads says why)
     args = _parser().parse_args(argv)
     try:
         if args.command in ("train", "sft"):

@@ -1,6 +1,6 @@
-"""The OpenMP wait policy opd chooses for itself and its child processes, and the user's choice kept.
+"""The OpenMP spin opd chooses for itself and its child processes, and the user's choice kept.
 
-Each case runs in a fresh interpreter: the policy only counts before torch loads its OpenMP runtime."""
+Each case runs in a fresh interpreter: the setting only counts before torch loads its OpenMP runtime."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ import pytest
 from opd.distributed.threads import USER_WAIT_SETTINGS as SETTINGS
 
 
-def policy_after(code: str, **env: str) -> str:
-    """OMP_WAIT_POLICY as a fresh interpreter has it after `code`, in an environment with only `env` of
+def spin_after(code: str, **env: str) -> str:
+    """GOMP_SPINCOUNT as a fresh interpreter has it after `code`, in an environment with only `env` of
     the wait settings."""
     clean = {key: value for key, value in os.environ.items() if key not in SETTINGS}
     result = subprocess.run(
-        [sys.executable, "-c", f"{code}\nimport os; print(os.environ.get('OMP_WAIT_POLICY'))"],
+        [sys.executable, "-c", f"{code}\nimport os; print(os.environ.get('GOMP_SPINCOUNT'))"],
         capture_output=True,
         text=True,
         env={**clean, **env},
@@ -28,39 +28,39 @@ def policy_after(code: str, **env: str) -> str:
     return result.stdout.strip().splitlines()[-1]
 
 
-def test_the_command_line_lets_idle_workers_sleep_before_torch_loads():
-    """Every `opd` command goes through main, which sets the policy first (here with --help, which
+def test_the_command_line_shortens_the_idle_spin_before_torch_loads():
+    """Every `opd` command goes through main, which sets the spin first (here with --help, which
     imports nothing heavy)."""
     code = (
         "import sys\nfrom opd.cli import main\n"
         "assert 'torch' not in sys.modules\n"
         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass"
     )
-    assert policy_after(code) == "PASSIVE"
+    assert spin_after(code) == "3000"
 
 
 @pytest.mark.parametrize(
-    "setting, value", [("OMP_WAIT_POLICY", "ACTIVE"), ("GOMP_SPINCOUNT", "1000"), ("KMP_BLOCKTIME", "0")]
+    "setting, value", [("OMP_WAIT_POLICY", "ACTIVE"), ("GOMP_SPINCOUNT", "100000"), ("KMP_BLOCKTIME", "0")]
 )
 def test_a_users_own_wait_setting_is_kept(setting, value):
-    code = "from opd.distributed.threads import sleep_waiting_threads\nassert not sleep_waiting_threads()"
-    expected = value if setting == "OMP_WAIT_POLICY" else "None"
-    assert policy_after(code, **{setting: value}) == expected
+    code = "from opd.distributed.threads import shorten_idle_spin\nassert not shorten_idle_spin()"
+    expected = value if setting == "GOMP_SPINCOUNT" else "None"
+    assert spin_after(code, **{setting: value}) == expected
 
 
 def test_nothing_is_set_once_torch_has_loaded():
-    """Its runtime read the environment already: a policy set now would not describe this process."""
-    code = "import torch\nfrom opd.distributed.threads import sleep_waiting_threads\nassert not sleep_waiting_threads()"
-    assert policy_after(code) == "None"
+    """Its runtime read the environment already: a count set now would not describe this process."""
+    code = "import torch\nfrom opd.distributed.threads import shorten_idle_spin\nassert not shorten_idle_spin()"
+    assert spin_after(code) == "None"
 
 
-def test_child_processes_inherit_the_policy():
-    """torchrun's ranks and a teacher server started by opd wait the same way."""
+def test_child_processes_inherit_the_spin():
+    """torchrun's ranks and a teacher server started by opd spin the same way."""
     code = (
-        "import subprocess, sys\nfrom opd.distributed.threads import sleep_waiting_threads\n"
-        "sleep_waiting_threads()\n"
-        "subprocess.run([sys.executable, '-c', 'import os; print(os.environ[\"OMP_WAIT_POLICY\"])'], check=True)"
+        "import subprocess, sys\nfrom opd.distributed.threads import shorten_idle_spin\n"
+        "shorten_idle_spin()\n"
+        "subprocess.run([sys.executable, '-c', 'import os; print(os.environ[\"GOMP_SPINCOUNT\"])'], check=True)"
     )
     clean = {key: value for key, value in os.environ.items() if key not in SETTINGS}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean, timeout=120)
-    assert result.stdout.split() == ["PASSIVE"], result.stderr[-2000:]
+    assert result.stdout.split() == ["3000"], result.stderr[-2000:]
