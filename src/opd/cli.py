@@ -31,7 +31,22 @@ def _parser() -> argparse.ArgumentParser:
             dest="overrides",
             help="override config keys, e.g. --set optim.lr=1e-5 run.max_steps=50",
         )
-        command.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+        resume = command.add_mutually_exclusive_group()
+        resume.add_argument(
+            "--resume",
+            action="store_const",
+            const=True,
+            default=False,
+            help="continue from the latest complete checkpoint (an error where there is none)",
+        )
+        resume.add_argument(
+            "--resume-or-start",
+            action="store_const",
+            const="auto",
+            dest="resume",
+            help="continue from the latest complete checkpoint, or start where there is none (preemptible jobs); "
+            "a finished run is never trained over",
+        )
         command.add_argument(
             "--dry-run",
             action="store_true",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -247,16 +248,51 @@ def test_resume_with_more_steps_keeps_the_cosine_schedule_the_saved_steps_follow
     assert lrs[5] == pytest.approx(0.0, abs=1e-12)  # past the horizon: the floor
 
 
-def test_resume_without_checkpoint_restarts_cleanly(tiny_config):
-    """A run killed before its first checkpoint restarts from 0: no duplicated rows, no stale final/."""
-    raw = {**tiny_config, "run": {**tiny_config["run"], "max_steps": 2}}
+def test_resume_never_trains_over_a_finished_run_and_needs_a_checkpoint(tiny_config):
+    from opd.errors import ConfigError
+
+    """A finished run without checkpoints (save_every 0) is not retrained by --resume, nor its final/ or
+    config.yaml rewritten; a run killed before its first checkpoint needs --resume-or-start to restart,
+    and then restarts from 0 with no duplicated rows."""
+    raw = {**tiny_config, "run": {**tiny_config["run"], "max_steps": 2, "save_every": 0}}
     train(validate(raw), log=lambda *_: None)
     output_dir = Path(raw["run"]["output_dir"])
-    assert (output_dir / "final").is_dir() and latest_checkpoint(output_dir) is None
+    final_weights = (output_dir / "final" / "model.safetensors").read_bytes()
+    recorded = (output_dir / "config.yaml").read_text()
+    for resume in (True, "auto"):
+        with pytest.raises(
+            ConfigError, match=r"--resume: the run in .* is finished \(final/\) and saved no checkpoint"
+        ):
+            train(validate(raw), resume=resume, log=lambda *_: None)
+    assert (output_dir / "final" / "model.safetensors").read_bytes() == final_weights
+    assert (output_dir / "config.yaml").read_text() == recorded
+
+    shutil.rmtree(output_dir / "final")  # as if killed before its first checkpoint
+    with pytest.raises(ConfigError, match=r"--resume: no complete checkpoint in .*run.save_every=0.*--resume-or-start"):
+        train(validate(raw), resume=True, log=lambda *_: None)
     messages = []
-    train(validate(raw), resume=True, log=messages.append)
+    train(validate(raw), resume="auto", log=messages.append)
     assert any("starting from step 0" in str(message) for message in messages)
     assert [row["step"] for row in read_metrics(output_dir / "metrics.jsonl")] == [0, 1, 2]
+
+
+def test_resume_refuses_a_checkpoint_past_max_steps_and_a_finished_run(tiny_config):
+    from opd.errors import ConfigError
+
+    raw = {
+        **tiny_config,
+        "run": {**tiny_config["run"], "max_steps": 3, "save_every": 1},
+        "optim": {"schedule": "constant"},
+    }
+    train(validate(raw), log=lambda *_: None)
+    output_dir = Path(raw["run"]["output_dir"])
+    recorded = (output_dir / "config.yaml").read_text()
+    shorter = {**raw, "run": {**raw["run"], "max_steps": 2}}
+    with pytest.raises(ConfigError, match=r"checkpoints/step-3\) is at step 3, past run.max_steps=2; .* 3 or more"):
+        train(validate(shorter), resume=True, log=lambda *_: None)
+    with pytest.raises(ConfigError, match=r"is finished at run.max_steps=3 \(final/\); raise run.max_steps"):
+        train(validate(raw), resume=True, log=lambda *_: None)
+    assert (output_dir / "config.yaml").read_text() == recorded and (output_dir / "final").is_dir()
 
 
 def test_first_update_is_on_policy_even_with_dropout(tiny_models, tiny_config, tmp_path):

@@ -193,6 +193,11 @@ def load_checkpoint(
     return trainer_state
 
 
+def checkpoint_step(folder: Path) -> int:
+    """The step a checkpoint folder (checkpoints/step-N) holds."""
+    return int(_STEP_DIR.match(Path(folder).name).group(1))
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
     """The complete checkpoint with the highest step, or None."""
     root = Path(output_dir) / "checkpoints"

@@ -23,7 +23,7 @@ from opd.data.prompts import PromptSet, PromptStream, load_prompts, load_train_p
 from opd.distributed.sharding import shard_model
 from opd.distributed.world import World
 from opd.errors import ConfigError
-from opd.io.checkpoint import check_checkpoint, latest_checkpoint, load_checkpoint
+from opd.io.checkpoint import check_checkpoint, checkpoint_step, latest_checkpoint, load_checkpoint
 from opd.io.sinks import check_trackers
 from opd.models.loading import LoadedModel, check_context, check_model_path, load_model, load_tokenizer
 from opd.models.lora import add_adapters, check_lora
@@ -115,7 +115,7 @@ def lr_schedule(config: Config):
     return factor
 
 
-def check_output_dir(output_dir: Path, resume: bool) -> None:
+def check_output_dir(output_dir: Path, resume: bool | str) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"run.output_dir: '{output_dir}' is a file, not a directory")
     holds_run = (output_dir / "metrics.jsonl").exists() or (output_dir / "checkpoints").exists()
@@ -126,7 +126,7 @@ def check_output_dir(output_dir: Path, resume: bool) -> None:
         )
 
 
-def check_inputs(config: Config, ranks: int, resume: bool) -> None:
+def check_inputs(config: Config, ranks: int, resume: bool | str) -> None:
     """What needs neither weights nor network, for `prepare` and `--dry-run` alike: the run directory,
     the step's split over `ranks`, the models' paths."""
     check_output_dir(Path(config.run.output_dir), resume)
@@ -198,15 +198,43 @@ def build_optimizer(config: Config, student: LoadedModel):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config))
 
 
-def find_checkpoint(config: Config, resume: bool, log=print) -> Path | None:
-    """With --resume, the latest complete checkpoint, once the config is checked against the run's."""
+def find_checkpoint(config: Config, resume: bool | str, log=print) -> Path | None:
+    """With --resume, the latest complete checkpoint, once the config is checked against the run's.
+    resume: False, True (a checkpoint must be there) or "auto" (one is taken where there is one, and a
+    directory without a checkpoint or a finished run starts from step 0). A finished run (final/) is
+    never trained over, and a checkpoint past run.max_steps is an error: both before anything is written."""
     output_dir = Path(config.run.output_dir)
-    checkpoint = latest_checkpoint(output_dir) if resume else None
-    if checkpoint is not None:
-        check_resumable(output_dir, config)
-        check_checkpoint(checkpoint)
-    elif resume:
-        log(f"no complete checkpoint in '{output_dir}'; starting from step 0")
+    if not resume:
+        return None
+    checkpoint = latest_checkpoint(output_dir)
+    finished = (output_dir / "final").is_dir()
+    if checkpoint is None:
+        if finished:
+            raise ConfigError(
+                f"--resume: the run in '{output_dir}' is finished (final/) and saved no checkpoint to continue "
+                f"from; to train further, start a new run from its weights (student.path={output_dir / 'final'})"
+            )
+        if resume == "auto":
+            if (output_dir / "metrics.jsonl").exists():
+                log(f"no complete checkpoint in '{output_dir}'; starting from step 0 (--resume-or-start)")
+            return None
+        raise ConfigError(
+            f"--resume: no complete checkpoint in '{output_dir}' (run.save_every={config.run.save_every}); "
+            "nothing to resume: start without --resume, or pass --resume-or-start"
+        )
+    step = checkpoint_step(checkpoint)
+    if step > config.run.max_steps:
+        raise ConfigError(
+            f"--resume: the latest checkpoint ({checkpoint}) is at step {step}, past run.max_steps="
+            f"{config.run.max_steps}; resume with run.max_steps of {step} or more"
+        )
+    check_resumable(output_dir, config)
+    if step == config.run.max_steps and finished:
+        raise ConfigError(
+            f"--resume: the run in '{output_dir}' is finished at run.max_steps={step} (final/); raise "
+            "run.max_steps to train further"
+        )
+    check_checkpoint(checkpoint)
     return checkpoint
 
 
@@ -222,7 +250,7 @@ def write_run_dir(request: Config, config: Config, world: World) -> None:
         shutil.rmtree(output_dir / "final", ignore_errors=True)
 
 
-def prepare(request: Config, resume: bool, log=print, world: World | None = None) -> Session:
+def prepare(request: Config, resume: bool | str, log=print, world: World | None = None) -> Session:
     """Check, load and build everything for a run. request: the validated config as the user asked it;
     the session carries it resolved (opd.config.resolve). world: the torchrun world (default: from the
     environment; a world of one without torchrun). Only rank 0 writes to the run directory."""

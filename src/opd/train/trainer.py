@@ -37,7 +37,7 @@ class TrainResult:
     steps_run: int
 
 
-def train(request: Config, resume: bool = False, log=print, time_limit_s: float | None = None) -> TrainResult:
+def train(request: Config, resume: bool | str = False, log=print, time_limit_s: float | None = None) -> TrainResult:
     """Run (or with resume, continue) a run. request: the validated config as the user asked it.
     time_limit_s: stop after the step during which that much training time has passed, and write final/
     as usual (for equal-time benchmarks)."""
