@@ -374,3 +374,19 @@ def test_errors_delays_and_dropped_connections_change_nothing(tiny_config, tmp_p
     assert_same_learning(
         final_weights(tmp_path / "local"), final_weights(tmp_path / "remote"), tiny_config["student"]["path"]
     )
+
+
+def test_a_server_that_never_answered_fails_in_seconds_naming_it(tiny_config, tmp_path):
+    """Nothing listens at the URL: not a transient fault, so not the 300 s retry deadline."""
+    from opd.config.files import validate
+    from opd.errors import ConfigError
+    from opd.teachers.remote import NEVER_ANSWERED_GRACE_S
+    from opd.train.trainer import train
+
+    url = f"http://127.0.0.1:{free_port()}"
+    raw = remote_config(tiny_config, tmp_path / "run", url, retry_deadline_s=300)
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=rf"teacher.url: nothing answers at {url} \(ConnectError: .*\); start the"):
+        train(validate(raw), log=lambda *_: None)
+    assert time.monotonic() - started < NEVER_ANSWERED_GRACE_S + 15
+    assert not (tmp_path / "run").exists()

@@ -8,7 +8,9 @@ completion, and the log-probs of the completion's positions come back. Rows go i
 can pass (connection refused or dropped, a timeout, a 5xx or 408/429, a truncated or garbled body) is
 retried with exponential backoff and jitter until `teacher.retry_deadline_s`; then the step fails
 with `TeacherUnavailable`, before any update, so a step is scored completely or not applied. Other
-4xx answers are errors at once.
+4xx answers are errors at once. The deadline is for a server that has answered and then falters: one
+that has never answered (nothing listening, an unknown host) is retried for NEVER_ANSWERED_GRACE_S
+only, a server just starting its listener, and then named in one line.
 
 Each server's API (paths, request bodies, answer formats) is one adapter in opd.teachers.server_apis.
 """
@@ -27,6 +29,8 @@ from opd.errors import ConfigError, OpdError
 from opd.ops.batch import StepBatch
 from opd.teachers.base import TeacherScores
 from opd.teachers.server_apis import SERVER_APIS
+
+NEVER_ANSWERED_GRACE_S = 5.0
 
 
 class TeacherUnavailable(OpdError):
@@ -58,6 +62,7 @@ class RemoteTeacher:
             limits=httpx.Limits(max_connections=config.concurrency),
         )
         self.pool = ThreadPoolExecutor(max_workers=config.concurrency)
+        self.answered = False  # the server has answered once (any HTTP status): failures since may pass
         self.model = config.model
         self.api = SERVER_APIS[config.api]
 
@@ -128,10 +133,12 @@ class RemoteTeacher:
         """One request, retried with exponential backoff and jitter until retry_deadline_s."""
         import httpx
 
-        give_up_at, attempt, last = time.monotonic() + self.config.retry_deadline_s, 0, ""
+        started = time.monotonic()
+        give_up_at, attempt, last = started + self.config.retry_deadline_s, 0, ""
         while True:
             try:
                 response = self.client.request(method, self.url + path, json=body)
+                self.answered = True
                 if response.status_code >= 500 or response.status_code in (408, 429):
                     raise _Retry(f"HTTP {response.status_code}")
                 if response.status_code >= 400:
@@ -139,6 +146,13 @@ class RemoteTeacher:
                         f"teacher.url: {self.url}{path} answered {response.status_code}: {_message(response)}"
                     )
                 return parse(response.json())
+            except httpx.ConnectError as exc:
+                last = f"{type(exc).__name__}: {exc}".strip()
+                if not self.answered and time.monotonic() - started >= NEVER_ANSWERED_GRACE_S:
+                    raise ConfigError(
+                        f"teacher.url: nothing answers at {self.url} ({last[:200]}); start the server first "
+                        "(opd serve-teacher, vllm serve or SGLang) or fix the URL"
+                    ) from None
             except (httpx.TransportError, _Retry, ValueError, KeyError, TypeError, IndexError) as exc:
                 last = f"{type(exc).__name__}: {exc}".strip()
             attempt += 1
