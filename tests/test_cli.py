@@ -302,7 +302,8 @@ def test_unknown_and_ill_typed_keys_in_the_file(cli_runs):
 def test_unknown_and_ill_typed_keys_via_set(cli_runs):
     assert_error_before_training(
         cli_runs["config_errors"],
-        "rollout.temprature: unknown key",
+        "--set rollout.temprature=0.5: rollout.temprature: unknown key",  # the override, not the file, is blamed
+        "--set batch.prompts_per_step=lots: batch.prompts_per_step",
         "did you mean 'rollout.temperature'",
         "batch.prompts_per_step",
         "'lots'",
@@ -352,6 +353,44 @@ def test_data_file_that_is_not_utf8_is_a_clean_error(tiny_config, tiny_data, tmp
     assert status != 0
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "latin1.jsonl" in lines[0], stderr
+    assert not Path(tiny_config["run"]["output_dir"]).exists()
+
+
+def one_error_line(argv: list[str], capsys) -> str:
+    """`opd ARGV` in process (for errors before any weights load): its one error line."""
+    status = main(argv)
+    stderr = capsys.readouterr().err
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert status != 0 and len(lines) == 1 and lines[0].startswith("error: "), stderr
+    return lines[0]
+
+
+def test_errors_name_what_is_wrong(tiny_config, tiny_models, tmp_path, capsys):
+    """A JSON array for JSONL, a model folder without its tokenizer, a verifier's form: each names itself."""
+    import shutil
+
+    config_path = tmp_path / "config.yaml"
+    array = tmp_path / "train.json"
+    array.write_text(json.dumps([{"prompt": "a"}, {"prompt": "b"}], indent=1))
+    config_path.write_text(yaml.safe_dump({**tiny_config, "data": {**tiny_config["data"], "train": str(array)}}))
+    line = one_error_line(["train", str(config_path)], capsys)
+    assert "train.json:1: malformed JSON" in line and "opd reads JSONL, one JSON object per line" in line
+
+    weights_only = tmp_path / "weights-only"
+    shutil.copytree(tiny_models["student"], weights_only)
+    for name in weights_only.iterdir():
+        if name.name.startswith(("tokenizer", "vocab", "special_tokens")):
+            name.unlink()
+    config_path.write_text(yaml.safe_dump({**tiny_config, "student": {"path": str(weights_only)}}))
+    line = one_error_line(["train", str(config_path)], capsys)
+    assert f"student.path: '{weights_only}' holds no tokenizer (none of tokenizer.json" in line
+
+    config_path.write_text(yaml.safe_dump(tiny_config))
+    line = one_error_line(["train", str(config_path), "--set", "reward.verifier=gsm8"], capsys)
+    assert line == (
+        "error: --set reward.verifier=gsm8: reward.verifier: expected a built-in verifier (gsm8k) or a function as "
+        "package.module:function (got 'gsm8')"
+    )
     assert not Path(tiny_config["run"]["output_dir"]).exists()
 
 

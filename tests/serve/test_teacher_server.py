@@ -77,20 +77,49 @@ def test_bad_requests_get_a_4xx_and_the_server_goes_on(tiny_models):
         assert post(url, good, key="wrong").status_code == 401
         assert httpx.get(url + "/v1/models").status_code == 401
         assert httpx.get(url + "/health").status_code == 200  # health needs no key, as vLLM's
-        bad = {
-            "malformed JSON": (None, b"{not json"),
-            "token out of range": ({**good, "prompt": [5, 10**6]}, None),
-            "empty prompt": ({**good, "prompt": []}, None),
-            "text prompt": ({**good, "prompt": "hello"}, None),
-            "oversized": ({**good, "prompt": [5] * 65}, None),
-            "no prompt_logprobs": ({"prompt": [5, 6]}, None),
-            "unknown model": ({**good, "model": "other"}, None),
-            "start past the end": ({**good, "logprob_start": 5}, None),
+        bad = {  # each with a piece of the message that names what is wrong
+            "malformed JSON": (None, b"{not json", "JSON"),
+            "a JSON array": (None, b"[1, 2]", "JSON object"),
+            "token out of range": ({**good, "prompt": [5, 10**6]}, None, "outside this model's vocabulary"),
+            "negative token": ({**good, "prompt": [5, -1]}, None, "outside this model's vocabulary"),
+            "boolean token": ({**good, "prompt": [5, True]}, None, "not booleans"),
+            "empty prompt": ({**good, "prompt": []}, None, "prompt: expected"),
+            "text prompt": ({**good, "prompt": "hello"}, None, "not text"),
+            "oversized": ({**good, "prompt": [5] * 65}, None, "--max-batch-tokens"),
+            "no prompt_logprobs": ({"prompt": [5, 6]}, None, "prompt_logprobs: expected an integer"),
+            "prompt_logprobs too large": ({**good, "prompt_logprobs": 10**6}, None, "prompt_logprobs"),
+            "prompt_logprobs a float": ({**good, "prompt_logprobs": 2.5}, None, "prompt_logprobs"),
+            "unknown model": ({**good, "model": "other"}, None, "not served here"),
+            "start past the end": ({**good, "logprob_start": 5}, None, "logprob_start: 5 is past"),
+            "start negative": ({**good, "logprob_start": -1}, None, "logprob_start"),
+            "NaN temperature": (None, b'{"prompt": [5, 6], "prompt_logprobs": 1, "temperature": NaN}', "temperature"),
+            "infinite temperature": (
+                None,
+                b'{"prompt": [5, 6], "prompt_logprobs": 1, "temperature": Infinity}',
+                "finite",
+            ),
+            "zero temperature": ({**good, "temperature": 0}, None, "temperature: expected a finite positive"),
+            "text temperature": ({**good, "temperature": "hot"}, None, "temperature"),
+            "max_tokens huge": (None, b'{"prompt": [5, 6], "prompt_logprobs": 1, "max_tokens": 1e10}', "max_tokens"),
+            "max_tokens negative": ({**good, "max_tokens": -5}, None, "max_tokens: expected 1 or 0"),
+            "max_tokens text": ({**good, "max_tokens": "many"}, None, "max_tokens"),
+            "max_tokens 5": ({**good, "max_tokens": 5}, None, "it generates nothing"),
+            "n of 2": ({**good, "n": 2}, None, "n: expected 1"),
+            "streaming": ({**good, "stream": True}, None, "stream: expected False"),
+            "sampling top_p": ({**good, "top_p": 0.5}, None, "top_p"),
+            "OpenAI's echo + logprobs": (
+                {**good, "echo": True, "logprobs": 1, "max_tokens": 0},
+                None,
+                "prompt_logprobs=K",
+            ),
+            "unknown field": ({**good, "frobnicate": 1}, None, "frobnicate: not a field"),
         }
-        for name, (body, raw) in bad.items():
+        for name, (body, raw, says) in bad.items():
             response = post(url, body, key="sesame", raw=raw)
             assert 400 <= response.status_code < 500, name
-            assert response.json()["error"]["message"], name
+            assert says in response.json()["error"]["message"], (name, response.json())
+        neutral = {**good, "n": 1, "stream": False, "top_p": 1.0, "top_k": -1, "echo": False, "max_tokens": 0}
+        assert post(url, neutral, key="sesame").status_code == 200  # what clients send by default passes
         nothing = post(url, {**good, "logprob_start": 4}, key="sesame")  # no position asked: all null
         assert nothing.status_code == 200 and nothing.json()["choices"][0]["prompt_logprobs"] == [None] * 4
         answer = post(url, good, key="sesame")

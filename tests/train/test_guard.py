@@ -57,7 +57,11 @@ def test_the_guard_fires_after_patience_collapsed_steps_in_a_row_and_not_before(
     assert rule.check(4, healthy) is None and rule.streak == 0  # a healthy step resets the count
     assert [rule.check(step, low) for step in (5, 6)] == [None, None]
     message = rule.check(7, low)
-    assert "collapsed for 3 steps in a row" in message and "entropy/student 0.3 vs its first step's 2" in message
+    assert (
+        "collapsed for 3 steps in a row" in message
+        and "entropy/student 0.3 is below 0.2x its first step's 2" in message
+    )
+    assert "repetition" not in message  # only what fired is cited
     assert rule.check(8, {"entropy/student": 2.0, "generation/repetition": 0.9}) is None  # still counting: 4
     assert rule.streak == 4
 
@@ -65,7 +69,8 @@ def test_the_guard_fires_after_patience_collapsed_steps_in_a_row_and_not_before(
 def test_the_guard_reads_repetition_and_the_teachers_entropy_and_can_be_off():
     rule = guard(patience=1)
     rule.check(1, {"entropy/student": 2.0})
-    assert "repetition 0.80" in rule.check(2, {"entropy/student": 1.9, "generation/repetition": 0.8})
+    repeating = rule.check(2, {"entropy/student": 1.9, "generation/repetition": 0.8})
+    assert "generation/repetition 0.80 is above 0.5" in repeating and "entropy" not in repeating.split(":", 1)[1]
     versus_teacher = guard(reference="teacher", patience=1)
     assert versus_teacher.check(1, {"entropy/student": 0.3, "entropy/teacher": 1.0}) is None  # above 0.2 x 1.0
     assert "the teacher's" in versus_teacher.check(2, {"entropy/student": 0.1, "entropy/teacher": 1.0})

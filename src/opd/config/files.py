@@ -25,8 +25,20 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+# What a key's pattern (opd.config.sections) allows, in words, for its error message.
+PATTERNS_IN_WORDS = {
+    r"^(gsm8k|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$": "a built-in verifier (gsm8k) or a function as package.module:function",
+    r"^[A-Za-z0-9_.-]+$": "letters, digits, '_', '.' and '-' only",
+}
+
+
 def _describe(error: dict[str, Any]) -> str:
     path = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "string_pattern_mismatch":
+        words = PATTERNS_IN_WORDS.get(
+            error.get("ctx", {}).get("pattern"), f"the form {error.get('ctx', {}).get('pattern')}"
+        )
+        return f"{path}: expected {words} (got {error.get('input')!r})"
     if error["type"] == "extra_forbidden":
         hint = difflib.get_close_matches(path, _known_keys(Config), n=1, cutoff=0.6)
         hint_text = f" (did you mean '{hint[0]}'?)" if hint else ""
@@ -37,14 +49,27 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{path}: {message} (got {error.get('input')!r})"
 
 
-def validate(raw: dict[str, Any], origin: str = "config") -> Config:
-    """Validate a nested dict into a Config; raises ConfigError listing every problem at once, after
-    `origin` (the file it came from)."""
+def _blame(error: dict[str, Any], origin: str, overrides: list[str]) -> str:
+    """Where a problem comes from: the `--set` override that wrote its key (or a section above it), else
+    `origin`."""
+    path = [str(part) for part in error["loc"]]
+    for text in reversed(overrides):  # the last override of a key is the one that counts
+        key = parse_override(text)[0]
+        if path[: len(key)] == key or key[: len(path)] == path:
+            return f"--set {text}"
+    return origin
+
+
+def validate(raw: dict[str, Any], origin: str = "config", overrides: list[str] | None = None) -> Config:
+    """Validate a nested dict into a Config; raises ConfigError listing every problem at once, each after
+    where it came from: `origin` (the file), or the `--set` override (in `overrides`) that set its key."""
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        problems = [_describe(error) for error in exc.errors()]
-        raise ConfigError(f"{origin}: " + "; ".join(problems)) from None
+        blamed: dict[str, list[str]] = {}
+        for error in exc.errors():
+            blamed.setdefault(_blame(error, origin, overrides or []), []).append(_describe(error))
+        raise ConfigError("; ".join(f"{where}: " + "; ".join(problems) for where, problems in blamed.items())) from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -95,7 +120,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, defaults: 
         if not isinstance(raw.get(section, {}), dict):
             continue  # validation reports the malformed section
         raw.setdefault(section, {}).setdefault(key, value)
-    return validate(apply_overrides(raw, overrides or []), origin=str(path))
+    return validate(apply_overrides(raw, overrides or []), origin=str(path), overrides=overrides)
 
 
 def dump_config(config: Config) -> str:

@@ -47,7 +47,13 @@ def read_jsonl(path: str | Path, key: str) -> list[Example]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{line_number}: malformed JSON ({exc.msg})") from None
+                hint = (
+                    "; opd reads JSONL, one JSON object per line, and this looks like one JSON array: write each "
+                    "element on a line of its own"
+                    if line_number == 1 and line.lstrip().startswith("[")
+                    else ""
+                )
+                raise DataError(f"{path}:{line_number}: malformed JSON ({exc.msg}){hint}") from None
             examples.append(_example_from_row(row, path, line_number))
     if not examples:
         raise DataError(f"{key}: '{path}' holds no rows")

@@ -83,8 +83,25 @@ def check_model_path(path: str, key: str) -> None:
         raise ModelError(f"{key}: no such model folder '{path}'")
 
 
+# The files from which transformers builds a tokenizer; a local folder without any holds weights only.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
+
+
 def load_tokenizer(path: str, key: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     check_model_path(path, key)
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(
+            f"{key}: '{path}' holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the model's "
+            "tokenizer files in beside its weights"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises many types; the user needs one line

@@ -18,6 +18,7 @@ JSON error, `{"error": {"message", "type", "code"}}`, and the server goes on ser
 
 import asyncio
 import hmac
+import math
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -50,12 +51,52 @@ def _sequences(prompt) -> list[list[int]]:
     )
 
 
+# The request fields it reads, and those a client may send only with the value that asks for nothing
+# beyond scoring (what vLLM's and OpenAI's clients send by default).
+_FIELDS = {"model", "prompt", "prompt_logprobs", "temperature", "logprob_start", "max_tokens", "user", "seed"}
+_NEUTRAL = {"n": (1,), "best_of": (1,), "stream": (False,), "top_p": (1,), "top_k": (-1, 0), "echo": (False,)}
+_SCORING_FORM = "this server scores prompts: send prompt_logprobs=K with max_tokens 1 (or 0)"
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_fields(body: dict) -> None:
+    """Every field known, and none asking for what a scoring server doesn't do (sampling, streaming, the
+    completions API's echo + logprobs form), each refused by name."""
+    if body.get("logprobs") is not None or body.get("echo") not in (None, False):
+        raise RequestError(
+            400,
+            f"echo/logprobs: the completions API's echo + logprobs form is not supported; {_SCORING_FORM} "
+            "(vLLM's form; with the OpenAI client, extra_body={'prompt_logprobs': K})",
+        )
+    for key, value in body.items():
+        if key in _NEUTRAL:
+            allowed = _NEUTRAL[key]
+            neutral = value is False if allowed == (False,) else _number(value) and value in allowed
+            if value is not None and not neutral:
+                raise RequestError(400, f"{key}: expected {allowed[0]!r} or nothing, got {value!r}; {_SCORING_FORM}")
+        elif key not in _FIELDS and key != "logprobs":
+            raise RequestError(400, f"{key}: not a field this server reads; {_SCORING_FORM}")
+    max_tokens = body.get("max_tokens")
+    if max_tokens is not None and (not _integer(max_tokens) or max_tokens not in (0, 1)):
+        raise RequestError(
+            400, f"max_tokens: expected 1 or 0 (it generates nothing), got {max_tokens!r}; {_SCORING_FORM}"
+        )
+
+
 def parse_completion_request(body, vocab_size: int, context: int, max_batch_tokens: int, max_logprobs: int) -> _Job:
     if not isinstance(body, dict):
         raise RequestError(400, "the body must be a JSON object")
+    _check_fields(body)
     sequences = _sequences(body.get("prompt"))
     top_k = body.get("prompt_logprobs")
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 0 <= top_k <= max_logprobs:
+    if not _integer(top_k) or not 0 <= top_k <= max_logprobs:
         raise RequestError(
             400,
             f"prompt_logprobs: expected an integer from 0 to {max_logprobs} (this server "
@@ -64,8 +105,8 @@ def parse_completion_request(body, vocab_size: int, context: int, max_batch_toke
     temperature = body.get("temperature", 1.0)
     if temperature is None:
         temperature = 1.0
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature <= 0:
-        raise RequestError(400, f"temperature: expected a positive number, got {temperature!r}")
+    if not _number(temperature) or not math.isfinite(temperature) or temperature <= 0:
+        raise RequestError(400, f"temperature: expected a finite positive number, got {temperature!r}")
     starts = body.get("logprob_start", 0)
     starts = [starts] * len(sequences) if isinstance(starts, int) and not isinstance(starts, bool) else starts
     if (

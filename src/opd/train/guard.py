@@ -46,12 +46,17 @@ class CollapseGuard:
         if self.streak == 0 or self.streak % self.patience:
             return None
         reference_name = "the teacher's" if self.reference == "teacher" else "its first step's"
-        reference_text = "n/a" if reference is None else f"{reference:.3g}"
+        repetition = figures.get("generation/repetition", 0.0)
+        reasons = []  # what fired this step, with its figures
+        if low_entropy:
+            reasons.append(
+                f"entropy/student {entropy:.3g} is below {self.entropy_fraction:g}x {reference_name} {reference:.3g}"
+            )
+        if repetitive:
+            reasons.append(f"generation/repetition {repetition:.2f} is above {self.max_repetition:g}")
         return (
-            f"the student's samples look collapsed for {self.streak} steps in a row: "
-            f"entropy/student {entropy:.3g} vs {reference_name} {reference_text} "
-            f"(limit {self.entropy_fraction:g}x), generation/repetition {figures.get('generation/repetition', 0):.2f} "
-            f"(limit {self.max_repetition:g}); read its samples (run.collapse_guard)"
+            f"the student's samples look collapsed for {self.streak} steps in a row: {' and '.join(reasons)}; "
+            "read its samples (run.collapse_guard)"
         )
 
     def state_dict(self) -> dict:
