@@ -50,8 +50,8 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--dry-run",
             action="store_true",
-            help="validate the config and its local paths and print the memory plan per rank; "
-            "loads no weights, touches no network",
+            help="run every check training runs before its weights load (tokenizers, prompt lengths, context "
+            "windows, data, views) and print the memory plan per rank; loads no weights, touches no network",
         )
         command.add_argument(
             "--nproc-per-node",
@@ -136,39 +136,61 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _dry_run(config, ranks: int | None) -> None:
-    """Check what can be checked without weights or network (the checks `prepare` runs first, and the
-    local data files), then print the memory plan of each rank."""
+def _dry_run(config, ranks: int | None, resume: bool | str) -> None:
+    """Run every check that `opd train` runs before its first weight loads, through the same code (the
+    teachers' servers are not asked, and nothing is fetched from the hub: what that leaves unchecked is
+    said), then print the memory plan of each rank."""
     import os
+    from pathlib import Path
 
     import torch
 
     from opd.data.rows import read_jsonl
     from opd.train.memory import plan_memory
-    from opd.train.setup import check_inputs
+    from opd.train.setup import check_inputs, read_inputs
 
     ranks = ranks or int(os.environ.get("WORLD_SIZE", 1))
     if ranks < 1:
         raise ConfigError(f"--nproc-per-node {ranks}: must be at least 1")
-    check_inputs(config, ranks, resume=True)  # resume=True: a run directory that holds a run is fine here
-    counts = {}
+    check_inputs(config, ranks, resume)
     train = config.data.train
-    train_sources = (
+    data = (
         [("data.train", train)]
         if isinstance(train, str)
-        else [(f"data.train[{index}]", file.path) for index, file in enumerate(train)]
+        else [(f"data.train[{i}]", f.path) for i, f in enumerate(train)]
     )
-    for key, source in (*train_sources, ("data.eval", config.data.eval)):
-        if source and not source.startswith("hf:"):
-            counts[key] = f"{len(read_jsonl(source, key))} rows"
-        elif source:
-            counts[key] = "hub data set (not fetched)"
+    data += [("data.eval", config.data.eval)] if config.data.eval else []
+    models = [("student.path", config.student.path)]
+    for name, settings in config.teacher_configs.items():
+        key = config.teacher_key(name)
+        if not settings.remote:
+            models.append((f"{key}.path", config.teacher_path(name)))
+        if settings.tokenizer:
+            models.append((f"{key}.tokenizer", settings.tokenizer))
+    fetched = [f"{key} {path}" for key, path in models if not Path(path).is_dir()]
+    fetched += [f"{key} {source}" for key, source in data if source.startswith("hf:")]
+    if fetched:  # the checks that need tokenizers and prompts would fetch them: say what is left unchecked
+        counts = [f"{key}: {len(read_jsonl(source, key))} rows" for key, source in data if not source.startswith("hf:")]
+        unchecked = (
+            f"not checked, as it needs files from the hub ({', '.join(fetched)}; a dry run fetches nothing): "
+            "tokenizers, prompt lengths, context windows, teachers' views"
+        )
+    else:
+        inputs = read_inputs(config, resume, log=print, probe=False)
+        sets = [("data.train", inputs.train_prompts), ("data.eval", inputs.eval_prompts)]
+        counts = [f"{key}: {len(prompts)} prompts" for key, prompts in sets if prompts is not None]
+        unchecked = ""
+    servers = [f"{config.teacher_key(n)}.url" for n, t in config.teacher_configs.items() if t.remote]
+    if servers:
+        unchecked += ("; " if unchecked else "") + f"{', '.join(servers)}: not asked (a dry run starts no connection)"
     rollouts = config.batch.prompts_per_step * config.rollout.samples_per_prompt
     print(
         f"config OK: {config.run.max_steps} steps of {config.batch.prompts_per_step} prompts x "
         f"{config.rollout.samples_per_prompt} samples = {rollouts} rollouts, loss {config.loss.kind}; "
-        + "; ".join(f"{key}: {value}" for key, value in counts.items())
+        + "; ".join(counts)
     )
+    if unchecked:
+        print(unchecked)
     device = config.run.device if config.run.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     print("\n".join(plan_memory(config, ranks, device).lines(ranks)))
 
@@ -217,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             defaults = {"loss.kind": "sft", "rollout.source": "dataset"} if args.command == "sft" else {}
             config = load_config(args.config, args.overrides, defaults)  # before the heavy imports: typos fail fast
             if args.dry_run:
-                _dry_run(config, args.nproc_per_node)
+                _dry_run(config, args.nproc_per_node, args.resume)
                 return 0
             from opd.distributed.world import World
             from opd.train.trainer import train

@@ -113,6 +113,16 @@ def load_tokenizer(path: str, key: str, trust_remote_code: bool = False) -> PreT
     return tokenizer
 
 
+def model_config(path: str, key: str, trust_remote_code: bool = False):
+    """A model's transformers config (its config.json), without its weights; one line where it can't be read."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # transformers raises many types; the user needs one line
+        raise ModelError(f"{key}: could not read the model's config from '{path}': {_first_line(exc)}") from None
+
+
 def load_model(
     path: str, key: str, device: torch.device, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32
 ) -> LoadedModel:
@@ -131,12 +141,11 @@ def load_model(
     return loaded
 
 
-def check_context(
-    model: torch.nn.Module, tokens: int, what: str, whose: str, error: type[OpdError] = ConfigError
-) -> None:
-    """`what`, `tokens` long, within the context window of `whose` model; else one line naming both.
+def check_context(model, tokens: int, what: str, whose: str, error: type[OpdError] = ConfigError) -> None:
+    """`what`, `tokens` long, within the context window of `whose` model (a model, or its config); else one
+    line naming both.
     Checked by setup for the configured lengths and by a viewed teacher for its own (longer) rows."""
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    limit = getattr(getattr(model, "config", model), "max_position_embeddings", None)  # a model or its config
     if isinstance(limit, int) and tokens > limit:
         raise error(
             f"{what} is {tokens} tokens, past {whose}'s context of {limit} tokens; "

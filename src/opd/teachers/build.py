@@ -13,7 +13,7 @@ from opd.config.schema import Config
 from opd.distributed.sharding import shard_model
 from opd.distributed.world import World
 from opd.errors import ConfigError
-from opd.models.loading import LoadedModel, check_context, load_tokenizer, stop_token_ids
+from opd.models.loading import LoadedModel, load_tokenizer, stop_token_ids
 from opd.models.precision import Precision
 from opd.teachers.base import TokenScorer
 from opd.teachers.local import LocalTeacher, load_teacher
@@ -122,12 +122,6 @@ def load_teachers(config: Config, plan: TeacherPlan, precision: Precision, world
             config.loss.chunk_size,
             settings.trust_remote_code,
             settings.top_k,
-        )
-        check_context(
-            local.model,
-            config.data.max_prompt_tokens + config.rollout.max_new_tokens,
-            "data.max_prompt_tokens + rollout.max_new_tokens",
-            key,
         )
         if settings.shard and world.size > 1:
             shard_model(local.model, precision.device)  # in its own dtype: bf16 under bf16, no optimizer

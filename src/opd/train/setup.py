@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from opd.config.capabilities import FULL_DISTRIBUTION, needed
 from opd.config.files import dump_config
@@ -25,7 +26,14 @@ from opd.distributed.world import World
 from opd.errors import ConfigError
 from opd.io.checkpoint import check_checkpoint, checkpoint_step, latest_checkpoint, load_checkpoint
 from opd.io.sinks import check_trackers
-from opd.models.loading import LoadedModel, check_context, check_model_path, load_model, load_tokenizer
+from opd.models.loading import (
+    LoadedModel,
+    check_context,
+    check_model_path,
+    load_model,
+    load_tokenizer,
+    model_config,
+)
 from opd.models.lora import add_adapters, check_lora
 from opd.models.precision import Precision
 from opd.objectives.kinds import Objective, build_objective
@@ -37,7 +45,7 @@ from opd.rollout.engines import ENGINES
 from opd.rollout.mixture import RolloutMix, build_rollouts
 from opd.rollout.sampler import ModelSampler, SamplingSettings
 from opd.teachers.base import TokenScorer
-from opd.teachers.build import load_teachers, plan_views, probe_servers
+from opd.teachers.build import TeacherPlan, load_teachers, plan_views, probe_servers
 from opd.teachers.routed import check_routes
 from opd.train.guard import CollapseGuard
 from opd.train.host_memory import keep_freed_memory
@@ -175,12 +183,6 @@ def load_student(config: Config, precision: Precision, world: World) -> tuple[Lo
     student = load_model(config.student.path, "student.path", precision.device, config.student.trust_remote_code)
     if config.student.lora is not None:
         student = add_adapters(student, config.student.lora)
-    check_context(
-        student.model,
-        config.data.max_prompt_tokens + config.rollout.max_new_tokens,
-        "data.max_prompt_tokens + rollout.max_new_tokens",
-        "student.path",
-    )
     student.model.eval()
     sharded = config.student.shard and world.size > 1
     if sharded:
@@ -250,6 +252,52 @@ def write_run_dir(request: Config, config: Config, world: World) -> None:
         shutil.rmtree(output_dir / "final", ignore_errors=True)
 
 
+@dataclass
+class Inputs:
+    """What a run reads before any weight loads (read_inputs)."""
+
+    config: Config  # resolved
+    tokenizer: PreTrainedTokenizerBase  # the student's
+    train_prompts: PromptSet
+    eval_prompts: PromptSet | None
+    teacher_plan: TeacherPlan
+    checkpoint: Path | None  # where --resume continues from
+
+
+def check_contexts(config: Config) -> None:
+    """The configured lengths within the student's and each local teacher's context, from their config.json."""
+    lengths = config.data.max_prompt_tokens + config.rollout.max_new_tokens
+    models = [("student.path", config.student.path, config.student.trust_remote_code)]
+    for name, settings in config.teacher_configs.items():
+        if not settings.remote:
+            models.append((f"{config.teacher_key(name)}.path", config.teacher_path(name), settings.trust_remote_code))
+    for key, path, trust_remote_code in models:
+        check_context(
+            model_config(path, key, trust_remote_code), lengths, "data.max_prompt_tokens + rollout.max_new_tokens", key
+        )
+
+
+def read_inputs(request: Config, resume: bool | str, log=print, probe: bool = True) -> Inputs:
+    """Every check and read before the first weight loads, after check_inputs: trackers, LoRA, the
+    student's tokenizer, the context windows, the data, each teacher's view, the resolved config, the
+    servers (unless probe is False: the dry run starts no connection) and the checkpoint to resume. `opd
+    train --dry-run` runs this same function, so that its "config OK" means training starts."""
+    check_trackers(request.run.report_to)
+    if request.student.lora is not None:
+        check_lora(request.student.lora, request.student.path, request.student.trust_remote_code)
+    tokenizer = load_tokenizer(request.student.path, "student.path", request.student.trust_remote_code)
+    check_contexts(request)
+    train_prompts, eval_prompts = load_data(request, tokenizer, log)
+    rows = [row for prompts in (train_prompts, eval_prompts) if prompts is not None for row in prompts.examples]
+    teacher_plan = plan_views(request, tokenizer, rows)  # every view rendered
+    output_dir = Path(request.run.output_dir)
+    config = resolve(request, teacher_plan.facts, recorded_resolution(output_dir) if resume else None)
+    if probe:
+        probe_servers(config, teacher_plan, tokenizer)  # every server asked
+    checkpoint = find_checkpoint(config, resume, log)
+    return Inputs(config, tokenizer, train_prompts, eval_prompts, teacher_plan, checkpoint)
+
+
 def prepare(request: Config, resume: bool | str, log=print, world: World | None = None) -> Session:
     """Check, load and build everything for a run. request: the validated config as the user asked it;
     the session carries it resolved (opd.config.resolve). world: the torchrun world (default: from the
@@ -262,20 +310,13 @@ def prepare(request: Config, resume: bool | str, log=print, world: World | None 
     world.start(precision.device)
     if precision.device.type == "cpu":
         keep_freed_memory()
-    check_trackers(request.run.report_to)
-    if request.student.lora is not None:
-        check_lora(request.student.lora, request.student.path, request.student.trust_remote_code)
-    tokenizer = load_tokenizer(request.student.path, "student.path", request.student.trust_remote_code)
-    train_prompts, eval_prompts = load_data(request, tokenizer, log)
-    rows = [row for prompts in (train_prompts, eval_prompts) if prompts is not None for row in prompts.examples]
-    teacher_plan = plan_views(request, tokenizer, rows)  # every view rendered
-    output_dir = Path(request.run.output_dir)
-    config = resolve(request, teacher_plan.facts, recorded_resolution(output_dir) if resume else None)
-    probe_servers(config, teacher_plan, tokenizer)  # every server asked
+    inputs = read_inputs(request, resume, log)
+    config, checkpoint, tokenizer = inputs.config, inputs.checkpoint, inputs.tokenizer
+    train_prompts, eval_prompts, teacher_plan = inputs.train_prompts, inputs.eval_prompts, inputs.teacher_plan
+    output_dir = Path(config.run.output_dir)
 
     random.seed(config.run.seed)
     torch.manual_seed(config.run.seed)
-    checkpoint = find_checkpoint(config, resume, log)
     student, sharded = load_student(config, precision, world)
     teachers = load_teachers(config, teacher_plan, precision, world)
     optimizer, scheduler = build_optimizer(config, student)
