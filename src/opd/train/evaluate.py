@@ -15,6 +15,7 @@ from __future__ import annotations
 from opd.data.prompts import PromptSet, load_prompts
 from opd.data.tasks.gsm8k import is_correct
 from opd.distributed.world import World
+from opd.errors import ConfigError
 from opd.models.loading import load_model, load_tokenizer
 from opd.models.precision import Precision
 from opd.rewards.verifiers import RewardScorer
@@ -101,6 +102,15 @@ def evaluate_model(
     precision = Precision.resolve(precision, "auto")
     student = load_model(model_path, "--model", precision.device)
     prompts = load_prompts(data, "--data", student.tokenizer, max_prompt_tokens=10**9, system_prompt=system_prompt)
+    counted = prompts.token_ids[: max_prompts or len(prompts)]
+    longest = max(map(len, counted))
+    context = getattr(student.model.config, "max_position_embeddings", None)
+    if isinstance(context, int) and longest + max_new_tokens > context:
+        raise ConfigError(
+            f"--max-new-tokens {max_new_tokens}: with the longest prompt of --data ({longest} tokens) that is "
+            f"{longest + max_new_tokens} tokens, past --model's context of {context}; lower --max-new-tokens to "
+            f"{context - longest} or less"
+        )
     teacher = None
     if teacher_path is not None:
         # A teacher with another tokenizer (or template) scores its own view of each row: distill/seq_reverse_kl.

@@ -48,7 +48,8 @@ def train(request: Config, resume: bool | str = False, log=print, time_limit_s: 
     config, run = session.config, session.config.run
     sinks = MetricSinks(config, session.output_dir, session.start_step, enabled=main)
     first_eval = last_eval = {}
-    progress = ProgressBar(run.max_steps, session.start_step, enabled=run.progress and main)
+    command = "opd sft" if config.loss.kind == "sft" else "opd train"
+    progress = ProgressBar(run.max_steps, session.start_step, enabled=run.progress and main, label=command)
     step, flops = session.start_step, session.start_flops
     try:
         if session.start_step == 0 and session.eval_prompts is not None:
