@@ -34,7 +34,9 @@ def main() -> None:
             for seed in args.seeds:
                 out = Path(tmp) / f"{variant}-{seed}"
                 command = [sys.executable, "-m", "opd", "demo", "--out", str(out), "--seed", str(seed)]
-                subprocess.run(command + VARIANTS[variant], check=True, capture_output=True)
+                done = subprocess.run(command + VARIANTS[variant], capture_output=True, text=True)
+                if done.returncode:
+                    sys.exit(f"{' '.join(command + VARIANTS[variant])} failed: {done.stderr[-2000:]}")
                 summary = json.loads((out / "demo_summary.json").read_text())
                 rows.append(summary)
                 print(

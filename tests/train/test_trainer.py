@@ -276,6 +276,17 @@ def test_resume_never_trains_over_a_finished_run_and_needs_a_checkpoint(tiny_con
     assert [row["step"] for row in read_metrics(output_dir / "metrics.jsonl")] == [0, 1, 2]
 
 
+def test_checkpoints_beyond_keep_checkpoints_go_once_a_newer_one_is_complete(tiny_config):
+    from opd.io.checkpoint import complete_checkpoints
+
+    raw = {**tiny_config, "run": {**tiny_config["run"], "max_steps": 4, "save_every": 1, "keep_checkpoints": 2}}
+    raw["data"] = {**raw["data"], "eval": None}
+    train(validate(raw), log=lambda *_: None)
+    output_dir = Path(raw["run"]["output_dir"])
+    assert [path.name for path in complete_checkpoints(output_dir)] == ["step-3", "step-4"]
+    assert sorted(path.name for path in (output_dir / "checkpoints").iterdir()) == ["step-3", "step-4"]
+
+
 def test_resume_refuses_a_checkpoint_past_max_steps_and_a_finished_run(tiny_config):
     from opd.errors import ConfigError
 

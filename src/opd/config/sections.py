@@ -21,7 +21,12 @@ class RunConfig(_Strict):
     output_dir: str = Field(description="Run directory: config.yaml, metrics.jsonl, checkpoints/, final/.")
     seed: int = 0
     max_steps: int = Field(100, ge=1, description="Optimizer steps.")
-    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: none; final/ is always written).")
+    save_every: int = Field(
+        50, ge=0, description="Checkpoint every N steps, for --resume (0: none; final/ is always written)."
+    )
+    keep_checkpoints: int = Field(
+        2, ge=1, description="Complete checkpoints kept: the oldest goes once a newer one is complete."
+    )
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: before and after only).")
     log_every: int = Field(1, ge=1)
     precision: Literal["auto", "bf16", "fp32"] = Field(

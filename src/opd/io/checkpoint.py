@@ -131,9 +131,11 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     world: World,
     trainer_state: dict[str, Any],
+    keep: int | None = None,
 ) -> Path:
     """Every rank calls this. trainer_state: the scheduler, data position and the like, written by rank 0
-    beside the DCP state, with every rank's random state added."""
+    beside the DCP state, with every rank's random state added. keep: how many complete checkpoints stay
+    (None: all); older ones are deleted only once this one is complete."""
     folder = Path(output_dir) / "checkpoints" / f"step-{step}"
     if world.is_main:
         _begin(folder)
@@ -150,6 +152,9 @@ def save_checkpoint(
             _partial(folder), {**trainer_state, "step": step, "rng": random_states, "world_size": world.size}
         )
         _commit(folder)
+        if keep is not None:
+            for old in complete_checkpoints(output_dir)[:-keep]:
+                shutil.rmtree(old)
     world.barrier()
     return folder
 
@@ -198,14 +203,19 @@ def checkpoint_step(folder: Path) -> int:
     return int(_STEP_DIR.match(Path(folder).name).group(1))
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The complete checkpoint with the highest step, or None."""
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """The complete checkpoints, by step."""
     root = Path(output_dir) / "checkpoints"
     if not root.is_dir():
-        return None
+        return []
     steps = [
         (int(match.group(1)), path)
         for path in root.iterdir()
         if (match := _STEP_DIR.match(path.name)) and (path / STATE_FILE).is_file()
     ]
-    return max(steps)[1] if steps else None
+    return [path for _, path in sorted(steps)]
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None."""
+    return (complete_checkpoints(output_dir) or [None])[-1]

@@ -15,6 +15,7 @@ from opd.errors import ConfigError
 _RESUMABLE_CHANGES = {
     "run.max_steps",
     "run.save_every",
+    "run.keep_checkpoints",
     "run.eval_every",
     "run.log_every",
     "run.progress",

@@ -98,7 +98,15 @@ def save(session: Session, step: int | None = None, flops: float = 0.0) -> None:
             "flops": flops,
             "guard": session.guard.state_dict(),
         }
-        save_checkpoint(session.output_dir, step, session.student, session.optimizer, session.world, trainer_state)
+        save_checkpoint(
+            session.output_dir,
+            step,
+            session.student,
+            session.optimizer,
+            session.world,
+            trainer_state,
+            keep=session.config.run.keep_checkpoints,
+        )
         return
     final = session.output_dir / "final"
     if not session.sharded:
