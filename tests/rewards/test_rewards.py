@@ -139,7 +139,11 @@ def test_verifier_mistakes_are_one_line_errors_naming_it(tiny_config, tmp_path, 
     ):
         with pytest.raises(ConfigError, match=message):
             prepare(validate(reward_config(tiny_config, spec, {"verifier": spec})), resume=False, log=lambda *_: None)
-    with pytest.raises(ConfigError, match=r"reward.verifier: String should match pattern .* \(got .not a name.\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"reward.verifier: expected a built-in verifier \(gsm8k\) or a function as package.module:function "
+        r"\(got .not a name.\)",
+    ):
         validate(reward_config(tiny_config, "bad", {"verifier": "not a name"}))
     unanswered = tmp_path / "unanswered.jsonl"
     unanswered.write_text(json.dumps({"prompt": "1 + 1 ="}) + "\n")

@@ -124,13 +124,15 @@ def test_opd_eval_builds_its_models_as_opd_train_does(tmp_path, monkeypatch, pre
         eval_command, "evaluate", lambda sampler, teacher, *args: seen.update(sampler=sampler, teacher=teacher) or {}
     )
     teacher_path = str(ROOT / "src" / "opd" / "demo" / "assets" / "teacher")
-    eval_command.evaluate_model(teacher_path, str(data), teacher_path=teacher_path, precision=precision)
+    eval_command.evaluate_model(
+        teacher_path, str(data), teacher_path=teacher_path, precision=precision, max_new_tokens=64
+    )
     expected = Precision.resolve(precision)
     teacher = seen["teacher"]
     assert teacher.chunk_size == tokens_per_chunk(None, teacher.loaded.vocab_size)
     assert teacher.precision == expected
     assert next(teacher.model.parameters()).dtype == expected.frozen_weights_dtype
-    assert seen["sampler"].settings.max_new_tokens == 256
+    assert seen["sampler"].settings.max_new_tokens == 64
 
 
 def test_opd_eval_refuses_completions_past_the_models_context(tmp_path):
