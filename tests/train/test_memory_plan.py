@@ -127,7 +127,10 @@ def write_yaml(raw: dict, folder: Path, name: str = "config.yaml") -> Path:
 
 
 def planned_peak(config_path: Path, ranks: int) -> float:
-    result = run_cli("train", "--dry-run", str(config_path), "--nproc-per-node", str(ranks))
+    fresh = config_path.parent / "planned"  # a dry run, like training, refuses a directory that holds a run
+    result = run_cli(
+        "train", "--dry-run", str(config_path), "--nproc-per-node", str(ranks), "--set", f"run.output_dir={fresh}"
+    )
     assert result.returncode == 0, result.stderr
     return float(re.search(r"peak \(resident \+ the largest phase\):\s+([\d.]+) GiB", result.stdout).group(1))
 
