@@ -1,6 +1,6 @@
 """The demo's figures over seeds: what a fresh clone gets is a range, not one run's digits.
 
-    python benchmarks/demo_seeds.py [--seeds 0 1 2 3 4] [--variants same other self]   # ~1 min a run
+    python benchmarks/demo_seeds.py [--seeds 0 1 2 3 4] [--variants same other self] [--steps 150]   # ~1 min a run
 
 Each run is `opd demo --seed S` (with `--teacher-tokenizer other` or `--self-distill` for the
 variants) in a process of its own; prints each run's held-out accuracy and reverse KL before and
@@ -23,6 +23,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--steps", type=int, default=150, help="the demo's steps (the tests run shorter variants)")
     args = parser.parse_args()
     import torch
     import transformers
@@ -34,6 +35,7 @@ def main() -> None:
             for seed in args.seeds:
                 out = Path(tmp) / f"{variant}-{seed}"
                 command = [sys.executable, "-m", "opd", "demo", "--out", str(out), "--seed", str(seed)]
+                command += ["--steps", str(args.steps)]
                 done = subprocess.run(command + VARIANTS[variant], capture_output=True, text=True)
                 if done.returncode:
                     sys.exit(f"{' '.join(command + VARIANTS[variant])} failed: {done.stderr[-2000:]}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from opd.demo import DEMO_STEPS
 from opd.errors import ConfigError, OpdError
 
 
@@ -125,6 +126,12 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="distill a tiny model on a synthetic task; no network needed")
     demo.add_argument("--out", default="opd-demo", help="run directory to create (default: ./opd-demo)")
     demo.add_argument("--seed", type=int, default=0, help="the run's seed (sampling, data order; default 0)")
+    demo.add_argument(
+        "--steps",
+        type=int,
+        default=DEMO_STEPS,
+        help=f"optimizer steps (default {DEMO_STEPS}, the README's figures; fewer give a quicker, smaller gain)",
+    )
     demo.add_argument(
         "--teacher-tokenizer",
         choices=["same", "other"],
@@ -283,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             from opd.demo.run import run_demo
 
-            run_demo(args.out, args.teacher_tokenizer, args.self_distill, args.seed)
+            run_demo(args.out, args.teacher_tokenizer, args.self_distill, args.seed, args.steps)
     except OpdError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

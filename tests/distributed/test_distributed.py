@@ -189,6 +189,32 @@ def test_a_run_killed_on_two_ranks_resumes_on_one_and_back(one_rank, tiny_config
         assert [row["step"] for row in read_metrics(output_dir / "metrics.jsonl")][-1] == 3
 
 
+def test_two_ranks_with_batches_sampled_ahead_equal_one_rank_across_a_kill(tiny_config, tmp_path):
+    """rollout.max_staleness 1 on 2 ranks, killed while sampling step 3's batch (step 2's batch in flight,
+    kept by step 1's checkpoint with each rank's rows) and resumed on 2: one rank's uninterrupted run."""
+    start = load_file(Path(tiny_config["student"]["path"]) / "model.safetensors")
+
+    def config(output_dir):
+        raw = run_config(tiny_config, output_dir, 4, 4, save_every=1)
+        raw["rollout"] = {**raw["rollout"], "max_staleness": 1}
+        return raw
+
+    one = launch(config(tmp_path / "one"), tmp_path, "one", 1)
+    assert one.returncode == 0, one.stderr[-2000:]
+    output_dir = tmp_path / "two"
+    killed_at_step(config(output_dir), tmp_path, "two-begin", 2, step=3)
+    assert latest_checkpoint(output_dir).name == "step-1"
+    resumed = launch(config(output_dir), tmp_path, "two-resume", 2, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_update(weights(tmp_path / "one"), weights(output_dir), start)
+    rows = read_metrics(output_dir / "metrics.jsonl")[1:]  # after the evaluation at step 0
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    assert [row["staleness/max"] for row in rows] == [0, 1, 1, 1]
+    assert rows[-1]["eval/distill/reverse_kl"] == pytest.approx(
+        read_metrics(tmp_path / "one" / "metrics.jsonl")[-1]["eval/distill/reverse_kl"], rel=1e-3
+    )
+
+
 def test_prompts_that_do_not_split_evenly_fail_on_every_rank_before_weights_load(tiny_config, tmp_path):
     config = run_config(tiny_config, tmp_path / "run", 2, 4)
     config["batch"]["prompts_per_step"] = 3

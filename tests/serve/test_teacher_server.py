@@ -275,21 +275,26 @@ def wait_for_step(output_dir: Path, step: int, job: subprocess.Popen, timeout: f
     raise AssertionError(f"step {step} never came")
 
 
+def staleness(config: dict, steps: int) -> dict:
+    return {**config, "rollout": {**config["rollout"], "max_staleness": steps}}
+
+
 @pytest.mark.e2e
-def test_a_server_killed_and_restarted_mid_run_changes_nothing(tiny_config, tmp_path):
-    """Every step scored once, completely: the weights of an uninterrupted run, each metrics row once."""
+@pytest.mark.parametrize("ahead", [0, 1])
+def test_a_server_killed_and_restarted_mid_run_changes_nothing(tiny_config, tmp_path, ahead):
+    """Every step scored once, completely: the weights of an uninterrupted run, each metrics row once;
+    also with batches scored ahead on the scoring thread (rollout.max_staleness 1)."""
     from opd.config.files import validate
     from opd.io.sinks import read_metrics
     from opd.train.trainer import train
 
     steps, teacher = 24, Path(tiny_config["teacher"]["path"])
-    train(validate(local_config(tiny_config, tmp_path / "local", steps)), log=lambda *_: None)
+    train(validate(staleness(local_config(tiny_config, tmp_path / "local", steps), ahead)), log=lambda *_: None)
     port = free_port()
     with ExitStack() as cleanup:  # the run outlives the first server, and is killed last
         with served(teacher, port=port) as url:
-            job = cleanup.enter_context(
-                training(remote_config(tiny_config, tmp_path / "remote", url, steps), tmp_path, "remote")
-            )
+            remote = staleness(remote_config(tiny_config, tmp_path / "remote", url, steps), ahead)
+            job = cleanup.enter_context(training(remote, tmp_path, "remote"))
             wait_for_step(tmp_path / "remote", 3, job)
         assert job.poll() is None, "the run ended before the server was killed"
         time.sleep(1.0)  # the run retries against a dead port meanwhile
@@ -303,10 +308,11 @@ def test_a_server_killed_and_restarted_mid_run_changes_nothing(tiny_config, tmp_
 
 
 @pytest.mark.e2e
-def test_past_the_deadline_the_run_stops_with_one_line_and_no_final_model(tiny_config, tmp_path):
+@pytest.mark.parametrize("ahead", [0, 1])
+def test_past_the_deadline_the_run_stops_with_one_line_and_no_final_model(tiny_config, tmp_path, ahead):
     with ExitStack() as cleanup:  # the run outlives the server, and is killed last
         with served(Path(tiny_config["teacher"]["path"])) as url:
-            config = remote_config(tiny_config, tmp_path / "run", url, 200, retry_deadline_s=2)
+            config = staleness(remote_config(tiny_config, tmp_path / "run", url, 200, retry_deadline_s=2), ahead)
             config["run"]["save_every"] = 1
             job = cleanup.enter_context(training(config, tmp_path, "doomed"))
             wait_for_step(tmp_path / "run", 2, job)

@@ -87,3 +87,26 @@ def test_a_row_naming_an_unknown_teacher_is_an_error_with_its_file_and_line(
     raw["data"]["train"] = raw["data"]["train"][1]["path"]  # one file without a teacher: rows must name theirs
     with pytest.raises(DataError, match=r"b.jsonl:1: the row names no teacher"):
         prepare(validate(raw), resume=False, log=lambda *_: None)
+
+
+def test_the_teachers_score_their_parts_at_once(tiny_config, tiny_data, tmp_path):
+    """Each teacher waits, inside its score, until the other has started: scored one after the other, the
+    first would wait alone past the barrier's timeout. The scores are each teacher's own."""
+    import threading
+
+    config = validate(two_teacher_config(tiny_config, tiny_data, tmp_path))
+    session = prepare(config, resume=False, log=lambda *_: None)
+    batch = session.rollouts.sample(session.train_prompts.batch(list(range(16))), 2, 0, step=1)
+    expected = session.teacher.score(batch).logprobs
+    both_started = threading.Barrier(2, timeout=20)
+
+    class Meeting:
+        def __init__(self, scorer):
+            self.scorer = scorer
+
+        def score(self, part, keep_hidden=False):
+            both_started.wait()
+            return self.scorer.score(part, keep_hidden)
+
+    session.teacher.scorers = {name: Meeting(scorer) for name, scorer in session.teacher.scorers.items()}
+    torch.testing.assert_close(session.teacher.score(batch).logprobs, expected, atol=0, rtol=0)

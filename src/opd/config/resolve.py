@@ -7,6 +7,9 @@ changes a config after that. What it settles:
 - `loss.forward_kl_coef` left null: 1.0 where the run can add the exact forward KL, else 0
   (opd.config.capabilities.forward_kl_default); on resume, the value the run recorded where it still
   applies (a run from before the default recorded 0), so a resumed run computes what it computed.
+- `loss.advantage_logprobs` left null: `sampler` at rollout.max_staleness 0 (the weights that sampled
+  are the current ones), else `current` where the advantage is per token (reverse_kl_pg, discount 0,
+  every teacher of the student's tokenizer), else `sampler` (docs/async.md says why).
 It checks, with the teachers' facts (another vocabulary, a template that ends turns differently,
 privileged context), that each teacher gives what the run needs. `teacher.path: student` is read
 through `Config.teacher_path`, a pure function of the config.
@@ -58,4 +61,28 @@ def resolve(config: Config, facts: dict[str, TeacherFacts] | None = None, record
         check_needs(config, facts, coefficient)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    return config.model_copy(update={"loss": config.loss.model_copy(update={"forward_kl_coef": coefficient})})
+    loss = {"forward_kl_coef": coefficient, "advantage_logprobs": advantage_logprobs(config, facts)}
+    return config.model_copy(update={"loss": config.loss.model_copy(update=loss)})
+
+
+def advantage_logprobs(config: Config, facts: dict[str, TeacherFacts]) -> str:
+    """loss.advantage_logprobs as asked, or its default (see the module's docstring). Raises ConfigError
+    where `current` was asked and the advantage is not per token."""
+    loss = config.loss
+    why_not = (
+        f"loss.kind is {loss.kind}, whose loss takes no advantage"
+        if loss.kind != "reverse_kl_pg"
+        else f"loss.discount is {loss.discount:g}: the advantage sums later tokens' log-probs, which the update "
+        "computes a chunk at a time"
+        if loss.discount
+        else "a teacher reads another tokenizer: its advantages are per chunk"
+        if any(each.chunked for each in facts.values())
+        else ""
+    )
+    if loss.advantage_logprobs == "current" and why_not:
+        raise ConfigError(
+            f"loss.advantage_logprobs: current recomputes a per-token advantage, and {why_not}; use sampler"
+        )
+    if loss.advantage_logprobs is not None:
+        return loss.advantage_logprobs
+    return "current" if config.rollout.max_staleness and not why_not else "sampler"

@@ -223,6 +223,13 @@ class RolloutConfig(_Strict):
         "student",
         description="Who writes the completions: the student (on-policy), the teacher, or the data's answers.",
     )
+    max_staleness: int = Field(
+        0,
+        ge=0,
+        description="Policy versions a batch may lag its update: with N >= 1 the next N steps' rollouts are "
+        "sampled ahead and scored while the student updates (docs/async.md); 0: each step samples, scores "
+        "and updates in turn.",
+    )
     samples_per_prompt: int = Field(4, ge=1)
     max_new_tokens: int = Field(128, ge=1)
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; ℓˢ is taken under it.")
@@ -251,6 +258,13 @@ class LossConfig(_Strict):
     discount: float = Field(0.0, ge=0, le=1, description="gamma; 0 makes A_t = -c * k_t.")
     ratio_clip: float | None = Field(
         None, gt=1, description="Truncate the importance weight rho at this value (None: no truncation)."
+    )
+    advantage_logprobs: Literal["sampler", "current"] | None = Field(
+        None,
+        description="reverse_kl_pg: the student log-probs in the reverse-KL advantage -c(ℓˢ - ℓᵀ): the "
+        "sampler's (the weights that sampled the batch), or the current weights' at the update (for batches "
+        "sampled rollout.max_staleness steps back; per token: discount 0, a teacher of the student's "
+        "tokenizer). null: sampler at max_staleness 0, else current where it can run (docs/async.md).",
     )
     jsd_beta: float = Field(0.5, ge=0, le=1, description="Mixture weight of the teacher in jsd.")
     chunk_size: int | None = Field(

@@ -166,6 +166,12 @@ class PromptStream:
         self.taken = positions.stop
         return StepPrompts(indices[rank::world_size], list(positions[rank::world_size]), positions)
 
+    def mark_taken(self, position: int) -> None:
+        """Prompts up to `position` are taken already (a resumed run's batches sampled before the checkpoint)."""
+        if position < self.consumed:
+            raise ValueError(f"taken position {position} is behind the consumed position {self.consumed}")
+        self.taken = position
+
     def consume(self, step: StepPrompts) -> None:
         """The update of `step` has used its prompts (steps are consumed in the order they were taken)."""
         if step.positions.start != self.consumed:

@@ -26,6 +26,7 @@ from safetensors import safe_open
 from opd.config.files import validate
 from opd.config.schema import Config
 from opd.data.prompts import load_prompts
+from opd.demo import DEMO_STEPS
 from opd.demo.task import HINT_FORMAT, write_split
 from opd.errors import ConfigError
 from opd.io.report import write_report
@@ -38,7 +39,9 @@ from opd.train.trainer import train
 ASSETS = Path(__file__).parent / "assets"
 
 
-def demo_config(out: Path, teacher: str = "teacher", student: str = "student", seed: int = 0) -> Config:
+def demo_config(
+    out: Path, teacher: str = "teacher", student: str = "student", seed: int = 0, steps: int = DEMO_STEPS
+) -> Config:
     """teacher: a folder under models/, or `student` (self-distillation, the hint shown to the teacher)."""
     hinted = teacher == "student"
     return validate(
@@ -46,7 +49,7 @@ def demo_config(out: Path, teacher: str = "teacher", student: str = "student", s
             "run": {
                 "output_dir": str(out),
                 "seed": seed,
-                "max_steps": 150,
+                "max_steps": steps,
                 "save_every": 50,
                 "eval_every": 50,
                 "precision": "fp32",
@@ -91,11 +94,11 @@ def teacher_accuracy(config: Config, eval_path: Path | None = None) -> float:
 
 
 def run_demo(
-    out: str | Path, teacher_tokenizer: str = "same", self_distill: bool = False, seed: int = 0
+    out: str | Path, teacher_tokenizer: str = "same", self_distill: bool = False, seed: int = 0, steps: int = DEMO_STEPS
 ) -> dict[str, float]:
     """teacher_tokenizer: "same" (word-level) or "other" (the BPE teacher); self_distill: the hinted student
     teaches itself (see the module's docstring); seed: the run's (sampling and data order; the models and
-    the data set are the same for every seed)."""
+    the data set are the same for every seed); steps: the run's optimizer steps."""
     out = Path(out).resolve()  # the run's config.yaml then works from any folder
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out: '{out}' already exists and is not empty; choose a new directory")
@@ -113,7 +116,7 @@ def run_demo(
     )
     for name in {student} | ({teacher} if teacher != "student" else set()):  # `student`: the student's own weights
         shutil.copytree(ASSETS / name, out / "models" / name)
-    config = demo_config(out, teacher, student, seed)
+    config = demo_config(out, teacher, student, seed, steps)
     if self_distill:
         write_split(out / "data" / "eval_hinted.jsonl", 200, seed=2, hint_in_prompt=True)
         console.print(

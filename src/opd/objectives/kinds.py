@@ -47,6 +47,11 @@ class PolicyGradient:
     With a task reward (`reward:`), each completion's group-normalized reward times reward_coef is
     added to the advantage of every one of its tokens. With kl_coef = 0 the teacher is not read at all
     (pure RL; a teacher, where given, only adds metrics).
+
+    With recompute (loss.advantage_logprobs: current, for batches sampled by older weights), the
+    reverse-KL advantage takes the student's log-prob under the weights being updated, -c * (ℓθ_t - ℓᵀ_t)
+    with ℓθ detached, instead of the sampler's ℓˢ_t; rho still reweights from the sampler's distribution
+    (docs/math_and_metrics.md). Per token only (discount 0, the student's tokenizer): the config sees to it.
     """
 
     def __init__(
@@ -60,7 +65,11 @@ class PolicyGradient:
         forward_kl_coef: float = 0.0,
         reward_coef: float = 0.0,
         reward_scale_by_std: bool = False,
+        recompute: bool = False,
     ):
+        if recompute and discount:
+            raise ValueError("the recomputed advantage is per token: it takes discount 0")
+        self.recompute = recompute
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.ratio_clip, self.kl_coef, self.discount = ratio_clip, kl_coef, discount
         self.forward_kl_coef, self.reward_coef, self.reward_scale_by_std = (
@@ -71,7 +80,9 @@ class PolicyGradient:
 
     def prepare(self, batch: StepBatch) -> StepBatch:
         mask = batch.completion_mask
-        if not self.kl_coef and self.reward_coef:
+        if self.recompute and batch.chunk_index is not None:
+            raise ValueError("the recomputed advantage is per token: a teacher of another tokenizer scores chunks")
+        if (not self.kl_coef and self.reward_coef) or self.recompute:  # recompute: the KL part comes in per_token
             advantages = torch.zeros(mask.shape, device=mask.device)  # (B, T)
         elif batch.chunk_index is not None:  # a teacher of another tokenizer: one advantage per chunk
             advantages = losses.chunk_advantages(
@@ -89,7 +100,10 @@ class PolicyGradient:
     def per_token(self, student_logits, chunk, teacher):
         processed = process_logits(student_logits, self.temperature, self.top_k, self.top_p, keep=chunk.tokens)
         logprobs = token_logprobs(processed, chunk.tokens)  # (c,)
-        values = losses.reverse_kl_pg(logprobs, chunk.sampler_logprobs, chunk.advantages, self.ratio_clip)
+        advantages = chunk.advantages
+        if self.recompute and self.kl_coef:
+            advantages = advantages - self.kl_coef * (logprobs.detach() - chunk.teacher_logprobs)
+        values = losses.reverse_kl_pg(logprobs, chunk.sampler_logprobs, advantages, self.ratio_clip)
         if self.forward_kl_coef:  # processed == logits / T here: the config requires no truncation
             values = values + self.forward_kl_coef * losses.forward_kl(processed, teacher.logits(chunk.teacher_hidden))
         return values, logprobs
@@ -174,6 +188,7 @@ OBJECTIVES: dict[str, Callable[[Config], Objective]] = {
         config.loss.forward_kl_coef,
         config.reward.coef if config.reward else 0.0,
         bool(config.reward and config.reward.normalize == "mean_std"),
+        config.loss.advantage_logprobs == "current",
     ),
     "topk_forward_kl": lambda config: TopKForwardKL(config.rollout.temperature),
     "forward_kl": lambda config: Divergence(losses.forward_kl, config.rollout.temperature),

@@ -100,6 +100,17 @@ class StepBatch:
     def replace(self, **changes: Any) -> "StepBatch":
         return replace(self, **changes)
 
+    def to(self, device: torch.device | str) -> "StepBatch":
+        """Every tensor field on `device` (the rows stay as they are)."""
+        return replace(
+            self,
+            **{
+                each.name: getattr(self, each.name).to(device)
+                for each in fields(self)
+                if isinstance(getattr(self, each.name), torch.Tensor)
+            },
+        )
+
     def token_chunks(self, size: int) -> Iterator[torch.Tensor]:
         """Flat row-major indices into (B, T) of the completion tokens inside the mask, `size` at a
         time: full-vocabulary work runs on these only, never on padding or past EOS."""

@@ -133,6 +133,6 @@ def load_teachers(config: Config, plan: TeacherPlan, precision: Precision, world
         else scorer
         for name, scorer in scorers.items()
     }
-    scorer = RoutedTeachers(scorers) if config.teachers else next(iter(scorers.values()), None)
+    scorer = RoutedTeachers(scorers, parallel=not sharded) if config.teachers else next(iter(scorers.values()), None)
     writer = locals_["teacher"].loaded if "teacher" in locals_ and config.teacher is not None else None
     return Teachers(scorer, writer, sharded)

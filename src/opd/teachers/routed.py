@@ -4,11 +4,16 @@ A row's teacher is its `teacher` field, else the teacher its training file names
 list of {path, teacher}), else the only teacher. Routes are checked before any weight loads: a row
 naming an unknown teacher, or none where there are several, is an error naming the file and line.
 Each teacher scores its rows (local or remote, as any TokenScorer); the advantages of each row then
-come from its own teacher's ℓᵀ. `RoutedTeachers.parts` is how a batch splits between them, which the
-training metrics report per teacher (opd.train.metrics.per_teacher_metrics).
+come from its own teacher's ℓᵀ. The teachers score their parts at once, each on a thread of its own
+(servers answer in parallel; local teachers' forwards overlap), unless a teacher is sharded across
+ranks, whose collectives must keep one order on every rank. `RoutedTeachers.parts` is how a batch
+splits between them, which the training metrics report per teacher
+(opd.train.metrics.per_teacher_metrics).
 """
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -39,8 +44,9 @@ def check_routes(prompts: PromptSet | None, names: list[str], key: str) -> None:
 class RoutedTeachers:
     """A TokenScorer over named teachers: each row to its own (see the module's docstring)."""
 
-    def __init__(self, scorers: dict[str, TokenScorer]):
-        self.scorers = scorers
+    def __init__(self, scorers: dict[str, TokenScorer], parallel: bool = True):
+        """parallel: score the teachers' parts at once (False where a teacher makes collective calls)."""
+        self.scorers, self.parallel = scorers, parallel
         self.name = " + ".join(scorers)
 
     def parts(self, batch: StepBatch) -> list[tuple[str, TokenScorer, list[int], StepBatch]]:
@@ -59,8 +65,13 @@ class RoutedTeachers:
         logprobs, entropy = torch.zeros(shape, device=batch.completion_ids.device), None
         topk_ids = topk_logprobs = chunk_index = None
         every_entropy, flops = True, 0.0  # the teacher's entropy is reported only where every teacher gives it
-        for _, scorer, rows, part in self.parts(batch):
-            scores = scorer.score(part)
+        parts = self.parts(batch)
+        if self.parallel and len(parts) > 1:
+            with ThreadPoolExecutor(len(parts), thread_name_prefix="opd-teacher") as pool:
+                all_scores = list(pool.map(lambda part: part[1].score(part[3]), parts))
+        else:
+            all_scores = [scorer.score(part) for _, scorer, _, part in parts]
+        for (_, _, rows, part), scores in zip(parts, all_scores):
             flops += scores.flops
             width = part.completion_ids.shape[1]  # select trims the completion columns past the last EOS
             logprobs[rows, :width] = scores.logprobs.to(logprobs.device)

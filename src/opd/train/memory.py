@@ -160,8 +160,10 @@ def plan_memory(config: Config, world_size: int, device: str = "cuda") -> Memory
     if bf16 and not sharded:  # autocast's bf16 copy of each weight, saved for the input gradients
         update["bf16 weight casts kept for the backward"] = 2 * student.parameters
     if teacher is not None and not isinstance(teacher, str) and full_distribution:
-        update["teacher hidden states kept for the loss"] = (
-            rows * rollout.max_new_tokens * teacher.hidden * compute_bytes
+        # With rollout.max_staleness N, the batches scored ahead keep theirs too: N + 1 at most.
+        kept = 1 + rollout.max_staleness
+        update[f"teacher hidden states kept for the loss ({kept} batch{'es' if kept > 1 else ''})"] = (
+            kept * rows * rollout.max_new_tokens * teacher.hidden * compute_bytes
         )
     if sharded:
         # Full-size root gradients (compute precision, then fp32 for the reduce-scatter) before they shard.
@@ -182,7 +184,10 @@ def plan_memory(config: Config, world_size: int, device: str = "cuda") -> Memory
         }
         if teacher_sharded:
             scoring["teacher root and a layer, gathered"] = compute_bytes * (teacher.root + teacher.largest_layer)
-        phases["scoring"] = scoring
+        if rollout.max_staleness and not teacher_sharded:  # the scoring thread scores while the update runs
+            phases["updating"] = {**update, **{f"{name} (scoring meanwhile)": value for name, value in scoring.items()}}
+        else:
+            phases["scoring"] = scoring
     return MemoryPlan(resident, phases, notes)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -84,6 +84,8 @@ class Session:
     start_flops: float  # training FLOPs spent before start_step (see opd.ops.flops)
     peak_memory: PeakMemory
     rewards: RewardScorer | None = None  # grades the student's completions where the run has a reward
+    # The SampledBatch-es the checkpoint kept, sampled ahead of start_step (opd.train.pipeline).
+    in_flight: list = field(default_factory=list)
 
     @property
     def keeps_teacher_hidden(self) -> bool:
@@ -329,7 +331,7 @@ def prepare(request: Config, resume: bool | str, log=print, world: World | None 
         run.collapse_repetition,
         run.collapse_patience,
     )
-    start_step, start_flops = 0, 0.0
+    start_step, start_flops, in_flight = 0, 0.0, []
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, student, optimizer, world)
         scheduler.load_state_dict(state["scheduler"])
@@ -338,6 +340,7 @@ def prepare(request: Config, resume: bool | str, log=print, world: World | None 
         if state.get("guard"):
             guard.load_state_dict(state["guard"])
         log(f"resuming from {checkpoint} (step {start_step}, written by {state.get('world_size', 1)} ranks)")
+        in_flight = restored_in_flight(state, world, precision.device, log)
     write_run_dir(request, config, world)
 
     engine = ENGINES[config.rollout.engine].build(config, student, precision)  # the training rollouts
@@ -373,4 +376,21 @@ def prepare(request: Config, resume: bool | str, log=print, world: World | None 
         start_flops=start_flops,
         peak_memory=peak_memory,
         rewards=RewardScorer(config.reward.verifier, tokenizer) if config.reward is not None else None,
+        in_flight=in_flight,
     )
+
+
+def restored_in_flight(state: dict, world: World, device: torch.device, log) -> list:
+    """This rank's batches that the checkpoint kept, sampled ahead of its step by weights it no longer
+    has. Batches sampled by another number of ranks are not split anew: the run samples them again from
+    the checkpoint's weights (same prompts, fresher weights) and says so."""
+    saved = state.get("in_flight") or []
+    if not any(saved):
+        return []
+    if len(saved) != world.size:
+        log(
+            f"the checkpoint's {len(saved[0])} batches sampled ahead come from {len(saved)} ranks, not {world.size}: "
+            "sampling them again from its weights"
+        )
+        return []
+    return [replace(sampled, batch=sampled.batch.to(device)) for sampled in saved[world.rank]]

@@ -31,21 +31,37 @@ SOURCE_IDS = {name: source for source, name in SOURCE_NAMES.items()}
 
 
 @dataclass
-class ScoredBatch:
-    """A step's rollouts, sampled, graded and scored: what its update consumes."""
+class SampledBatch:
+    """A step's rollouts as the student's engine (or the mixture's other writers) wrote them."""
 
     step: int
     batch: StepBatch
     prompts: StepPrompts  # this rank's prompts, and the whole step's stream positions
     policy_version: int  # optimizer steps applied to the weights that sampled it
-    started: float  # perf_counter when producing it began
+    timings: dict[str, float]  # timing/rollout_s (and timing/weight_sync_s, part of it), this rank's
+
+
+@dataclass
+class ScoredBatch:
+    """A step's rollouts, sampled, graded and scored: what its update consumes."""
+
+    step: int
+    batch: StepBatch
+    prompts: StepPrompts
+    policy_version: int
     teacher_flops: float  # what scoring it cost in this process
-    timings: dict[str, float]  # timing/rollout_s, timing/teacher_s (and timing/weight_sync_s), this rank's
+    timings: dict[str, float]  # the sampling's, and timing/teacher_s (grading and scoring), this rank's
+    grading_failure: str | None = None  # the verifier's one line, agreed on by every rank in agree_on_grading
+
+    @property
+    def staleness(self) -> int:
+        """Optimizer steps its update applies on top of the weights that sampled it: 0 on-policy."""
+        return self.step - 1 - self.policy_version
 
 
-def produce_batch(session: Session, step: int, policy_version: int) -> ScoredBatch:
-    """Sample the step's rollouts (the student's engine synced to the current weights first), grade them
-    where the run has a reward, and score them with the teacher."""
+def sample_batch(session: Session, step: int, policy_version: int) -> SampledBatch:
+    """Sample the step's rollouts with the current weights (the student's engine synced to them first).
+    policy_version: the optimizer steps those weights hold."""
     started = time.perf_counter()
     world, config = session.world, session.config
     prompts = session.stream.take_step(config.batch.prompts_per_step // world.size, world.rank, world.size)
@@ -57,23 +73,59 @@ def produce_batch(session: Session, step: int, policy_version: int) -> ScoredBat
         step,
         prompts.positions,
     )
-    if session.rewards is not None:
-        batch = grade(session, batch, step)
-    sampled = time.perf_counter()
-    batch, teacher_flops = score(session, batch)
-    timings = {"timing/rollout_s": sampled - started, "timing/teacher_s": time.perf_counter() - sampled}
+    timings = {"timing/rollout_s": time.perf_counter() - started}
     if sync_s is not None:  # part of timing/rollout_s
         timings["timing/weight_sync_s"] = sync_s
-    return ScoredBatch(step, batch, prompts, policy_version, started, teacher_flops, timings)
+    return SampledBatch(step, batch, prompts, policy_version, timings)
 
 
-def consume_batch(session: Session, scored: ScoredBatch, log=print) -> tuple[dict[str, float], float]:
-    """The step's update on a scored batch, with the collapse guard and the step's metrics. Returns the
+def score_batch(session: Session, sampled: SampledBatch) -> ScoredBatch:
+    """Grade the rollouts where the run has a reward and score them with the teacher. Makes no collective
+    call, so it may run beside the trainer's (opd.train.pipeline): a verifier's failure is carried to
+    agree_on_grading instead of being raised here."""
+    started = time.perf_counter()
+    batch, failure = sampled.batch, None
+    if session.rewards is not None:
+        try:
+            batch = session.rewards.attach(batch)
+        except RewardFailed as exc:
+            failure = str(exc)
+    if failure is None:
+        batch, teacher_flops = score(session, batch)
+    else:
+        teacher_flops = 0.0
+    timings = {**sampled.timings, "timing/teacher_s": time.perf_counter() - started}
+    return ScoredBatch(sampled.step, batch, sampled.prompts, sampled.policy_version, teacher_flops, timings, failure)
+
+
+def agree_on_grading(session: Session, scored: ScoredBatch) -> None:
+    """A verifier that failed on one rank stops every rank with its one line (the failure goes round in
+    one gather), not one rank alone while the others wait. Every rank calls this for every batch."""
+    if session.rewards is None:
+        return
+    failures = [message for message in session.world.gather(scored.grading_failure) if message]
+    if failures:
+        raise RewardFailed(f"step {scored.step}: {failures[0]}")
+
+
+def produce_batch(session: Session, step: int, policy_version: int) -> ScoredBatch:
+    """Sample, grade and score the step's rollouts in this thread, one after the other."""
+    scored = score_batch(session, sample_batch(session, step, policy_version))
+    agree_on_grading(session, scored)
+    return scored
+
+
+def consume_batch(
+    session: Session, scored: ScoredBatch, step_started: float, log=print
+) -> tuple[dict[str, float], float]:
+    """The step's update on a scored batch, with the collapse guard and the step's metrics. step_started:
+    perf_counter when the step's work began (its throughput is over the step's wall time). Returns the
     metrics and the FLOPs the step cost. Raises StudentCollapsed, before the update, when the guard fires
     under run.collapse_guard: stop."""
     world, config, batch, step = session.world, session.config, scored.batch, scored.step
     consuming = time.perf_counter()
     metrics = sample_metrics(session, batch)
+    metrics["staleness/mean"] = metrics["staleness/max"] = float(scored.staleness)  # one version per batch here
     if isinstance(session.teacher, RoutedTeachers):
         metrics.update(per_teacher_metrics(session.teacher, batch, world))
     if "entropy/student" in metrics:  # before the update that would entrench a collapse
@@ -85,29 +137,16 @@ def consume_batch(session: Session, scored: ScoredBatch, log=print) -> tuple[dic
     metrics.update(update_metrics(config.rollout.source, update))
     if "entropy/student" in update:  # the engine gave no entropy; the update's recompute did, so the guard comes after
         watch_collapse(session, step, metrics, "after this step's update", log)
-    timings = {**scored.timings, "timing/update_s": finished - consuming}
+    timings = {**scored.timings, "timing/update_s": finished - consuming, "timing/step_s": finished - step_started}
     metrics.update(
         {
             **{key: world.max(value) if key == "timing/weight_sync_s" else value for key, value in timings.items()},
-            "throughput/tokens_per_s": world.sum(batch.num_tokens) / world.max(finished - scored.started),
+            "throughput/tokens_per_s": world.sum(batch.num_tokens) / world.max(finished - step_started),
             **{key: world.sum(value) for key, value in costs.items()},
             "memory/peak_gib": world.max(session.peak_memory.bytes()) / GIB,  # the largest rank's, so far
         }
     )
     return metrics, sum(metrics[key] for key in costs)
-
-
-def grade(session: Session, batch: StepBatch, step: int) -> StepBatch:
-    """The batch with the verifier's rewards. A verifier that fails on one rank stops every rank with its
-    one line (the failure goes round in one gather), not one rank alone while the others wait."""
-    try:
-        graded, failure = session.rewards.attach(batch), None
-    except RewardFailed as exc:
-        graded, failure = batch, str(exc)
-    failures = [message for message in session.world.gather(failure) if message]
-    if failures:
-        raise RewardFailed(f"step {step}: {failures[0]}")
-    return graded
 
 
 def watch_collapse(session: Session, step: int, metrics: dict[str, float], when: str, log) -> None:
@@ -176,4 +215,5 @@ def update_metrics(primary: str, update: dict[str, float]) -> dict[str, float]:
 
 def train_step(session: Session, step: int, log=print) -> tuple[dict[str, float], float]:
     """One step with one batch in flight: produce its scored batch from the current weights, then consume it."""
-    return consume_batch(session, produce_batch(session, step, policy_version=step - 1), log)
+    started = time.perf_counter()
+    return consume_batch(session, produce_batch(session, step, policy_version=step - 1), started, log)

@@ -1,0 +1,141 @@
+"""Scored batches made ahead of their updates, within `rollout.max_staleness` policy versions.
+
+With N = rollout.max_staleness, step j's update consumes a batch sampled by the weights of version
+max(0, j - 1 - N) (the optimizer steps applied to them), never older. Each step, before waiting for its
+own batch, the trainer's thread samples the batch N steps ahead from the current weights and hands it
+to a scoring thread, which grades it and has the teacher score it while the trainer updates and
+samples on. So the teacher's scoring (a server's latency, or a local teacher's forward) and the
+verifier overlap the student's sampling and update, and the student never waits for the teacher
+unless scoring is the slower stage.
+
+The versions are fixed by the schedule, not by which thread is quicker: every batch is sampled at
+exactly its version, so a run at N computes the same arithmetic however the stages' timings fall, and
+at the bound the sampler waits (it never runs more than N versions ahead) instead of sampling and
+dropping. Sampling stays on the trainer's thread: an in-process engine shares the device and the
+weights with the update, and every collective call (a sharded student, the ranks' agreement on a
+failed grading) keeps one order on every rank. A teacher sharded across ranks scores on the
+trainer's thread too, for the same reason.
+
+The batches sampled and not yet consumed (at most N after a step) are what a checkpoint keeps beside
+the weights (`in_flight`): their weights are gone by then, so a resumed run scores the same batches
+again instead of sampling others.
+
+Timings, per step: timing/rollout_s (the sampling of the batch made this step), timing/teacher_s (the
+scoring of the batch consumed, grading included), timing/update_s; where scoring has its own thread,
+timing/wait_s (the trainer waiting for that scoring) and timing/teacher_idle_s (the scoring thread
+waiting for work before it).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from contextlib import contextmanager
+
+from opd.train.setup import Session
+from opd.train.step import SampledBatch, ScoredBatch, agree_on_grading, sample_batch, score_batch
+
+
+class _ScoringThread:
+    """One daemon thread scoring batches in the order they come (a daemon: a failed run's process exits
+    without waiting for a teacher's retries)."""
+
+    def __init__(self, session: Session):
+        self.session = session
+        self.inbox: queue.Queue = queue.Queue()
+        self.results: dict[int, tuple[ScoredBatch | None, BaseException | None]] = {}
+        self.done = threading.Condition()
+        self.teacher_lock = threading.Lock()  # held while scoring: evaluation borrows the teacher between batches
+        self.idle_since = time.perf_counter()
+        self.thread = threading.Thread(target=self._run, name="opd-scoring", daemon=True)
+        self.thread.start()
+
+    def submit(self, sampled: SampledBatch) -> None:
+        self.inbox.put(sampled)
+
+    def _run(self) -> None:
+        while True:
+            sampled = self.inbox.get()
+            if sampled is None:
+                return
+            started = time.perf_counter()
+            idle = started - self.idle_since
+            try:
+                with self.teacher_lock:
+                    scored, error = score_batch(self.session, sampled), None
+                scored.timings["timing/teacher_idle_s"] = idle
+            except BaseException as exc:  # handed to the trainer's thread, which raises it at that step
+                scored, error = None, exc
+            self.idle_since = time.perf_counter()
+            with self.done:
+                self.results[sampled.step] = (scored, error)
+                self.done.notify_all()
+
+    def result(self, step: int) -> ScoredBatch:
+        with self.done:
+            while step not in self.results:
+                self.done.wait()
+            scored, error = self.results.pop(step)
+        if error is not None:
+            raise error
+        return scored
+
+    def close(self) -> None:
+        self.inbox.put(None)
+
+
+class Pipeline:
+    """Hands the trainer each step's scored batch, sampling and scoring up to max_staleness steps ahead."""
+
+    def __init__(self, session: Session, last_step: int, in_flight: list[SampledBatch] = ()):
+        """last_step: the last step any batch is sampled for. in_flight: batches a checkpoint kept, sampled
+        for the steps after session.start_step, in order."""
+        self.session, self.last_step = session, last_step
+        self.ahead = session.config.rollout.max_staleness
+        self.sampled: dict[int, SampledBatch] = {}  # sampled and not yet consumed: what a checkpoint keeps
+        overlap = self.ahead > 0 and not session.teacher_sharded
+        self.scoring = _ScoringThread(session) if overlap else None
+        self.next_step = session.start_step + 1  # the next step to sample a batch for
+        for sampled in in_flight:
+            self._send(sampled)
+        if in_flight:
+            session.stream.mark_taken(in_flight[-1].prompts.positions.stop)
+
+    def _send(self, sampled: SampledBatch) -> None:
+        self.sampled[sampled.step] = sampled
+        self.next_step = sampled.step + 1
+        if self.scoring is not None:
+            self.scoring.submit(sampled)
+
+    def take(self, step: int) -> ScoredBatch:
+        """Step `step`'s scored batch, the current weights being version step - 1. First samples, from
+        those weights, every batch up to `max_staleness` steps ahead that is not sampled yet."""
+        while self.next_step <= min(step + self.ahead, self.last_step):
+            self._send(sample_batch(self.session, self.next_step, policy_version=step - 1))
+        sampled = self.sampled.pop(step)
+        if self.scoring is None:
+            scored = score_batch(self.session, sampled)
+        else:
+            waiting = time.perf_counter()
+            scored = self.scoring.result(step)
+            scored.timings["timing/wait_s"] = time.perf_counter() - waiting
+        agree_on_grading(self.session, scored)
+        return scored
+
+    def in_flight(self) -> list[SampledBatch]:
+        """The batches sampled ahead and not yet consumed, in step order."""
+        return [self.sampled[step] for step in sorted(self.sampled)]
+
+    @contextmanager
+    def teacher_between_batches(self):
+        """The teacher to use outside the pipeline (evaluation), with no batch being scored meanwhile."""
+        if self.scoring is None:
+            yield
+            return
+        with self.scoring.teacher_lock:
+            yield
+
+    def close(self) -> None:
+        if self.scoring is not None:
+            self.scoring.close()
