@@ -1,6 +1,6 @@
 """Asynchronous OPD on the demo: what rollout.max_staleness buys, and what the stale batches' correction does.
 
-    python benchmarks/async_opd.py corrections [--staleness 2] [--seeds 0 1]       # ~1 min a run
+    python benchmarks/async_opd.py corrections [--staleness 2] [--seeds 0 1] [--forward-kl both]   # ~1 min a run
     python benchmarks/async_opd.py throughput [--steps 30] [--rounds 2] [--scenarios remote latency vllm]
 
 corrections: the demo's 150 steps at max_staleness 0 and at --staleness with each correction of the
@@ -81,7 +81,7 @@ def corrections(args) -> None:
         print(f"demo, 150 steps; max_staleness {args.staleness} unless 0 is named; torch {torch.__version__}")
         print("| forward-KL term | batches | correction | held-out reverse KL | accuracy | entropy |")
         print("|---|---|---|---|---|---|")
-        for forward in (None, 0.0):
+        for forward in {"both": (None, 0.0), "default": (None,), "off": (0.0,)}[args.forward_kl]:
             term = "default (1.0)" if forward is None else "off"
             variants = [("max_staleness 0", 0, "sampler", None)] + [
                 (f"max_staleness {args.staleness}", args.staleness, *choice) for choice in CORRECTIONS.values()
@@ -229,6 +229,9 @@ def main() -> None:
     correction = commands.add_parser("corrections")
     correction.add_argument("--staleness", type=int, default=2)
     correction.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    correction.add_argument(
+        "--forward-kl", choices=["both", "default", "off"], default="both", help="the default's forward-KL term"
+    )
     speed = commands.add_parser("throughput")
     speed.add_argument("--steps", type=int, default=30)
     speed.add_argument("--rounds", type=int, default=2)

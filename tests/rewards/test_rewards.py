@@ -178,6 +178,7 @@ def test_verifier_mistakes_are_one_line_errors_naming_it(tiny_config, tmp_path, 
     "function, message",
     [
         ("fails", r"reward.verifier my_rewards:fails raised KeyError on \S+\.jsonl:\d+: 'score'"),
+        # graded on the scoring thread (rollout.max_staleness 1): the same line
         ("wordy", r"reward.verifier my_rewards:wordy returned 'high' \(str\) on \S+\.jsonl:\d+, not a finite number"),
     ],
 )
@@ -188,6 +189,7 @@ def test_a_verifier_failing_at_a_step_stops_the_run_in_one_line_without_a_final_
         "def fails(completion, row):\n    raise KeyError('score')\n\ndef wordy(completion, row):\n    return 'high'\n"
     )
     raw = reward_config(tiny_config, function, {"verifier": f"my_rewards:{function}"})
+    raw["rollout"] = {**raw["rollout"], "max_staleness": int(function == "wordy")}
     config = tmp_path / "config.json"
     config.write_text(json.dumps(raw))
     result = run_cli("train", str(config), env={"PYTHONPATH": f"{tmp_path}:{':'.join(sys.path)}"})

@@ -61,25 +61,23 @@ def engine_config(tmp_path: Path, **run) -> Path:
     return path
 
 
-def test_a_run_with_the_engine_trains_and_reports_the_sync_and_entropy(tmp_path):
-    config = engine_config(tmp_path, max_steps=3)  # with a task reward: the engine's samples are graded too
-    result = run_cli("train", str(config), "--set", "reward.verifier=gsm8k")
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    assert [row["step"] for row in rows] == [1, 2, 3]
-    for row in rows:
-        assert row["timing/weight_sync_s"] > 0
-        assert 0 < row["entropy/student"] < 10  # from the update's recompute: vLLM gives none
-        assert row["ratio/max_abs_log"] < 1e-3  # fp32: the engine's ℓˢ is the update's, up to kernels
-        assert row["ratio/far_fraction"] == 0
-        assert 0 <= row["reward/mean"] <= 1 and row["reward/std"] >= 0
-    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
-
-
-def test_resume_after_sigkill_with_the_engine_matches_the_uninterrupted_run(tmp_path):
+def test_a_run_with_the_engine_reports_and_resumes_after_sigkill_as_the_uninterrupted_run(tmp_path):
+    """The run reports the engine's sync and the update's entropy, and grades the engine's samples (a
+    task reward). With a batch sampled ahead (rollout.max_staleness 1): killed while the engine samples
+    step 3's batch, after step 1's checkpoint, which keeps step 2's batch, sampled by the initial weights."""
     config = engine_config(tmp_path, save_every=1)
+    raw = yaml.safe_load(config.read_text())
+    raw["rollout"]["max_staleness"] = 1
+    raw["reward"] = {"verifier": "gsm8k"}
+    config.write_text(yaml.safe_dump(raw))
     uninterrupted = run_cli("train", str(config), "--set", f"run.output_dir={tmp_path / 'whole'}")
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
+    for row in read_metrics(tmp_path / "whole" / "metrics.jsonl"):
+        assert row["timing/weight_sync_s"] > 0
+        assert 0 < row["entropy/student"] < 10  # from the update's recompute: vLLM gives none
+        if row["staleness/max"] == 0:  # fp32: the engine's ℓˢ is the update's, up to kernels
+            assert row["ratio/max_abs_log"] < 1e-3 and row["ratio/far_fraction"] == 0
+        assert 0 <= row["reward/mean"] <= 1 and row["reward/std"] >= 0
     killed_dir = tmp_path / "killed"
     dying = subprocess.run(
         [
@@ -103,7 +101,9 @@ def test_resume_after_sigkill_with_the_engine_matches_the_uninterrupted_run(tmp_
     # The engine starts from the initial weights and is synced from the checkpoint before its first
     # rollout; each prompt's draws are seeded by its key: the same samples, so the same weights.
     assert_weights_close(final_weights(tmp_path / "whole"), final_weights(killed_dir), atol=0)
-    assert [row["step"] for row in read_metrics(killed_dir / "metrics.jsonl")] == [1, 2, 3, 4]
+    rows = read_metrics(killed_dir / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    assert [row["staleness/max"] for row in rows] == [0, 1, 1, 1]
 
 
 def test_two_sharded_ranks_with_an_engine_each_equal_one_rank(tmp_path):

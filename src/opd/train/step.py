@@ -1,12 +1,12 @@
-"""One step in two halves: producing a scored batch (sample, grade, score) and consuming it (the update,
-the step's metrics).
+"""One step in three parts: sampling a batch, grading and scoring it, and consuming it (the update, the
+step's metrics).
 
-The two meet in a `ScoredBatch`, which carries what the update needs and what it must account for: the
-policy version that sampled it (the optimizer steps applied by then), the prompt stream positions it
-took, and the time and FLOPs of its making. The prompt stream counts what the updates consumed, not
-what was sampled, so a batch produced ahead of its update is never lost or repeated on resume. The
-trainer runs them in turn (`produce_batch` then `consume_batch`); one batch at a time is the run the
-loop has always made.
+They meet in a `SampledBatch` and a `ScoredBatch`, which carry what the update needs and what it must
+account for: the policy version that sampled the batch (the optimizer steps applied by then), the
+prompt stream positions it took, and the time and FLOPs of its making. The prompt stream counts what
+the updates consumed, not what was sampled, so a batch produced ahead of its update is never lost or
+repeated on resume. Scoring makes no collective call, so it can run on a thread of its own beside the
+trainer's (opd.train.pipeline, which runs the three); `produce_batch` samples and scores in turn.
 """
 
 from __future__ import annotations
