@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -177,7 +178,7 @@ def throughput(args) -> None:
                 url = f"http://127.0.0.1:{port}"
                 if scenario == "latency":
                     url = start_proxy(url, 0.150)
-                sections["teacher"] = {"path": None, "url": url, "api": "opd", "model": "teacher"}
+                sections["teacher"] = {"path": None, "url": url}
             else:
                 sections["rollout"] = {"engine": "vllm"}
             try:
@@ -219,7 +220,7 @@ def throughput(args) -> None:
                     )
             finally:
                 if server is not None:
-                    server.terminate()
+                    os.killpg(server.pid, signal.SIGTERM)
                     server.wait()
 
 

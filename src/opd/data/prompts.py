@@ -29,6 +29,15 @@ class PromptBatch:
     def __len__(self) -> int:
         return len(self.token_ids)
 
+    def pick(self, indices: list[int]) -> "PromptBatch":
+        """The prompts at `indices`, in that order."""
+        return PromptBatch(
+            [self.token_ids[i] for i in indices],
+            [self.row_index[i] for i in indices],
+            [self.rows[i] for i in indices],
+            [self.keys[i] for i in indices] if self.keys else [],
+        )
+
     def split(self, count: int) -> tuple["PromptBatch", "PromptBatch"]:
         """The first `count` prompts, and the rest."""
         return (

@@ -14,7 +14,7 @@ from opd.models.loading import LoadedModel
 from opd.models.precision import Precision
 from opd.ops.batch import TEACHER, StepBatch
 from opd.rollout.answers import DatasetAnswers
-from opd.rollout.sampler import ModelSampler, Sampler, SamplingSettings
+from opd.rollout.sampler import GroupsDone, ModelSampler, Sampler, SamplingSettings
 
 
 class RolloutMix:
@@ -38,6 +38,8 @@ class RolloutMix:
         self.primary, self.secondary = primary, secondary
         self.student_fraction, self.pad_id = student_fraction, pad_id
         self.gives_entropy = primary.gives_entropy
+        # Hands finished prompt groups over as they finish (GroupsDone): the student's own sampler, alone.
+        self.streams = secondary is None and getattr(primary, "streams", False)
 
     def sync_weights(self) -> float | None:
         """The student's engine brought up to the policy's weights (see Sampler.sync_weights)."""
@@ -48,10 +50,21 @@ class RolloutMix:
             sampler.close()
 
     def sample(
-        self, prompts: PromptBatch, samples_per_prompt: int, seed: int, step: int, step_keys: range | None = None
+        self,
+        prompts: PromptBatch,
+        samples_per_prompt: int,
+        seed: int,
+        step: int,
+        step_keys: range | None = None,
+        on_groups: GroupsDone | None = None,
     ) -> StepBatch:
-        """step_keys: the keys of the whole step's prompts, every rank's (default: this batch's)."""
+        """step_keys: the keys of the whole step's prompts, every rank's (default: this batch's). on_groups:
+        where `streams`, called with each prompt group as it finishes."""
+        if on_groups is not None and not self.streams:
+            raise ValueError("these rollouts do not hand over prompt groups as they finish")
         if self.secondary is None:
+            if on_groups is not None:
+                return self.primary.sample(prompts, samples_per_prompt, seed, on_groups)
             return self.primary.sample(prompts, samples_per_prompt, seed)
         step_keys = step_keys if step_keys is not None else range(min(prompts.keys), max(prompts.keys) + 1)
         student_count = int(self.student_fraction(step) * len(step_keys) + 0.5)

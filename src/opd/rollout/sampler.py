@@ -28,6 +28,10 @@ from opd.ops.flops import forward_flops, matmul_parameters
 from opd.ops.logprobs import process_logits
 from opd.rollout.decoding import HFDecoder, LeanDecoder, make_decoder
 
+# A sampler's callback for prompts whose samples have all stopped: (their rows in the batch the call will
+# return, a StepBatch of just those rows). Each row is handed over once; the whole batch is returned as usual.
+GroupsDone = Callable[[list[int], StepBatch], None]
+
 
 class Sampler(Protocol):
     """Writes a step's completions: `samples_per_prompt` rows per prompt, in prompt order.
@@ -196,6 +200,7 @@ class ModelSampler:
     """
 
     gives_entropy = True
+    streams = True  # sample() takes on_groups
 
     def __init__(
         self,
@@ -237,13 +242,18 @@ class ModelSampler:
         """The model to sample with: the policy itself, or its low-precision copy with the current weights."""
         return self._copy.current() if self._copy is not None else self.policy.model
 
-    def sample(self, prompts: PromptBatch, samples_per_prompt: int, seed: int) -> StepBatch:
-        """seed: the run's sampling seed; with each prompt's key it fixes that prompt's draws."""
+    def sample(
+        self, prompts: PromptBatch, samples_per_prompt: int, seed: int, on_groups: GroupsDone | None = None
+    ) -> StepBatch:
+        """seed: the run's sampling seed; with each prompt's key it fixes that prompt's draws. on_groups:
+        called with the prompts whose samples have all stopped, as soon as they have (see GroupsDone)."""
         with gathered_for_sampling(self.policy.model):  # a sharded student gathers once per call
-            return self._sample(prompts, samples_per_prompt, seed)
+            return self._sample(prompts, samples_per_prompt, seed, on_groups)
 
     @torch.no_grad()
-    def _sample(self, prompts: PromptBatch, samples_per_prompt: int, seed: int) -> StepBatch:
+    def _sample(
+        self, prompts: PromptBatch, samples_per_prompt: int, seed: int, on_groups: GroupsDone | None = None
+    ) -> StepBatch:
         model, tokenizer, settings = self.sampling_model(), self.policy.tokenizer, self.settings
         if self._decoder is None or self._decoder.model is not model:
             self._decoder = make_decoder(model)
@@ -262,6 +272,30 @@ class ModelSampler:
         live = torch.zeros((batch, settings.max_new_tokens), dtype=torch.long, device=device)  # (B, T)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,)
         random = uniforms(prompts, samples_per_prompt, settings.max_new_tokens, seed, device)  # (B, T)
+        reported = [False] * len(prompts)  # prompts handed to on_groups
+
+        def report(done: list[bool], width: int) -> None:
+            groups = [index for index, is_done in enumerate(done) if is_done and not reported[index]]
+            if not groups:
+                return
+            rows = [group * samples_per_prompt + sample for group in groups for sample in range(samples_per_prompt)]
+            on_groups(
+                rows,
+                completions_batch(
+                    prompts.pick(groups),
+                    samples_per_prompt,
+                    pad_id,
+                    tokens[rows, :width],
+                    live[rows, :width],
+                    logprobs[rows, :width],
+                    finished[rows],
+                    self.source,
+                    entropies[rows, :width],
+                ),
+            )
+            for group in groups:
+                reported[group] = True
+
         for t in range(settings.max_new_tokens):
             logits = process_logits(logits, settings.temperature, settings.top_k, settings.top_p)  # (B, V)
             next_token, next_logprob, entropy = draw(logits, random[:, t])  # (B,) each
@@ -274,8 +308,12 @@ class ModelSampler:
             finished |= torch.isin(next_token, stop_ids)
             if bool(finished.all()) or t == settings.max_new_tokens - 1:
                 break
+            if on_groups is not None:
+                report(finished.view(len(prompts), samples_per_prompt).all(1).tolist(), t + 1)
             logits = self._decoder.step(tokens[:, t : t + 1])[:, :vocab]
         self._decoder.release()
+        if on_groups is not None:  # the rest: stopped at the last step, or cut at max_new_tokens
+            report([True] * len(prompts), settings.max_new_tokens)
         return completions_batch(
             prompts, samples_per_prompt, pad_id, tokens, live, logprobs, finished, self.source, entropies
         )

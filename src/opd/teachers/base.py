@@ -46,6 +46,43 @@ class TeacherScores:
         )
 
 
+def assemble_scores(shape: torch.Size, device, parts: list[tuple[list[int], TeacherScores]]) -> TeacherScores:
+    """One (B, T) TeacherScores from the scores of parts of a batch: (the part's rows in the batch, its
+    scores), each part as wide as its own longest completion. The teacher's entropy is kept only where
+    every part has it; a part without chunks (another tokenizer's) counts each token as its own chunk.
+    Hidden states are not assembled: the parts' scorers are servers or routed teachers, which send none."""
+    logprobs, entropy = torch.zeros(shape, device=device), None
+    topk_ids = topk_logprobs = chunk_index = None
+    every_entropy, flops = True, 0.0
+    for rows, scores in parts:
+        flops += scores.flops
+        width = scores.logprobs.shape[1]  # a part is trimmed past its own last EOS
+        logprobs[rows, :width] = scores.logprobs.to(device)
+        every_entropy &= scores.entropy is not None
+        if scores.entropy is not None:
+            entropy = torch.zeros_like(logprobs) if entropy is None else entropy
+            entropy[rows, :width] = scores.entropy.to(device)
+        if scores.chunk_index is not None:
+            if chunk_index is None:
+                chunk_index = torch.arange(shape[1], device=device).expand(shape).clone()
+            chunk_index[rows, :width] = scores.chunk_index.to(device)
+        if scores.topk_ids is not None:
+            if topk_ids is None:
+                k = scores.topk_ids.shape[-1]
+                topk_ids = torch.zeros(*shape, k, dtype=torch.long, device=device)
+                topk_logprobs = torch.zeros(*shape, k, device=device)
+            topk_ids[rows, :width] = scores.topk_ids.to(device)
+            topk_logprobs[rows, :width] = scores.topk_logprobs.to(device)
+    return TeacherScores(
+        logprobs=logprobs,
+        entropy=entropy if every_entropy else None,
+        topk_ids=topk_ids,
+        topk_logprobs=topk_logprobs,
+        chunk_index=chunk_index,
+        flops=flops,
+    )
+
+
 @runtime_checkable
 class TokenScorer(Protocol):
     name: str

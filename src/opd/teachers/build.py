@@ -136,3 +136,13 @@ def load_teachers(config: Config, plan: TeacherPlan, precision: Precision, world
     scorer = RoutedTeachers(scorers, parallel=not sharded) if config.teachers else next(iter(scorers.values()), None)
     writer = locals_["teacher"].loaded if "teacher" in locals_ and config.teacher is not None else None
     return Teachers(scorer, writer, sharded)
+
+
+def on_servers(scorer: TokenScorer | None) -> bool:
+    """Every teacher behind `scorer` is on a server: what it scores doesn't depend on how this process
+    groups rows into calls (a server batches requests its own way anyway)."""
+    if isinstance(scorer, RoutedTeachers):
+        return all(on_servers(each) for each in scorer.scorers.values())
+    if isinstance(scorer, ViewedTeacher):
+        return on_servers(scorer.scorer)
+    return isinstance(scorer, RemoteTeacher)

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-
 from opd.data.prompts import PromptSet
 from opd.errors import DataError
 from opd.ops.batch import StepBatch
-from opd.teachers.base import TeacherScores, TokenScorer
+from opd.teachers.base import TeacherScores, TokenScorer, assemble_scores
 
 
 def route(row, names: list[str]) -> str | None:
@@ -61,39 +59,14 @@ class RoutedTeachers:
         return parts
 
     def score(self, batch: StepBatch, keep_hidden: bool = False) -> TeacherScores:
-        shape = batch.completion_ids.shape
-        logprobs, entropy = torch.zeros(shape, device=batch.completion_ids.device), None
-        topk_ids = topk_logprobs = chunk_index = None
-        every_entropy, flops = True, 0.0  # the teacher's entropy is reported only where every teacher gives it
         parts = self.parts(batch)
         if self.parallel and len(parts) > 1:
             with ThreadPoolExecutor(len(parts), thread_name_prefix="opd-teacher") as pool:
                 all_scores = list(pool.map(lambda part: part[1].score(part[3]), parts))
         else:
             all_scores = [scorer.score(part) for _, scorer, _, part in parts]
-        for (_, _, rows, part), scores in zip(parts, all_scores):
-            flops += scores.flops
-            width = part.completion_ids.shape[1]  # select trims the completion columns past the last EOS
-            logprobs[rows, :width] = scores.logprobs.to(logprobs.device)
-            every_entropy &= scores.entropy is not None
-            if scores.entropy is not None:
-                entropy = torch.zeros_like(logprobs) if entropy is None else entropy
-                entropy[rows, :width] = scores.entropy.to(logprobs.device)
-            if scores.chunk_index is not None:  # a teacher of another tokenizer; the others' rows: a chunk per token
-                if chunk_index is None:
-                    chunk_index = torch.arange(shape[1], device=logprobs.device).expand(shape).clone()
-                chunk_index[rows, :width] = scores.chunk_index.to(logprobs.device)
-            if scores.topk_ids is not None:
-                k = scores.topk_ids.shape[-1]
-                if topk_ids is None:
-                    topk_ids = torch.zeros(*shape, k, dtype=torch.long, device=logprobs.device)
-                    topk_logprobs = torch.zeros(*shape, k, device=logprobs.device)
-                topk_ids[rows, :width], topk_logprobs[rows, :width] = scores.topk_ids, scores.topk_logprobs
-        return TeacherScores(
-            logprobs=logprobs,
-            entropy=entropy if every_entropy else None,
-            topk_ids=topk_ids,
-            topk_logprobs=topk_logprobs,
-            chunk_index=chunk_index,
-            flops=flops,
+        return assemble_scores(
+            batch.completion_ids.shape,
+            batch.completion_ids.device,
+            [(rows, scores) for (_, _, rows, _), scores in zip(parts, all_scores)],
         )

@@ -31,10 +31,12 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
+from opd.teachers.build import on_servers
 from opd.train.setup import Session
-from opd.train.step import SampledBatch, ScoredBatch, agree_on_grading, sample_batch, score_batch
+from opd.train.step import SampledBatch, ScoredBatch, StreamedScores, agree_on_grading, sample_batch, score_batch
 
 
 class _ScoringThread:
@@ -96,6 +98,11 @@ class Pipeline:
         self.sampled: dict[int, SampledBatch] = {}  # sampled and not yet consumed: what a checkpoint keeps
         overlap = self.ahead > 0 and not session.teacher_sharded
         self.scoring = _ScoringThread(session) if overlap else None
+        # A teacher on a server scores each prompt's group as soon as it is sampled (not at max_staleness 0:
+        # grouping rows otherwise could move a server's numerics, and 0 is the loop as it always was).
+        streams = overlap and session.rollouts.streams and on_servers(session.teacher) and not session.scored_by_sampler
+        self.stream_pool = ThreadPoolExecutor(1, thread_name_prefix="opd-streamed") if streams else None
+        self.pad_id = session.student.tokenizer.pad_token_id
         self.next_step = session.start_step + 1  # the next step to sample a batch for
         for sampled in in_flight:
             self._send(sampled)
@@ -112,7 +119,8 @@ class Pipeline:
         """Step `step`'s scored batch, the current weights being version step - 1. First samples, from
         those weights, every batch up to `max_staleness` steps ahead that is not sampled yet."""
         while self.next_step <= min(step + self.ahead, self.last_step):
-            self._send(sample_batch(self.session, self.next_step, policy_version=step - 1))
+            streamed = StreamedScores(self.session.teacher, self.stream_pool, self.pad_id) if self.stream_pool else None
+            self._send(sample_batch(self.session, self.next_step, step - 1, streamed))
         sampled = self.sampled.pop(step)
         if self.scoring is None:
             scored = score_batch(self.session, sampled)
@@ -139,3 +147,5 @@ class Pipeline:
     def close(self) -> None:
         if self.scoring is not None:
             self.scoring.close()
+        if self.stream_pool is not None:
+            self.stream_pool.shutdown(wait=False, cancel_futures=True)

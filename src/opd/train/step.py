@@ -12,7 +12,9 @@ trainer's (opd.train.pipeline, which runs the three); `produce_batch` samples an
 from __future__ import annotations
 
 import math
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from opd.data.prompts import StepPrompts
@@ -21,6 +23,7 @@ from opd.errors import StudentCollapsed
 from opd.ops.batch import SOURCE_NAMES, STUDENT, StepBatch
 from opd.ops.flops import step_flops
 from opd.rewards.verifiers import RewardFailed
+from opd.teachers.base import TeacherScores, TokenScorer, assemble_scores
 from opd.teachers.routed import RoutedTeachers
 from opd.train.memory import GIB
 from opd.train.metrics import combine, per_teacher_metrics, pieces_over_ranks, rollout_metrics
@@ -28,6 +31,51 @@ from opd.train.setup import Session
 from opd.train.update import update_student
 
 SOURCE_IDS = {name: source for source, name in SOURCE_NAMES.items()}
+
+
+class StreamedScores:
+    """A teacher on a server scoring each prompt's group as soon as the sampler has finished it, while the
+    sampler decodes the rest (the sampler's GroupsDone callback). One call at a time: the groups that
+    finish while a call is out go together in the next, so a server far away is asked no more often
+    than it answers; `collect` waits for the last and assembles the batch's scores."""
+
+    def __init__(self, teacher: TokenScorer, pool: ThreadPoolExecutor, pad_id: int):
+        self.teacher, self.pool, self.pad_id = teacher, pool, pad_id
+        self.lock = threading.RLock()  # a call that is already done runs its callback in the caller's thread
+        self.waiting: list[tuple[list[int], StepBatch]] = []  # finished groups not yet sent
+        self.calls: list[tuple[list[int], Future]] = []  # (rows of the batch, the call scoring them)
+
+    def __call__(self, rows: list[int], part: StepBatch) -> None:
+        with self.lock:
+            self.waiting.append((rows, part))
+            self._send()
+
+    def _send(self, _done: Future | None = None) -> None:
+        with self.lock:
+            if not self.waiting or (self.calls and not self.calls[-1][1].done()):
+                return
+            rows = [row for part_rows, _ in self.waiting for row in part_rows]
+            batch = StepBatch.concat([part for _, part in self.waiting], self.pad_id)
+            self.waiting = []
+            call = self.pool.submit(self.teacher.score, batch)
+            self.calls.append((rows, call))
+        call.add_done_callback(self._send)  # then the groups that finished meanwhile
+
+    def collect(self, batch: StepBatch) -> TeacherScores:
+        """The scores of `batch`, whose rows the groups were. Raises what a call raised."""
+        while True:
+            with self.lock:
+                calls, waiting = list(self.calls), bool(self.waiting)
+            for _, call in calls:
+                call.result()
+            with self.lock:
+                if not self.waiting and len(self.calls) == len(calls) and not waiting:
+                    break
+            time.sleep(0.001)  # the last call's callback is sending what waited meanwhile
+        parts = [(rows, call.result()) for rows, call in calls]
+        if sorted(row for rows, _ in parts for row in rows) != list(range(len(batch))):
+            raise RuntimeError("the sampler handed over another set of rows than it returned")
+        return assemble_scores(batch.completion_ids.shape, batch.completion_ids.device, parts)
 
 
 @dataclass
@@ -39,6 +87,7 @@ class SampledBatch:
     prompts: StepPrompts  # this rank's prompts, and the whole step's stream positions
     policy_version: int  # optimizer steps applied to the weights that sampled it
     timings: dict[str, float]  # timing/rollout_s (and timing/weight_sync_s, part of it), this rank's
+    streamed: StreamedScores | None = None  # its groups' scoring, begun as the sampler finished each
 
 
 @dataclass
@@ -59,9 +108,12 @@ class ScoredBatch:
         return self.step - 1 - self.policy_version
 
 
-def sample_batch(session: Session, step: int, policy_version: int) -> SampledBatch:
+def sample_batch(
+    session: Session, step: int, policy_version: int, streamed: StreamedScores | None = None
+) -> SampledBatch:
     """Sample the step's rollouts with the current weights (the student's engine synced to them first).
-    policy_version: the optimizer steps those weights hold."""
+    policy_version: the optimizer steps those weights hold. streamed: where given, each prompt group goes
+    to the teacher as soon as it is finished."""
     started = time.perf_counter()
     world, config = session.world, session.config
     prompts = session.stream.take_step(config.batch.prompts_per_step // world.size, world.rank, world.size)
@@ -72,11 +124,12 @@ def sample_batch(session: Session, step: int, policy_version: int) -> SampledBat
         config.run.seed,
         step,
         prompts.positions,
+        **({"on_groups": streamed} if streamed is not None else {}),
     )
     timings = {"timing/rollout_s": time.perf_counter() - started}
     if sync_s is not None:  # part of timing/rollout_s
         timings["timing/weight_sync_s"] = sync_s
-    return SampledBatch(step, batch, prompts, policy_version, timings)
+    return SampledBatch(step, batch, prompts, policy_version, timings, streamed)
 
 
 def score_batch(session: Session, sampled: SampledBatch) -> ScoredBatch:
@@ -90,10 +143,13 @@ def score_batch(session: Session, sampled: SampledBatch) -> ScoredBatch:
             batch = session.rewards.attach(batch)
         except RewardFailed as exc:
             failure = str(exc)
-    if failure is None:
-        batch, teacher_flops = score(session, batch)
-    else:
+    if failure is not None:
         teacher_flops = 0.0
+    elif sampled.streamed is not None:
+        scores = sampled.streamed.collect(batch)
+        batch, teacher_flops = scores.attach(batch), scores.flops
+    else:
+        batch, teacher_flops = score(session, batch)
     timings = {**sampled.timings, "timing/teacher_s": time.perf_counter() - started}
     return ScoredBatch(sampled.step, batch, sampled.prompts, sampled.policy_version, teacher_flops, timings, failure)
 

@@ -105,7 +105,7 @@ def save(session: Session, step: int | None = None, flops: float = 0.0, in_fligh
             "guard": session.guard.state_dict(),
             # Every rank's own rows, in rank order.
             "in_flight": session.world.gather(
-                [replace(sampled, batch=sampled.batch.to("cpu")) for sampled in in_flight]
+                [replace(sampled, batch=sampled.batch.to("cpu"), streamed=None) for sampled in in_flight]
             ),
         }
         save_checkpoint(
