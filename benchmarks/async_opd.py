@@ -146,20 +146,14 @@ def start_proxy(target: str, delay_s: float) -> str:
 
 def summarize(result: dict) -> dict:
     """Tokens per second over the run's steps, and each stage's share of the summed step time."""
-    rows = [row for row in result["rows"] if "timing/update_s" in row]
-    tokens = sum(row["throughput/tokens_per_s"] * _step_s(row) for row in rows)
-    total = sum(_step_s(row) for row in rows)
+    rows = [row for row in result["rows"] if "timing/step_s" in row]
+    tokens = sum(row["throughput/tokens_per_s"] * row["timing/step_s"] for row in rows)
+    total = sum(row["timing/step_s"] for row in rows)
     share = {
         stage: sum(row.get(f"timing/{stage}_s", 0.0) for row in rows) / total
         for stage in ("rollout", "wait", "update", "teacher")
     }
     return {"tokens_per_s": tokens / total, "steps": len(rows), **share}
-
-
-def _step_s(row: dict) -> float:
-    return row.get("timing/step_s") or (
-        row["timing/rollout_s"] + row.get("timing/wait_s", row["timing/teacher_s"]) + row["timing/update_s"]
-    )
 
 
 def throughput(args) -> None:
@@ -188,7 +182,7 @@ def throughput(args) -> None:
                     for staleness in (0, 1, 2):
                         rollout = {**sections.get("rollout", {}), "max_staleness": staleness}
                         steps = run(raw, Path(tmp) / "run", **{**sections, "rollout": rollout})
-                        loop_s = sum(_step_s(row) for row in steps["rows"])
+                        loop_s = sum(row["timing/step_s"] for row in steps["rows"] if "timing/step_s" in row)
                         serial_s = serial_s or loop_s
                         timed = run(
                             raw,
@@ -211,7 +205,9 @@ def throughput(args) -> None:
                     accuracy = statistics.median(steps["eval"]["eval/accuracy"] for steps, _ in runs)
                     timed_kl = statistics.median(timed["eval"]["eval/distill/reverse_kl"] for _, timed in runs)
                     timed_accuracy = statistics.median(timed["eval"]["eval/accuracy"] for _, timed in runs)
-                    timed_steps = statistics.median(len(timed["rows"]) for _, timed in runs)
+                    timed_steps = statistics.median(
+                        sum("timing/step_s" in row for row in timed["rows"]) for _, timed in runs
+                    )
                     print(
                         f"| {staleness} | {med['tokens_per_s']:.0f} | {med['rollout']:.0%} | {med['wait']:.0%} "
                         f"| {med['update']:.0%} | {med['teacher']:.0%} | {kl:.3f} | {accuracy:.1%} | {timed_steps:.0f} "

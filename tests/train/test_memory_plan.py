@@ -90,6 +90,21 @@ def test_the_plan_counts_what_the_models_hold(models, tmp_path):
     assert sharded.resident["student weights (fp32, sharded)"] == 2 * student
 
 
+def test_batches_scored_ahead_add_their_hidden_states_and_scoring_beside_the_update(models, tmp_path):
+    """rollout.max_staleness N: up to N + 1 batches keep the teacher's hidden states (the default's forward-KL
+    term reads them), and the scoring thread's memory adds to the update's instead of coming after it."""
+    raw = raw_config(models, tmp_path / "run", 16)
+    serial = plan_memory(validate(raw), 1, "cpu")
+    raw["rollout"]["max_staleness"] = 2
+    ahead = plan_memory(validate(raw), 1, "cpu")
+    hidden = serial.phases["updating"]["teacher hidden states kept for the loss (1 batch)"]
+    assert ahead.phases["updating"]["teacher hidden states kept for the loss (3 batches)"] == 3 * hidden
+    assert "scoring" in serial.phases and "scoring" not in ahead.phases
+    scoring = sum(serial.phases["scoring"].values())
+    assert sum(ahead.phases["updating"].values()) == sum(serial.phases["updating"].values()) + 2 * hidden + scoring
+    assert ahead.peak > serial.peak
+
+
 def test_lora_counts_the_adapters_that_peft_adds(models):
     peft = pytest.importorskip("peft")
     for targets in (["q_proj", "v_proj", "lm_head"], "all-linear"):

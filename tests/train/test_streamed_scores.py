@@ -57,17 +57,18 @@ class SlowScorer:
         return TeacherScores(logprobs=-(batch.completion_ids * batch.completion_mask).float())
 
 
-def test_groups_that_finish_while_a_call_is_out_go_together_and_the_scores_are_the_whole_batchs(tmp_path):
+def test_groups_go_at_once_while_there_is_room_then_together_and_the_scores_are_the_whole_batchs(tmp_path):
     batch = demo_sample(tmp_path)
     scorer = SlowScorer()
-    with ThreadPoolExecutor(1) as pool:
-        streamed = StreamedScores(scorer, pool, pad_id=0)
-        for group in range(6):  # six groups of three rows, finishing 10 ms apart
+    with ThreadPoolExecutor(2) as pool:
+        streamed = StreamedScores(scorer, pool, pad_id=0, max_calls=2)
+        for group in range(6):  # six groups of three rows, finishing 5 ms apart; each call takes 50 ms
             rows = [3 * group + sample for sample in range(3)]
             streamed(rows, batch.select(rows))
-            time.sleep(0.01)
+            time.sleep(0.005)
         scores = streamed.collect(batch)
-    assert sum(scorer.calls) == len(batch) and 1 < len(scorer.calls) < 6
-    assert scorer.calls[0] == 3  # the first group went alone, at once
+    assert sum(scorer.calls) == len(batch)
+    assert scorer.calls[:2] == [3, 3]  # the first two groups went alone, at once
+    assert len(scorer.calls) < 6  # the groups that finished while both calls were out went together
     whole = -(batch.completion_ids * batch.completion_mask).float()
     torch.testing.assert_close(scores.logprobs, whole, atol=0, rtol=0)

@@ -101,7 +101,9 @@ class Pipeline:
         # A teacher on a server scores each prompt's group as soon as it is sampled (not at max_staleness 0:
         # grouping rows otherwise could move a server's numerics, and 0 is the loop as it always was).
         streams = overlap and session.rollouts.streams and on_servers(session.teacher) and not session.scored_by_sampler
-        self.stream_pool = ThreadPoolExecutor(1, thread_name_prefix="opd-streamed") if streams else None
+        # As many calls at once as the teachers take requests at once (teacher.concurrency).
+        self.max_calls = max((each.concurrency for each in session.config.teacher_configs.values()), default=1)
+        self.stream_pool = ThreadPoolExecutor(self.max_calls, thread_name_prefix="opd-streamed") if streams else None
         self.pad_id = session.student.tokenizer.pad_token_id
         self.next_step = session.start_step + 1  # the next step to sample a batch for
         for sampled in in_flight:
@@ -119,7 +121,9 @@ class Pipeline:
         """Step `step`'s scored batch, the current weights being version step - 1. First samples, from
         those weights, every batch up to `max_staleness` steps ahead that is not sampled yet."""
         while self.next_step <= min(step + self.ahead, self.last_step):
-            streamed = StreamedScores(self.session.teacher, self.stream_pool, self.pad_id) if self.stream_pool else None
+            streamed = None
+            if self.stream_pool is not None:
+                streamed = StreamedScores(self.session.teacher, self.stream_pool, self.pad_id, self.max_calls)
             self._send(sample_batch(self.session, self.next_step, step - 1, streamed))
         sampled = self.sampled.pop(step)
         if self.scoring is None:

@@ -35,12 +35,13 @@ SOURCE_IDS = {name: source for source, name in SOURCE_NAMES.items()}
 
 class StreamedScores:
     """A teacher on a server scoring each prompt's group as soon as the sampler has finished it, while the
-    sampler decodes the rest (the sampler's GroupsDone callback). One call at a time: the groups that
-    finish while a call is out go together in the next, so a server far away is asked no more often
-    than it answers; `collect` waits for the last and assembles the batch's scores."""
+    sampler decodes the rest (the sampler's GroupsDone callback). Up to `max_calls` calls are out at
+    once, each group alone while there is room (a distant server's latency overlaps); the groups that
+    finish while every call is out go together in the next. `collect` waits for the last and assembles
+    the batch's scores."""
 
-    def __init__(self, teacher: TokenScorer, pool: ThreadPoolExecutor, pad_id: int):
-        self.teacher, self.pool, self.pad_id = teacher, pool, pad_id
+    def __init__(self, teacher: TokenScorer, pool: ThreadPoolExecutor, pad_id: int, max_calls: int):
+        self.teacher, self.pool, self.pad_id, self.max_calls = teacher, pool, pad_id, max_calls
         self.lock = threading.RLock()  # a call that is already done runs its callback in the caller's thread
         self.waiting: list[tuple[list[int], StepBatch]] = []  # finished groups not yet sent
         self.calls: list[tuple[list[int], Future]] = []  # (rows of the batch, the call scoring them)
@@ -52,7 +53,7 @@ class StreamedScores:
 
     def _send(self, _done: Future | None = None) -> None:
         with self.lock:
-            if not self.waiting or (self.calls and not self.calls[-1][1].done()):
+            if not self.waiting or sum(not call.done() for _, call in self.calls) >= self.max_calls:
                 return
             rows = [row for part_rows, _ in self.waiting for row in part_rows]
             batch = StepBatch.concat([part for _, part in self.waiting], self.pad_id)
