@@ -8,6 +8,12 @@ import random
 import sys
 from pathlib import Path
 
+from opd.distributed.threads import shorten_idle_spin
+
+# As `opd` does, before torch loads: this process's idle OpenMP workers don't hold cores spinning that
+# other work (another test's subprocess, a busy machine) needs. No result changes.
+shorten_idle_spin()
+
 import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM

@@ -169,13 +169,14 @@ def test_the_advantage_default_follows_the_staleness(tiny_config, tmp_path, stal
     assert resolve(validate(raw)).loss.advantage_logprobs == resolved
 
 
-def test_a_recomputed_advantage_that_cannot_be_per_token_is_refused_before_weights_load(tiny_config, tmp_path):
+def test_a_recomputed_advantage_that_cannot_be_per_token_is_refused_before_weights_load(tiny_config, tmp_path, capsys):
+    from opd.cli import main
+
     raw = async_config(tiny_config, tmp_path / "run", 1, discount=0.9, advantage_logprobs="current")
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(raw))
-    done = run_cli("train", str(path), "--dry-run")
-    assert done.returncode == 2
-    assert done.stderr.strip() == (
+    assert main(["train", str(path), "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip() == (
         "error: loss.advantage_logprobs: current recomputes a per-token advantage, and loss.discount is 0.9: the "
         "advantage sums later tokens' log-probs, which the update computes a chunk at a time; use sampler"
     )

@@ -33,6 +33,11 @@ _RESUMABLE_CHANGES = {
 }
 
 
+# Keys added since runs were first recorded, with the value that reproduces what a run recorded before
+# them computed.
+_BEFORE_THE_KEY = {"rollout.max_staleness": 0, "loss.advantage_logprobs": "sampler"}
+
+
 def check_resumable(output_dir: Path, config: Config) -> None:
     """Refuse to resume with settings that would make the saved state mean something else. config: the
     resolved config of the resumed run."""
@@ -41,6 +46,9 @@ def check_resumable(output_dir: Path, config: Config) -> None:
         return
     saved_config = recorded_resolution(output_dir)
     saved, current = _flatten(saved_config), _flatten(config.model_dump(mode="json"))
+    for key, value in _BEFORE_THE_KEY.items():  # a run recorded before the key (or its resolution) computed this
+        if saved.get(key) is None:
+            saved[key] = value
     # The cosine horizon is what the schedule depends on: max_steps may grow, decay_steps may name the
     # old horizon, as long as the effective horizon stays the same.
     for flat, horizon in ((saved, _saved_horizon(saved)), (current, config.decay_steps)):
