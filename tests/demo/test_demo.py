@@ -28,7 +28,7 @@ def test_demo_distills_and_its_config_repeats_the_run(tmp_path):
     config = load_config(out / "config.yaml")
     for path in (config.student.path, config.teacher.path, config.data.train, config.data.eval):
         assert Path(path).exists(), path
-    # Its first 20 steps again, from another folder than the demo's (its config's paths hold wherever it
+    # Its first 10 steps again, from another folder than the demo's (its config's paths hold wherever it
     # is run), without the held-out evaluations (they draw from streams of their own) and on the same
     # cosine horizon: every step's figures equal bit for bit.
     elsewhere = tmp_path / "elsewhere"
@@ -40,16 +40,16 @@ def test_demo_distills_and_its_config_repeats_the_run(tmp_path):
         f"run.output_dir={tmp_path / 'repeat'}",
         "run.progress=false",
         "data.eval=null",
-        "run.max_steps=20",
+        "run.max_steps=10",
         "optim.decay_steps=150",
         cwd=elsewhere,
         timeout=1200,
     )
     assert repeat.returncode == 0, repeat.stderr
     timing = ("timing/", "throughput/", "memory/", "compute/")
-    original = [row for row in read_metrics(out / "metrics.jsonl") if 1 <= row["step"] <= 20]
+    original = [row for row in read_metrics(out / "metrics.jsonl") if 1 <= row["step"] <= 10]
     repeated = read_metrics(tmp_path / "repeat" / "metrics.jsonl")
-    assert [row["step"] for row in repeated] == [row["step"] for row in original] == list(range(1, 21))
+    assert [row["step"] for row in repeated] == [row["step"] for row in original] == list(range(1, 11))
     for first, second in zip(original, repeated):
         for key, value in second.items():
             if not key.startswith(timing) and not key.startswith("eval/"):
