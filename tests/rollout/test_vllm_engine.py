@@ -85,7 +85,7 @@ def student_logprobs_of(student, ids: list[int]) -> torch.Tensor:
 def test_engine_logprobs_match_an_fp32_recompute_of_the_same_tokens(engine, temperature, top_k, top_p):
     engine.policy = fresh_student()
     engine.settings = SamplingSettings(48, temperature, top_k, top_p)
-    engine.sync_weights()
+    engine.sync_weights(0)
     batch = engine.sample(prompt_batch(PROMPTS), 4, seed=3)
     assert batch.completion_ids.shape[0] == 12
     reference = recompute_logprobs(engine.policy, batch, temperature, top_k, top_p)
@@ -121,7 +121,7 @@ def _train_a_little(student, steps: int, engine: VLLMSampler, fixed: list[int]) 
         optimizer.step()
         stale = (engine_logprobs_of(engine, fixed) - student_logprobs_of(student, fixed)).abs().max()
         assert stale > 1e-3  # the engine still has the weights before this step
-        engine.sync_weights()
+        engine.sync_weights(0)
         assert (engine_logprobs_of(engine, fixed) - student_logprobs_of(student, fixed)).abs().max() <= 1e-4
 
 
@@ -139,7 +139,7 @@ def test_sync_after_each_of_three_steps_gives_the_engine_the_students_weights(en
         student = fresh_student()
         engine.policy = student
         fixed = [5, 6, 7, 8, 9, 10, 30, 31, 32, 100, 101, 7, 2]
-        assert engine.sync_weights() > 0  # the seconds it took
+        assert engine.sync_weights(0) > 0  # the seconds it took
         assert (engine_logprobs_of(engine, fixed) - student_logprobs_of(student, fixed)).abs().max() <= 1e-4
         _train_a_little(student, 3, engine, fixed)
     finally:

@@ -62,6 +62,14 @@ class Config(_Strict):
                 f"rollout.engine: {self.rollout.engine} samples the student, and rollout.source="
                 f"{self.rollout.source} leaves it nothing to sample; use rollout.engine: opd"
             )
+        servers = self.rollout.vllm_server.urls
+        if self.rollout.engine == "vllm_server" and not servers:
+            raise ValueError("rollout.vllm_server.urls: rollout.engine vllm_server needs at least one server's URL")
+        if servers and self.rollout.engine != "vllm_server":
+            raise ValueError(
+                f"rollout.vllm_server.urls: given, but rollout.engine is {self.rollout.engine}; "
+                "set rollout.engine: vllm_server to sample on those servers"
+            )
         if self.loss.forward_kl_coef and self.loss.kind != "reverse_kl_pg":
             raise ValueError(
                 f"loss.forward_kl_coef={self.loss.forward_kl_coef} adds to reverse_kl_pg only "

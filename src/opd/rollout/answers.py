@@ -39,7 +39,7 @@ class DatasetAnswers:
     def sampling_flops(self, batch: StepBatch) -> float:
         return 0.0  # no model ran
 
-    def sync_weights(self) -> None:
+    def sync_weights(self, version: int) -> None:
         return None
 
     def close(self) -> None:

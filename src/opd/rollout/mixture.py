@@ -40,10 +40,14 @@ class RolloutMix:
         self.gives_entropy = primary.gives_entropy
         # Hands finished prompt groups over as they finish (GroupsDone): the student's own sampler, alone.
         self.streams = secondary is None and getattr(primary, "streams", False)
+        # The student's engine runs on servers (a fault there is a server's restart to recover from), and
+        # with no other writer the whole mix samples with none of the trainer's devices or collectives.
+        self.remote = getattr(primary, "samples_elsewhere", False)
+        self.samples_elsewhere = self.remote and secondary is None
 
-    def sync_weights(self) -> float | None:
+    def sync_weights(self, version: int) -> float | None:
         """The student's engine brought up to the policy's weights (see Sampler.sync_weights)."""
-        return self.primary.sync_weights()
+        return self.primary.sync_weights(version)
 
     def close(self) -> None:
         for sampler in filter(None, (self.primary, self.secondary)):

@@ -49,10 +49,10 @@ class Sampler(Protocol):
 
     def sampling_flops(self, batch: StepBatch) -> float: ...
 
-    def sync_weights(self) -> float | None:
-        """Bring the engine's copy of the policy up to its current weights before a rollout (under
-        torchrun every rank calls it together). Returns the seconds it took, or None where the sampler
-        reads the policy's weights directly and has nothing to sync."""
+    def sync_weights(self, version: int) -> float | None:
+        """Bring the engine's copy of the policy up to its current weights, `version` (the optimizer steps
+        they hold), before a rollout (under torchrun every rank calls it together). Returns the seconds
+        it took, or None where the sampler reads the policy's weights directly and has nothing to sync."""
         ...
 
     def close(self) -> None:
@@ -125,6 +125,34 @@ def completions_batch(
         source=torch.full((rows,), source, dtype=torch.long, device=device),
         sampler_entropy=entropies,
     ).trimmed()
+
+
+def listed_completions_batch(
+    prompts: PromptBatch,
+    samples_per_prompt: int,
+    samples: list[tuple[list[int], list[float]]],
+    pad_id: int,
+    stop_ids: list[int],
+    device: torch.device,
+    source: int = STUDENT,
+) -> StepBatch:
+    """completions_batch from an engine's answers as lists: (token ids, their log-probs) per row, rows in
+    prompt order, each prompt's samples consecutive. A row is finished where its last token stops."""
+    rows, length = len(samples), max(1, max((len(ids) for ids, _ in samples), default=1))
+    tokens = torch.full((rows, length), pad_id, dtype=torch.long)
+    logprobs = torch.zeros((rows, length))
+    live = torch.zeros((rows, length), dtype=torch.long)
+    finished = torch.zeros(rows, dtype=torch.bool)
+    stops = set(stop_ids)
+    for row, (ids, values) in enumerate(samples):
+        tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        logprobs[row, : len(ids)] = torch.tensor(values, dtype=torch.float32)
+        live[row, : len(ids)] = 1
+        finished[row] = bool(ids) and ids[-1] in stops
+    return completions_batch(
+        prompts, samples_per_prompt, pad_id, tokens.to(device), live.to(device), logprobs.to(device),
+        finished.to(device), source,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -231,7 +259,7 @@ class ModelSampler:
     def sampling_flops(self, batch: StepBatch) -> float:
         return forward_flops(self._matmul_parameters, batch)
 
-    def sync_weights(self) -> None:
+    def sync_weights(self, version: int) -> None:
         """Nothing to sync: it samples the policy itself (its bf16 copy is refreshed at every call)."""
         return None
 

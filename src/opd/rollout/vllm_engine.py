@@ -18,7 +18,6 @@ distribution.
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 import time
 from typing import Iterator
@@ -40,7 +39,7 @@ from opd.rollout.sampler import (
     EngineMemoryInputs,
     RolloutEngine,
     SamplingSettings,
-    completions_batch,
+    listed_completions_batch,
     stream_seed,
 )
 
@@ -101,44 +100,16 @@ def engine_dtype(settings: VLLMEngineSettings, policy: LoadedModel, precision: P
     return precision.autocast_dtype or next(policy.model.parameters()).dtype
 
 
-class _ExpectedReloadWarnings(logging.Filter):
-    """Drops vLLM's reload warnings for the named layers alone (see _reload_weights)."""
-
-    def __init__(self, layers: tuple[str, ...]):
-        super().__init__()
-        self.messages = {f"{layer}: Failed to load weights" for layer in layers}
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.getMessage() not in self.messages
-
-
 def _reload_weights(worker, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
     """Runs inside vLLM's worker (collective_rpc, in this process): vLLM's in-place reload, which loads
     each layer through the model's load_weights and then redoes the processing it did after the first
     load (a CPU backend repacks some weights for its kernels; a plain load_weights would skip that)."""
-    # A weight shared by two layers (tied embeddings and LM head) is processed again only through one of
-    # them (vLLM's reload notes this); on a CPU the LM head keeps a packed copy of the old weights then.
-    sharers: dict[int, list[torch.nn.Module]] = {}
-    for module in worker.model_runner.get_model().modules():
-        weight, method = getattr(module, "weight", None), getattr(module, "quant_method", None)
-        if isinstance(weight, torch.nn.Parameter) and method is not None:
-            sharers.setdefault(id(weight), []).append(module)
-    shared = [module for modules in sharers.values() if len(modules) > 1 for module in modules[1:]]
-    # vLLM's reload warns "<layer>: Failed to load weights" for each layer that holds tensors but received
-    # none, and puts its old tensors back. Two are expected on every sync and harmless: a tied LM head (its
-    # weight is the embedding's, loaded through the embedding, and processed again below) and the rotary
-    # embedding (its cos/sin cache is computed, never in a checkpoint). The sync tests compare the engine's
-    # log-probs with the student's after each sync. Those two warnings are dropped while the reload runs;
-    # any other layer, an untied head included, still warns.
-    layerwise = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
-    expected = _ExpectedReloadWarnings(("RotaryEmbedding", "ParallelLMHead") if shared else ("RotaryEmbedding",))
-    layerwise.addFilter(expected)
-    try:
+    from opd.rollout.vllm_plugin import ExpectedReloadWarnings, reprocess_shared_weights
+
+    model = worker.model_runner.get_model()
+    with ExpectedReloadWarnings(model):
         worker.model_runner.reload_weights(weights_iterator=weights)
-    finally:
-        layerwise.removeFilter(expected)
-    for module in shared:
-        module.quant_method.process_weights_after_loading(module)
+    reprocess_shared_weights(model)
 
 
 class VLLMSampler:
@@ -214,7 +185,7 @@ class VLLMSampler:
         return forward_flops(self._matmul_parameters, batch)
 
     @torch.no_grad()
-    def sync_weights(self) -> float:
+    def sync_weights(self, version: int) -> float:
         """Copy the student's current weights into the engine (awake: a sleeping engine wakes first) and
         reset its prefix cache, so no KV block computed with older weights is reused. The tensors stream
         one at a time (the engine consumes the iterator in this process): beside the two models there is
@@ -264,29 +235,14 @@ class VLLMSampler:
     def _batch(self, prompts: PromptBatch, samples_per_prompt: int, outputs) -> StepBatch:
         """The engine's completions as a StepBatch, rows in prompt order, each prompt's samples by index."""
         completions = [sample for output in outputs for sample in sorted(output.outputs, key=lambda s: s.index)]
-        length = max(1, max(len(sample.token_ids) for sample in completions))
-        rows = len(completions)
-        tokens = torch.full((rows, length), self.policy.tokenizer.pad_token_id, dtype=torch.long)
-        logprobs = torch.zeros((rows, length))
-        live = torch.zeros((rows, length), dtype=torch.long)
-        finished = torch.zeros(rows, dtype=torch.bool)
-        stop_ids = set(self.policy.stop_token_ids)
-        for row, sample in enumerate(completions):
-            ids = list(sample.token_ids)
-            tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            live[row, : len(ids)] = 1
-            logprobs[row, : len(ids)] = torch.tensor([step[token].logprob for step, token in zip(sample.logprobs, ids)])
-            finished[row] = bool(ids) and ids[-1] in stop_ids
+        samples = [
+            (list(sample.token_ids), [step[token].logprob for step, token in zip(sample.logprobs, sample.token_ids)])
+            for sample in completions
+        ]
         device = next(self.policy.model.parameters()).device
-        return completions_batch(
-            prompts,
-            samples_per_prompt,
-            self.policy.tokenizer.pad_token_id,
-            tokens.to(device),
-            live.to(device),
-            logprobs.to(device),
-            finished.to(device),
-            STUDENT,
+        tokenizer = self.policy.tokenizer
+        return listed_completions_batch(
+            prompts, samples_per_prompt, samples, tokenizer.pad_token_id, self.policy.stop_token_ids, device
         )
 
 

@@ -31,12 +31,26 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 
+from opd.data.prompts import StepPrompts
+from opd.rollout.vllm_server_engine import ServerRestarted
+from opd.rollout.weight_transfer import RolloutServerError
 from opd.teachers.build import on_servers
 from opd.train.setup import Session
-from opd.train.step import SampledBatch, ScoredBatch, StreamedScores, agree_on_grading, sample_batch, score_batch
+from opd.train.step import (
+    SampledBatch,
+    ScoredBatch,
+    StreamedScores,
+    agree_on_grading,
+    draw_batch,
+    sample_batch,
+    score_batch,
+    take_prompts,
+)
+
+RESAMPLINGS = 3  # a batch sampled again after its server restarted, at most, before the run stops
 
 
 class _ScoringThread:
@@ -106,6 +120,12 @@ class Pipeline:
         self.stream_pool = ThreadPoolExecutor(self.max_calls, thread_name_prefix="opd-streamed") if streams else None
         self.pad_id = session.student.tokenizer.pad_token_id
         self.next_step = session.start_step + 1  # the next step to sample a batch for
+        # Rollout servers: their faults are agreed on by every rank, and with max_staleness >= 1 they draw
+        # the batch ahead on a thread of their own while the trainer updates (opd.rollout.vllm_server_engine).
+        self.remote = getattr(session.rollouts, "remote", False)
+        beside = self.remote and self.ahead > 0 and session.rollouts.samples_elsewhere
+        self.drawer = ThreadPoolExecutor(1, thread_name_prefix="opd-sampling") if beside else None
+        self.drawing: tuple[int, Future, StepPrompts] | None = None  # (step, its draws, its prompts) on the drawer
         for sampled in in_flight:
             self._send(sampled)
         if in_flight:
@@ -121,10 +141,18 @@ class Pipeline:
         """Step `step`'s scored batch, the current weights being version step - 1. First samples, from
         those weights, every batch up to `max_staleness` steps ahead that is not sampled yet."""
         while self.next_step <= min(step + self.ahead, self.last_step):
-            streamed = None
-            if self.stream_pool is not None:
-                streamed = StreamedScores(self.session.teacher, self.stream_pool, self.pad_id, self.max_calls)
-            self._send(sample_batch(self.session, self.next_step, step - 1, streamed))
+            self._settle_drawing(step - 1)  # its weights are replaced by the next sync
+            if self.drawer is not None:
+                self._draw_beside(self.next_step, step - 1)
+            elif self.remote:
+                started, prompts, target = time.perf_counter(), take_prompts(self.session), self.next_step
+                sync_s = self.session.rollouts.sync_weights(step - 1)
+                draws = lambda: draw_batch(self.session, prompts, target, step - 1, self._streamed(), started, sync_s)  # noqa: E731
+                self._send(self._agreed(draws, target, step - 1, prompts))
+            else:
+                self._send(sample_batch(self.session, self.next_step, step - 1, self._streamed()))
+        if self.drawing is not None and self.drawing[0] == step:
+            self._settle_drawing(step - 1)
         sampled = self.sampled.pop(step)
         if self.scoring is None:
             scored = score_batch(self.session, sampled)
@@ -135,8 +163,64 @@ class Pipeline:
         agree_on_grading(self.session, scored)
         return scored
 
-    def in_flight(self) -> list[SampledBatch]:
-        """The batches sampled ahead and not yet consumed, in step order."""
+    def _streamed(self) -> StreamedScores | None:
+        if self.stream_pool is None:
+            return None
+        return StreamedScores(self.session.teacher, self.stream_pool, self.pad_id, self.max_calls)
+
+    def _draw_beside(self, target: int, version: int) -> None:
+        """Take the target step's prompts and sync the servers here (a sharded student's gathers are
+        collectives), then leave the draws to the drawer thread."""
+        started = time.perf_counter()
+        prompts = take_prompts(self.session)
+        sync_s = self.session.rollouts.sync_weights(version)
+        streamed = self._streamed()
+        call = self.drawer.submit(draw_batch, self.session, prompts, target, version, streamed, started, sync_s)
+        self.drawing = (target, call, prompts)
+        self.next_step = target + 1
+
+    def _settle_drawing(self, version: int) -> None:
+        """The batch under way on the drawer, finished (or sampled again from the current weights, `version`,
+        where its server restarted meanwhile) and sent on to scoring."""
+        if self.drawing is None:
+            return
+        target, call, prompts = self.drawing
+        self.drawing = None
+        self._send(self._agreed(call.result, target, version, prompts))
+
+    def _agreed(self, draw, target: int, version: int, prompts) -> SampledBatch:
+        """draw()'s batch, where every rank's draws succeeded. A rollout server that restarted on any rank's
+        watch: every rank has the weights pushed again (to the servers that lost them) and samples its
+        prompts again, from the current weights, `version`. Any other fault stops every rank with its line."""
+        session, attempt = self.session, draw
+        for _ in range(RESAMPLINGS + 1):
+            try:
+                sampled, fault = attempt(), None
+            except ServerRestarted as exc:
+                sampled, fault = None, ("restarted", str(exc))
+            except RolloutServerError as exc:
+                sampled, fault = None, ("failed", str(exc))
+            faults = [each for each in session.world.gather(fault) if each is not None]
+            if not faults:
+                return sampled
+            failed = [message for kind, message in faults if kind == "failed"]
+            if failed:
+                raise RolloutServerError(failed[0])
+            if session.world.is_main:
+                print(f"warning: step {target}: {faults[0][1]}; its weights pushed again, its prompts sampled again")
+
+            def attempt():
+                started = time.perf_counter()
+                sync_s = session.rollouts.sync_weights(version)
+                return draw_batch(session, prompts, target, version, self._streamed(), started, sync_s)
+
+        raise RolloutServerError(f"step {target}: {faults[0][1]}, {RESAMPLINGS + 1} times in a row; stopping")
+
+    def in_flight(self, version: int) -> list[SampledBatch]:
+        """The batches sampled ahead and not yet consumed, in step order (the one under way finished first).
+        version: the current weights' (the last step updated)."""
+        if self.drawing is not None:
+            self._settle_drawing(version)
         return [self.sampled[step] for step in sorted(self.sampled)]
 
     @contextmanager
@@ -153,3 +237,5 @@ class Pipeline:
             self.scoring.close()
         if self.stream_pool is not None:
             self.stream_pool.shutdown(wait=False, cancel_futures=True)
+        if self.drawer is not None:
+            self.drawer.shutdown(wait=False, cancel_futures=True)

@@ -116,9 +116,31 @@ def sample_batch(
     policy_version: the optimizer steps those weights hold. streamed: where given, each prompt group goes
     to the teacher as soon as it is finished."""
     started = time.perf_counter()
+    prompts = take_prompts(session)
+    sync_s = session.rollouts.sync_weights(policy_version)
+    return draw_batch(session, prompts, step, policy_version, streamed, started, sync_s)
+
+
+def take_prompts(session: Session) -> StepPrompts:
+    """This rank's share of the next step's prompts."""
     world, config = session.world, session.config
-    prompts = session.stream.take_step(config.batch.prompts_per_step // world.size, world.rank, world.size)
-    sync_s = session.rollouts.sync_weights()
+    return session.stream.take_step(config.batch.prompts_per_step // world.size, world.rank, world.size)
+
+
+def draw_batch(
+    session: Session,
+    prompts: StepPrompts,
+    step: int,
+    policy_version: int,
+    streamed: StreamedScores | None,
+    started: float,
+    sync_s: float | None,
+) -> SampledBatch:
+    """The engine's rollouts of `prompts`, with the weights it was last synced to (policy_version). Makes no
+    collective call of its own where the engine samples elsewhere (rollout servers): it may then run on
+    a thread beside the update. started: perf_counter when the batch's making began (its prompts, its
+    sync); sync_s: what the sync took, part of it."""
+    config = session.config
     batch = session.rollouts.sample(
         session.train_prompts.batch(prompts.indices, prompts.keys),
         config.rollout.samples_per_prompt,

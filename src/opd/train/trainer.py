@@ -76,7 +76,7 @@ def train(request: Config, resume: bool | str = False, log=print, time_limit_s: 
                 sinks.write(step, metrics)
             progress.update(step, metrics)
             if run.save_every and step % run.save_every == 0:
-                save(session, step, flops, pipeline.in_flight())
+                save(session, step, flops, pipeline.in_flight(step))
             if last_step:
                 break
     except (TrainingDiverged, TeacherUnavailable) as exc:
