@@ -18,13 +18,16 @@ from conftest import free_port
 
 
 @contextmanager
-def running(argv: list[str], env: dict | None = None):
+def running(argv: list[str], env: dict | None = None, log: Path | None = None):
     """A process in a group of its own, killed whole on the way out, pass or fail (with any workers a
-    launcher left behind). env: the whole environment (default: ours, with one thread)."""
+    launcher left behind). env: the whole environment (default: ours, with one thread). log: a file for
+    its output, for a long-lived server that logs every request (a pipe nobody reads would fill and
+    block it); else its output is piped."""
+    output = open(log, "a") if log is not None else subprocess.PIPE  # noqa: SIM115 (closed below)
     job = subprocess.Popen(
         argv,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdout=output,
+        stderr=subprocess.STDOUT if log is not None else subprocess.PIPE,
         text=True,
         start_new_session=True,
         env=env or {**os.environ, "OMP_NUM_THREADS": "1"},
@@ -45,6 +48,8 @@ def running(argv: list[str], env: dict | None = None):
             os.killpg(job.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        if log is not None:
+            output.close()
 
 
 def descendants(pid: int) -> list[int]:
@@ -97,7 +102,7 @@ def wait_healthy(url: str, job: subprocess.Popen | None = None, timeout: float =
     deadline = time.time() + timeout
     while time.time() < deadline:
         if job is not None and job.poll() is not None:
-            raise AssertionError(f"the server exited: {job.communicate()[1][-2000:]}")
+            raise AssertionError(f"the server exited: {(job.communicate()[1] or '(its output is in its log)')[-2000:]}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return

@@ -35,11 +35,12 @@ def demo_student_path() -> str:
 
 
 @pytest.fixture(scope="module")
-def server_url():
+def server_url(tmp_path_factory):
     """One rollout server for the module (starting one takes seconds); each test pushes its own weights."""
     needs_vllm()
     port = free_port()
-    with running(serve_student_argv(port), {**os.environ, "OMP_NUM_THREADS": "1"}) as job:
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with running(serve_student_argv(port), {**os.environ, "OMP_NUM_THREADS": "1"}, log) as job:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, job, timeout=300)
         yield url

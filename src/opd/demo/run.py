@@ -99,36 +99,10 @@ def run_demo(
     """teacher_tokenizer: "same" (word-level) or "other" (the BPE teacher); self_distill: the hinted student
     teaches itself (see the module's docstring); seed: the run's (sampling and data order; the models and
     the data set are the same for every seed); steps: the run's optimizer steps."""
-    out = Path(out).resolve()  # the run's config.yaml then works from any folder
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"--out: '{out}' already exists and is not empty; choose a new directory")
-    if self_distill and teacher_tokenizer != "same":
-        raise ConfigError("--self-distill: the teacher is the student itself, so --teacher-tokenizer does not apply")
     started = time.perf_counter()
     console = Console()
-    (out / "data").mkdir(parents=True, exist_ok=True)
-    write_split(out / "data" / "train.jsonl", 4000, seed=1, hint=self_distill)
-    write_split(out / "data" / "eval.jsonl", 200, seed=2, hint=self_distill)  # held-out KL against the hinted teacher
-    teacher, student = (
-        ("student", "student_hinted")
-        if self_distill
-        else ("teacher_bpe" if teacher_tokenizer == "other" else "teacher", "student")
-    )
-    for name in {student} | ({teacher} if teacher != "student" else set()):  # `student`: the student's own weights
-        shutil.copytree(ASSETS / name, out / "models" / name)
-    config = demo_config(out, teacher, student, seed, steps)
-    if self_distill:
-        write_split(out / "data" / "eval_hinted.jsonl", 200, seed=2, hint_in_prompt=True)
-        console.print(
-            f"[bold]opd demo[/bold]: a {_size(out / 'models' / student)} student teaches itself, its "
-            f"frozen copy shown the reference answer's last line; run directory {out}"
-        )
-    else:
-        console.print(
-            f"[bold]opd demo[/bold]: distilling a {_size(out / 'models' / teacher)} teacher "
-            f"({'byte-level BPE' if teacher_tokenizer == 'other' else 'word-level'} tokens) into a "
-            f"{_size(out / 'models' / student)} student (word-level tokens); run directory {out}"
-        )
+    config = prepare_demo(out, teacher_tokenizer, self_distill, seed, steps, console.print)
+    out = Path(config.run.output_dir)
     teacher_acc = teacher_accuracy(config, out / "data" / "eval_hinted.jsonl" if self_distill else None)
     result = train(config, log=console.print)
     summary = {
@@ -145,6 +119,46 @@ def run_demo(
     console.print(_table(summary))
     console.print(f"Run directory: {out} (metrics.jsonl, checkpoints/, final/, config.yaml, report.html, report.png)")
     return summary
+
+
+def prepare_demo(
+    out: str | Path,
+    teacher_tokenizer: str = "same",
+    self_distill: bool = False,
+    seed: int = 0,
+    steps: int = DEMO_STEPS,
+    log=print,
+) -> Config:
+    """The demo's run directory before training: its data, its models and its config (see run_demo)."""
+    out = Path(out).resolve()  # the run's config.yaml then works from any folder
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out: '{out}' already exists and is not empty; choose a new directory")
+    if self_distill and teacher_tokenizer != "same":
+        raise ConfigError("--self-distill: the teacher is the student itself, so --teacher-tokenizer does not apply")
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    write_split(out / "data" / "train.jsonl", 4000, seed=1, hint=self_distill)
+    write_split(out / "data" / "eval.jsonl", 200, seed=2, hint=self_distill)  # held-out KL against the hinted teacher
+    teacher, student = (
+        ("student", "student_hinted")
+        if self_distill
+        else ("teacher_bpe" if teacher_tokenizer == "other" else "teacher", "student")
+    )
+    for name in {student} | ({teacher} if teacher != "student" else set()):  # `student`: the student's own weights
+        shutil.copytree(ASSETS / name, out / "models" / name)
+    config = demo_config(out, teacher, student, seed, steps)
+    if self_distill:
+        write_split(out / "data" / "eval_hinted.jsonl", 200, seed=2, hint_in_prompt=True)
+        log(
+            f"[bold]opd demo[/bold]: a {_size(out / 'models' / student)} student teaches itself, its "
+            f"frozen copy shown the reference answer's last line; run directory {out}"
+        )
+    else:
+        log(
+            f"[bold]opd demo[/bold]: distilling a {_size(out / 'models' / teacher)} teacher "
+            f"({'byte-level BPE' if teacher_tokenizer == 'other' else 'word-level'} tokens) into a "
+            f"{_size(out / 'models' / student)} student (word-level tokens); run directory {out}"
+        )
+    return config
 
 
 def _size(model_dir: Path) -> str:

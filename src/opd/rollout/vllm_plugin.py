@@ -137,10 +137,32 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
     def receive_weights(self, update_info: GlooUpdateInfo) -> None:
         if self.group is None:
             raise RuntimeError("gloo weight transfer: init_weight_transfer_engine was not called")
-        for name, dtype, shape in zip(update_info.names, update_info.dtype_names, update_info.shapes):
-            tensor = torch.empty(shape, dtype=getattr(torch, dtype))
-            gloo_broadcast(self.group, tensor)
-            self.model.load_weights([(name, tensor.to(self.device))])
+        try:
+            for name, dtype, shape in zip(update_info.names, update_info.dtype_names, update_info.shapes):
+                tensor = torch.empty(shape, dtype=getattr(torch, dtype))
+                gloo_broadcast(self.group, tensor)
+                self.model.load_weights([(name, tensor.to(self.device))])
+        except BaseException:
+            self._abandon_update()
+            raise
+
+    def _abandon_update(self) -> None:
+        """After a failed update (weights of another model, a trainer gone): every layer not yet reloaded
+        gets its tensors back and leaves vLLM's reload, so the server keeps serving and the next update
+        starts clean (else the next one would finish with this one's tensors). The trainer counts the
+        server's weights as unknown and sends them all again."""
+        from vllm.model_executor.model_loader.reload import layerwise
+
+        for layer in self.model.modules():
+            info = layerwise.get_layerwise_info(layer)
+            if info.can_load():
+                if info.kernel_tensors is not None:
+                    layerwise._place_kernel_tensors(layer, info)
+                info.reset()
+        layerwise.LOADING_LAYERS.clear()
+        if self.warnings is not None:
+            self.warnings.__exit__(None, None, None)
+            self.warnings = None
 
     def finish_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
