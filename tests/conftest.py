@@ -118,18 +118,11 @@ def tiny_config(tiny_models, tiny_data, tmp_path) -> dict:
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None):
-    """Run `python -m opd ARGS` in a subprocess (env: variables added to ours); returns the CompletedProcess."""
-    import os
-    import subprocess
+    """Run `python -m opd ARGS` as a process of its own (env: variables added to ours); returns the
+    CompletedProcess. Forked from a warm parent where the environment allows (tests/processes.py)."""
+    from processes import run_command
 
-    return subprocess.run(
-        [sys.executable, "-m", "opd", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
+    return run_command([sys.executable, "-m", "opd", *args], {**os.environ, **(env or {})}, cwd=cwd, timeout=timeout)
 
 
 def prompt_batch(token_ids: list[list[int]], answers: list[str | None] | None = None) -> PromptBatch:
@@ -214,3 +207,19 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def rollout_server_url(tmp_path_factory):
+    """One `opd serve-student` of the demo's student (fp32, one thread) for the whole session: starting
+    one takes about half a minute. Every sampler pushes its own weights at its first sync, so no test
+    depends on what another left on it."""
+    from processes import needs_vllm, running, serve_student_argv, wait_healthy
+
+    needs_vllm()
+    port = free_port()
+    log = tmp_path_factory.mktemp("rollout-server") / "server.log"
+    with running(serve_student_argv(port), {**os.environ, "OMP_NUM_THREADS": "1"}, log) as job:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, job, timeout=300)
+        yield url

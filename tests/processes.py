@@ -1,13 +1,19 @@
 """Real processes for end-to-end tests: `opd` commands, torchrun launches and `opd serve-teacher` on
-127.0.0.1, each in a process group of its own that is killed whole on the way out, pass or fail."""
+127.0.0.1, each in a process group of its own that is killed whole on the way out, pass or fail.
+A one-process `python -m opd` command is forked from a warm parent where it can be (tests/forkserver.py)."""
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
+import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,15 +29,19 @@ def running(argv: list[str], env: dict | None = None, log: Path | None = None):
     launcher left behind). env: the whole environment (default: ours, with one thread). log: a file for
     its output, for a long-lived server that logs every request (a pipe nobody reads would fill and
     block it); else its output is piped."""
-    output = open(log, "a") if log is not None else subprocess.PIPE  # noqa: SIM115 (closed below)
-    job = subprocess.Popen(
-        argv,
-        stdout=output,
-        stderr=subprocess.STDOUT if log is not None else subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        env=env or {**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    env = env or {**os.environ, "OMP_NUM_THREADS": "1"}
+    if forkable(argv, env):
+        job, output = ForkedJob(argv, env, log=log), None
+    else:
+        output = open(log, "a") if log is not None else subprocess.PIPE  # noqa: SIM115 (closed below)
+        job = subprocess.Popen(
+            argv,
+            stdout=output,
+            stderr=subprocess.STDOUT if log is not None else subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            env=env,
+        )
     try:
         yield job
     finally:
@@ -48,8 +58,114 @@ def running(argv: list[str], env: dict | None = None, log: Path | None = None):
             os.killpg(job.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        if log is not None:
+        if output not in (None, subprocess.PIPE):
             output.close()
+
+
+def run_command(argv: list[str], env: dict, cwd: Path | None = None, timeout: float | None = None):
+    """subprocess.run(argv, capture_output=True, text=True, ...), forked from the warm parent where it can be."""
+    if not forkable(argv, env):
+        return subprocess.run(argv, capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
+    job = ForkedJob(argv, env, cwd=cwd)
+    try:
+        stdout, stderr = job.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+        raise
+    return subprocess.CompletedProcess(argv, job.returncode, stdout, stderr)
+
+
+# Variables read when torch, transformers, their libraries or glibc load: the warm parent read them once,
+# so a command that sets them otherwise starts afresh. OMP_NUM_THREADS is applied after the fork.
+IMPORT_TIME_VARIABLES = ("HF_", "HUGGINGFACE", "TRANSFORMERS", "TORCH", "PYTORCH", "CUDA", "OMP_", "GOMP_")
+IMPORT_TIME_VARIABLES += ("KMP_", "MKL", "OPENBLAS", "PYTHON", "TOKENIZERS", "LD_", "MALLOC_", "GLIBC_", "XDG_", "HOME")
+
+
+def forkable(argv: list[str], env: dict) -> bool:
+    """Whether `argv` may be forked from the warm parent: a one-process `python -m opd` command other than
+    a server, in an environment that differs from the suite's in nothing read at import time."""
+    if list(argv[:3]) != [sys.executable, "-m", "opd"] or argv[3:4] in (["serve-teacher"], ["serve-student"]):
+        return False
+    if os.environ.get("OPD_TESTS_FORK", "1") == "0" or _forkserver() is None:
+        return False
+    changed = {name for name in {*env, *os.environ} if env.get(name) != os.environ.get(name)}
+    return all(name == "OMP_NUM_THREADS" or not name.startswith(IMPORT_TIME_VARIABLES) for name in changed)
+
+
+_FORKSERVER: dict = {}
+
+
+def _forkserver() -> str | None:
+    """The warm parent's socket, started at the first call (None where it could not start)."""
+    if "socket" not in _FORKSERVER:
+        folder = tempfile.mkdtemp(prefix="opd-forkserver-")
+        path = os.path.join(folder, "socket")
+        server = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("forkserver.py")), path],
+            stdin=subprocess.PIPE,  # closed when the suite ends: the server's cue to go
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        ready = server.stdout.readline().strip() == "ready"
+        _FORKSERVER["socket"] = path if ready else None
+        _FORKSERVER["server"] = server
+
+        @atexit.register
+        def _stop() -> None:
+            server.stdin.close()
+            server.wait()
+            shutil.rmtree(folder, ignore_errors=True)
+
+    return _FORKSERVER["socket"]
+
+
+class ForkedJob:
+    """A `python -m opd` command forked from the warm parent, with what tests use of subprocess.Popen:
+    pid (its own session and process group), poll, wait, communicate (its output, where not in `log`),
+    returncode."""
+
+    def __init__(self, argv: list[str], env: dict, cwd: Path | None = None, log: Path | None = None):
+        self.args, self.returncode, self.log = argv, None, log
+        self._folder = None if log is not None else tempfile.mkdtemp(prefix="opd-job-")
+        out = str(log) if log is not None else os.path.join(self._folder, "stdout")
+        err = str(log) if log is not None else os.path.join(self._folder, "stderr")
+        self._connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._connection.connect(_forkserver())
+        request = {"argv": argv[3:], "env": env, "cwd": str(cwd or os.getcwd()), "stdout": out, "stderr": err}
+        self._connection.sendall(json.dumps(request).encode() + b"\n")
+        self.pid = int(self._line())
+
+    def _line(self) -> str:
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = self._connection.recv(1)
+            if not chunk:
+                raise RuntimeError("the fork server went away")
+            line += chunk
+        return line.decode()
+
+    def poll(self) -> int | None:
+        if self.returncode is None and select.select([self._connection], [], [], 0)[0]:
+            self.returncode = int(self._line())
+            self._connection.close()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            if not select.select([self._connection], [], [], timeout)[0]:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            self.poll()
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str | None, str | None]:
+        self.wait(timeout)
+        if self._folder is None:
+            return None, None
+        outputs = tuple(Path(self._folder, name).read_text(errors="replace") for name in ("stdout", "stderr"))
+        shutil.rmtree(self._folder, ignore_errors=True)
+        self._folder = None
+        return outputs
 
 
 def descendants(pid: int) -> list[int]:

@@ -10,6 +10,7 @@ import sys
 
 from opd.demo import DEMO_STEPS
 from opd.errors import ConfigError, OpdError
+from opd.serve.student import CPU_MEMORY_SHARE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -143,7 +144,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     student.add_argument("--dtype", default="auto", help="vLLM's --dtype (default auto)")
     student.add_argument("--max-model-len", type=int, help="context to hold (default: the model's)")
-    student.add_argument("--gpu-memory-utilization", type=float, help="vLLM's share of the device's memory")
+    student.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        help="vLLM's share of the device's memory, most of it for the KV cache (default: vLLM's 0.9 on a GPU; "
+        f"{CPU_MEMORY_SHARE} of the host's memory without one, which a trainer on the same host shares)",
+    )
     student.add_argument("--served-model-name", help="the name clients ask for (default: MODEL)")
     student.add_argument("--trust-remote-code", action="store_true")
 

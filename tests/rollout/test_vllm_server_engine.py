@@ -5,7 +5,6 @@ and the one-line errors."""
 
 from __future__ import annotations
 
-import os
 import time
 
 import httpx
@@ -23,7 +22,6 @@ from opd.rollout.vllm_server_engine import ServerRestarted, ServerSampler
 from opd.rollout.weight_transfer import RolloutServerError
 
 from conftest import free_port, prompt_batch, recompute_logprobs
-from processes import needs_vllm, running, serve_student_argv, wait_healthy
 
 pytestmark = [pytest.mark.vllm, pytest.mark.e2e]
 
@@ -34,16 +32,9 @@ def demo_student_path() -> str:
     return str(ASSETS / "student")
 
 
-@pytest.fixture(scope="module")
-def server_url(tmp_path_factory):
-    """One rollout server for the module (starting one takes seconds); each test pushes its own weights."""
-    needs_vllm()
-    port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    with running(serve_student_argv(port), {**os.environ, "OMP_NUM_THREADS": "1"}, log) as job:
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, job, timeout=300)
-        yield url
+@pytest.fixture
+def server_url(rollout_server_url):
+    return rollout_server_url  # one server for the session (conftest)
 
 
 def sampler_for(student, url: str, settings=SamplingSettings(48), **server) -> ServerSampler:

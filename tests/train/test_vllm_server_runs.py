@@ -27,14 +27,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
 SERVER_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module")
-def server_url(tmp_path_factory):
-    needs_vllm()
-    port = free_port()
-    with running(serve_student_argv(port), SERVER_ENV, tmp_path_factory.mktemp("server") / "server.log") as job:
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, job, timeout=300)
-        yield url
+@pytest.fixture
+def server_url(rollout_server_url):
+    return rollout_server_url  # one server for the session (conftest)
 
 
 def server_config(tmp_path: Path, urls: list[str], name: str = "run", **rollout) -> dict:
@@ -159,8 +154,8 @@ def test_a_server_that_refuses_the_weights_stops_the_run_in_one_line(server_url,
 
 def test_the_demo_with_a_rollout_server_learns_as_with_the_in_process_engine(server_url, tmp_path):
     """The demo's run (its data, models and config), sampled on a rollout server, 60 of its 150 steps:
-    the floors the demo's own test asks of its 150 steps (python benchmarks/rollout_servers.py measures
-    the whole run: 11.5 % -> 53.5 %, held-out reverse KL -74 %)."""
+    the floors the demo's own test asks of its 150 steps (docs/rollout_engine.md gives the whole run's
+    figures beside the in-process engines')."""
     config = prepare_demo(tmp_path / "demo", steps=60, log=lambda *_: None)
     raw = config.model_dump(mode="json")
     raw["run"].update(output_dir=str(tmp_path / "demo" / "run"), progress=False)

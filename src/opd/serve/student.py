@@ -14,7 +14,9 @@ in the server but the gloo weight-transfer backend (opd.rollout.vllm_plugin):
   it (temperature, top-k, top-p), which is ℓˢ.
 - --weight-transfer-config: nccl where the server has a GPU, else gloo (rollout.vllm_server.weight_transfer
   must name the same).
-- on a machine without a GPU: eager mode, and no pinning of vLLM's threads to cores (a trainer shares them).
+- on a machine without a GPU: eager mode, no pinning of vLLM's threads to cores (a trainer shares them),
+  and CPU_MEMORY_SHARE of the host's memory unless --gpu-memory-utilization says otherwise: vLLM's
+  default of 0.9 would reserve nearly all of it for its KV cache, leaving none to a trainer on the host.
 Arguments after `--` go to vLLM as they are (e.g. --tensor-parallel-size 2).
 """
 
@@ -23,6 +25,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+
+CPU_MEMORY_SHARE = 0.2  # of the host's memory, for a server without a GPU (see above)
 
 
 def server_command(
@@ -54,6 +58,8 @@ def server_command(
     argv += ["--weight-transfer-config", json.dumps({"backend": backend})]
     if max_model_len is not None:
         argv += ["--max-model-len", str(max_model_len)]
+    if gpu_memory_utilization is None and not gpu:
+        gpu_memory_utilization = CPU_MEMORY_SHARE
     if gpu_memory_utilization is not None:
         argv += ["--gpu-memory-utilization", str(gpu_memory_utilization)]
     if served_model_name:
