@@ -32,6 +32,17 @@ def server_url(rollout_server_url):
     return rollout_server_url  # one server for the session (conftest)
 
 
+@pytest.fixture(scope="module")
+def second_server(tmp_path_factory):
+    """Another rollout server: (its URL, its log, where each request it answered shows)."""
+    needs_vllm()
+    port, log = free_port(), tmp_path_factory.mktemp("second-server") / "server.log"
+    with running(serve_student_argv(port), SERVER_ENV, log) as job:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, job, timeout=300)
+        yield url, log
+
+
 def server_config(tmp_path: Path, urls: list[str], name: str = "run", **rollout) -> dict:
     """The demo's models on a few problems, sampled on rollout servers."""
     data = write_problems(tmp_path / "train.jsonl", 32, seed=1)
@@ -73,23 +84,31 @@ def checkpoint_logprobs(folder: Path, ids: list[int]) -> torch.Tensor:
     return logits.log_softmax(-1).gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
 
 
-def test_two_sharded_ranks_sampling_beside_the_update_equal_one_rank(server_url, tmp_path):
-    """max_staleness 1: the server draws the next batch while the trainer updates. Each prompt's draws are
-    seeded by its key, so 2 ranks x 1 prompt sample what 1 rank x 2 prompts do and train the same
-    weights (up to the order of floating-point sums); the FSDP2-sharded student is gathered a unit at a
-    time for each push. After the run the server holds the weights of the last push: version 1 (step 3's
-    batch was sampled at step 2, from the weights after one update), which the step-1 checkpoint holds."""
+def test_two_sharded_ranks_on_two_servers_sampling_beside_the_update_equal_one_rank_on_one(
+    server_url, second_server, tmp_path
+):
+    """max_staleness 1: the servers draw the next batch while the trainer updates. Each prompt's draws are
+    seeded by its key, so 2 ranks x 1 prompt on 2 servers sample what 1 rank x 2 prompts do on 1 server
+    and train the same weights (up to the order of floating-point sums); the FSDP2-sharded student is
+    gathered a unit at a time for each push, which goes to both servers. After the run every server
+    holds the weights of the last push: version 1 (step 3's batch was sampled at step 2, from the
+    weights after one update), which the step-1 checkpoint holds."""
+    second_url, second_log = second_server
+    answered_before = second_log.read_text().count("/inference/v1/generate")
     runs = {}
     for ranks in (1, 2):
-        config = server_config(tmp_path, [server_url], f"{ranks}-ranks", max_staleness=1)
+        urls = [server_url] if ranks == 1 else [server_url, second_url]
+        config = server_config(tmp_path, urls, f"{ranks}-ranks", max_staleness=1)
         config["run"].update(save_every=1, keep_checkpoints=3)
         config["student"]["shard"] = ranks > 1
         result = launch(config, tmp_path, f"{ranks}-ranks", ranks)
         assert result.returncode == 0, result.stderr[-3000:]
         runs[ranks] = read_metrics(tmp_path / f"{ranks}-ranks" / "metrics.jsonl")
-        assert httpx.get(f"{server_url}/weight_info").json()["weight_version"] == "1"
         expected = checkpoint_logprobs(tmp_path / f"{ranks}-ranks" / "checkpoints" / "step-1", FIXED)
-        assert (server_logprobs(server_url, FIXED) - expected).abs().max() <= 1e-4
+        for url in urls:
+            assert httpx.get(f"{url}/weight_info").json()["weight_version"] == "1"
+            assert (server_logprobs(url, FIXED) - expected).abs().max() <= 1e-4
+    assert second_log.read_text().count("/inference/v1/generate") > answered_before  # the prompts were spread
     for one, two in zip(runs[1], runs[2]):
         assert two["generation/avg_length"] == one["generation/avg_length"]  # the same samples
         assert two["distill/reverse_kl"] == pytest.approx(one["distill/reverse_kl"], rel=1e-3, abs=1e-5)
