@@ -1,5 +1,6 @@
-"""A warm parent for the suite's `python -m opd` commands: torch, transformers and opd imported once,
-each command a fork of it, so a test pays for its command's work and not for seconds of imports.
+"""A warm parent for the suite's `python -m opd` commands and torchrun launchers: torch, transformers and
+opd imported once, each command a fork of it, so a test pays for its command's work and not for seconds
+of imports (a torchrun launcher's ranks are its own fresh processes, as ever).
 
 Each command is still a process of its own, in a session of its own, with its own environment, working
 folder, output files, exit status and signals: `python -m opd ARGS` as the user runs it, minus the
@@ -8,7 +9,8 @@ differs from the suite's in anything read at import time (tests/processes.py: `f
 plain subprocess instead; so do servers and torchrun launches.
 
 Run as `python tests/forkserver.py SOCKET`: it imports, then serves requests on the Unix socket SOCKET
-until its parent closes it. A request is one JSON line {"argv", "env", "cwd", "stdout", "stderr"}; the
+until its parent closes it. A request is one JSON line {"module", "argv", "env", "cwd", "stdout",
+"stderr"} (`python -m MODULE ARGV...`); the
 answer is a line with the command's pid, then, when it ends, a line with its exit status (negative: the
 signal that ended it), as subprocess.Popen.returncode gives it.
 """
@@ -41,7 +43,7 @@ def warm_imports() -> None:
 
 
 def run_command(request: dict) -> None:
-    """In the forked child: become `python -m opd ARGS` and never return (its SystemExit ends the
+    """In the forked child: become `python -m MODULE ARGS` and never return (its SystemExit ends the
     interpreter as a command's own exit would: atexit handlers run, non-daemon threads are joined)."""
     os.setsid()
     os.chdir(request["cwd"])
@@ -59,9 +61,10 @@ def run_command(request: dict) -> None:
     torch.set_num_threads(int(threads) if threads else DEFAULT_THREADS)
     import runpy
 
-    sys.argv = ["opd", *request["argv"]]
+    module = request["module"]
+    sys.argv = [module, *request["argv"]]
     sys.path[0] = os.getcwd()  # as `python -m` puts it: a user's module:function resolves from there
-    runpy.run_module("opd", run_name="__main__", alter_sys=True)
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
     raise SystemExit(0)
 
 

@@ -1,6 +1,7 @@
 """Real processes for end-to-end tests: `opd` commands, torchrun launches and `opd serve-teacher` on
 127.0.0.1, each in a process group of its own that is killed whole on the way out, pass or fail.
-A one-process `python -m opd` command is forked from a warm parent where it can be (tests/forkserver.py)."""
+`python -m opd` commands and torchrun launchers are forked from a warm parent where they can be
+(tests/forkserver.py)."""
 
 from __future__ import annotations
 
@@ -82,10 +83,15 @@ IMPORT_TIME_VARIABLES = ("HF_", "HUGGINGFACE", "TRANSFORMERS", "TORCH", "PYTORCH
 IMPORT_TIME_VARIABLES += ("KMP_", "MKL", "OPENBLAS", "PYTHON", "TOKENIZERS", "LD_", "MALLOC_", "GLIBC_", "XDG_", "HOME")
 
 
+FORKABLE_MODULES = ("opd", "torch.distributed.run")  # a torchrun launcher; its ranks start afresh
+
+
 def forkable(argv: list[str], env: dict) -> bool:
-    """Whether `argv` may be forked from the warm parent: a one-process `python -m opd` command other than
-    a server, in an environment that differs from the suite's in nothing read at import time."""
-    if list(argv[:3]) != [sys.executable, "-m", "opd"] or argv[3:4] in (["serve-teacher"], ["serve-student"]):
+    """Whether `argv` may be forked from the warm parent: a `python -m opd` command other than a server, or
+    a torchrun launcher, in an environment that differs from the suite's in nothing read at import time."""
+    if len(argv) < 3 or list(argv[:2]) != [sys.executable, "-m"] or argv[2] not in FORKABLE_MODULES:
+        return False
+    if argv[2] == "opd" and argv[3:4] in (["serve-teacher"], ["serve-student"]):
         return False
     if os.environ.get("OPD_TESTS_FORK", "1") == "0" or _forkserver() is None:
         return False
@@ -121,7 +127,7 @@ def _forkserver() -> str | None:
 
 
 class ForkedJob:
-    """A `python -m opd` command forked from the warm parent, with what tests use of subprocess.Popen:
+    """A `python -m MODULE` command forked from the warm parent, with what tests use of subprocess.Popen:
     pid (its own session and process group), poll, wait, communicate (its output, where not in `log`),
     returncode."""
 
@@ -132,7 +138,8 @@ class ForkedJob:
         err = str(log) if log is not None else os.path.join(self._folder, "stderr")
         self._connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._connection.connect(_forkserver())
-        request = {"argv": argv[3:], "env": env, "cwd": str(cwd or os.getcwd()), "stdout": out, "stderr": err}
+        request = {"module": argv[2], "argv": argv[3:], "env": env, "cwd": str(cwd or os.getcwd())}
+        request.update(stdout=out, stderr=err)
         self._connection.sendall(json.dumps(request).encode() + b"\n")
         self.pid = int(self._line())
 

@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -34,13 +35,14 @@ def server_url(rollout_server_url):
 
 @pytest.fixture(scope="module")
 def second_server(tmp_path_factory):
-    """Another rollout server: (its URL, its log, where each request it answered shows)."""
+    """Another rollout server: its url, port, log (where each request it answered shows) and process. The
+    restart test kills it, so that test is the last in this file to use it."""
     needs_vllm()
     port, log = free_port(), tmp_path_factory.mktemp("second-server") / "server.log"
     with running(serve_student_argv(port), SERVER_ENV, log) as job:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, job, timeout=300)
-        yield url, log
+        yield SimpleNamespace(url=url, port=port, log=log, job=job)
 
 
 def server_config(tmp_path: Path, urls: list[str], name: str = "run", **rollout) -> dict:
@@ -93,7 +95,7 @@ def test_two_sharded_ranks_on_two_servers_sampling_beside_the_update_equal_one_r
     gathered a unit at a time for each push, which goes to both servers. After the run every server
     holds the weights of the last push: version 1 (step 3's batch was sampled at step 2, from the
     weights after one update), which the step-1 checkpoint holds."""
-    second_url, second_log = second_server
+    second_url, second_log = second_server.url, second_server.log
     answered_before = second_log.read_text().count("/inference/v1/generate")
     runs = {}
     for ranks in (1, 2):
@@ -121,33 +123,28 @@ def test_two_sharded_ranks_on_two_servers_sampling_beside_the_update_equal_one_r
     assert ["timing/weight_sync_s" in row for row in runs[1]] == [True, False, True]
 
 
-def test_a_server_killed_and_restarted_mid_run_changes_nothing(tmp_path):
+def test_a_server_killed_and_restarted_mid_run_changes_nothing(second_server, tmp_path):
     """The unfaulted run against one where the server is killed at step 2 and started again on its port:
     the restarted server holds its checkpoint's weights and no group with the trainer; the trainer
     waits for it (retry_deadline_s), connects again, pushes the current weights and samples the batch
     again, and ends with the same weights."""
-    needs_vllm()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    config = server_config(tmp_path, [url], "whole")
+    config = server_config(tmp_path, [second_server.url], "whole")
     config["run"]["max_steps"] = 5
-    with running(serve_student_argv(port), SERVER_ENV, tmp_path / "server.log") as server:
-        wait_healthy(url, server, timeout=300)
-        whole = launch(config, tmp_path, "whole", 1)
-        assert whole.returncode == 0, whole.stderr[-3000:]
-        faulted = {**config, "run": {**config["run"], "output_dir": str(tmp_path / "faulted")}}
-        argv, env = command(faulted, tmp_path, "faulted", 1)
-        with running(argv, env) as run:
-            metrics = tmp_path / "faulted" / "metrics.jsonl"
-            while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-                assert run.poll() is None, run.communicate()[1][-3000:]
-                time.sleep(0.05)
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-            with running(serve_student_argv(port), SERVER_ENV, tmp_path / "restarted.log") as restarted:
-                stdout, stderr = run.communicate(timeout=600)
-                assert run.returncode == 0, stderr[-3000:]
-                assert restarted.poll() is None
+    whole = launch(config, tmp_path, "whole", 1)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    faulted = {**config, "run": {**config["run"], "output_dir": str(tmp_path / "faulted")}}
+    argv, env = command(faulted, tmp_path, "faulted", 1)
+    with running(argv, env) as run:
+        metrics = tmp_path / "faulted" / "metrics.jsonl"
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert run.poll() is None, run.communicate()[1][-3000:]
+            time.sleep(0.05)
+        os.killpg(second_server.job.pid, signal.SIGKILL)
+        second_server.job.wait()
+        with running(serve_student_argv(second_server.port), SERVER_ENV, tmp_path / "restarted.log") as restarted:
+            stdout, stderr = run.communicate(timeout=600)
+            assert run.returncode == 0, stderr[-3000:]
+            assert restarted.poll() is None
     assert_weights_close(final_weights(tmp_path / "whole"), final_weights(tmp_path / "faulted"), atol=0)
     assert [row["step"] for row in read_metrics(tmp_path / "faulted" / "metrics.jsonl")] == [1, 2, 3, 4, 5]
 
