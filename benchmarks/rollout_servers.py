@@ -31,15 +31,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from async_opd import demo_inputs  # noqa: E402  (the benchmarks' own helpers)
-from teacher_server import free_port  # noqa: E402
+from teacher_server import free_port, wait_healthy  # noqa: E402
 
 from opd.config.files import validate  # noqa: E402
 from opd.io.sinks import read_metrics  # noqa: E402
@@ -89,18 +87,8 @@ def start_server(model: Path, port: int, log: Path) -> subprocess.Popen:
             start_new_session=True,
             env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the rollout server exited; its log: {log}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise SystemExit(f"the rollout server did not start in 600 s; its log: {log}")
+    wait_healthy(f"http://127.0.0.1:{port}", server, timeout_s=600, log=log)
+    return server
 
 
 def run(raw: dict, out: Path, rollout: dict) -> list[dict]:
@@ -156,8 +144,9 @@ def main() -> None:
             student = Path(raw["student"]["path"])
             model = load_model(str(student), "student", torch.device("cpu")).model
             push_bytes = sum(tensor.numel() * 4 for _, tensor in plain_weights(model))  # fp32, as the runs
-            server = start_server(student, free_port(), root / "server.log")
-            url = f"http://127.0.0.1:{server.args[server.args.index('--port') + 1]}"
+            port = free_port()
+            server = start_server(student, port, root / "server.log")
+            url = f"http://127.0.0.1:{port}"
             try:
                 results: dict[int, list[dict]] = {index: [] for index in range(len(VARIANTS))}
                 for _ in range(args.rounds):

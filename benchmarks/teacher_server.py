@@ -67,14 +67,23 @@ def start_server(model: Path, port: int) -> subprocess.Popen:
         start_new_session=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
+    wait_healthy(f"http://127.0.0.1:{port}", job, timeout_s=60)
+    return job
+
+
+def wait_healthy(url: str, job: subprocess.Popen, timeout_s: float, log: Path | None = None) -> None:
+    """Until url/health answers 200; SystemExit where the server exits first or takes past timeout_s."""
+    where = f"; its log: {log}" if log is not None else ""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if job.poll() is not None:
+            raise SystemExit(f"the server exited{where}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return job
+                return
         except httpx.TransportError:
             time.sleep(0.1)
-    raise SystemExit("the server did not start")
+    raise SystemExit(f"the server did not start in {timeout_s:.0f} s{where}")
 
 
 def timed(function, repeats: int) -> float:

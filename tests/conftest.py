@@ -214,12 +214,7 @@ def rollout_server_url(tmp_path_factory):
     """One `opd serve-student` of the demo's student (fp32, one thread) for the whole session: starting
     one takes about half a minute. Every sampler pushes its own weights at its first sync, so no test
     depends on what another left on it."""
-    from processes import needs_vllm, running, serve_student_argv, wait_healthy
+    from processes import served_student
 
-    needs_vllm()
-    port = free_port()
-    log = tmp_path_factory.mktemp("rollout-server") / "server.log"
-    with running(serve_student_argv(port), {**os.environ, "OMP_NUM_THREADS": "1"}, log) as job:
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, job, timeout=300)
-        yield url
+    with served_student(tmp_path_factory.mktemp("rollout-server") / "server.log") as server:
+        yield server.url

@@ -6,7 +6,7 @@ Each command is still a process of its own, in a session of its own, with its ow
 folder, output files, exit status and signals: `python -m opd ARGS` as the user runs it, minus the
 imports. What the imports read from the environment was read once, here, so a command whose environment
 differs from the suite's in anything read at import time (tests/processes.py: `forkable`) runs as a
-plain subprocess instead; so do servers and torchrun launches.
+plain subprocess instead; so do servers, which are started once and live long.
 
 Run as `python tests/forkserver.py SOCKET`: it imports, then serves requests on the Unix socket SOCKET
 until its parent closes it. A request is one JSON line {"module", "argv", "env", "cwd", "stdout",
@@ -24,8 +24,6 @@ import signal
 import socket
 import sys
 import threading
-
-SERVER_PID = os.getpid()
 
 
 def warm_imports() -> None:

@@ -115,7 +115,6 @@ def _forkserver() -> str | None:
         )
         ready = server.stdout.readline().strip() == "ready"
         _FORKSERVER["socket"] = path if ready else None
-        _FORKSERVER["server"] = server
 
         @atexit.register
         def _stop() -> None:
@@ -132,7 +131,7 @@ class ForkedJob:
     returncode."""
 
     def __init__(self, argv: list[str], env: dict, cwd: Path | None = None, log: Path | None = None):
-        self.args, self.returncode, self.log = argv, None, log
+        self.args, self.returncode = argv, None
         self._folder = None if log is not None else tempfile.mkdtemp(prefix="opd-job-")
         out = str(log) if log is not None else os.path.join(self._folder, "stdout")
         err = str(log) if log is not None else os.path.join(self._folder, "stderr")
@@ -306,3 +305,17 @@ def serve_student_argv(port: int, *extra: str) -> list[str]:
 
     return [sys.executable, "-m", "opd", "serve-student", str(ASSETS / "student"), "--port", str(port), "--dtype",
             "float32", "--max-model-len", "256", "--gpu-memory-utilization", "0.1", *extra]  # fmt: skip
+
+
+@contextmanager
+def served_student(log: Path, port: int | None = None):
+    """`opd serve-student` on the demo's student (fp32, one thread), logging to `log`; yields its url, port,
+    log and process once /health answers."""
+    from types import SimpleNamespace
+
+    needs_vllm()
+    port = port or free_port()
+    with running(serve_student_argv(port), {**os.environ, "OMP_NUM_THREADS": "1"}, log) as job:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, job, timeout=300)
+        yield SimpleNamespace(url=url, port=port, log=log, job=job)

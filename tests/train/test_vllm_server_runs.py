@@ -9,7 +9,6 @@ import os
 import signal
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -19,13 +18,11 @@ from opd.demo.run import ASSETS, prepare_demo
 from opd.io.sinks import read_metrics
 from opd.models.loading import load_model
 
-from conftest import checkpoint_state, free_port, make_tiny_model, write_problems
-from processes import command, launch, needs_vllm, running, serve_student_argv, wait_healthy
+from conftest import checkpoint_state, make_tiny_model, write_problems
+from processes import command, launch, running, served_student
 from weights import assert_same_learning, assert_weights_close, final_weights
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
-
-SERVER_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture
@@ -37,12 +34,8 @@ def server_url(rollout_server_url):
 def second_server(tmp_path_factory):
     """Another rollout server: its url, port, log (where each request it answered shows) and process. The
     restart test kills it, so that test is the last in this file to use it."""
-    needs_vllm()
-    port, log = free_port(), tmp_path_factory.mktemp("second-server") / "server.log"
-    with running(serve_student_argv(port), SERVER_ENV, log) as job:
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, job, timeout=300)
-        yield SimpleNamespace(url=url, port=port, log=log, job=job)
+    with served_student(tmp_path_factory.mktemp("second-server") / "server.log") as server:
+        yield server
 
 
 def server_config(tmp_path: Path, urls: list[str], name: str = "run", **rollout) -> dict:
@@ -141,10 +134,10 @@ def test_a_server_killed_and_restarted_mid_run_changes_nothing(second_server, tm
             time.sleep(0.05)
         os.killpg(second_server.job.pid, signal.SIGKILL)
         second_server.job.wait()
-        with running(serve_student_argv(second_server.port), SERVER_ENV, tmp_path / "restarted.log") as restarted:
+        with served_student(tmp_path / "restarted.log", port=second_server.port) as restarted:
             stdout, stderr = run.communicate(timeout=600)
             assert run.returncode == 0, stderr[-3000:]
-            assert restarted.poll() is None
+            assert restarted.job.poll() is None
     assert_weights_close(final_weights(tmp_path / "whole"), final_weights(tmp_path / "faulted"), atol=0)
     assert [row["step"] for row in read_metrics(tmp_path / "faulted" / "metrics.jsonl")] == [1, 2, 3, 4, 5]
 
