@@ -379,8 +379,17 @@ def remote_raw(root: str, **teacher) -> dict:
             {},
             {"loss.kind": "jsd"},
             r"teacher.url: loss.kind=jsd needs the teacher's full distribution at every token, "
-            r"which a server does not send .* or use loss.kind reverse_kl_pg or topk_forward_kl",
+            r"which a server sends only as hidden states, .*; with api: opd set teacher.lm_head to the served "
+            r"model's files, or use loss.kind reverse_kl_pg or topk_forward_kl",
         ),
+        (
+            {"api": "vllm"},
+            {"loss.kind": "jsd"},
+            r"teacher.url: loss.kind=jsd needs .*; serve the teacher with opd serve-teacher and set lm_head, or give "
+            r"its path",
+        ),
+        ({"api": "vllm", "lm_head": "/x"}, {}, r"teacher.lm_head: only a teacher on opd's server .*; vllm does not"),
+        ({"lm_head": "/x", "path": "/y", "url": None}, {}, r"teacher.lm_head: .*a teacher in this process has its own"),
         (
             {},
             {"loss.forward_kl_coef": 0.1},
@@ -411,6 +420,22 @@ def test_a_remote_teacher_validates_where_it_can_serve(tmp_path):
     validate(remote_raw(str(tmp_path), api="vllm"))  # reverse_kl_pg at temperature 1
     validate(remote_raw(str(tmp_path), temperature=0.7))  # opd's own server applies it
     validate(with_keys(remote_raw(str(tmp_path), api="sglang", top_k=20), {"loss.kind": "topk_forward_kl"}))
+
+
+def test_a_teacher_on_opds_server_with_its_lm_head_gives_the_full_distribution(tmp_path):
+    """Hidden states and the head here: every full-vocabulary loss, and the default's forward-KL term on."""
+    from opd.config.capabilities import forward_kl_default
+
+    for kind in ("forward_kl", "reverse_kl", "jsd"):
+        validate(with_keys(remote_raw(str(tmp_path), lm_head="/x"), {"loss.kind": kind}))
+    mixture = {
+        "rollout.student_fraction": 0.5,
+        "rollout.off_policy_source": "dataset",
+        "loss.off_policy_kind": "forward_kl",
+    }
+    validate(with_keys(remote_raw(str(tmp_path), lm_head="/x"), mixture))
+    assert forward_kl_default(validate(remote_raw(str(tmp_path), lm_head="/x"))) == 1.0
+    assert forward_kl_default(validate(remote_raw(str(tmp_path)))) == 0.0
 
 
 def test_sharding_with_a_gkd_mixture_is_refused(tmp_path):

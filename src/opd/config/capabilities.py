@@ -4,7 +4,8 @@ A run may need, each for a reason (the config key that asks for it):
 - TOKEN_LOGPROBS: the teacher's log-prob of every sampled token (reverse_kl_pg's reward);
 - TOP_K: its top-k log-probs at every position (topk_forward_kl);
 - FULL_DISTRIBUTION: its whole next-token distribution at every position (forward_kl, reverse_kl, jsd,
-  a forward-KL term, a GKD mixture's forward-KL rows);
+  a forward-KL term, a GKD mixture's forward-KL rows); a teacher on opd's server gives it as hidden
+  states where the trainer holds its LM head (lm_head);
 - SAMPLES: its own samples (rollout.source or rollout.off_policy_source teacher).
 
 A teacher gives all four unless where it lives or how it reads rows rules one out: each `Limit` names
@@ -94,13 +95,16 @@ def teacher_limits(config: Config, name: str, facts: TeacherFacts | None = None)
         for capability in capabilities:
             limits.setdefault(capability, limit)
 
-    if settings.remote:
+    if settings.remote and settings.lm_head is None:
         rule_out(
             (FULL_DISTRIBUTION,),
             Limit(
                 f"{key}.url",
-                "which a server does not send (it sends token log-probs and a top-k)",
-                "give its path (a teacher in this process)",
+                "which a server sends only as hidden states, for a trainer that holds the teacher's LM head "
+                "(it sends token log-probs and a top-k otherwise)",
+                f"with api: opd set {key}.lm_head to the served model's files"
+                if settings.api == "opd"
+                else "serve the teacher with opd serve-teacher and set lm_head, or give its path",
             ),
         )
         rule_out(

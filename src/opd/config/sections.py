@@ -127,6 +127,17 @@ class TeacherConfig(_Strict):
         description="Matching teacher scores to student tokens: one for one (tokens; one vocabulary), the "
         "chunk estimator (chunks; any two tokenizers), or auto: chunks where the vocabularies differ.",
     )
+    lm_head: str | None = Field(
+        None,
+        description="For a teacher on opd's server: the served model's files (folder, or hub id in the local "
+        "cache); the trainer reads its LM head alone and the server sends hidden states, so the teacher's whole "
+        "distribution is at hand (forward_kl, jsd, the default's forward-KL term).",
+    )
+    hidden_dtype: Literal["auto", "bf16", "fp32"] = Field(
+        "auto",
+        description="The hidden states' dtype on the wire (with lm_head); auto: bf16 where the run computes "
+        "in bf16, else fp32.",
+    )
 
     @model_validator(mode="after")
     def _where(self) -> "TeacherConfig":
@@ -139,6 +150,11 @@ class TeacherConfig(_Strict):
             )
         if self.url is not None and self.shard:
             raise ValueError("teacher.shard: a teacher on a server (teacher.url) is not sharded by opd")
+        if self.lm_head is not None and (self.url is None or self.api != "opd"):
+            raise ValueError(
+                "teacher.lm_head: only a teacher on opd's server (teacher.url with api: opd) sends hidden states; "
+                + ("a teacher in this process has its own head" if self.url is None else f"{self.api} does not")
+            )
         if self.url is not None and self.api != "opd" and self.temperature != 1:
             raise ValueError(
                 f"teacher.temperature={self.temperature}: {self.api} returns prompt log-probs at temperature 1 "

@@ -171,8 +171,13 @@ def logits_from_hidden(model: PreTrainedModel, hidden: torch.Tensor, vocab_size:
     Embedding rows past the tokenizer's length (e.g. Qwen's 151,936 rows for 151,669 tokens) are
     padding that no tokenizer emits; dropping them makes student and teacher distributions comparable.
     """
-    logits = model.get_output_embeddings()(hidden)[..., :vocab_size]
-    config = model.config
+    return head_logits(model.get_output_embeddings(), model.config, hidden, vocab_size)
+
+
+def head_logits(head: torch.nn.Module, config, hidden: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """`logits_from_hidden` with the LM head and the model's config given apart: a model's own head, or
+    one loaded alone (opd.models.lm_head) for a teacher whose body runs on a server. (..., H) -> (..., vocab_size)."""
+    logits = head(hidden)[..., :vocab_size]
     if getattr(config, "logit_scale", None):  # Cohere
         logits = logits * config.logit_scale
     if getattr(config, "logits_scaling", None):  # Granite

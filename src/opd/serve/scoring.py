@@ -43,43 +43,54 @@ def score_sequences(
     starts: list[int],
     temperatures: list[float],
     top_ks: list[int],
-) -> list[Scored]:
+    hidden: list[bool] | None = None,
+) -> list[Scored | torch.Tensor]:
     """Log-probs of each sequence's tokens from position starts[i] (at least 1) on, under temperatures[i],
-    with the top_ks[i] most likely tokens there. Where every sequence starts past its first token, the
-    part before the start is a prompt, encoded once for the sequences that share it; otherwise the
-    sequences are left-padded into one forward. Only the asked positions go through the LM head,
-    chunk_size at a time."""
-    if all(len(sequence) <= max(1, start) for sequence, start in zip(sequences, starts)):  # nothing to score
-        return [Scored([], [], [], []) for _ in sequences]
+    with the top_ks[i] most likely tokens there; or, where hidden[i], the final hidden states (n_i, H)
+    that predict those tokens (on the CPU, in the forward's dtype), which skip the LM head. Where every
+    sequence starts past its first token, the part before the start is a prompt, encoded once for the
+    sequences that share it; otherwise the sequences are left-padded into one forward. Only the asked
+    positions go through the LM head, chunk_size at a time."""
+    hidden = hidden or [False] * len(sequences)
+    counts = [max(0, len(sequence) - max(1, start)) for sequence, start in zip(sequences, starts)]
+    if not sum(counts):  # nothing to score
+        width = teacher.model.get_output_embeddings().weight.shape[1]
+        return [torch.empty(0, width) if wants else Scored([], [], [], []) for wants in hidden]
     if min(starts) >= 1:
         flat, targets, temperature = _split_hidden(teacher, precision, sequences, starts, temperatures)
     else:
         flat, targets, temperature = _whole_hidden(teacher, precision, sequences, starts, temperatures)
-    k = max(top_ks)
-    logprobs, ranks = torch.empty(len(targets)), torch.empty(len(targets), dtype=torch.long)
-    topk_values, topk_indices = torch.empty(len(targets), k), torch.empty(len(targets), k, dtype=torch.long)
-    for begin in range(0, len(targets), chunk_size):
-        part = slice(begin, begin + chunk_size)
+    per_position = torch.tensor(hidden).repeat_interleave(torch.tensor(counts))  # (N,) True: send hidden states
+    scored = (~per_position).nonzero().squeeze(-1).to(flat.device)  # (M,) the positions the LM head scores
+    k = max((top_k for top_k, wants in zip(top_ks, hidden) if not wants), default=0)
+    logprobs, ranks = torch.zeros(len(targets)), torch.zeros(len(targets), dtype=torch.long)
+    topk_values, topk_indices = torch.zeros(len(targets), k), torch.zeros(len(targets), k, dtype=torch.long)
+    for begin in range(0, len(scored), chunk_size):
+        part = scored[begin : begin + chunk_size]
         with precision.autocast():
             logits = logits_from_hidden(teacher.model, flat[part], teacher.vocab_size)
         chunk = (logits.float() / temperature[part].unsqueeze(-1)).log_softmax(-1)  # (c, V)
         own = chunk.gather(-1, targets[part].unsqueeze(-1))  # (c, 1)
-        logprobs[part] = own.squeeze(-1).cpu()
-        ranks[part] = ((chunk > own).sum(-1) + 1).cpu()
+        rows = part.cpu()
+        logprobs[rows] = own.squeeze(-1).cpu()
+        ranks[rows] = ((chunk > own).sum(-1) + 1).cpu()
         if k:
             values, indices = chunk.topk(k, dim=-1)
-            topk_values[part], topk_indices[part] = values.cpu(), indices.cpu()
+            topk_values[rows], topk_indices[rows] = values.cpu(), indices.cpu()
     results, begin = [], 0
-    for sequence, start, top_k in zip(sequences, starts, top_ks):
-        end = begin + len(sequence) - max(1, start)
-        results.append(
-            Scored(
-                logprobs[begin:end].tolist(),
-                ranks[begin:end].tolist(),
-                topk_indices[begin:end, :top_k].tolist(),
-                topk_values[begin:end, :top_k].tolist(),
+    for count, top_k, wants in zip(counts, top_ks, hidden):
+        end = begin + count
+        if wants:
+            results.append(flat[begin:end].cpu())
+        else:
+            results.append(
+                Scored(
+                    logprobs[begin:end].tolist(),
+                    ranks[begin:end].tolist(),
+                    topk_indices[begin:end, :top_k].tolist(),
+                    topk_values[begin:end, :top_k].tolist(),
+                )
             )
-        )
         begin = end
     return results
 
@@ -134,6 +145,7 @@ class _Job:
     starts: list[int]
     temperature: float
     top_k: int
+    hidden_dtype: str | None = None  # a request for hidden states (in this dtype), not log-probs
     done: asyncio.Future = field(default=None)
 
     @property
@@ -143,7 +155,7 @@ class _Job:
 
 class Batcher:
     """Collects concurrent requests for up to BATCH_WINDOW_S, or until `max_batch_tokens`, and scores
-    them in one call of `score` on a worker thread."""
+    them in one call of `score` on a worker thread (requests for log-probs and for hidden states alike)."""
 
     def __init__(self, score, max_batch_tokens: int):
         self.score, self.max_batch_tokens = score, max_batch_tokens
@@ -176,9 +188,12 @@ class Batcher:
             starts = [start for job in jobs for start in job.starts]
             temperatures = [job.temperature for job in jobs for _ in job.sequences]
             top_ks = [job.top_k for job in jobs for _ in job.sequences]
+            hidden = [job.hidden_dtype is not None for job in jobs for _ in job.sequences]
             self.batches += 1
             try:
-                scored = await loop.run_in_executor(self.worker, self.score, sequences, starts, temperatures, top_ks)
+                scored = await loop.run_in_executor(
+                    self.worker, self.score, sequences, starts, temperatures, top_ks, hidden
+                )
             except Exception as exc:  # the batch fails, the server keeps serving
                 for job in jobs:
                     if not job.done.done():

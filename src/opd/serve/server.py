@@ -9,6 +9,11 @@ applied to the prompt log-probs (vLLM ignores it there), and `logprob_start` (on
 prompt) leaves the positions before it null, so a client asking for completion tokens only doesn't pay
 for the prompt's LM head. Also `/health`, `/v1/models` and vLLM's `/tokenize`.
 
+And `/v1/hidden_states`, opd's own: the final hidden states (after the model's final norm) that predict
+the asked positions, in bf16 or fp32 as the request asks, for a trainer that applies the teacher's LM
+head itself and so has its whole distribution (format: opd.teachers.hidden_states). It is batched with
+the scoring requests, under the same limits and the same API key, and sends exactly the asked positions.
+
 It binds to 127.0.0.1 unless told otherwise. With an API key, every `/v1` and `/tokenize` request
 must carry `Authorization: Bearer KEY` (401 otherwise). A malformed or oversized request gets a 4xx
 JSON error, `{"error": {"message", "type", "code"}}`, and the server goes on serving.
@@ -29,6 +34,7 @@ from opd.models.loading import LoadedModel
 from opd.models.precision import Precision
 from opd.ops.logprobs import tokens_per_chunk
 from opd.serve.scoring import Batcher, Scored, _Job, score_sequences
+from opd.teachers.hidden_states import HIDDEN_STATES_PATH, WIRE_DTYPES, encode_hidden_states
 
 
 class RequestError(Exception):
@@ -107,6 +113,32 @@ def parse_completion_request(body, vocab_size: int, context: int, max_batch_toke
         temperature = 1.0
     if not _number(temperature) or not math.isfinite(temperature) or temperature <= 0:
         raise RequestError(400, f"temperature: expected a finite positive number, got {temperature!r}")
+    starts = _starts_within_limits(body, sequences, vocab_size, context, max_batch_tokens)
+    return _Job(sequences, starts, float(temperature), top_k)
+
+
+_HIDDEN_FIELDS = {"model", "prompt", "logprob_start", "dtype"}
+
+
+def parse_hidden_request(body, vocab_size: int, context: int, max_batch_tokens: int) -> _Job:
+    """A request for hidden states (opd.teachers.hidden_states has the format): the sequences, where each
+    one's states start, and the dtype to send them in; the same limits as scoring."""
+    if not isinstance(body, dict):
+        raise RequestError(400, "the body must be a JSON object")
+    for key in body:
+        if key not in _HIDDEN_FIELDS:
+            raise RequestError(400, f"{key}: not a field of {HIDDEN_STATES_PATH} (it reads {sorted(_HIDDEN_FIELDS)})")
+    dtype = body.get("dtype", "bf16")
+    if dtype not in WIRE_DTYPES:
+        raise RequestError(400, f"dtype: expected one of {sorted(WIRE_DTYPES)}, got {dtype!r}")
+    sequences = _sequences(body.get("prompt"))
+    starts = _starts_within_limits(body, sequences, vocab_size, context, max_batch_tokens)
+    return _Job(sequences, starts, 1.0, 0, hidden_dtype=dtype)
+
+
+def _starts_within_limits(body: dict, sequences: list[list[int]], vocab_size: int, context: int, max_batch_tokens: int):
+    """Each sequence's logprob_start, with the sequences checked against the model's vocabulary and
+    context and the server's batch limit (a 4xx RequestError naming the field otherwise)."""
     starts = body.get("logprob_start", 0)
     starts = [starts] * len(sequences) if isinstance(starts, int) and not isinstance(starts, bool) else starts
     if (
@@ -135,7 +167,7 @@ def parse_completion_request(body, vocab_size: int, context: int, max_batch_toke
             f"the request holds {tokens} tokens, more than this server's --max-batch-tokens "
             f"{max_batch_tokens}; split it",
         )
-    return _Job(sequences, starts, float(temperature), top_k)
+    return starts
 
 
 def completion_response(model_name: str, job: _Job, scored: list[Scored], token_names: list[str]) -> dict:
@@ -191,11 +223,13 @@ def create_app(
     """The FastAPI application serving `teacher` under `model_name`."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
 
     vocab_size = teacher.vocab_size
     context = getattr(teacher.model.config, "max_position_embeddings", None) or 10**9
     token_names = teacher.tokenizer.convert_ids_to_tokens(list(range(vocab_size)))
+    hidden_size = teacher.model.get_output_embeddings().weight.shape[1]
+    limits = {"vocab_size": vocab_size, "context": context, "max_batch_tokens": max_batch_tokens}
     score = partial(score_sequences, teacher, precision, tokens_per_chunk(chunk_size, vocab_size))
     batcher = Batcher(score, max_batch_tokens)
 
@@ -239,6 +273,7 @@ def create_app(
                     "owned_by": "opd",
                     "max_model_len": context,
                     "vocab_size": vocab_size,
+                    "hidden_size": hidden_size,  # what /v1/hidden_states sends a token
                 }
             ],
         }
@@ -260,19 +295,33 @@ def create_app(
         tokens = teacher.tokenizer.encode(body["prompt"], add_special_tokens=bool(body.get("add_special_tokens", True)))
         return {"tokens": tokens, "count": len(tokens), "max_model_len": context}
 
+    async def job_of(request: Request, parse) -> _Job:
+        """The request's job, parsed by `parse(body)`; a RequestError for a body or model it can't serve."""
+        body = await json_body(request)
+        if isinstance(body, dict) and body.get("model") not in (None, model_name):
+            raise RequestError(404, f"model {body.get('model')!r} is not served here (this server: {model_name!r})")
+        return parse(body)
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         try:
-            body = await json_body(request)
-            if isinstance(body, dict) and body.get("model") not in (None, model_name):
-                raise RequestError(404, f"model {body.get('model')!r} is not served here (this server: {model_name!r})")
-            job = parse_completion_request(body, vocab_size, context, max_batch_tokens, max_logprobs)
+            job = await job_of(request, partial(parse_completion_request, **limits, max_logprobs=max_logprobs))
         except RequestError as exc:
             return error(exc.status, str(exc))
         scored = await batcher.submit(job)
         # A response object goes out as it is: FastAPI's jsonable_encoder walk over thousands of
         # per-position dicts would cost more than the scoring of a small model.
         return JSONResponse(completion_response(model_name, job, scored, token_names))
+
+    @app.post(HIDDEN_STATES_PATH)
+    async def hidden_states(request: Request):
+        try:
+            job = await job_of(request, partial(parse_hidden_request, **limits))
+        except RequestError as exc:
+            return error(exc.status, str(exc))
+        states = await batcher.submit(job)
+        content, headers = encode_hidden_states(states, job.hidden_dtype)
+        return Response(content, media_type="application/octet-stream", headers=headers)
 
     return app
 

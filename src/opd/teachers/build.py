@@ -8,14 +8,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from opd.config.capabilities import TeacherFacts, config_facts
 from opd.config.schema import Config
 from opd.distributed.sharding import shard_model
 from opd.distributed.world import World
 from opd.errors import ConfigError
+from opd.models.lm_head import load_lm_head
 from opd.models.loading import LoadedModel, load_tokenizer, stop_token_ids
 from opd.models.precision import Precision
+from opd.ops.logprobs import tokens_per_chunk
 from opd.teachers.base import TokenScorer
+from opd.teachers.hidden_states import HiddenStateTeacher
 from opd.teachers.local import LocalTeacher, load_teacher
 from opd.teachers.remote import RemoteTeacher
 from opd.teachers.routed import RoutedTeachers, route
@@ -99,7 +104,7 @@ def probe_servers(config: Config, plan: TeacherPlan, student_tokenizer) -> None:
         if settings.remote:
             view = plan.views[name]
             teacher_tokenizer = view.teacher_tokenizer if view else student_tokenizer
-            plan.servers[name] = RemoteTeacher(settings, len(teacher_tokenizer))
+            plan.servers[name] = RemoteTeacher(settings, len(teacher_tokenizer), config.teacher_key(name))
             plan.servers[name].check(teacher_tokenizer)
 
 
@@ -111,7 +116,7 @@ def load_teachers(config: Config, plan: TeacherPlan, precision: Precision, world
     sharded = False
     for name, settings in config.teacher_configs.items():
         if settings.remote:
-            scorers[name] = plan.servers[name]
+            scorers[name] = with_head(config, name, plan.servers[name], precision)
             continue
         key = f"{config.teacher_key(name)}.path"
         local = load_teacher(
@@ -138,6 +143,27 @@ def load_teachers(config: Config, plan: TeacherPlan, precision: Precision, world
     return Teachers(scorer, writer, sharded)
 
 
+def with_head(config: Config, name: str, server: RemoteTeacher, precision: Precision) -> TokenScorer:
+    """A served teacher with lm_head: its LM head loaded here (alone, in bf16 under bf16), the server asked
+    for hidden states, and the head checked against the served model's; without lm_head, the server as it is."""
+    settings = config.teacher_configs[name]
+    if settings.lm_head is None:
+        return server
+    key = f"{config.teacher_key(name)}.lm_head"
+    head = load_lm_head(
+        settings.lm_head, key, precision.device, precision.frozen_weights_dtype, settings.trust_remote_code
+    )
+    wire = (
+        settings.hidden_dtype
+        if settings.hidden_dtype != "auto"
+        else ("bf16" if precision.autocast_dtype == torch.bfloat16 else "fp32")
+    )
+    chunk_size = tokens_per_chunk(config.loss.chunk_size, server.vocab_size)
+    teacher = HiddenStateTeacher(server, head, server.vocab_size, precision, chunk_size, wire)
+    teacher.check(server.tokenizer)
+    return teacher
+
+
 def on_servers(scorer: TokenScorer | None) -> bool:
     """Every teacher behind `scorer` is on a server: what it scores doesn't depend on how this process
     groups rows into calls (a server batches requests its own way anyway)."""
@@ -145,4 +171,4 @@ def on_servers(scorer: TokenScorer | None) -> bool:
         return all(on_servers(each) for each in scorer.scorers.values())
     if isinstance(scorer, ViewedTeacher):
         return on_servers(scorer.scorer)
-    return isinstance(scorer, RemoteTeacher)
+    return isinstance(scorer, (RemoteTeacher, HiddenStateTeacher))

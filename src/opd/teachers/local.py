@@ -33,9 +33,8 @@ class LocalTeacher:
     """A Hugging Face model in this process, run without gradients: a FullDistributionTeacher.
 
     One forward over (prompt, completion), each prompt encoded once for all its samples, yields
-    hidden states of the completion positions only; the LM head then runs over chunks of
-    `chunk_size` completion tokens (padding skipped), so the teacher's [B x T x V] logits never exist
-    at once.
+    hidden states of the completion positions only; the LM head then runs over chunks of them
+    (`scores_from_hidden`).
     """
 
     def __init__(self, loaded: LoadedModel, temperature: float, chunk_size: int, precision: Precision, top_k: int = 0):
@@ -75,24 +74,35 @@ class LocalTeacher:
                 batch.completion_mask,
                 batch.prompt_index,
             )  # (B, T, H)
-        flat_hidden, flat_tokens = hidden.flatten(0, 1), batch.completion_ids.flatten()
-        flat_logprobs = torch.zeros(flat_tokens.shape, device=hidden.device)  # (B*T,)
-        flat_entropy = torch.zeros(flat_tokens.shape, device=hidden.device)  # (B*T,)
-        k = self.top_k
-        flat_topk_ids = torch.zeros(*flat_tokens.shape, k, dtype=torch.long, device=hidden.device)  # (B*T, K)
-        flat_topk_logprobs = torch.zeros(*flat_tokens.shape, k, device=hidden.device)  # (B*T, K)
-        for chunk in batch.token_chunks(self.chunk_size):  # (c,) flat indices
-            logits = self.logits(flat_hidden[chunk])  # (c, V)
-            flat_logprobs[chunk], flat_entropy[chunk] = token_logprobs_and_entropy(logits, flat_tokens[chunk])
-            if k:
-                flat_topk_logprobs[chunk], flat_topk_ids[chunk] = logits.log_softmax(-1).topk(k, dim=-1)
-        shape = batch.completion_ids.shape
-        topk = (flat_topk_ids.view(*shape, k), flat_topk_logprobs.view(*shape, k)) if k else (None, None)
-        return TeacherScores(
-            logprobs=flat_logprobs.view(shape),
-            hidden=hidden if keep_hidden else None,
-            entropy=flat_entropy.view(shape),  # (B, T) each, 0 outside the mask
-            topk_ids=topk[0],
-            topk_logprobs=topk[1],  # (B, T, K) each
-            flops=forward_flops(self._matmul_parameters, batch),
-        )
+        scores = scores_from_hidden(hidden, batch, self.logits, self.chunk_size, self.top_k, keep_hidden)
+        scores.flops = forward_flops(self._matmul_parameters, batch)
+        return scores
+
+
+def scores_from_hidden(
+    hidden: torch.Tensor, batch: StepBatch, logits, chunk_size: int, top_k: int, keep_hidden: bool
+) -> TeacherScores:
+    """A teacher's scores from its final hidden states at the completion positions, hidden (B, T, H):
+    `logits` (c, H) -> (c, V) at its temperature runs over chunks of `chunk_size` completion tokens
+    (padding skipped), so [B x T x V] logits never exist at once. A local teacher's, and a served
+    teacher's whose hidden states come over the wire (opd.teachers.hidden_states)."""
+    flat_hidden, flat_tokens = hidden.flatten(0, 1), batch.completion_ids.flatten()
+    flat_logprobs = torch.zeros(flat_tokens.shape, device=hidden.device)  # (B*T,)
+    flat_entropy = torch.zeros(flat_tokens.shape, device=hidden.device)  # (B*T,)
+    k = top_k
+    flat_topk_ids = torch.zeros(*flat_tokens.shape, k, dtype=torch.long, device=hidden.device)  # (B*T, K)
+    flat_topk_logprobs = torch.zeros(*flat_tokens.shape, k, device=hidden.device)  # (B*T, K)
+    for chunk in batch.token_chunks(chunk_size):  # (c,) flat indices
+        chunk_logits = logits(flat_hidden[chunk])  # (c, V)
+        flat_logprobs[chunk], flat_entropy[chunk] = token_logprobs_and_entropy(chunk_logits, flat_tokens[chunk])
+        if k:
+            flat_topk_logprobs[chunk], flat_topk_ids[chunk] = chunk_logits.log_softmax(-1).topk(k, dim=-1)
+    shape = batch.completion_ids.shape
+    topk = (flat_topk_ids.view(*shape, k), flat_topk_logprobs.view(*shape, k)) if k else (None, None)
+    return TeacherScores(
+        logprobs=flat_logprobs.view(shape),
+        hidden=hidden if keep_hidden else None,
+        entropy=flat_entropy.view(shape),  # (B, T) each, 0 outside the mask
+        topk_ids=topk[0],
+        topk_logprobs=topk[1],  # (B, T, K) each
+    )

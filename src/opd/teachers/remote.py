@@ -44,13 +44,14 @@ class _Retry(Exception):
 class RemoteTeacher:
     """A TokenScorer whose teacher is on a server (see the module's docstring)."""
 
-    def __init__(self, config: TeacherConfig, vocab_size: int):
+    def __init__(self, config: TeacherConfig, vocab_size: int, key: str = "teacher"):
+        """vocab_size: the teacher tokenizer's length; key: the config key naming this teacher."""
         try:
             import httpx
         except ImportError:
             raise ConfigError("teacher.url: a teacher on a server needs httpx: pip install 'opd[serve]'") from None
 
-        self.config, self.vocab_size = config, vocab_size
+        self.config, self.vocab_size, self.key = config, vocab_size, key
         self.url = config.url.rstrip("/")
         self.top_k = config.top_k
         self.name = f"{config.model or config.api} at {self.url}"
@@ -65,12 +66,14 @@ class RemoteTeacher:
         self.answered = False  # the server has answered once (any HTTP status): failures since may pass
         self.model = config.model
         self.api = SERVER_APIS[config.api]
+        self.tokenizer = None  # the teacher's tokenizer, once check() has seen it
 
     # --- start-up checks -------------------------------------------------------------------------
 
     def check(self, tokenizer) -> None:
         """Before training: the server answers, serves the expected model, tokenizes like the student and
         accepts the student's whole vocabulary. One-line ConfigError otherwise."""
+        self.tokenizer = tokenizer
         self.model = self.api.served_model(self._call, self.model, self.url)
         self.api.check_tokenizer(self._call, self.model, tokenizer, self.url)
         probe = [0, self.vocab_size - 1, 1]  # the student's largest token id must be in the teacher's vocabulary
@@ -86,15 +89,26 @@ class RemoteTeacher:
 
     def score(self, batch: StepBatch, keep_hidden: bool = False) -> TeacherScores:
         """ℓᵀ (B, T) of every completion token, 0 outside the mask; with teacher.top_k also (B, T, K)."""
-        rows = []
-        for prompt, prompt_mask, completion, length in zip(
-            batch.prompt_ids.tolist(),
-            batch.prompt_mask.tolist(),
-            batch.completion_ids.tolist(),
-            batch.completion_mask.sum(1).tolist(),
-        ):
-            tokens = [token for token, keep in zip(prompt, prompt_mask) if keep]
-            rows.append((tokens + completion[: int(length)], len(tokens)))
+        shape, k = batch.completion_ids.shape, self.top_k
+        logprobs = torch.zeros(shape)
+        topk_ids, topk_logprobs = torch.zeros(*shape, k, dtype=torch.long), torch.zeros(*shape, k)
+        for row, (token_logprobs, ids, values) in self.map_rows(completion_rows(batch), self._score_rows):
+            n = len(token_logprobs)
+            if not n:
+                continue
+            logprobs[row, :n] = torch.tensor(token_logprobs)
+            if k:
+                topk_ids[row, :n], topk_logprobs[row, :n] = torch.tensor(ids), torch.tensor(values)
+        device = batch.completion_ids.device
+        return TeacherScores(
+            logprobs=logprobs.to(device),
+            topk_ids=topk_ids.to(device) if k else None,
+            topk_logprobs=topk_logprobs.to(device) if k else None,
+        )
+
+    def map_rows(self, rows: list[tuple[list[int], int]], fetch) -> list[tuple[int, object]]:
+        """(row index, its answer) for every row: `fetch` takes a list of rows, in requests of up to
+        teacher.request_tokens tokens, teacher.concurrency at a time, and returns one answer per row."""
         requests, current, size = [], [], 0
         for index, (sequence, _) in enumerate(rows):
             if current and size + len(sequence) > self.config.request_tokens:
@@ -104,24 +118,8 @@ class RemoteTeacher:
             size += len(sequence)
         if current:
             requests.append(current)
-        answers = list(self.pool.map(lambda indices: self._score_rows([rows[i] for i in indices]), requests))
-        shape, k = batch.completion_ids.shape, self.top_k
-        logprobs = torch.zeros(shape)
-        topk_ids, topk_logprobs = torch.zeros(*shape, k, dtype=torch.long), torch.zeros(*shape, k)
-        for indices, answer in zip(requests, answers):
-            for row, (token_logprobs, ids, values) in zip(indices, answer):
-                n = len(token_logprobs)
-                if not n:
-                    continue
-                logprobs[row, :n] = torch.tensor(token_logprobs)
-                if k:
-                    topk_ids[row, :n], topk_logprobs[row, :n] = torch.tensor(ids), torch.tensor(values)
-        device = batch.completion_ids.device
-        return TeacherScores(
-            logprobs=logprobs.to(device),
-            topk_ids=topk_ids.to(device) if k else None,
-            topk_logprobs=topk_logprobs.to(device) if k else None,
-        )
+        answers = self.pool.map(lambda indices: fetch([rows[i] for i in indices]), requests)
+        return [pair for indices, answer in zip(requests, answers) for pair in zip(indices, answer)]
 
     def _score_rows(self, rows: list[tuple[list[int], int]]) -> list[tuple[list[float], list, list]]:
         """[(sequence, start)] -> for each, the log-probs of sequence[start:] and the top-k ids and
@@ -129,8 +127,9 @@ class RemoteTeacher:
         path, body = self.api.score_request(self.model, rows, self.top_k, self.config.temperature)
         return self._call("POST", path, body, lambda answer: self.api.parse(answer, rows, self.top_k))
 
-    def _call(self, method: str, path: str, body: dict | None = None, parse=lambda answer: answer):
-        """One request, retried with exponential backoff and jitter until retry_deadline_s."""
+    def _call(self, method: str, path: str, body: dict | None = None, parse=lambda answer: answer, raw: bool = False):
+        """One request, retried with exponential backoff and jitter until retry_deadline_s. parse: of
+        the answer's JSON, or with raw of the response itself (a binary answer)."""
         import httpx
 
         started = time.monotonic()
@@ -145,7 +144,7 @@ class RemoteTeacher:
                     raise ConfigError(
                         f"teacher.url: {self.url}{path} answered {response.status_code}: {_message(response)}"
                     )
-                return parse(response.json())
+                return parse(response if raw else response.json())
             except httpx.ConnectError as exc:
                 last = f"{type(exc).__name__}: {exc}".strip()
                 if not self.answered and time.monotonic() - started >= NEVER_ANSWERED_GRACE_S:
@@ -164,6 +163,20 @@ class RemoteTeacher:
                     f"{last[:200]}"
                 )
             time.sleep(pause)
+
+
+def completion_rows(batch: StepBatch) -> list[tuple[list[int], int]]:
+    """Each row of the batch as (its prompt without padding + its completion, where the completion starts)."""
+    rows = []
+    for prompt, prompt_mask, completion, length in zip(
+        batch.prompt_ids.tolist(),
+        batch.prompt_mask.tolist(),
+        batch.completion_ids.tolist(),
+        batch.completion_mask.sum(1).tolist(),
+    ):
+        tokens = [token for token, keep in zip(prompt, prompt_mask) if keep]
+        rows.append((tokens + completion[: int(length)], len(tokens)))
+    return rows
 
 
 def _message(response) -> str:

@@ -26,6 +26,7 @@ from opd.distributed.world import World
 from opd.errors import ConfigError
 from opd.io.checkpoint import check_checkpoint, checkpoint_step, latest_checkpoint, load_checkpoint
 from opd.io.sinks import check_trackers
+from opd.models.lm_head import locate_lm_head
 from opd.models.loading import (
     LoadedModel,
     check_context,
@@ -150,6 +151,8 @@ def check_inputs(config: Config, ranks: int, resume: bool | str) -> None:
     for name, settings in config.teacher_configs.items():
         if not settings.remote:
             check_model_path(config.teacher_path(name), f"{config.teacher_key(name)}.path")
+        elif settings.lm_head is not None:  # found in its files now; read once the student has loaded
+            locate_lm_head(settings.lm_head, f"{config.teacher_key(name)}.lm_head", settings.trust_remote_code)
     if config.reward is not None:
         load_verifier(config.reward.verifier)  # imported here: a typo fails before any weight loads
 
