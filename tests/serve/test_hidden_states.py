@@ -270,3 +270,38 @@ def test_two_ranks_on_served_hidden_states_equal_one_rank_on_the_local_teacher(
     assert_same_learning(
         final_weights(tmp_path / "local"), final_weights(tmp_path / "remote"), tiny_config["student"]["path"], 0.01
     )
+
+
+@pytest.mark.e2e
+def test_routed_teachers_on_servers_equal_the_same_teachers_here(tiny_config, tiny_models, tiny_data, tmp_path):
+    """Two teachers of different widths (H 48 and 32), each on opd's server with its head here, each row to
+    its own: the defaults (with their forward-KL term) train as with the two teachers in this process."""
+    from opd.config.files import validate
+    from opd.train.trainer import train
+
+    other = make_tiny_model(tmp_path / "other", hidden=32, layers=1, seed=9)
+    rows = tiny_data["train"].read_text().splitlines()
+    files = {}
+    for name, part in (("a", rows[:16]), ("b", rows[16:32])):
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("\n".join(part) + "\n")
+    data = {
+        **tiny_config["data"],
+        "train": [{"path": str(files[name]), "teacher": name} for name in files],
+        "eval": None,
+    }
+    paths = {"a": tiny_models["teacher"], "b": other}
+
+    def routed(output: str, teachers: list[dict]) -> dict:
+        raw = run_config(tiny_config, tmp_path / output, None, {"data": data})
+        del raw["teacher"]
+        return {**raw, "teachers": teachers}
+
+    train(validate(routed("local", [{"name": n, "path": str(p)} for n, p in paths.items()])), log=lambda *_: None)
+    with served(paths["a"]) as url_a, served(paths["b"]) as url_b:
+        urls = {"a": url_a, "b": url_b}
+        teachers = [{"name": n, "url": urls[n], "lm_head": str(p), "retry_deadline_s": 60} for n, p in paths.items()]
+        train(validate(routed("remote", teachers)), log=lambda *_: None)
+    assert_same_learning(
+        final_weights(tmp_path / "local"), final_weights(tmp_path / "remote"), tiny_config["student"]["path"], 0.01
+    )

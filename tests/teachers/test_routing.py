@@ -23,8 +23,10 @@ def write(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def two_teacher_config(tiny_config, tiny_data, tmp_path, rows_b: list[dict] | None = None) -> dict:
-    other = make_tiny_model(tmp_path / "other-teacher", hidden=48, layers=1, seed=9)
+def two_teacher_config(
+    tiny_config, tiny_data, tmp_path, rows_b: list[dict] | None = None, other_hidden: int = 48
+) -> dict:
+    other = make_tiny_model(tmp_path / "other-teacher", hidden=other_hidden, layers=1, seed=9)
     rows = [json.loads(line) for line in Path(tiny_data["train"]).read_text().splitlines()]
     file_a = write(tmp_path / "a.jsonl", rows[:8])
     # File b names teacher b; two of its rows ask for teacher a themselves.
@@ -71,6 +73,26 @@ def test_each_row_is_scored_by_its_own_teacher(tiny_config, tiny_data, tmp_path)
     assert figures["distill/reverse_kl/b"] == pytest.approx(expected, rel=1e-6)
     metrics, _ = train_step(session, step=1)
     assert {"distill/reverse_kl/a", "distill/reverse_kl/b", "logprob/teacher/a"} <= set(metrics)
+
+
+def test_each_position_gets_its_own_teachers_whole_distribution(tiny_config, tiny_data, tmp_path):
+    """Teachers of different widths (H 48 and 32): their hidden states travel padded and tagged with the
+    row's teacher, and each position's logits are its own teacher's, as each teacher alone gives them.
+    The default's forward-KL term is on, as with one teacher."""
+    config = validate(two_teacher_config(tiny_config, tiny_data, tmp_path, other_hidden=32))
+    session = prepare(config, resume=False, log=lambda *_: None)
+    assert session.config.loss.forward_kl_coef == 1.0
+    batch = session.rollouts.sample(session.train_prompts.batch(list(range(16))), 2, 0, step=1)
+    scores = session.teacher.score(batch, keep_hidden=True)
+    assert scores.hidden.shape[-1] == 48 + 1
+    logits = session.teacher.logits(scores.hidden)  # (B, T, V)
+    mask = batch.completion_mask.bool()
+    for name, teacher in session.teacher.scorers.items():
+        rows = [i for i, row in enumerate(batch.rows) if row.teacher == name]
+        expected = teacher.logits(teacher.score(batch, keep_hidden=True).hidden[rows])
+        torch.testing.assert_close(logits[rows][mask[rows]], expected[mask[rows]], atol=1e-5, rtol=0)
+    metrics, _ = train_step(session, step=1)  # the update's forward-KL term reads the tagged states
+    assert torch.isfinite(torch.tensor(metrics["loss"]))
 
 
 def test_a_row_naming_an_unknown_teacher_is_an_error_with_its_file_and_line(

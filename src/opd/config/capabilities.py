@@ -126,10 +126,6 @@ def teacher_limits(config: Config, name: str, facts: TeacherFacts | None = None)
         )
     if config.teachers:
         rule_out(
-            (FULL_DISTRIBUTION,),
-            Limit("teachers", "and several teachers score token log-probs (and top-k) only", "give one teacher"),
-        )
-        rule_out(
             (SAMPLES,), Limit("teachers", "and several teachers need the student's own samples", "give one teacher")
         )
     if facts.chunked:
@@ -247,15 +243,17 @@ def check_needs(
 
 def forward_kl_default(config: Config, facts: dict[str, TeacherFacts] | None = None) -> float:
     """loss.forward_kl_coef's default (null): 1.0 where the run can add the exact forward KL on the student's
-    samples at no more than a local teacher's LM head per chunk, else 0. That is reverse_kl_pg with a
-    teacher term (kl_coef != 0), one teacher that gives its full distribution, read as the student reads
-    rows (the student's template, no system prompt of its own), and untruncated sampling from the student."""
+    samples at no more than a teacher's LM head per chunk, else 0. That is reverse_kl_pg with a teacher
+    term (kl_coef != 0), teachers that each give their full distribution (in this process, or on opd's
+    server with lm_head), read as the student reads rows (the student's template, no system prompt of
+    their own), and untruncated sampling from the student."""
     loss, rollout, data = config.loss, config.rollout, config.data
-    teacher = config.teacher
-    if loss.kind != "reverse_kl_pg" or not loss.kl_coef or teacher is None or config.teachers:
+    if loss.kind != "reverse_kl_pg" or not loss.kl_coef or not config.teacher_configs:
         return 0.0
-    if FULL_DISTRIBUTION in teacher_limits(config, "teacher", (facts or {}).get("teacher")):
-        return 0.0
-    plain_view = teacher.chat_template == "student" and data.teacher_system_prompt is None
+    for name, teacher in config.teacher_configs.items():
+        if FULL_DISTRIBUTION in teacher_limits(config, name, (facts or {}).get(name)):
+            return 0.0
+        if teacher.chat_template != "student":
+            return 0.0
     untruncated = rollout.source == "student" and rollout.top_k == 0 and rollout.top_p == 1
-    return 1.0 if plain_view and untruncated else 0.0
+    return 1.0 if data.teacher_system_prompt is None and untruncated else 0.0

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
+
 from opd.data.prompts import PromptSet
 from opd.errors import DataError
 from opd.ops.batch import StepBatch
@@ -62,11 +64,52 @@ class RoutedTeachers:
         parts = self.parts(batch)
         if self.parallel and len(parts) > 1:
             with ThreadPoolExecutor(len(parts), thread_name_prefix="opd-teacher") as pool:
-                all_scores = list(pool.map(lambda part: part[1].score(part[3]), parts))
+                all_scores = list(pool.map(lambda part: part[1].score(part[3], keep_hidden), parts))
         else:
-            all_scores = [scorer.score(part) for _, scorer, _, part in parts]
-        return assemble_scores(
+            all_scores = [scorer.score(part, keep_hidden) for _, scorer, _, part in parts]
+        scores = assemble_scores(
             batch.completion_ids.shape,
             batch.completion_ids.device,
             [(rows, scores) for (_, _, rows, _), scores in zip(parts, all_scores)],
         )
+        if keep_hidden:
+            scores.hidden = self._tagged_hidden(batch, parts, all_scores)
+        return scores
+
+    def _tagged_hidden(self, batch: StepBatch, parts, all_scores) -> torch.Tensor:
+        """Each row's teacher hidden states (B, T, H_max + 1), padded to the widest teacher's H, with the
+        row's teacher (its index in `scorers`) in the last column, so that `logits` sends each position
+        to its own teacher's head however the loss chunks the batch."""
+        names = list(self.scorers)
+        width = max(scores.hidden.shape[-1] for scores in all_scores)
+        sample = all_scores[0].hidden
+        hidden = torch.zeros(*batch.completion_ids.shape, width + 1, dtype=sample.dtype, device=sample.device)
+        for (name, _, rows, _), scores in zip(parts, all_scores):
+            length, size = scores.hidden.shape[1], scores.hidden.shape[2]
+            hidden[rows, :length, :size] = scores.hidden
+            hidden[rows, :, -1] = names.index(name)
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., H_max + 1) tagged hidden states (see `_tagged_hidden`) -> (..., V) logits, each position's
+        from its own teacher at that teacher's temperature. Every teacher shares the student's vocabulary."""
+        owner = hidden[..., -1].long()  # (...,)
+        logits = None
+        for index, scorer in enumerate(self.scorers.values()):
+            mine = owner == index
+            if not mine.any():
+                continue
+            own = scorer.logits(hidden[mine][:, : self._width(scorer, hidden)])  # (n, V)
+            if logits is None:
+                logits = own.new_zeros(*owner.shape, own.shape[-1])
+            logits[mine] = own
+        return logits
+
+    @staticmethod
+    def _width(scorer, hidden: torch.Tensor) -> int:
+        """The teacher's own H: its head's input width (a local teacher's model, or a served teacher's head)."""
+        inner = getattr(scorer, "scorer", scorer)  # a viewed teacher's scorer
+        head = getattr(inner, "head", None)
+        if head is not None:
+            return head.hidden_size
+        return inner.model.get_output_embeddings().weight.shape[1]
