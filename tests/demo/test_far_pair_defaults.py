@@ -3,7 +3,8 @@ its 4 decoder layers dropped (opd.demo.far_pair). With the defaults alone (forwa
 null, which a local teacher resolves to 1.0), the student learns instead of collapsing; with the
 sampled-token reward alone (forward_kl_coef 0, opd's default before) the same 40 steps leave the
 held-out reverse KL 18 % lower only (11.8 -> 9.7; the defaults: 11.8 -> 6.1, -48 %, with the lowest
-entropy at 95 % of the start), measured with this test's settings."""
+entropy at 95 % of the start), measured with this test's settings. The same holds with the teacher on
+opd's server, which sends hidden states for the head held here (docs/teacher_server.md)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,13 @@ from opd.demo.task import write_split
 from opd.io.sinks import read_metrics
 from opd.train.trainer import train
 
+from processes import served
+
 
 @pytest.mark.e2e
-def test_the_defaults_keep_a_pruned_student_learning(tmp_path):
+@pytest.mark.parametrize("where", ["here", "served"])
+def test_the_defaults_keep_a_pruned_student_learning(tmp_path, where):
+    """where: the teacher in this process, or on opd's server with its LM head here (hidden states)."""
     write_split(tmp_path / "train.jsonl", 1000, seed=1)
     write_split(tmp_path / "eval.jsonl", 50, seed=2)
     raw = {  # the defaults, but for the step's size and a learning rate a small model takes
@@ -37,7 +42,12 @@ def test_the_defaults_keep_a_pruned_student_learning(tmp_path):
         "batch": {"prompts_per_step": 16, "micro_batch_size": 64},
         "optim": {"lr": 5e-3, "warmup_steps": 5, "schedule": "constant"},
     }
-    train(validate(raw), log=lambda *_: None)
+    if where == "served":
+        with served(ASSETS / "teacher") as url:
+            raw["teacher"] = {"url": url, "lm_head": str(ASSETS / "teacher")}
+            train(validate(raw), log=lambda *_: None)
+    else:
+        train(validate(raw), log=lambda *_: None)
     assert yaml.safe_load((tmp_path / "run" / "resolved.yaml").read_text())["loss"]["forward_kl_coef"] == 1.0
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     first, last = rows[0], rows[-1]

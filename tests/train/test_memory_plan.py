@@ -105,6 +105,25 @@ def test_batches_scored_ahead_add_their_hidden_states_and_scoring_beside_the_upd
     assert ahead.peak > serial.peak
 
 
+def test_a_served_teacher_with_its_head_here_counts_the_head_and_its_hidden_states(models, tmp_path):
+    """teacher.lm_head: the head alone is resident (never the teacher's body), and the loss keeps the
+    served hidden states as it does a local teacher's."""
+    local = plan_memory(validate(raw_config(models, tmp_path / "run", 16)), 1, "cpu")
+    raw = raw_config(models, tmp_path / "run", 16)
+    raw["teacher"] = {"url": "http://127.0.0.1:9", "lm_head": str(models["teacher"])}
+    plan = plan_memory(validate(raw), 1, "cpu")
+    teacher = AutoModelForCausalLM.from_pretrained(models["teacher"])
+    head = teacher.get_output_embeddings().weight.numel()
+    assert plan.resident["teacher LM head (fp32; its body is on a server)"] == 4 * head
+    assert not any(name.startswith("teacher weights") for name in plan.resident)
+    kept = "teacher hidden states kept for the loss (1 batch)"
+    assert plan.phases["updating"][kept] == local.phases["updating"][kept] > 0
+    assert (
+        plan.phases["scoring"]["teacher logit chunks (its head here)"]
+        == local.phases["scoring"]["teacher logit chunks"]
+    )
+
+
 def test_lora_counts_the_adapters_that_peft_adds(models):
     peft = pytest.importorskip("peft")
     for targets in (["q_proj", "v_proj", "lm_head"], "all-linear"):

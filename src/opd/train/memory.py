@@ -99,9 +99,20 @@ def plan_memory(config: Config, world_size: int, device: str = "cuda") -> Memory
     shapes = [model_shape(config.teacher_path(name), settings.trust_remote_code) for name, settings in local]
     planned = [shape for shape in shapes if not isinstance(shape, str)]
     teacher = max(planned, key=lambda shape: shape.parameters) if planned else next(iter(shapes), None)
-    for key, shape in (("student.path", student), *(("teacher.path", shape) for shape in shapes)):
+    # A served teacher whose LM head is held here (lm_head): the head alone, and the loss's hidden states.
+    heads = [
+        model_shape(settings.lm_head, settings.trust_remote_code)
+        for settings in config.teacher_configs.values()
+        if settings.remote and settings.lm_head is not None
+    ]
+    for key, shape in (
+        ("student.path", student),
+        *(("teacher.path", shape) for shape in shapes),
+        *(("teacher.lm_head", shape) for shape in heads),
+    ):
         if isinstance(shape, str):
             notes.append(f"{key}: {shape}")
+    heads = [shape for shape in heads if not isinstance(shape, str)]
     if isinstance(student, str):
         return MemoryPlan({}, {}, notes)
     bf16 = config.run.precision == "bf16" or (config.run.precision == "auto" and device == "cuda")
@@ -121,6 +132,11 @@ def plan_memory(config: Config, world_size: int, device: str = "cuda") -> Memory
             compute_bytes * shape.parameters / (world_size if teacher_sharded else 1)
         )
 
+    for index, shape in enumerate(heads):
+        name = "teacher LM head" if len(heads) == 1 else f"teacher LM head {index + 1}"
+        resident[f"{name} ({'bf16' if bf16 else 'fp32'}; its body is on a server)"] = (
+            compute_bytes * shape.vocab * shape.hidden
+        )
     rollout, data = config.rollout, config.data
     rows = config.batch.prompts_per_step // world_size * rollout.samples_per_prompt
     sequence = data.max_prompt_tokens + rollout.max_new_tokens
@@ -159,11 +175,12 @@ def plan_memory(config: Config, world_size: int, device: str = "cuda") -> Memory
     }
     if bf16 and not sharded:  # autocast's bf16 copy of each weight, saved for the input gradients
         update["bf16 weight casts kept for the backward"] = 2 * student.parameters
-    if teacher is not None and not isinstance(teacher, str) and full_distribution:
+    widest = max([*planned, *heads], key=lambda shape: shape.hidden, default=None)
+    if widest is not None and full_distribution:
         # With rollout.max_staleness N, the batches scored ahead keep theirs too: N + 1 at most.
         kept = 1 + rollout.max_staleness
         update[f"teacher hidden states kept for the loss ({kept} batch{'es' if kept > 1 else ''})"] = (
-            kept * rows * rollout.max_new_tokens * teacher.hidden * compute_bytes
+            kept * rows * rollout.max_new_tokens * widest.hidden * compute_bytes
         )
     if sharded:
         # Full-size root gradients (compute precision, then fp32 for the reduce-scatter) before they shard.
@@ -188,6 +205,10 @@ def plan_memory(config: Config, world_size: int, device: str = "cuda") -> Memory
             phases["updating"] = {**update, **{f"{name} (scoring meanwhile)": value for name, value in scoring.items()}}
         else:
             phases["scoring"] = scoring
+    if heads and (teacher is None or isinstance(teacher, str)):  # the heads' logits, chunk by chunk
+        head = max(heads, key=lambda shape: shape.vocab)
+        head_chunk = min(tokens_per_chunk(config.loss.chunk_size, head.vocab), rows * rollout.max_new_tokens)
+        phases["scoring"] = {"teacher logit chunks (its head here)": 2 * head_chunk * head.vocab * 4}
     return MemoryPlan(resident, phases, notes)
 
 
