@@ -16,6 +16,12 @@ held-out problems:
 - GKD's mixture: lambda rising linearly from 0 to 0.5 over 50 steps, then half of each step's prompts
   sampled by the teacher and trained with the forward KL (`rollout.student_fraction: 0.5`,
   `student_fraction_start: 0`, `student_fraction_ramp_steps: 50`).
+With --served, the teacher is on opd's server instead (`opd serve-teacher`, one thread) and the runs
+are what a served teacher allows:
+- the default with the teacher's LM head here (`teacher.lm_head`): hidden states, the exact forward KL;
+- the forward-KL term estimated from the server's top-20 and a tail bucket (`teacher.top_k: 20`,
+  `loss.forward_kl_coef: 1.0`): all a vLLM or SGLang teacher can send (vLLM's default --max-logprobs);
+- `reverse_kl_pg` alone, what the default resolves to on such a server (`loss.forward_kl_coef` 0).
 Writes OUT/far_apart.md (table) and OUT/far_apart.png (curves).
 """
 
@@ -23,11 +29,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import subprocess
+import sys
 import tempfile
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from teacher_server import free_port, wait_healthy  # noqa: E402  (the benchmarks' own helpers)
 
 from opd.config.files import validate
 from opd.data.prompts import load_prompts
@@ -52,6 +65,13 @@ RUNS = {
         "rollout.student_fraction_start": 0.0,
         "rollout.student_fraction_ramp_steps": 50,
     },
+}
+
+
+SERVED_RUNS = {  # with --served; "teacher.url" is filled in with the server's
+    "served, hidden states: the default (exact forward KL)": {"teacher.lm_head": str(ASSETS / "teacher")},
+    "served, top-20 + tail forward KL": {"teacher.top_k": 20, "loss.forward_kl_coef": 1.0},
+    "served, reverse_kl_pg alone (the default without the head)": {},
 }
 
 
@@ -81,6 +101,20 @@ def config(work: Path, name: str, student: Path, steps: int, changes: dict) -> d
         section, key = dotted.split(".")
         raw[section][key] = value
     return raw
+
+
+@contextmanager
+def served_teacher(model: Path):
+    """`opd serve-teacher MODEL` with one thread on 127.0.0.1, stopped on the way out; yields its url."""
+    port = free_port()
+    argv = [sys.executable, "-m", "opd", "serve-teacher", str(model), "--port", str(port), "--precision", "fp32"]
+    job = subprocess.Popen(argv, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", job, timeout_s=120)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        job.terminate()
+        job.wait(30)
 
 
 def summarize(name: str, rows: list[dict], outcome: str) -> dict:
@@ -145,15 +179,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--out", type=Path, default=Path("far_apart_results"))
+    parser.add_argument("--served", action="store_true", help="the teacher on opd's server (see above)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, ExitStack() as stack:
+        runs = RUNS
+        if args.served:
+            url = stack.enter_context(served_teacher(ASSETS / "teacher"))
+            runs = {
+                name: {"teacher.url": url, "teacher.path": None, **changes} for name, changes in SERVED_RUNS.items()
+            }
         work = Path(scratch)
         write_split(work / "train.jsonl", 4000, seed=1)
         write_split(work / "eval.jsonl", 200, seed=2)
         student = pruned_teacher(work / "student", keep=[3])
         summaries, curves = [], {}
         samples = {"untrained student": completions(student, work)}
-        for name, changes in RUNS.items():
+        for name, changes in runs.items():
             print(f"{name} ...", flush=True)
             raw = config(work, name.replace(" ", "_").replace(",", ""), student, args.steps, changes)
             warnings = []
@@ -170,7 +211,8 @@ def main() -> None:
             summaries.append(summarize(name, rows, outcome))
             print(json.dumps(summaries[-1]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    plot(curves, args.out / "far_apart.png")
+    stem = "far_apart_served" if args.served else "far_apart"
+    plot(curves, args.out / f"{stem}.png")
     lines = [
         "| run | outcome | held-out reverse KL: start → end (best) | change | lowest entropy/student, "
         "fraction of the untrained student's | highest repetition | held-out accuracy at the end |",
@@ -187,11 +229,10 @@ def main() -> None:
     reading = "\n".join(
         f"- {name}:\n" + "\n".join(f"  - `{text!r}`" for text in texts) for name, texts in samples.items()
     )
-    (args.out / "far_apart.md").write_text(
+    (args.out / f"{stem}.md").write_text(
         "# A far-apart pair: collapse, the guard, and two remedies\n\n"
-        f"`python benchmarks/far_apart.py --steps {args.steps}` (see its docstring for the pair and the settings).\n\n"
-        + table
-        + "\n\n![curves](far_apart.png)\n\n"
+        f"`python benchmarks/far_apart.py --steps {args.steps}{' --served' if args.served else ''}` "
+        "(see its docstring for the pair and the settings).\n\n" + table + f"\n\n![curves]({stem}.png)\n\n"
         "Reading it: the entropy and repetition columns are over the training steps' own samples, against the "
         "untrained student's held-out entropy; the two `reverse_kl_pg` runs share their first steps exactly "
         "(same seed), so the stopped run shows what the guard cut short. One seed per run: treat differences "

@@ -77,6 +77,14 @@ def test_the_objective_is_built_from_a_resolved_config_only(tiny_config):
         ({"reward": {"verifier": "gsm8k"}, "loss": {"kl_coef": 0}}, set()),  # pure RL: the teacher only watches
         ({"reward": {"verifier": "gsm8k", "coef": 0}, "loss": {"kl_coef": 1}}, {FULL_DISTRIBUTION, TOKEN_LOGPROBS}),
         ({"loss": {"kind": "topk_forward_kl"}, "teacher": {"top_k": 3}}, {TOP_K}),
+        (  # a server's top-k without the head here: the term is the top-k estimate
+            {"teacher": {"url": "http://127.0.0.1:1", "path": None, "top_k": 20}, "loss": {"forward_kl_coef": 1.0}},
+            {TOP_K, TOKEN_LOGPROBS},
+        ),
+        (  # with the head here, the exact term
+            {"teacher": {"url": "http://127.0.0.1:1", "path": None, "lm_head": "/x"}},
+            {FULL_DISTRIBUTION, TOKEN_LOGPROBS},
+        ),
     ],
 )
 def test_added_terms_and_mixtures_need_what_they_compute_with(tiny_config, changes, needs):
@@ -87,6 +95,31 @@ def test_added_terms_and_mixtures_need_what_they_compute_with(tiny_config, chang
     config = resolve(validate(raw))
     assert needed(config) == needs
     build_objective(config)
+
+
+def test_the_forward_kl_term_reads_the_whole_distribution_or_else_the_top_k_with_its_tail():
+    """Against the brute-force terms: the exact forward KL from the teacher's logits where its hidden states
+    are at hand; the top-k estimate (topk_forward_kl) where a server sent its top-k only."""
+    from opd.objectives import losses
+
+    torch.manual_seed(0)
+    objective = PolicyGradient(1.0, 0, 1.0, None, kl_coef=1.0, discount=0.0, forward_kl_coef=0.5)
+    student = torch.randn(3, 6)
+    teacher_logits = torch.randn(3, 6)
+    base = chunk([1, 2, 3], [-1.0, -2.0, -1.5], [0.2, -0.1, 0.3])
+    plain = PolicyGradient(1.0, 0, 1.0, None, kl_coef=1.0, discount=0.0).per_token(student, base, None)[0]
+
+    class Teacher:
+        def logits(self, hidden):
+            return hidden  # the "hidden states" here are the logits themselves
+
+    exact = objective.per_token(student, TokenChunk(**{**vars(base), "teacher_hidden": teacher_logits}), Teacher())[0]
+    reference = (teacher_logits.softmax(-1) * (teacher_logits.log_softmax(-1) - student.log_softmax(-1))).sum(-1)
+    torch.testing.assert_close(exact, plain + 0.5 * reference)
+    top_logprobs, top_ids = teacher_logits.log_softmax(-1).topk(2, dim=-1)
+    with_top = TokenChunk(**{**vars(base), "teacher_topk_ids": top_ids, "teacher_topk_logprobs": top_logprobs})
+    estimated = objective.per_token(student, with_top, None)[0]
+    torch.testing.assert_close(estimated, plain + 0.5 * losses.topk_forward_kl(student, top_ids, top_logprobs))
 
 
 def test_a_sampled_token_just_outside_the_updates_top_k_still_gets_its_gradient():

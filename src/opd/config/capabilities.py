@@ -172,6 +172,14 @@ def teacher_limits(config: Config, name: str, facts: TeacherFacts | None = None)
     return limits
 
 
+def forward_kl_term_need(config: Config) -> str:
+    """What the forward-KL term reads: the teachers' top-k (its top-k estimate, a tail bucket for the rest)
+    where every teacher is on a server without its head here and sends a top-k, else the full distribution."""
+    teachers = config.teacher_configs.values()
+    top_k_only = all(teacher.remote and teacher.lm_head is None and teacher.top_k for teacher in teachers)
+    return TOP_K if teachers and top_k_only else FULL_DISTRIBUTION
+
+
 def run_needs(config: Config, forward_kl_coef: float | None = None) -> list[Need]:
     """What the run needs of its teachers. forward_kl_coef: the forward-KL term's weight (default:
     loss.forward_kl_coef, or where it is null the default the config alone implies)."""
@@ -190,7 +198,7 @@ def run_needs(config: Config, forward_kl_coef: float | None = None) -> list[Need
     if forward_kl_coef:
         needs.append(
             Need(
-                FULL_DISTRIBUTION,
+                forward_kl_term_need(config),
                 f"loss.forward_kl_coef={forward_kl_coef}",
                 "set loss.forward_kl_coef: 0 (its default, null, turns it on only where it can run)",
             )

@@ -43,6 +43,8 @@ class PolicyGradient:
     With forward_kl_coef = w > 0, plus w * KL(pi_T || pi_theta) at every position of the same samples: a
     mass-covering term that keeps the student's probability wherever the teacher's is, which the
     sampled-token reward alone does not (it can settle on one high-reward token and lose the rest).
+    Exact from the teacher's hidden states; from its top-k and a tail bucket where a server sends only
+    that (topk_forward_kl's estimate).
 
     With a task reward (`reward:`), each completion's group-normalized reward times reward_coef is
     added to the advantage of every one of its tokens. With kl_coef = 0 the teacher is not read at all
@@ -105,7 +107,11 @@ class PolicyGradient:
             advantages = advantages - self.kl_coef * (logprobs.detach() - chunk.teacher_logprobs)
         values = losses.reverse_kl_pg(logprobs, chunk.sampler_logprobs, advantages, self.ratio_clip)
         if self.forward_kl_coef:  # processed == logits / T here: the config requires no truncation
-            values = values + self.forward_kl_coef * losses.forward_kl(processed, teacher.logits(chunk.teacher_hidden))
+            if chunk.teacher_hidden is not None:
+                term = losses.forward_kl(processed, teacher.logits(chunk.teacher_hidden))
+            else:  # a server's top-k without the head here (opd.config.capabilities.forward_kl_term_need)
+                term = losses.topk_forward_kl(processed, chunk.teacher_topk_ids, chunk.teacher_topk_logprobs)
+            values = values + self.forward_kl_coef * term
         return values, logprobs
 
 
