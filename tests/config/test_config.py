@@ -390,8 +390,8 @@ def remote_raw(root: str, **teacher) -> dict:
         ),
         ({"api": "vllm", "lm_head": "/x"}, {}, r"teacher.lm_head: only a teacher on opd's server .*; vllm does not"),
         ({"lm_head": "/x", "path": "/y", "url": None}, {}, r"teacher.lm_head: .*a teacher in this process has its own"),
-        (
-            {},
+        (  # without a top-k, the term needs the whole distribution
+            {"top_k": 0},
             {"loss.forward_kl_coef": 0.1},
             r"teacher.url: loss.forward_kl_coef=0.1 needs .*set loss.forward_kl_coef: 0",
         ),
@@ -403,7 +403,7 @@ def remote_raw(root: str, **teacher) -> dict:
             r"rollouts; it does not write them",
         ),
         (
-            {},
+            {"top_k": 0},
             {"loss.kind": "topk_forward_kl"},
             r"teacher.top_k: loss.kind=topk_forward_kl needs the teacher's top-k "
             r"log-probs at every token, and teacher.top_k is 0; set teacher.top_k",
@@ -435,7 +435,9 @@ def test_a_teacher_on_opds_server_with_its_lm_head_gives_the_full_distribution(t
     }
     validate(with_keys(remote_raw(str(tmp_path), lm_head="/x"), mixture))
     assert forward_kl_default(validate(remote_raw(str(tmp_path), lm_head="/x"))) == 1.0
-    assert forward_kl_default(validate(remote_raw(str(tmp_path)))) == 0.0
+    # Without the head: the term from the server's top-k (top_k null resolves to 20), unless top_k is 0.
+    assert forward_kl_default(validate(remote_raw(str(tmp_path)))) == 1.0
+    assert forward_kl_default(validate(remote_raw(str(tmp_path), top_k=0))) == 0.0
 
 
 def test_sharding_with_a_gkd_mixture_is_refused(tmp_path):

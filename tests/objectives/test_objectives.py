@@ -52,7 +52,9 @@ def test_the_objective_is_built_from_a_resolved_config_only(tiny_config):
     [
         ({}, {FULL_DISTRIBUTION, TOKEN_LOGPROBS}),  # the default: a local teacher adds the forward-KL term
         ({"rollout": {"top_k": 5}}, {TOKEN_LOGPROBS}),  # ... but not under truncation
-        ({"teacher": {"url": "http://127.0.0.1:1", "path": None}}, {TOKEN_LOGPROBS}),  # nor from a server
+        # from a server, the term's top-k estimate (teacher.top_k resolves to 20); without a top-k, no term
+        ({"teacher": {"url": "http://127.0.0.1:1", "path": None}}, {TOKEN_LOGPROBS, TOP_K}),
+        ({"teacher": {"url": "http://127.0.0.1:1", "path": None, "top_k": 0}}, {TOKEN_LOGPROBS}),
         ({"loss": {"forward_kl_coef": 0.1}}, {FULL_DISTRIBUTION, TOKEN_LOGPROBS}),
         ({"rollout": {"student_fraction": 0.5}}, {FULL_DISTRIBUTION, TOKEN_LOGPROBS, SAMPLES}),
         (

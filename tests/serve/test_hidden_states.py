@@ -305,3 +305,24 @@ def test_routed_teachers_on_servers_equal_the_same_teachers_here(tiny_config, ti
     assert_same_learning(
         final_weights(tmp_path / "local"), final_weights(tmp_path / "remote"), tiny_config["student"]["path"], 0.01
     )
+
+
+@pytest.mark.e2e
+def test_without_the_head_the_default_reads_the_servers_top_20(tiny_config, teacher_url, tmp_path):
+    """A server that sends no hidden states (vLLM, SGLang, opd's without lm_head): the default's
+    forward-KL term is the top-k estimate, teacher.top_k resolving to 20; top_k 0 turns it off."""
+    import yaml
+
+    from opd.config.files import validate
+    from opd.train.trainer import train
+
+    served_teacher = {"url": teacher_url, "retry_deadline_s": 60}
+    train(validate(run_config(tiny_config, tmp_path / "default", served_teacher, {})), log=lambda *_: None)
+    resolved = yaml.safe_load((tmp_path / "default" / "resolved.yaml").read_text())
+    assert resolved["loss"]["forward_kl_coef"] == 1.0 and resolved["teacher"]["top_k"] == 20
+    plain_teacher = {**served_teacher, "top_k": 0}
+    train(validate(run_config(tiny_config, tmp_path / "plain", plain_teacher, {})), log=lambda *_: None)
+    resolved = yaml.safe_load((tmp_path / "plain" / "resolved.yaml").read_text())
+    assert resolved["loss"]["forward_kl_coef"] == 0.0 and resolved["teacher"]["top_k"] == 0
+    default, plain = final_weights(tmp_path / "default"), final_weights(tmp_path / "plain")
+    assert max(float((default[name] - plain[name]).abs().max()) for name in default) > 1e-4  # the term trained

@@ -215,13 +215,16 @@ def remote_config(tiny_config, output_dir: Path, url: str, steps: int = 3, **tea
         **tiny_config,
         "run": {**tiny_config["run"], "output_dir": str(output_dir), "max_steps": steps},
         "teacher": {"url": url, "retry_deadline_s": 60, "timeout_s": 5, **teacher},
+        "loss": {
+            "forward_kl_coef": 0.0
+        },  # the plain reward on both sides (tests/serve/test_hidden_states.py: the term)
         "optim": {"lr": 1e-2, "schedule": "constant", "eps": 1e-3},
     }
 
 
 def local_config(tiny_config, output_dir: Path, steps: int = 3, **teacher) -> dict:
-    """The same run with the teacher in this process, without the default's forward-KL term, which a
-    server's teacher resolves to 0 (it sends no full distribution)."""
+    """The same run with the teacher in this process, without the default's forward-KL term (so is the
+    remote run: the term's top-k estimate is measured apart, in benchmarks/far_apart.py --served)."""
     return {
         **tiny_config,
         "run": {**tiny_config["run"], "output_dir": str(output_dir), "max_steps": steps},

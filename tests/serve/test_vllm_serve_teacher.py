@@ -81,7 +81,7 @@ def _config(tiny_config, output_dir: Path, teacher: dict) -> dict:
         "student": {"path": str(ASSETS / "student")},
         "teacher": teacher,
         "rollout": {**tiny_config["rollout"], "max_new_tokens": 16},
-        "loss": {"forward_kl_coef": 0.0},  # what a server resolves the default's forward-KL term to
+        "loss": {"forward_kl_coef": 0.0},  # the plain reward: the local teacher would add the exact term
         "optim": {"lr": 1e-2, "schedule": "constant", "eps": 1e-3},
     }
 

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 TOKEN_LOGPROBS, TOP_K, FULL_DISTRIBUTION, SAMPLES = "token_logprobs", "top_k", "full_distribution", "samples"
 
+DEFAULT_TOP_K = 20  # teacher.top_k's resolved value where the run reads a top-k: vLLM's --max-logprobs default
+
 WHAT = {
     TOKEN_LOGPROBS: "the teacher's log-prob of every sampled token",
     TOP_K: "the teacher's top-k log-probs at every token",
@@ -160,7 +162,7 @@ def teacher_limits(config: Config, name: str, facts: TeacherFacts | None = None)
                 "give a teacher that reads rows as the student does",
             ),
         )
-    if not settings.top_k:  # last: where a limit above rules a top-k out too, setting top_k would not help
+    if settings.top_k == 0:  # last: where a limit above rules a top-k out too, setting top_k would not help
         rule_out(
             (TOP_K,),
             Limit(
@@ -176,7 +178,7 @@ def forward_kl_term_need(config: Config) -> str:
     """What the forward-KL term reads: the teachers' top-k (its top-k estimate, a tail bucket for the rest)
     where every teacher is on a server without its head here and sends a top-k, else the full distribution."""
     teachers = config.teacher_configs.values()
-    top_k_only = all(teacher.remote and teacher.lm_head is None and teacher.top_k for teacher in teachers)
+    top_k_only = all(teacher.remote and teacher.lm_head is None and teacher.top_k != 0 for teacher in teachers)
     return TOP_K if teachers and top_k_only else FULL_DISTRIBUTION
 
 
@@ -250,18 +252,29 @@ def check_needs(
 
 
 def forward_kl_default(config: Config, facts: dict[str, TeacherFacts] | None = None) -> float:
-    """loss.forward_kl_coef's default (null): 1.0 where the run can add the exact forward KL on the student's
-    samples at no more than a teacher's LM head per chunk, else 0. That is reverse_kl_pg with a teacher
-    term (kl_coef != 0), teachers that each give their full distribution (in this process, or on opd's
-    server with lm_head), read as the student reads rows (the student's template, no system prompt of
-    their own), and untruncated sampling from the student."""
+    """loss.forward_kl_coef's default (null): 1.0 where the run can add a forward-KL term on the student's
+    samples, else 0. That is reverse_kl_pg with a teacher term (kl_coef != 0); teachers that each give
+    their full distribution (in this process, or on opd's server with lm_head: the exact term) or are all
+    servers that send a top-k (teacher.top_k not 0: the top-k estimate with its tail bucket, measured to
+    keep a far student alive as the exact term does: docs/teacher_server.md); read as the student reads
+    rows (the student's template, no system prompt of their own); and untruncated sampling from the student."""
     loss, rollout, data = config.loss, config.rollout, config.data
     if loss.kind != "reverse_kl_pg" or not loss.kl_coef or not config.teacher_configs:
         return 0.0
+    need = forward_kl_term_need(config)
     for name, teacher in config.teacher_configs.items():
-        if FULL_DISTRIBUTION in teacher_limits(config, name, (facts or {}).get(name)):
+        if need in teacher_limits(config, name, (facts or {}).get(name)):
             return 0.0
         if teacher.chat_template != "student":
             return 0.0
     untruncated = rollout.source == "student" and rollout.top_k == 0 and rollout.top_p == 1
     return 1.0 if data.teacher_system_prompt is None and untruncated else 0.0
+
+
+def resolved_top_k(config: Config, name: str, forward_kl_coef: float) -> int:
+    """teacher.top_k as asked, or where null DEFAULT_TOP_K if the run reads the teachers' top-k (with the
+    forward-KL term's weight `forward_kl_coef`), else 0."""
+    asked = config.teacher_configs[name].top_k
+    if asked is not None:
+        return asked
+    return DEFAULT_TOP_K if TOP_K in needed(config, forward_kl_coef) else 0

@@ -4,9 +4,11 @@
 every row for each teacher and asks every server; from those facts `resolve` derives the config the
 run computes with, a new frozen object, and checks the one capability rule again with them. Nothing
 changes a config after that. What it settles:
-- `loss.forward_kl_coef` left null: 1.0 where the run can add the exact forward KL, else 0
+- `loss.forward_kl_coef` left null: 1.0 where the run can add the forward KL (exact, or from servers' top-k), else 0
   (opd.config.capabilities.forward_kl_default); on resume, the value the run recorded where it still
   applies (a run from before the default recorded 0), so a resumed run computes what it computed.
+- `teacher.top_k` left null: 20 where the run reads the teachers' top-k (topk_forward_kl, or the
+  forward-KL term from servers that send no hidden states), else 0.
 - `loss.advantage_logprobs` left null: `sampler` at rollout.max_staleness 0 (the weights that sampled
   are the current ones), else `current` where the advantage is per token (reverse_kl_pg, discount 0,
   every teacher of the student's tokenizer), else `sampler` (docs/async.md says why).
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from opd.config.capabilities import TeacherFacts, check_needs, config_facts, forward_kl_default
+from opd.config.capabilities import TeacherFacts, check_needs, config_facts, forward_kl_default, resolved_top_k
 from opd.config.schema import Config
 from opd.errors import ConfigError
 
@@ -62,7 +64,13 @@ def resolve(config: Config, facts: dict[str, TeacherFacts] | None = None, record
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     loss = {"forward_kl_coef": coefficient, "advantage_logprobs": advantage_logprobs(config, facts)}
-    return config.model_copy(update={"loss": config.loss.model_copy(update=loss)})
+    update: dict = {"loss": config.loss.model_copy(update=loss)}
+    top_k = {name: resolved_top_k(config, name, coefficient) for name in config.teacher_configs}
+    if config.teacher is not None:
+        update["teacher"] = config.teacher.model_copy(update={"top_k": top_k["teacher"]})
+    elif config.teachers:
+        update["teachers"] = [teacher.model_copy(update={"top_k": top_k[teacher.name]}) for teacher in config.teachers]
+    return config.model_copy(update=update)
 
 
 def advantage_logprobs(config: Config, facts: dict[str, TeacherFacts]) -> str:

@@ -108,8 +108,11 @@ class TeacherConfig(_Strict):
     retry_deadline_s: float = Field(300.0, gt=0, description="Retry failed requests for this long, then stop the run.")
     trust_remote_code: bool = False
     temperature: float = Field(1.0, gt=0, description="Temperature of the teacher's log-probs.")
-    top_k: int = Field(
-        0, ge=0, description="Also take the teacher's top-k log-probs at every position (topk_forward_kl)."
+    top_k: int | None = Field(
+        None,
+        ge=0,
+        description="Also take the teacher's top-k log-probs at every position; null: 20 where the run reads "
+        "them (topk_forward_kl, or the default's forward-KL term from a server without lm_head), else 0.",
     )
     shard: bool = Field(False, description="Under torchrun, shard the teacher with FSDP2 instead of replicating it.")
     chat_template: Literal["student", "own"] = Field(

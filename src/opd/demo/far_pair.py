@@ -15,7 +15,13 @@ from opd.demo.run import ASSETS
 
 def pruned_teacher(out: Path, keep: list[int]) -> Path:
     """The demo teacher with only the decoder layers in `keep`, saved to `out` with its tokenizer."""
-    model = AutoModelForCausalLM.from_pretrained(ASSETS / "teacher")
+    return pruned_model(ASSETS / "teacher", out, keep)
+
+
+def pruned_model(source: Path, out: Path, keep: list[int]) -> Path:
+    """The model at `source` (a Llama- or Qwen-like decoder) with only the decoder layers in `keep`, saved
+    to `out` with its tokenizer: a far-apart student of it ("prune, then distill")."""
+    model = AutoModelForCausalLM.from_pretrained(source)
     model.model.layers = torch.nn.ModuleList([model.model.layers[i] for i in keep])
     for index, layer in enumerate(model.model.layers):
         layer.self_attn.layer_idx = index  # the KV cache is indexed by position in the new stack
@@ -23,5 +29,5 @@ def pruned_teacher(out: Path, keep: list[int]) -> Path:
     if getattr(model.config, "layer_types", None):
         model.config.layer_types = [model.config.layer_types[i] for i in keep]
     model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(ASSETS / "teacher").save_pretrained(out)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
     return out

@@ -95,6 +95,8 @@ class TokenScorer(Protocol):
 
 @runtime_checkable
 class FullDistributionTeacher(TokenScorer, Protocol):
+    hidden_size: int  # H of the hidden states its scores keep, which `logits` reads
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., V) logits at the teacher's temperature."""
         ...

@@ -126,7 +126,7 @@ def load_teachers(config: Config, plan: TeacherPlan, precision: Precision, world
             settings.temperature,
             config.loss.chunk_size,
             settings.trust_remote_code,
-            settings.top_k,
+            settings.top_k or 0,
         )
         if settings.shard and world.size > 1:
             shard_model(local.model, precision.device)  # in its own dtype: bf16 under bf16, no optimizer

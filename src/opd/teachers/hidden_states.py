@@ -77,9 +77,13 @@ class HiddenStateTeacher:
         """vocab_size: the teacher tokenizer's length (head rows past it are padding); wire_dtype: bf16 or fp32."""
         self.server, self.head, self.vocab_size = server, head, vocab_size
         self.precision, self.chunk_size, self.wire_dtype = precision, chunk_size, wire_dtype
-        self.temperature, self.top_k = server.config.temperature, server.config.top_k
+        self.temperature, self.top_k = server.config.temperature, server.top_k
         self.name = f"{server.name} (hidden states, its LM head from {head.source})"
         self.bytes_received = 0  # hidden-state bytes on the wire so far, for the benchmark and tests
+
+    @property
+    def hidden_size(self) -> int:
+        return self.head.hidden_size
 
     def check(self, tokenizer) -> None:
         """Before training: the head read here is the served model's. The server's own log-probs of a

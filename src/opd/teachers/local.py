@@ -53,6 +53,10 @@ class LocalTeacher:
     def model(self) -> torch.nn.Module:
         return self.loaded.model
 
+    @property
+    def hidden_size(self) -> int:
+        return self.loaded.model.get_output_embeddings().weight.shape[1]
+
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         with self.precision.autocast():

@@ -53,7 +53,7 @@ class RemoteTeacher:
 
         self.config, self.vocab_size, self.key = config, vocab_size, key
         self.url = config.url.rstrip("/")
-        self.top_k = config.top_k
+        self.top_k = config.top_k or 0  # null only in a config that was never resolved: no top-k
         self.name = f"{config.model or config.api} at {self.url}"
         api_key = config.api_key or os.environ.get(config.api_key_env)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}

@@ -99,17 +99,8 @@ class RoutedTeachers:
             mine = owner == index
             if not mine.any():
                 continue
-            own = scorer.logits(hidden[mine][:, : self._width(scorer, hidden)])  # (n, V)
+            own = scorer.logits(hidden[mine][:, : scorer.hidden_size])  # (n, V)
             if logits is None:
                 logits = own.new_zeros(*owner.shape, own.shape[-1])
             logits[mine] = own
         return logits
-
-    @staticmethod
-    def _width(scorer, hidden: torch.Tensor) -> int:
-        """The teacher's own H: its head's input width (a local teacher's model, or a served teacher's head)."""
-        inner = getattr(scorer, "scorer", scorer)  # a viewed teacher's scorer
-        head = getattr(inner, "head", None)
-        if head is not None:
-            return head.hidden_size
-        return inner.model.get_output_embeddings().weight.shape[1]

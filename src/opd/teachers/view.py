@@ -252,6 +252,10 @@ class ViewedTeacher:
         """The scorer's logits of its hidden states (a FullDistributionTeacher's; one vocabulary)."""
         return self.scorer.logits(hidden)
 
+    @property
+    def hidden_size(self) -> int:
+        return self.scorer.hidden_size
+
     def score(self, batch: StepBatch, keep_hidden: bool = False) -> TeacherScores:
         teacher_batch, alignment = self.view.teacher_batch(batch)
         lengths = teacher_batch.prompt_mask.sum(1) + teacher_batch.completion_mask.sum(1)
