@@ -21,8 +21,14 @@ are what a served teacher allows:
 - the default with the teacher's LM head here (`teacher.lm_head`): hidden states, the exact forward KL;
 - the forward-KL term estimated from the server's top-20 and a tail bucket (`teacher.top_k: 20`,
   `loss.forward_kl_coef: 1.0`): all a vLLM or SGLang teacher can send (vLLM's default --max-logprobs);
-- `reverse_kl_pg` alone, what the default resolves to on such a server (`loss.forward_kl_coef` 0).
-Writes OUT/far_apart.md (table) and OUT/far_apart.png (curves).
+- `reverse_kl_pg` alone (`teacher.top_k: 0`, which turns the term off there; the default before).
+With --real MODEL (a folder of SmolLM2-135M-Instruct, built by ../shared/models/smollm2.py), the pair is
+real: that model as the teacher, the same with every other decoder layer dropped as the student (15 of
+30), GSM8K's questions through its chat template (../shared/data/gsm8k, or $OPD_GSM8K_DIR), 4 prompts
+x 4 samples x 96 tokens a step, lr 1e-5 constant after 3 warm-up steps, fp32, evaluated every 10 steps
+on 32 held-out questions; the runs are the default, `reverse_kl_pg` alone, sequence-level KD (the
+teacher's samples, NLL: what `opd sft` trains) and the mixture, each with its wall time.
+Writes OUT/far_apart.md (table) and OUT/far_apart.png (curves), or far_apart_served.* / far_apart_real.*.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -71,8 +78,46 @@ RUNS = {
 SERVED_RUNS = {  # with --served; "teacher.url" is filled in with the server's
     "served, hidden states: the default (exact forward KL)": {"teacher.lm_head": str(ASSETS / "teacher")},
     "served, top-20 + tail forward KL": {"teacher.top_k": 20, "loss.forward_kl_coef": 1.0},
-    "served, reverse_kl_pg alone (the default without the head)": {},
+    "served, reverse_kl_pg alone (teacher.top_k 0: no term)": {"teacher.top_k": 0},
 }
+
+
+REAL_RUNS = {  # with --real: the teacher in this process
+    "the default: + forward KL (auto, 1.0)": {},
+    "reverse_kl_pg alone": {"loss.forward_kl_coef": 0.0},
+    "sequence-level KD (the teacher's samples, NLL)": {"loss.kind": "sft", "rollout.source": "teacher"},
+    "mixture, lambda 0 -> 0.5": {
+        "loss.forward_kl_coef": 0.0,
+        "rollout.student_fraction": 0.5,
+        "rollout.student_fraction_start": 0.0,
+        "rollout.student_fraction_ramp_steps": 15,
+    },
+}
+
+
+def real_pair(work: Path, model: Path) -> tuple[Path, dict]:
+    """The real pair's student (every other layer of `model`) and its data; returns the student and the
+    config changes that make the demo pair's config the real pair's."""
+    from opd.demo.far_pair import pruned_model
+
+    gsm8k = Path(os.environ.get("OPD_GSM8K_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"))
+    for name, source, count in (("train.jsonl", "train.jsonl", 2000), ("eval.jsonl", "test.jsonl", 32)):
+        rows = [json.loads(line) for line in (gsm8k / source).read_text().splitlines()[:count]]
+        (work / name).write_text(
+            "".join(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n" for r in rows)
+        )
+    student = pruned_model(model, work / "student", list(range(0, 30, 2)))
+    changes = {
+        "teacher.path": str(model),
+        "data.max_prompt_tokens": 256,
+        "data.eval_max_prompts": 32,
+        "rollout.max_new_tokens": 96,
+        "batch.prompts_per_step": 4,
+        "batch.micro_batch_size": 8,
+        "optim.lr": 1e-5,
+        "optim.warmup_steps": 3,
+    }
+    return student, changes
 
 
 def config(work: Path, name: str, student: Path, steps: int, changes: dict) -> dict:
@@ -119,7 +164,7 @@ def served_teacher(model: Path):
 
 def summarize(name: str, rows: list[dict], outcome: str) -> dict:
     evals = [row for row in rows if "eval/distill/reverse_kl" in row]
-    trained = [row for row in rows if "entropy/student" in row]
+    trained = [row for row in rows if "entropy/student" in row]  # none where the student sampled no rows
     start_entropy = evals[0]["eval/entropy/student"]  # the untrained student, the same for every run
     return {
         "run": name,
@@ -128,10 +173,16 @@ def summarize(name: str, rows: list[dict], outcome: str) -> dict:
         "kl_end": evals[-1]["eval/distill/reverse_kl"],
         "kl_best": min(row["eval/distill/reverse_kl"] for row in evals),
         "entropy_start": start_entropy,
-        "entropy_min_fraction": min(row["entropy/student"] for row in trained) / start_entropy,
+        "entropy_min_fraction": min(row["entropy/student"] for row in trained) / start_entropy if trained else None,
+        "eval_entropy_end_fraction": evals[-1]["eval/entropy/student"] / start_entropy,
         "repetition_max": max((row["generation/repetition"] for row in trained), default=None),
+        "eval_repetition_end": evals[-1].get("eval/generation/repetition"),
         "accuracy_end": evals[-1].get("eval/accuracy"),
     }
+
+
+def _share(value: float | None, spec: str = ".0%") -> str:
+    return "—" if value is None else format(value, spec)
 
 
 def plot(curves: dict[str, list[dict]], path: Path) -> None:
@@ -166,12 +217,13 @@ def plot(curves: dict[str, list[dict]], path: Path) -> None:
     plt.close(figure)
 
 
-def completions(model_dir: Path, work: Path, count: int = 3) -> list[str]:
+def completions(model_dir: Path, work: Path, count: int = 3, length: int = 40) -> list[str]:
     """A few held-out completions of a student, sampled as evaluation samples them (T = 1, fixed seed)."""
     precision = Precision(torch.device("cpu"))
     student = load_model(str(model_dir), "student", precision.device)
-    prompts = load_prompts(str(work / "eval.jsonl"), "eval", student.tokenizer, 64)
-    batch = ModelSampler(student, SamplingSettings(40), precision).sample(prompts.batch(list(range(count))), 1, seed=1)
+    prompts = load_prompts(str(work / "eval.jsonl"), "eval", student.tokenizer, 256)
+    sampler = ModelSampler(student, SamplingSettings(length), precision)
+    batch = sampler.sample(prompts.batch(list(range(count))), 1, seed=1)
     return batch.completion_texts(student.tokenizer)
 
 
@@ -180,6 +232,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--out", type=Path, default=Path("far_apart_results"))
     parser.add_argument("--served", action="store_true", help="the teacher on opd's server (see above)")
+    parser.add_argument("--real", type=Path, metavar="MODEL", help="the real pair cut from MODEL (see above)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch, ExitStack() as stack:
         runs = RUNS
@@ -188,42 +241,51 @@ def main() -> None:
             runs = {
                 name: {"teacher.url": url, "teacher.path": None, **changes} for name, changes in SERVED_RUNS.items()
             }
-        work = Path(scratch)
-        write_split(work / "train.jsonl", 4000, seed=1)
-        write_split(work / "eval.jsonl", 200, seed=2)
-        student = pruned_teacher(work / "student", keep=[3])
+        work, pair = Path(scratch), {}
+        if args.real:
+            student, pair = real_pair(work, args.real)
+            runs = REAL_RUNS
+        else:
+            write_split(work / "train.jsonl", 4000, seed=1)
+            write_split(work / "eval.jsonl", 200, seed=2)
+            student = pruned_teacher(work / "student", keep=[3])
         summaries, curves = [], {}
-        samples = {"untrained student": completions(student, work)}
+        length = pair.get("rollout.max_new_tokens", 40)
+        samples = {"untrained student": completions(student, work, length=length)}
         for name, changes in runs.items():
             print(f"{name} ...", flush=True)
-            raw = config(work, name.replace(" ", "_").replace(",", ""), student, args.steps, changes)
+            raw = config(work, re.sub(r"\W+", "_", name), student, args.steps, {**pair, **changes})
             warnings = []
+            started = time.perf_counter()
             try:
                 train(validate(raw), log=lambda message: warnings.append(str(message)))
                 fired = [STEP.search(w).group() for w in warnings if "collapsed" in w]
                 outcome = f"finished; the guard warned at {', '.join(fired)}" if fired else "finished; no warning"
             except StudentCollapsed as exc:
                 outcome = f"stopped by the guard at {STEP.search(str(exc)).group()}"
+            wall = time.perf_counter() - started
             rows = read_metrics(Path(raw["run"]["output_dir"]) / "metrics.jsonl")
             curves[name] = rows
             if (Path(raw["run"]["output_dir"]) / "final").is_dir():
-                samples[name] = completions(Path(raw["run"]["output_dir"]) / "final", work)
-            summaries.append(summarize(name, rows, outcome))
+                samples[name] = completions(Path(raw["run"]["output_dir"]) / "final", work, length=length)
+            summaries.append({**summarize(name, rows, outcome), "wall_s": wall})
             print(json.dumps(summaries[-1]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "far_apart_served" if args.served else "far_apart"
+    stem = "far_apart_real" if args.real else "far_apart_served" if args.served else "far_apart"
     plot(curves, args.out / f"{stem}.png")
     lines = [
-        "| run | outcome | held-out reverse KL: start → end (best) | change | lowest entropy/student, "
-        "fraction of the untrained student's | highest repetition | held-out accuracy at the end |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+        "| run | outcome | held-out reverse KL: start → end (best) | change | lowest entropy/student in training, "
+        "fraction of the untrained student's | held-out entropy at the end, fraction | highest repetition in "
+        "training | held-out repetition at the end | held-out accuracy at the end | wall time |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for s in summaries:
         change = s["kl_end"] / s["kl_start"] - 1
         lines.append(
             f"| {s['run']} | {s['outcome']} | {s['kl_start']:.2f} → {s['kl_end']:.2f} ({s['kl_best']:.2f}) "
-            f"| {change:+.0%} | {s['entropy_min_fraction']:.0%} | {s['repetition_max']:.2f} "
-            f"| {s['accuracy_end']:.1%} |"
+            f"| {change:+.0%} | {_share(s['entropy_min_fraction'])} | {s['eval_entropy_end_fraction']:.0%} "
+            f"| {_share(s['repetition_max'], '.2f')} | {_share(s['eval_repetition_end'], '.2f')} "
+            f"| {_share(s['accuracy_end'], '.1%')} | {s['wall_s'] / 60:.1f} min |"
         )
     table = "\n".join(lines)
     reading = "\n".join(
@@ -231,7 +293,8 @@ def main() -> None:
     )
     (args.out / f"{stem}.md").write_text(
         "# A far-apart pair: collapse, the guard, and two remedies\n\n"
-        f"`python benchmarks/far_apart.py --steps {args.steps}{' --served' if args.served else ''}` "
+        f"`python benchmarks/far_apart.py --steps {args.steps}{' --served' if args.served else ''}"
+        f"{' --real MODEL' if args.real else ''}` "
         "(see its docstring for the pair and the settings).\n\n" + table + f"\n\n![curves]({stem}.png)\n\n"
         "Reading it: the entropy and repetition columns are over the training steps' own samples, against the "
         "untrained student's held-out entropy; the two `reverse_kl_pg` runs share their first steps exactly "
