@@ -6,12 +6,13 @@
 A random Qwen3 (hidden 512, 4 layers, tied embeddings) with a word-level tokenizer of each vocabulary
 size teaches itself on prompts of 24 of its words: 4 prompts x 4 samples x 48 tokens a step, the
 defaults otherwise (reverse_kl_pg, with its forward-KL term where the full distribution is at hand:
-local and hidden states; not with the top-20, which resolves it to 0). Per run: the median step time
-over the steps after the first two, the teacher's share of it (timing/teacher_s), the bytes on the wire
-per step (requests' and answers' bodies, counted at the client, over the run divided by its steps:
-the start-up checks' few KiB included), the trainer's peak memory (memory/peak_gib:
-resident growth) and the server's (VmHWM). The local run has the machine's two cores; with a server,
-the server gets one thread and the trainer one. Each run is a process of its own.
+local and hidden states; the top-20 run sets loss.forward_kl_coef 0, to time the scoring path alone).
+Per run: the median step time over the steps after the first two, the teacher's share of it
+(timing/teacher_s), the bytes on the wire per step (requests' and answers' bodies, counted at the
+client, over the run divided by its steps: the start-up checks' few KiB included), the trainer's peak
+memory (memory/peak_gib: resident growth) and the server's (VmHWM). The local run has the machine's
+two cores; with a server, the server gets one thread and the trainer one. Each run is a process of
+its own.
 """
 
 from __future__ import annotations
@@ -35,10 +36,14 @@ from teacher_server import free_port, wait_healthy  # noqa: E402  (the benchmark
 
 from opd.io.sinks import read_metrics  # noqa: E402
 
-MODES = {  # label -> the teacher section, given the model folder and the server's url
-    "local": lambda model, url, dtype: {"path": str(model)},
-    "server, hidden states": lambda model, url, dtype: {"url": url, "lm_head": str(model), "hidden_dtype": dtype},
-    "server, top-20 log-probs": lambda model, url, dtype: {"url": url, "top_k": 20},
+MODES = {  # label -> the teacher section, given the model folder and the server's url; the loss section
+    "local": (lambda model, url, dtype: {"path": str(model)}, {}),
+    "server, hidden states": (
+        lambda model, url, dtype: {"url": url, "lm_head": str(model), "hidden_dtype": dtype},
+        {},
+    ),
+    # The top-20 on the wire without the term it would default to: the scoring path alone.
+    "server, top-20 log-probs": (lambda model, url, dtype: {"url": url, "top_k": 20}, {"forward_kl_coef": 0.0}),
 }
 
 
@@ -146,7 +151,7 @@ def main() -> None:
             root = Path(scratch) / str(vocab)
             model = random_qwen3(root / "model", vocab)
             raw = base_config(root, model, vocab, args.steps)
-            for label, teacher in MODES.items():
+            for label, (teacher, loss) in MODES.items():
                 server, url = None, None
                 if label != "local":
                     port = free_port()
@@ -156,7 +161,7 @@ def main() -> None:
                     server = subprocess.Popen(argv, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
                     wait_healthy(url, server, timeout_s=300)
                 try:
-                    config = {**raw, "teacher": teacher(model, url, args.dtype)}
+                    config = {**raw, "teacher": teacher(model, url, args.dtype), "loss": loss}
                     result = run(config, root / label.replace(" ", "_").replace(",", ""), 2 if server is None else 1)
                     server_peak = server_peak_gib(server.pid) if server else float("nan")
                 finally:
