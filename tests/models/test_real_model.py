@@ -12,13 +12,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from opd.config.files import validate
 from opd.data.prompts import load_prompts
 from opd.demo.far_pair import pruned_model
 from opd.io.sinks import read_metrics
 from opd.models.loading import load_model
 from opd.rollout.sampler import ModelSampler, SamplingSettings
-from opd.train.trainer import train
 
 from conftest import CPU, run_cli
 from processes import needs_vllm
@@ -61,21 +59,10 @@ def far_pair_config(real_model, tmp_path, gsm8k_dir, **rollout) -> dict:
     }
 
 
-def test_a_far_pair_cut_from_it_trains_under_the_defaults(real_model, tmp_path, gsm8k_dir):
-    raw = far_pair_config(real_model, tmp_path, gsm8k_dir)
-    train(validate(raw), log=lambda *_: None)
-    assert yaml.safe_load((tmp_path / "run" / "resolved.yaml").read_text())["loss"]["forward_kl_coef"] == 1.0
-    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    assert [row["step"] for row in rows] == [1, 2]
-    for row in rows:
-        assert 0 < row["entropy/student"] < 11 and 0 < row["distill/reverse_kl"] < 20, row  # ln 49152 = 10.8
-    start, end = load_file(tmp_path / "student" / "model.safetensors"), final_weights(tmp_path / "run")
-    assert all(torch.isfinite(tensor).all() for tensor in end.values())
-    assert max(float((end[name] - start[name]).abs().max()) for name in end) > 0  # it learned something
-
-
 @pytest.mark.vllm
-def test_vllms_engine_samples_its_llama_architecture(real_model, tmp_path, gsm8k_dir):
+def test_a_far_pair_cut_from_it_trains_under_the_defaults_with_vllms_engine(real_model, tmp_path, gsm8k_dir):
+    """The student (every other layer) sampled by vLLM's engine on its Llama architecture, the teacher in
+    this process, the defaults (their forward-KL term on), 2 steps through `opd train`."""
     needs_vllm()
     raw = far_pair_config(real_model, tmp_path, gsm8k_dir, engine="vllm", vllm={"gpu_memory_utilization": 0.1})
     config = tmp_path / "config.yaml"
@@ -84,7 +71,12 @@ def test_vllms_engine_samples_its_llama_architecture(real_model, tmp_path, gsm8k
     # session's earlier models would take.
     result = run_cli("train", str(config))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert yaml.safe_load((tmp_path / "run" / "resolved.yaml").read_text())["loss"]["forward_kl_coef"] == 1.0
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [row["step"] for row in rows] == [1, 2]
-    # fp32 both sides: the engine's log-probs are the update's, up to kernels (the sync reached it)
-    assert all(row["ratio/max_abs_log"] < 1e-2 for row in rows), rows
+    for row in rows:
+        assert 0 < row["entropy/student"] < 11 and 0 < row["distill/reverse_kl"] < 20, row  # ln 49152 = 10.8
+        assert row["ratio/max_abs_log"] < 1e-2, row  # fp32 both sides: the synced engine samples the update's policy
+    start, end = load_file(tmp_path / "student" / "model.safetensors"), final_weights(tmp_path / "run")
+    assert all(torch.isfinite(tensor).all() for tensor in end.values())
+    assert max(float((end[name] - start[name]).abs().max()) for name in end) > 0  # it learned

@@ -35,7 +35,8 @@ _RESUMABLE_CHANGES = {
 
 # Keys added since runs were first recorded, with the value that reproduces what a run recorded before
 # them computed.
-_BEFORE_THE_KEY = {"rollout.max_staleness": 0, "loss.advantage_logprobs": "sampler"}
+# teacher.top_k was 0 by default before it could be left null (a resolved run records its value).
+_BEFORE_THE_KEY = {"rollout.max_staleness": 0, "loss.advantage_logprobs": "sampler", "teacher.top_k": 0}
 
 
 def check_resumable(output_dir: Path, config: Config) -> None:
@@ -47,7 +48,7 @@ def check_resumable(output_dir: Path, config: Config) -> None:
     saved_config = recorded_resolution(output_dir)
     saved, current = _flatten(saved_config), _flatten(config.model_dump(mode="json"))
     for key, value in _BEFORE_THE_KEY.items():  # a run recorded before the key (or its resolution) computed this
-        if saved.get(key) is None:
+        if saved.get(key) is None and (key in current or not key.startswith("teacher.")):
             saved[key] = value
     # The cosine horizon is what the schedule depends on: max_steps may grow, decay_steps may name the
     # old horizon, as long as the effective horizon stays the same.
