@@ -233,6 +233,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("far_apart_results"))
     parser.add_argument("--served", action="store_true", help="the teacher on opd's server (see above)")
     parser.add_argument("--real", type=Path, metavar="MODEL", help="the real pair cut from MODEL (see above)")
+    parser.add_argument("--only", nargs="+", metavar="WORD", help="only the runs whose name holds one of these")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch, ExitStack() as stack:
         runs = RUNS
@@ -249,6 +250,8 @@ def main() -> None:
             write_split(work / "train.jsonl", 4000, seed=1)
             write_split(work / "eval.jsonl", 200, seed=2)
             student = pruned_teacher(work / "student", keep=[3])
+        if args.only:
+            runs = {name: changes for name, changes in runs.items() if any(word in name for word in args.only)}
         summaries, curves = [], {}
         length = pair.get("rollout.max_new_tokens", 40)
         samples = {"untrained student": completions(student, work, length=length)}
