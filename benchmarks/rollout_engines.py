@@ -32,17 +32,18 @@ from opd.rollout.sampler import ModelSampler, SamplingSettings
 from opd.rollout.vllm_engine import VLLMSampler
 
 
-def big_student(folder: Path) -> Path:
-    words = ["</s>", "<unk>"] + [f"w{index}" for index in range(32_000 - 2)]
+def big_student(folder: Path, vocab: int = 32_000, layers: int = 8) -> Path:
+    """A random Qwen3 (hidden 512, tied) with a word-level tokenizer of `vocab` words w0, w1, ..."""
+    words = ["</s>", "<unk>"] + [f"w{index}" for index in range(vocab - 2)]
     backend = Tokenizer(models.WordLevel({word: index for index, word in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="</s>", unk_token="<unk>")
     torch.manual_seed(0)
     config = Qwen3Config(
-        vocab_size=32_000,
+        vocab_size=vocab,
         hidden_size=512,
         intermediate_size=1536,
-        num_hidden_layers=8,
+        num_hidden_layers=layers,
         num_attention_heads=8,
         num_key_value_heads=4,
         head_dim=64,

@@ -28,13 +28,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
-from teacher_server import free_port, wait_healthy  # noqa: E402  (the benchmarks' own helpers)
+from teacher_server import free_port, wait_healthy  # noqa: E402
 
 from opd.io.sinks import read_metrics  # noqa: E402
+
+from rollout_engines import big_student  # noqa: E402  (the benchmarks' own helpers)
 
 MODES = {  # label -> the teacher section, given the model folder and the server's url; the loss section
     "local": (lambda model, url, dtype: {"path": str(model)}, {}),
@@ -45,30 +45,6 @@ MODES = {  # label -> the teacher section, given the model folder and the server
     # The top-20 on the wire without the term it would default to: the scoring path alone.
     "server, top-20 log-probs": (lambda model, url, dtype: {"url": url, "top_k": 20}, {"forward_kl_coef": 0.0}),
 }
-
-
-def random_qwen3(folder: Path, vocab: int) -> Path:
-    words = ["</s>", "<unk>"] + [f"w{index}" for index in range(vocab - 2)]
-    backend = Tokenizer(models.WordLevel({word: index for index, word in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="</s>", unk_token="<unk>")
-    torch.manual_seed(0)
-    config = Qwen3Config(
-        vocab_size=vocab,
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        head_dim=64,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        eos_token_id=0,
-        pad_token_id=0,
-    )
-    Qwen3ForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def base_config(root: Path, model: Path, vocab: int, steps: int) -> dict:
@@ -149,7 +125,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for vocab in args.vocabs:
             root = Path(scratch) / str(vocab)
-            model = random_qwen3(root / "model", vocab)
+            model = big_student(root / "model", vocab, layers=4)
             raw = base_config(root, model, vocab, args.steps)
             for label, (teacher, loss) in MODES.items():
                 server, url = None, None
