@@ -41,6 +41,11 @@ class LoadedModel:
         return len(self.tokenizer)
 
     @property
+    def hidden_size(self) -> int:
+        """H of the final hidden states its LM head reads."""
+        return self.model.get_output_embeddings().weight.shape[1]
+
+    @property
     def stop_token_ids(self) -> list[int]:
         """The tokenizer's EOS and every EOS of the generation config (e.g. Llama 3's <|eot_id|>)."""
         return _stop_ids(self.tokenizer, getattr(self.model.generation_config, "eos_token_id", None))

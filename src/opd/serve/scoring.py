@@ -54,8 +54,7 @@ def score_sequences(
     hidden = hidden or [False] * len(sequences)
     counts = [max(0, len(sequence) - max(1, start)) for sequence, start in zip(sequences, starts)]
     if not sum(counts):  # nothing to score
-        width = teacher.model.get_output_embeddings().weight.shape[1]
-        return [torch.empty(0, width) if wants else Scored([], [], [], []) for wants in hidden]
+        return [torch.empty(0, teacher.hidden_size) if wants else Scored([], [], [], []) for wants in hidden]
     if min(starts) >= 1:
         flat, targets, temperature = _split_hidden(teacher, precision, sequences, starts, temperatures)
     else:

@@ -228,7 +228,6 @@ def create_app(
     vocab_size = teacher.vocab_size
     context = getattr(teacher.model.config, "max_position_embeddings", None) or 10**9
     token_names = teacher.tokenizer.convert_ids_to_tokens(list(range(vocab_size)))
-    hidden_size = teacher.model.get_output_embeddings().weight.shape[1]
     limits = {"vocab_size": vocab_size, "context": context, "max_batch_tokens": max_batch_tokens}
     score = partial(score_sequences, teacher, precision, tokens_per_chunk(chunk_size, vocab_size))
     batcher = Batcher(score, max_batch_tokens)
@@ -273,7 +272,7 @@ def create_app(
                     "owned_by": "opd",
                     "max_model_len": context,
                     "vocab_size": vocab_size,
-                    "hidden_size": hidden_size,  # what /v1/hidden_states sends a token
+                    "hidden_size": teacher.hidden_size,  # what /v1/hidden_states sends a token
                 }
             ],
         }

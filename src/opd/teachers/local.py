@@ -55,7 +55,7 @@ class LocalTeacher:
 
     @property
     def hidden_size(self) -> int:
-        return self.loaded.model.get_output_embeddings().weight.shape[1]
+        return self.loaded.hidden_size
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
