@@ -135,8 +135,9 @@ def main() -> None:
                     argv = [sys.executable, "-m", "opd", "serve-teacher", str(model), "--port", str(port)]
                     argv += ["--precision", "fp32", "--device", "cpu", "--max-logprobs", "20"]
                     server = subprocess.Popen(argv, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-                    wait_healthy(url, server, timeout_s=300)
                 try:
+                    if server is not None:  # inside the try: a server that never comes up is stopped too
+                        wait_healthy(url, server, timeout_s=300)
                     config = {**raw, "teacher": teacher(model, url, args.dtype), "loss": loss}
                     result = run(config, root / label.replace(" ", "_").replace(",", ""), 2 if server is None else 1)
                     server_peak = server_peak_gib(server.pid) if server else float("nan")
