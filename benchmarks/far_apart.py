@@ -27,7 +27,9 @@ real: that model as the teacher, the same with every other decoder layer dropped
 30), GSM8K's questions through its chat template (../shared/data/gsm8k, or $OPD_GSM8K_DIR), 4 prompts
 x 4 samples x 96 tokens a step, lr 1e-5 constant after 3 warm-up steps, fp32, evaluated every 10 steps
 on 32 held-out questions; the runs are the default, `reverse_kl_pg` alone, sequence-level KD (the
-teacher's samples, NLL: what `opd sft` trains) and the mixture, each with its wall time.
+teacher's samples, NLL: what `opd sft` trains), the mixture (lambda 0 -> 0.5 over 15 steps) and a
+handover (lambda 0 -> 1 over 20 steps, the default's forward-KL term on the student's rows), each with
+its wall time.
 Writes OUT/far_apart.md (table) and OUT/far_apart.png (curves), or far_apart_served.* / far_apart_real.*.
 """
 
@@ -59,6 +61,7 @@ from opd.io.sinks import read_metrics
 from opd.models.loading import load_model
 from opd.models.precision import Precision
 from opd.rollout.sampler import ModelSampler, SamplingSettings
+from opd.train.metrics import repetition
 from opd.train.trainer import train
 
 STEP = re.compile(r"step \d+")
@@ -91,6 +94,13 @@ REAL_RUNS = {  # with --real: the teacher in this process
         "rollout.student_fraction": 0.5,
         "rollout.student_fraction_start": 0.0,
         "rollout.student_fraction_ramp_steps": 15,
+    },
+    # A candidate default for far pairs: start from the teacher's samples (forward KL on them), hand
+    # over to the student's own linearly, the default's forward-KL term on the student's rows throughout.
+    "handover: the teacher's samples to the student's over 20 steps": {
+        "rollout.student_fraction": 1.0,
+        "rollout.student_fraction_start": 0.0,
+        "rollout.student_fraction_ramp_steps": 20,
     },
 }
 
@@ -227,6 +237,22 @@ def completions(model_dir: Path, work: Path, count: int = 3, length: int = 40) -
     return batch.completion_texts(student.tokenizer)
 
 
+def own_figures(model_dir: Path, work: Path, length: int) -> dict:
+    """A model's own held-out repetition and entropy, sampled as evaluation samples (T = 1, one sample of
+    each held-out prompt): the teacher's are what a distilled student should come near."""
+    precision = Precision(torch.device("cpu"))
+    model = load_model(str(model_dir), "teacher", precision.device)
+    prompts = load_prompts(str(work / "eval.jsonl"), "eval", model.tokenizer, 256)
+    batch = ModelSampler(model, SamplingSettings(length), precision).sample(
+        prompts.batch(list(range(len(prompts)))), 1, seed=1
+    )
+    mask = batch.completion_mask.float()
+    return {
+        "repetition": repetition(batch.completion_ids, batch.completion_mask),
+        "entropy": float((batch.sampler_entropy * mask).sum() / mask.sum()),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=100)
@@ -255,6 +281,12 @@ def main() -> None:
         summaries, curves = [], {}
         length = pair.get("rollout.max_new_tokens", 40)
         samples = {"untrained student": completions(student, work, length=length)}
+        if args.real:
+            samples["the teacher"] = completions(args.real, work, length=length)
+            teacher = own_figures(args.real, work, length)
+            print(
+                f"the teacher's own held-out repetition {teacher['repetition']:.2f}, entropy {teacher['entropy']:.2f}"
+            )
         for name, changes in runs.items():
             print(f"{name} ...", flush=True)
             raw = config(work, re.sub(r"\W+", "_", name), student, args.steps, {**pair, **changes})
@@ -289,6 +321,11 @@ def main() -> None:
             f"| {change:+.0%} | {_share(s['entropy_min_fraction'])} | {s['eval_entropy_end_fraction']:.0%} "
             f"| {_share(s['repetition_max'], '.2f')} | {_share(s['eval_repetition_end'], '.2f')} "
             f"| {_share(s['accuracy_end'], '.1%')} | {s['wall_s'] / 60:.1f} min |"
+        )
+    if args.real:
+        lines.append(
+            f"\nThe teacher's own held-out samples: repetition {teacher['repetition']:.2f}, entropy "
+            f"{teacher['entropy']:.2f} nats/token."
         )
     table = "\n".join(lines)
     reading = "\n".join(

@@ -10,6 +10,12 @@ from pathlib import Path
 
 from opd.distributed.threads import shorten_idle_spin
 
+# Under pytest-xdist (2 workers, see the end of this file) each worker's torch, and the commands and
+# servers it starts, take one thread: two workers then fill two cores, where two threads each would
+# oversubscribe them (the tiny models gain little from a second thread anyway). Before torch loads.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # As `opd` does, before torch loads: this process's idle OpenMP workers don't hold cores spinning that
 # other work (another test's subprocess, a busy machine) needs. No result changes.
 shorten_idle_spin()
@@ -246,3 +252,41 @@ def rollout_server_url(tmp_path_factory):
 
     with served_student(tmp_path_factory.mktemp("rollout-server") / "server.log") as server:
         yield server.url
+
+
+# The suite runs on 2 workers (pytest-xdist, `-n auto` in pyproject's addopts, capped below). Each
+# worker is its own process with its own copies of the module- and session-scoped fixtures, so tests
+# that share an expensive one (an engine, a server, the real model's one-time build) are kept on one
+# worker: each is started once, and the real model is never built by two workers into one folder.
+CHEAP_SHARED_FIXTURES = {"tiny_models", "tiny_data", "tmp_path_factory", "worker_id", "testrun_uid"}
+MOST_WORKERS = 2  # the multi-process tests start 2 ranks or a server each: more workers only oversubscribe
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    return max(1, min(MOST_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Marks each test that uses an expensive shared fixture with an xdist_group: tests linked by such
+    fixtures (two tests sharing one, a third sharing another with either...) get one group."""
+    parent: dict[str, str] = {}
+
+    def root(key: str) -> str:
+        while parent.setdefault(key, key) != key:
+            key = parent[key]
+        return key
+
+    shared_by_item = {}
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        keys = [
+            name if definitions[-1].scope == "session" else f"{item.module.__name__}::{name}"
+            for name, definitions in (info.name2fixturedefs.items() if info else ())
+            if definitions and definitions[-1].scope != "function" and name not in CHEAP_SHARED_FIXTURES
+        ]
+        for key in keys[1:]:
+            parent[root(key)] = root(keys[0])
+        shared_by_item[item] = keys
+    for item, keys in shared_by_item.items():
+        if keys:
+            item.add_marker(pytest.mark.xdist_group(root(keys[0])))
