@@ -254,39 +254,13 @@ def rollout_server_url(tmp_path_factory):
         yield server.url
 
 
-# The suite runs on 2 workers (pytest-xdist, `-n auto` in pyproject's addopts, capped below). Each
-# worker is its own process with its own copies of the module- and session-scoped fixtures, so tests
-# that share an expensive one (an engine, a server, the real model's one-time build) are kept on one
-# worker: each is started once, and the real model is never built by two workers into one folder.
-CHEAP_SHARED_FIXTURES = {"tiny_models", "tiny_data", "tmp_path_factory", "worker_id", "testrun_uid"}
+# The suite runs on 2 workers (pytest-xdist: `-n auto --dist loadfile` in pyproject's addopts, `auto`
+# capped below). Each worker is its own process with its own module- and session-scoped fixtures, and
+# each file runs on one worker, so a file's engine or server starts once, and the real model (one file)
+# is never built by two workers into one folder. (xdist's `loadgroup` would group across files, but its
+# group suffix is lost on pytest 9's node ids.)
 MOST_WORKERS = 2  # the multi-process tests start 2 ranks or a server each: more workers only oversubscribe
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
     return max(1, min(MOST_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """Marks each test that uses an expensive shared fixture with an xdist_group: tests linked by such
-    fixtures (two tests sharing one, a third sharing another with either...) get one group."""
-    parent: dict[str, str] = {}
-
-    def root(key: str) -> str:
-        while parent.setdefault(key, key) != key:
-            key = parent[key]
-        return key
-
-    shared_by_item = {}
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        keys = [
-            name if definitions[-1].scope == "session" else f"{item.module.__name__}::{name}"
-            for name, definitions in (info.name2fixturedefs.items() if info else ())
-            if definitions and definitions[-1].scope != "function" and name not in CHEAP_SHARED_FIXTURES
-        ]
-        for key in keys[1:]:
-            parent[root(key)] = root(keys[0])
-        shared_by_item[item] = keys
-    for item, keys in shared_by_item.items():
-        if keys:
-            item.add_marker(pytest.mark.xdist_group(root(keys[0])))
