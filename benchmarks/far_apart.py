@@ -60,6 +60,7 @@ from opd.errors import StudentCollapsed
 from opd.io.sinks import read_metrics
 from opd.models.loading import load_model
 from opd.models.precision import Precision
+from opd.ops.batch import StepBatch
 from opd.rollout.sampler import ModelSampler, SamplingSettings
 from opd.train.metrics import repetition
 from opd.train.trainer import train
@@ -227,25 +228,28 @@ def plot(curves: dict[str, list[dict]], path: Path) -> None:
     plt.close(figure)
 
 
-def completions(model_dir: Path, work: Path, count: int = 3, length: int = 40) -> list[str]:
-    """A few held-out completions of a student, sampled as evaluation samples them (T = 1, fixed seed)."""
+def held_out_samples(model_dir: Path, work: Path, length: int, count: int | None = None) -> tuple[StepBatch, object]:
+    """A model's held-out completions, sampled as evaluation samples them (T = 1, fixed seed, one a prompt;
+    each prompt's draws are fixed by its key, whichever prompts share the batch): of the first `count`
+    held-out prompts, or of all. Returns the batch and the model's tokenizer."""
     precision = Precision(torch.device("cpu"))
-    student = load_model(str(model_dir), "student", precision.device)
-    prompts = load_prompts(str(work / "eval.jsonl"), "eval", student.tokenizer, 256)
-    sampler = ModelSampler(student, SamplingSettings(length), precision)
-    batch = sampler.sample(prompts.batch(list(range(count))), 1, seed=1)
-    return batch.completion_texts(student.tokenizer)
-
-
-def own_figures(model_dir: Path, work: Path, length: int) -> dict:
-    """A model's own held-out repetition and entropy, sampled as evaluation samples (T = 1, one sample of
-    each held-out prompt): the teacher's are what a distilled student should come near."""
-    precision = Precision(torch.device("cpu"))
-    model = load_model(str(model_dir), "teacher", precision.device)
+    model = load_model(str(model_dir), "model", precision.device)
     prompts = load_prompts(str(work / "eval.jsonl"), "eval", model.tokenizer, 256)
-    batch = ModelSampler(model, SamplingSettings(length), precision).sample(
-        prompts.batch(list(range(len(prompts)))), 1, seed=1
-    )
+    chosen = list(range(len(prompts) if count is None else count))
+    return ModelSampler(model, SamplingSettings(length), precision).sample(
+        prompts.batch(chosen), 1, seed=1
+    ), model.tokenizer
+
+
+def completions(model_dir: Path, work: Path, count: int = 3, length: int = 40) -> list[str]:
+    """A few held-out completions of a student (held_out_samples)."""
+    batch, tokenizer = held_out_samples(model_dir, work, length, count)
+    return batch.completion_texts(tokenizer)
+
+
+def own_figures(batch: StepBatch) -> dict:
+    """A model's own repetition and mean entropy over its held-out samples (held_out_samples): the
+    teacher's are what a distilled student should come near."""
     mask = batch.completion_mask.float()
     return {
         "repetition": repetition(batch.completion_ids, batch.completion_mask),
@@ -282,8 +286,9 @@ def main() -> None:
         length = pair.get("rollout.max_new_tokens", 40)
         samples = {"untrained student": completions(student, work, length=length)}
         if args.real:
-            samples["the teacher"] = completions(args.real, work, length=length)
-            teacher = own_figures(args.real, work, length)
+            batch, tokenizer = held_out_samples(args.real, work, length)
+            samples["the teacher"] = batch.completion_texts(tokenizer)[:3]
+            teacher = own_figures(batch)
             print(
                 f"the teacher's own held-out repetition {teacher['repetition']:.2f}, entropy {teacher['entropy']:.2f}"
             )
