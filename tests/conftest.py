@@ -263,4 +263,5 @@ MOST_WORKERS = 2  # the multi-process tests start 2 ranks or a server each: more
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
-    return max(1, min(MOST_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(MOST_WORKERS, cores)

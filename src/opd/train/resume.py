@@ -48,7 +48,7 @@ def check_resumable(output_dir: Path, config: Config) -> None:
     saved_config = recorded_resolution(output_dir)
     saved, current = _flatten(saved_config), _flatten(config.model_dump(mode="json"))
     for key, value in _BEFORE_THE_KEY.items():  # a run recorded before the key (or its resolution) computed this
-        if saved.get(key) is None and (key in current or not key.startswith("teacher.")):
+        if saved.get(key) is None and key in current:  # teacher.top_k only where the run has one `teacher:`
             saved[key] = value
     # The cosine horizon is what the schedule depends on: max_steps may grow, decay_steps may name the
     # old horizon, as long as the effective horizon stays the same.
