@@ -66,16 +66,19 @@ from opd.train.metrics import repetition
 from opd.train.trainer import train
 
 STEP = re.compile(r"step \d+")
+# Every run is on-policy (lambda 1) unless it says otherwise; "the default: auto" leaves lambda to opd.
+AUTO = {"rollout.student_fraction": "auto"}
 RUNS = {
     "reverse_kl_pg alone": {"loss.forward_kl_coef": 0.0},
     "reverse_kl_pg alone, guard stop": {"loss.forward_kl_coef": 0.0, "run.collapse_guard": "stop"},
-    "the default: + forward KL (auto, 1.0)": {},
+    "on-policy + forward KL (auto, 1.0; the default before lambda auto)": {},
     "mixture, lambda 0 -> 0.5": {
         "loss.forward_kl_coef": 0.0,
         "rollout.student_fraction": 0.5,
         "rollout.student_fraction_start": 0.0,
         "rollout.student_fraction_ramp_steps": 50,
     },
+    "the default: lambda auto (measured at step 0)": AUTO,
 }
 
 
@@ -87,7 +90,7 @@ SERVED_RUNS = {  # with --served; "teacher.url" is filled in with the server's
 
 
 REAL_RUNS = {  # with --real: the teacher in this process
-    "the default: + forward KL (auto, 1.0)": {},
+    "on-policy + forward KL (auto, 1.0; the default before lambda auto)": {},
     "reverse_kl_pg alone": {"loss.forward_kl_coef": 0.0},
     "sequence-level KD (the teacher's samples, NLL)": {"loss.kind": "sft", "rollout.source": "teacher"},
     "mixture, lambda 0 -> 0.5": {
@@ -103,12 +106,14 @@ REAL_RUNS = {  # with --real: the teacher in this process
         "rollout.student_fraction_start": 0.0,
         "rollout.student_fraction_ramp_steps": 20,
     },
+    "the default: lambda auto (measured at step 0)": AUTO,
 }
 
 
-def real_pair(work: Path, model: Path) -> tuple[Path, dict]:
-    """The real pair's student (every other layer of `model`) and its data; returns the student and the
-    config changes that make the demo pair's config the real pair's."""
+def real_pair(work: Path, model: Path, drop_every: int = 2) -> tuple[Path, dict]:
+    """The real pair's student (`model` without every `drop_every`-th decoder layer: 2 keeps 15 of 30, 4
+    keeps 23) and its data; returns the student and the config changes that make the demo pair's config
+    the real pair's."""
     from opd.demo.far_pair import pruned_model
 
     gsm8k = Path(os.environ.get("OPD_GSM8K_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"))
@@ -117,7 +122,9 @@ def real_pair(work: Path, model: Path) -> tuple[Path, dict]:
         (work / name).write_text(
             "".join(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n" for r in rows)
         )
-    student = pruned_model(model, work / "student", list(range(0, 30, 2)))
+    layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
+    keep = [index for index in range(layers) if index % drop_every != drop_every - 1]
+    student = pruned_model(model, work / "student", keep)
     changes = {
         "teacher.path": str(model),
         "data.max_prompt_tokens": 256,
@@ -131,7 +138,7 @@ def real_pair(work: Path, model: Path) -> tuple[Path, dict]:
     return student, changes
 
 
-def config(work: Path, name: str, student: Path, steps: int, changes: dict) -> dict:
+def config(work: Path, name: str, student: Path, steps: int, changes: dict, seed: int = 0) -> dict:
     raw = {
         "run": {
             "output_dir": str(work / name),
@@ -139,6 +146,7 @@ def config(work: Path, name: str, student: Path, steps: int, changes: dict) -> d
             "eval_every": 10,
             "precision": "fp32",
             "progress": False,
+            "seed": seed,
         },
         "student": {"path": str(student)},
         "teacher": {"path": str(ASSETS / "teacher")},
@@ -148,7 +156,7 @@ def config(work: Path, name: str, student: Path, steps: int, changes: dict) -> d
             "max_prompt_tokens": 64,
             "eval_max_prompts": 100,
         },
-        "rollout": {"samples_per_prompt": 4, "max_new_tokens": 40},
+        "rollout": {"samples_per_prompt": 4, "max_new_tokens": 40, "student_fraction": 1.0},
         "loss": {"kind": "reverse_kl_pg"},
         "batch": {"prompts_per_step": 16, "micro_batch_size": 64},
         "optim": {"lr": 5e-3, "warmup_steps": 5, "schedule": "constant"},
@@ -263,6 +271,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("far_apart_results"))
     parser.add_argument("--served", action="store_true", help="the teacher on opd's server (see above)")
     parser.add_argument("--real", type=Path, metavar="MODEL", help="the real pair cut from MODEL (see above)")
+    parser.add_argument(
+        "--drop-every",
+        type=int,
+        default=2,
+        metavar="N",
+        help="with --real: the student drops "
+        "every N-th layer (2: half of them, the far pair; 4: a quarter, a nearer pair)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="run.seed of every run (sampling, data order)")
     parser.add_argument("--only", nargs="+", metavar="WORD", help="only the runs whose name holds one of these")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch, ExitStack() as stack:
@@ -274,7 +291,7 @@ def main() -> None:
             }
         work, pair = Path(scratch), {}
         if args.real:
-            student, pair = real_pair(work, args.real)
+            student, pair = real_pair(work, args.real, args.drop_every)
             runs = REAL_RUNS
         else:
             write_split(work / "train.jsonl", 4000, seed=1)
@@ -294,7 +311,7 @@ def main() -> None:
             )
         for name, changes in runs.items():
             print(f"{name} ...", flush=True)
-            raw = config(work, re.sub(r"\W+", "_", name), student, args.steps, {**pair, **changes})
+            raw = config(work, re.sub(r"\W+", "_", name), student, args.steps, {**pair, **changes}, args.seed)
             warnings = []
             started = time.perf_counter()
             try:

@@ -94,7 +94,8 @@ def test_no_config_can_be_changed_after_validation(tiny_config):
 
 def test_a_run_leaves_its_request_as_it_was_and_records_both(tiny_config, tmp_path):
     """No setup step changes the config it was given; config.yaml holds what was asked (the forward-KL
-    weight left null), resolved.yaml what the run computed with (1.0 here)."""
+    weight left null, GKD's lambda auto), resolved.yaml what the run computed with (1.0 both here: the
+    tiny pair is near, so step 0 kept it on-policy)."""
     request = validate(tiny_config)
     asked = request.model_dump()
     train(request, log=lambda *_: None)
@@ -103,4 +104,9 @@ def test_a_run_leaves_its_request_as_it_was_and_records_both(tiny_config, tmp_pa
     assert yaml.safe_load((output_dir / "config.yaml").read_text())["loss"]["forward_kl_coef"] is None
     resolved = yaml.safe_load((output_dir / RESOLVED_FILE).read_text())
     assert resolved["loss"]["forward_kl_coef"] == 1.0
-    assert validate(resolved) == resolve(request)
+    assert yaml.safe_load((output_dir / "config.yaml").read_text())["rollout"]["student_fraction"] == "auto"
+    assert resolved["rollout"]["student_fraction"] == 1.0
+    settled = resolve(request)
+    assert validate(resolved) == settled.model_copy(
+        update={"rollout": settled.rollout.model_copy(update={"student_fraction": 1.0})}
+    )

@@ -12,6 +12,9 @@ changes a config after that. What it settles:
 - `loss.advantage_logprobs` left null: `sampler` at rollout.max_staleness 0 (the weights that sampled
   are the current ones), else `current` where the advantage is per token (reverse_kl_pg, discount 0,
   every teacher of the student's tokenizer), else `sampler` (docs/async.md says why).
+- `rollout.student_fraction: auto`: 1.0 where the run can't mix in the teacher's samples (why_not_far);
+  on resume, what the run decided at its step 0; else still `auto`, and `far_start` is the config a far
+  student switches to when step 0 measures it far (opd.train.start).
 It checks, with the teachers' facts (another vocabulary, a template that ends turns differently,
 privileged context), that each teacher gives what the run needs. `teacher.path: student` is read
 through `Config.teacher_path`, a pure function of the config.
@@ -25,6 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from pydantic import ValidationError
 
 from opd.config.capabilities import TeacherFacts, check_needs, config_facts, forward_kl_default, resolved_top_k
 from opd.config.schema import Config
@@ -52,6 +56,7 @@ def resolve(config: Config, facts: dict[str, TeacherFacts] | None = None, record
     alone tells); recorded: the resolution of the run being resumed (recorded_resolution). Raises
     ConfigError where a teacher can't give what the run needs."""
     facts = {name: (facts or {}).get(name) or config_facts(config, name) for name in config.teacher_configs}
+    config = settled_student_fraction(config, facts, recorded)
     coefficient = config.loss.forward_kl_coef
     if coefficient is None:
         default = forward_kl_default(config, facts)
@@ -94,3 +99,59 @@ def advantage_logprobs(config: Config, facts: dict[str, TeacherFacts]) -> str:
     if loss.advantage_logprobs is not None:
         return loss.advantage_logprobs
     return "current" if config.rollout.max_staleness and not why_not else "sampler"
+
+
+FAR_STUDENT_FRACTION = 0.5  # GKD's lambda a far student ramps up to (docs/far_apart.md measures it)
+LAMBDA_KEYS = ("student_fraction", "student_fraction_start", "student_fraction_ramp_steps")
+
+
+def far_start(config: Config) -> Config:
+    """The request a far student runs as (`rollout.student_fraction: auto`, measured far at step 0): GKD's
+    mixture with lambda rising linearly from 0 to 0.5 over the first half of run.max_steps, the teacher
+    writing the other rows (trained with loss.off_policy_kind), and loss.forward_kl_coef left null set to
+    0: the teacher's rows give the forward KL's pull, and on a real far pair the term on the student's
+    own rows kept rewarding its blank lines (docs/far_apart.md). Validated; raises ValueError where the
+    config can't mix."""
+    rollout = {
+        "student_fraction": FAR_STUDENT_FRACTION,
+        "student_fraction_start": 0.0,
+        "student_fraction_ramp_steps": max(1, config.run.max_steps // 2),
+        "off_policy_source": "teacher",
+    }
+    raw = config.model_dump()
+    raw["rollout"].update(rollout)
+    if raw["loss"]["forward_kl_coef"] is None:
+        raw["loss"]["forward_kl_coef"] = 0.0
+    return Config.model_validate(raw)
+
+
+def why_not_far(config: Config, facts: dict[str, TeacherFacts]) -> str | None:
+    """Why `config` could not start a far student from the teacher's samples (far_start), in one line, or
+    None where it can: the teacher must sample the student's prompts and give its whole distribution."""
+    try:
+        candidate = far_start(config)
+        check_needs(candidate, facts, candidate.loss.forward_kl_coef)
+    except ValidationError as exc:
+        return exc.errors()[0]["msg"].removeprefix("Value error, ")
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def settled_student_fraction(config: Config, facts: dict[str, TeacherFacts], recorded: dict | None) -> Config:
+    """`config` with rollout.student_fraction `auto` settled where it can be before any weight loads: a
+    resumed run takes the lambda schedule its step 0 recorded; a run that can't mix (why_not_far) is
+    on-policy (1.0). Otherwise (and for a number) unchanged."""
+    rollout = config.rollout
+    if rollout.student_fraction != "auto":
+        return config
+    saved = (recorded or {}).get("rollout") or {}
+    fraction = saved.get("student_fraction")
+    if isinstance(fraction, (int, float)) and not isinstance(fraction, bool):
+        raw = config.model_dump()
+        raw["rollout"].update({key: saved.get(key, raw["rollout"][key]) for key in LAMBDA_KEYS})
+        # A far start recorded its forward-KL coefficient beside its lambda (far_start), which resolve keeps.
+        return Config.model_validate(raw)
+    if why_not_far(config, facts) is not None:
+        return config.model_copy(update={"rollout": rollout.model_copy(update={"student_fraction": 1.0})})
+    return config

@@ -52,6 +52,12 @@ class Config(_Strict):
                 f" x rollout.samples_per_prompt={self.rollout.samples_per_prompt})"
             )
         mixed = self.mixed
+        ramp = self.rollout.student_fraction_start is not None or self.rollout.student_fraction_ramp_steps
+        if self.rollout.student_fraction == "auto" and ramp:
+            raise ValueError(
+                "rollout.student_fraction_start / student_fraction_ramp_steps: a ramp runs to a number; set "
+                "rollout.student_fraction (auto, the default, chooses its own)"
+            )
         if mixed and self.rollout.source != "student":
             raise ValueError(
                 f"rollout.student_fraction: a mixture needs rollout.source=student (got "
@@ -195,15 +201,21 @@ class Config(_Strict):
 
     @property
     def mixed(self) -> bool:
-        """Some rows of a step are someone else's (GKD's lambda below 1 at some step)."""
+        """Some rows of a step are someone else's (GKD's lambda below 1 at some step). Not yet where
+        lambda is `auto`: that run is on-policy until step 0 decides (opd.train.start)."""
         rollout = self.rollout
+        if rollout.student_fraction == "auto":
+            return False
         return rollout.student_fraction < 1 or (
             rollout.student_fraction_start is not None and rollout.student_fraction_start < 1
         )
 
     def student_fraction_at(self, step: int) -> float:
-        """GKD's lambda at a step (from 1): a linear ramp from student_fraction_start over the ramp steps."""
+        """GKD's lambda at a step (from 1): a linear ramp from student_fraction_start over the ramp steps;
+        1 while `auto` is undecided."""
         rollout = self.rollout
+        if rollout.student_fraction == "auto":
+            return 1.0
         if rollout.student_fraction_start is None or rollout.student_fraction_ramp_steps == 0:
             return rollout.student_fraction
         progress = min(1.0, (step - 1) / rollout.student_fraction_ramp_steps)

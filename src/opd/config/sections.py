@@ -6,7 +6,7 @@ opd.config.capabilities.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -295,12 +295,19 @@ class RolloutConfig(_Strict):
     top_k: int = Field(0, ge=0, description="0 disables top-k truncation.")
     top_p: float = Field(1.0, gt=0, le=1, description="1 disables nucleus truncation.")
     eval_samples_per_prompt: int = Field(1, ge=1)
-    student_fraction: float = Field(
-        1.0,
-        ge=0,
-        le=1,
+    student_fraction: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] = Field(
+        "auto",
         description="GKD's lambda: the share of each step's prompts the student samples; the rest "
-        "go to off_policy_source. 1: fully on-policy.",
+        "go to off_policy_source. 1: fully on-policy. auto: decided at step 0 from how far the student's "
+        "samples are from the teacher (far_reverse_kl): a far student starts from the teacher's samples "
+        "(lambda 0 rising to 0.5 over the first half of the run), a near one stays on-policy; a run "
+        "whose teacher can't write rows (on a server, several, another tokenizer) stays on-policy.",
+    )
+    far_reverse_kl: float = Field(
+        2.0,
+        gt=0,
+        description="With student_fraction auto: the student counts as far when its samples' per-token "
+        "reverse KL to the teacher at step 0 is at least this (nats/token).",
     )
     student_fraction_start: float | None = Field(
         None, ge=0, le=1, description="With ramp steps: lambda rises (or falls) linearly from this to student_fraction."

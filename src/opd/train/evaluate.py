@@ -12,6 +12,8 @@ loads a model (and a teacher) as `opd train` does, then calls `evaluate`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from opd.data.prompts import PromptSet, load_prompts
 from opd.data.tasks.gsm8k import is_correct
 from opd.distributed.world import World
@@ -24,6 +26,9 @@ from opd.teachers.base import TokenScorer
 from opd.teachers.local import load_teacher
 from opd.teachers.view import TeacherView, ViewedTeacher, ViewSettings
 from opd.train.metrics import combine, rollout_metrics
+
+if TYPE_CHECKING:
+    from opd.train.setup import Session
 
 
 def evaluate(
@@ -79,6 +84,29 @@ def evaluate(
         if samples_per_prompt > 1:
             totals[f"pass@{samples_per_prompt}"] = sum(any(v) for v in verdicts.values()) / len(verdicts)
     return {f"eval/{key}": value for key, value in totals.items()}
+
+
+def evaluate_session(
+    session: "Session", prompts: PromptSet | None = None, max_prompts: int | None = None
+) -> dict[str, float]:
+    """`evaluate` as a run evaluates: its sampler, teacher, verifier and settings, on `prompts` (default:
+    data.eval, up to data.eval_max_prompts; else up to `max_prompts`), in calls of a training step's size."""
+    config = session.config
+    rollouts = config.batch.prompts_per_step * config.rollout.samples_per_prompt
+    return evaluate(
+        session.student_sampler,
+        session.teacher,
+        session.eval_prompts if prompts is None else prompts,
+        session.student.tokenizer,
+        samples_per_prompt=config.rollout.eval_samples_per_prompt,
+        # As many rollouts per sampling call as a training step makes on a rank.
+        batch_prompts=max(1, rollouts // session.world.size // config.rollout.eval_samples_per_prompt),
+        seed=config.run.seed + 1,
+        max_prompts=config.data.eval_max_prompts if prompts is None else max_prompts,
+        world=session.world,
+        equal_calls=session.sharded or session.teacher_sharded,
+        rewards=session.rewards,
+    )
 
 
 def evaluate_model(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,13 +18,20 @@ from transformers import PreTrainedTokenizerBase
 
 from opd.config.capabilities import FULL_DISTRIBUTION, needed
 from opd.config.files import dump_config
-from opd.config.resolve import REQUEST_FILE, RESOLVED_FILE, recorded_resolution, resolve
+from opd.config.resolve import (
+    REQUEST_FILE,
+    RESOLVED_FILE,
+    far_start,
+    recorded_resolution,
+    resolve,
+    why_not_far,
+)
 from opd.config.schema import Config
 from opd.data.prompts import PromptSet, PromptStream, load_prompts, load_train_prompts
 from opd.distributed.sharding import shard_model
 from opd.distributed.world import World
 from opd.errors import ConfigError
-from opd.io.checkpoint import check_checkpoint, checkpoint_step, latest_checkpoint, load_checkpoint
+from opd.io.checkpoint import load_checkpoint
 from opd.io.sinks import check_trackers
 from opd.models.lm_head import locate_lm_head
 from opd.models.loading import (
@@ -51,7 +58,7 @@ from opd.teachers.routed import check_routes
 from opd.train.guard import CollapseGuard
 from opd.train.host_memory import keep_freed_memory
 from opd.train.memory import PeakMemory
-from opd.train.resume import check_resumable
+from opd.train.resume import find_checkpoint, restored_in_flight
 
 
 @dataclass
@@ -87,6 +94,10 @@ class Session:
     rewards: RewardScorer | None = None  # grades the student's completions where the run has a reward
     # The SampledBatch-es the checkpoint kept, sampled ahead of start_step (opd.train.pipeline).
     in_flight: list = field(default_factory=list)
+    # With rollout.student_fraction auto undecided: the resolved config and rollouts of a far start
+    # (opd.config.resolve.far_start), which step 0 switches to where it measures the student far.
+    far_config: Config | None = None
+    far_rollouts: RolloutMix | None = None
 
     @property
     def keeps_teacher_hidden(self) -> bool:
@@ -205,46 +216,6 @@ def build_optimizer(config: Config, student: LoadedModel):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config))
 
 
-def find_checkpoint(config: Config, resume: bool | str, log=print) -> Path | None:
-    """With --resume, the latest complete checkpoint, once the config is checked against the run's.
-    resume: False, True (a checkpoint must be there) or "auto" (one is taken where there is one, and a
-    directory without a checkpoint or a finished run starts from step 0). A finished run (final/) is
-    never trained over, and a checkpoint past run.max_steps is an error: both before anything is written."""
-    output_dir = Path(config.run.output_dir)
-    if not resume:
-        return None
-    checkpoint = latest_checkpoint(output_dir)
-    finished = (output_dir / "final").is_dir()
-    if checkpoint is None:
-        if finished:
-            raise ConfigError(
-                f"--resume: the run in '{output_dir}' is finished (final/) and saved no checkpoint to continue "
-                f"from; to train further, start a new run from its weights (student.path={output_dir / 'final'})"
-            )
-        if resume == "auto":
-            if (output_dir / "metrics.jsonl").exists():
-                log(f"no complete checkpoint in '{output_dir}'; starting from step 0 (--resume-or-start)")
-            return None
-        raise ConfigError(
-            f"--resume: no complete checkpoint in '{output_dir}' (run.save_every={config.run.save_every}); "
-            "nothing to resume: start without --resume, or pass --resume-or-start"
-        )
-    step = checkpoint_step(checkpoint)
-    if step > config.run.max_steps:
-        raise ConfigError(
-            f"--resume: the latest checkpoint ({checkpoint}) is at step {step}, past run.max_steps="
-            f"{config.run.max_steps}; resume with run.max_steps of {step} or more"
-        )
-    check_resumable(output_dir, config)
-    if step == config.run.max_steps and finished:
-        raise ConfigError(
-            f"--resume: the run in '{output_dir}' is finished at run.max_steps={step} (final/); raise "
-            "run.max_steps to train further"
-        )
-    check_checkpoint(checkpoint)
-    return checkpoint
-
-
 def write_run_dir(request: Config, config: Config, world: World) -> None:
     """config.yaml (what the user asked) and resolved.yaml (what it resolved to), written once every rank
     has checked the run directory; a finished run alone may show a final model, so an old final/ goes."""
@@ -267,6 +238,7 @@ class Inputs:
     eval_prompts: PromptSet | None
     teacher_plan: TeacherPlan
     checkpoint: Path | None  # where --resume continues from
+    far_config: Config | None = None  # resolved far_start, while rollout.student_fraction auto is undecided
 
 
 def check_contexts(config: Config) -> None:
@@ -300,7 +272,17 @@ def read_inputs(request: Config, resume: bool | str, log=print, probe: bool = Tr
     if probe:
         probe_servers(config, teacher_plan, tokenizer)  # every server asked
     checkpoint = find_checkpoint(config, resume, log)
-    return Inputs(config, tokenizer, train_prompts, eval_prompts, teacher_plan, checkpoint)
+    far_config = None
+    if config.rollout.student_fraction == "auto":  # undecided: step 0 measures the student (opd.train.start)
+        far_config = resolve(far_start(request), teacher_plan.facts)
+    elif request.rollout.student_fraction == "auto" and request.rollout.source == "student" and checkpoint is None:
+        reason = why_not_far(request, teacher_plan.facts)
+        if reason is not None:
+            log(
+                "rollout.student_fraction auto: on-policy, not measured: this run can't start a far student "
+                f"from its teacher's samples ({reason})"
+            )
+    return Inputs(config, tokenizer, train_prompts, eval_prompts, teacher_plan, checkpoint, far_config)
 
 
 def prepare(request: Config, resume: bool | str, log=print, world: World | None = None) -> Session:
@@ -353,6 +335,10 @@ def prepare(request: Config, resume: bool | str, log=print, world: World | None 
         if isinstance(engine, ModelSampler)
         else ModelSampler(student, SamplingSettings.of(config.rollout), precision)
     )
+    far_config = inputs.far_config
+    far_rollouts = None
+    if far_config is not None:  # the same engine, the teacher's samples beside it
+        far_rollouts = build_rollouts(far_config, engine, teachers.writer, train_prompts, student.tokenizer, precision)
     return Session(
         config=config,
         output_dir=output_dir,
@@ -380,20 +366,6 @@ def prepare(request: Config, resume: bool | str, log=print, world: World | None 
         peak_memory=peak_memory,
         rewards=RewardScorer(config.reward.verifier, tokenizer) if config.reward is not None else None,
         in_flight=in_flight,
+        far_config=far_config,
+        far_rollouts=far_rollouts,
     )
-
-
-def restored_in_flight(state: dict, world: World, device: torch.device, log) -> list:
-    """This rank's batches that the checkpoint kept, sampled ahead of its step by weights it no longer
-    has. Batches sampled by another number of ranks are not split anew: the run samples them again from
-    the checkpoint's weights (same prompts, fresher weights) and says so."""
-    saved = state.get("in_flight") or []
-    if not any(saved):
-        return []
-    if len(saved) != world.size:
-        log(
-            f"the checkpoint's {len(saved[0])} batches sampled ahead come from {len(saved)} ranks, not {world.size}: "
-            "sampling them again from its weights"
-        )
-        return []
-    return [replace(sampled, batch=sampled.batch.to(device)) for sampled in saved[world.rank]]

@@ -25,9 +25,10 @@ from opd.io.export import save_with_adapters
 from opd.io.progress import ProgressBar
 from opd.io.sinks import MetricSinks
 from opd.teachers.remote import TeacherUnavailable
-from opd.train.evaluate import evaluate
+from opd.train.evaluate import evaluate_session
 from opd.train.pipeline import Pipeline
 from opd.train.setup import Session, prepare
+from opd.train.start import choose_start
 from opd.train.step import SampledBatch, consume_batch
 
 
@@ -53,12 +54,14 @@ def train(request: Config, resume: bool | str = False, log=print, time_limit_s: 
     command = "opd sft" if config.loss.kind == "sft" else "opd train"
     progress = ProgressBar(run.max_steps, session.start_step, enabled=run.progress and main, label=command)
     step, flops = session.start_step, session.start_flops
-    pipeline = Pipeline(session, run.max_steps, session.in_flight)
+    pipeline = None
     try:
         if session.start_step == 0 and session.eval_prompts is not None:
-            first_eval = last_eval = run_eval(session)
+            first_eval = last_eval = evaluate_session(session)
             sinks.write(0, first_eval)
             session.guard.observe_start(first_eval.get("eval/entropy/student"))
+        session = choose_start(session, first_eval, log)  # rollout.student_fraction auto: far or near?
+        pipeline = Pipeline(session, run.max_steps, session.in_flight)
         loop_started = time.perf_counter()
         for step in range(session.start_step + 1, run.max_steps + 1):
             step_started = time.perf_counter()
@@ -70,7 +73,7 @@ def train(request: Config, resume: bool | str = False, log=print, time_limit_s: 
             )
             if session.eval_prompts is not None and ((run.eval_every and step % run.eval_every == 0) or last_step):
                 with pipeline.teacher_between_batches():
-                    last_eval = run_eval(session)
+                    last_eval = evaluate_session(session)
                 metrics.update(last_eval)
             if step % run.log_every == 0 or last_step or "eval/distill/seq_reverse_kl" in metrics:
                 sinks.write(step, metrics)
@@ -83,7 +86,8 @@ def train(request: Config, resume: bool | str = False, log=print, time_limit_s: 
         last_good = latest_checkpoint(session.output_dir)
         raise type(exc)(f"step {step}: {exc} (last good checkpoint: {last_good or 'none'})") from None
     finally:
-        pipeline.close()
+        if pipeline is not None:
+            pipeline.close()
         progress.close()
         sinks.close()
     save(session)
@@ -130,25 +134,3 @@ def save(session: Session, step: int | None = None, flops: float = 0.0, in_fligh
             save_with_adapters(session.config.student, weights, final)
         else:
             save_model(session.student, final, weights)
-
-
-def run_eval(session: Session) -> dict[str, float]:
-    config = session.config
-    return evaluate(
-        session.student_sampler,
-        session.teacher,
-        session.eval_prompts,
-        session.student.tokenizer,
-        samples_per_prompt=config.rollout.eval_samples_per_prompt,
-        # As many rollouts per sampling call as a training step makes on a rank.
-        batch_prompts=max(1, rollouts_per_step(config) // session.world.size // config.rollout.eval_samples_per_prompt),
-        seed=config.run.seed + 1,
-        max_prompts=config.data.eval_max_prompts,
-        world=session.world,
-        equal_calls=session.sharded or session.teacher_sharded,
-        rewards=session.rewards,
-    )
-
-
-def rollouts_per_step(config: Config) -> int:
-    return config.batch.prompts_per_step * config.rollout.samples_per_prompt
