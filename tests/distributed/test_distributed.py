@@ -123,15 +123,23 @@ def test_a_lora_student_on_two_ranks_equals_one_rank(one_rank, tiny_config, tmp_
     assert (tmp_path / "two" / "final" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_a_mixture_with_the_student_prompts_on_one_rank_equals_one_rank(tiny_config, tmp_path):
+@pytest.mark.parametrize("lam", ["0.5, the data's answers", "auto, measured far without a held-out set"])
+def test_a_mixture_with_the_student_prompts_on_one_rank_equals_one_rank(tiny_config, tmp_path, lam):
     """GKD's lambda 0.5 with 2 prompts a step on 2 ranks: rank 0's prompt is the student's to sample, rank
     1's takes the data's answer. Every collective must pair across ranks, although one rank has no
     student rows (the ranks once disagreed on whether the batch carried the sampler's entropy, and the
-    run deadlocked). Bounded in time, and the weights and metrics of one rank with both prompts."""
+    run deadlocked). Bounded in time, and the weights and metrics of one rank with both prompts.
+    With lambda auto (a threshold that makes the tiny pair far), both ranks measure the first training
+    prompts, decide alike, and the teacher writes the other rows: lambda 0 at step 1, 0.5 at step 2."""
+    rollout = {"student_fraction": 0.5, "off_policy_source": "dataset"}
+    data = tiny_config["data"]
+    if lam.startswith("auto"):
+        rollout, data = {"far_reverse_kl": 1e-6}, {**data, "eval": None}
     config = {
         **tiny_config,
         "run": {**tiny_config["run"], "max_steps": 2},
-        "rollout": {**tiny_config["rollout"], "student_fraction": 0.5, "off_policy_source": "dataset"},
+        "data": data,
+        "rollout": {**tiny_config["rollout"], **rollout},
         "optim": {"lr": 1e-2, "schedule": "constant", "eps": 1e-3},
     }
     start = load_file(Path(config["student"]["path"]) / "model.safetensors")
@@ -148,6 +156,8 @@ def test_a_mixture_with_the_student_prompts_on_one_rank_equals_one_rank(tiny_con
         assert result.returncode == 0, result.stderr[-3000:]
         runs[ranks] = read_metrics(output_dir / "metrics.jsonl")
     assert_same_update(weights(tmp_path / "1-ranks"), weights(tmp_path / "2-ranks"), start)
+    if lam.startswith("auto"):
+        assert [row["from_teacher/rows_fraction"] for row in runs[2]] == [1.0, 0.5]
     for one, two in zip(runs[1], runs[2]):
         for key in ("entropy/student", "distill/reverse_kl", "generation/avg_length"):
             if key in one:

@@ -62,7 +62,8 @@ def far_pair_config(real_model, tmp_path, gsm8k_dir, **rollout) -> dict:
 @pytest.mark.vllm
 def test_a_far_pair_cut_from_it_trains_under_the_defaults_with_vllms_engine(real_model, tmp_path, gsm8k_dir):
     """The student (every other layer) sampled by vLLM's engine on its Llama architecture, the teacher in
-    this process, the defaults (their forward-KL term on), 2 steps through `opd train`."""
+    this process, the defaults, 2 steps through `opd train`: step 0 measures the student far, so step 1
+    trains on the teacher's samples and step 2 on half the teacher's, half the engine's."""
     needs_vllm()
     raw = far_pair_config(real_model, tmp_path, gsm8k_dir, engine="vllm", vllm={"gpu_memory_utilization": 0.1})
     config = tmp_path / "config.yaml"
@@ -71,12 +72,15 @@ def test_a_far_pair_cut_from_it_trains_under_the_defaults_with_vllms_engine(real
     # session's earlier models would take.
     result = run_cli("train", str(config))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert yaml.safe_load((tmp_path / "run" / "resolved.yaml").read_text())["loss"]["forward_kl_coef"] == 1.0
+    assert "starts far from the teacher" in result.stdout + result.stderr
+    resolved = yaml.safe_load((tmp_path / "run" / "resolved.yaml").read_text())
+    assert resolved["rollout"]["student_fraction"] == 0.5 and resolved["loss"]["forward_kl_coef"] == 0.0
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [row["step"] for row in rows] == [1, 2]
-    for row in rows:
-        assert 0 < row["entropy/student"] < 11 and 0 < row["distill/reverse_kl"] < 20, row  # ln 49152 = 10.8
-        assert row["ratio/max_abs_log"] < 1e-2, row  # fp32 both sides: the synced engine samples the update's policy
+    assert [row["from_teacher/rows_fraction"] for row in rows] == [1.0, 0.5]
+    row = rows[1]  # the engine's rows
+    assert 0 < row["entropy/student"] < 11 and 0 < row["distill/reverse_kl"] < 20, row  # ln 49152 = 10.8
+    assert row["ratio/max_abs_log"] < 1e-2, row  # fp32 both sides: the synced engine samples the update's policy
     start, end = load_file(tmp_path / "student" / "model.safetensors"), final_weights(tmp_path / "run")
     assert all(torch.isfinite(tensor).all() for tensor in end.values())
     assert max(float((end[name] - start[name]).abs().max()) for name in end) > 0  # it learned
