@@ -409,6 +409,12 @@ def remote_raw(root: str, **teacher) -> dict:
             r"log-probs at every token, and teacher.top_k is 0; set teacher.top_k",
         ),
         ({"shard": True}, {}, r"teacher.shard: a teacher on a server"),
+        (  # its hidden states give the distribution, not samples (this once failed at the first step instead)
+            {"lm_head": "/x"},
+            {"rollout.student_fraction": 0.5, "rollout.off_policy_source": "teacher"},
+            r"teacher.url: rollout.off_policy_source=teacher needs the teacher's own samples, and a teacher on a "
+            r"server scores",
+        ),
     ],
 )
 def test_a_remote_teacher_is_refused_where_it_cannot_serve(tmp_path, teacher, changes, message):

@@ -78,6 +78,8 @@ def test_a_run_that_cannot_mix_is_on_policy_without_measuring(tiny_config):
     assert reason is not None and "\n" not in reason and "teacher" in reason
     assert resolve(validate(served)).rollout.student_fraction == 1.0
     assert resolve(validate(tiny_config)).rollout.student_fraction == "auto"  # a local teacher: measured
+    reward_alone = {**tiny_config, "loss": {"kl_coef": 0.0}, "reward": {"verifier": "gsm8k"}}
+    assert resolve(validate(reward_alone)).rollout.student_fraction == 1.0  # pure RL is left as asked
 
 
 def test_the_probe_measures_the_reverse_kl_of_the_students_samples(tiny_config):

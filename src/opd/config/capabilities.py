@@ -109,6 +109,7 @@ def teacher_limits(config: Config, name: str, facts: TeacherFacts | None = None)
                 else "serve the teacher with opd serve-teacher and set lm_head, or give its path",
             ),
         )
+    if settings.remote:  # with its LM head here or not
         rule_out(
             (SAMPLES,),
             Limit(

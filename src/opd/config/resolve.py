@@ -127,7 +127,10 @@ def far_start(config: Config) -> Config:
 
 def why_not_far(config: Config, facts: dict[str, TeacherFacts]) -> str | None:
     """Why `config` could not start a far student from the teacher's samples (far_start), in one line, or
-    None where it can: the teacher must sample the student's prompts and give its whole distribution."""
+    None where it can: the teacher must sample the student's prompts and give its whole distribution,
+    and the run must be distilling (not the task reward alone)."""
+    if config.loss.kind == "reverse_kl_pg" and not config.loss.kl_coef:
+        return "loss.kl_coef: 0 trains on the task reward alone"
     try:
         candidate = far_start(config)
         check_needs(candidate, facts, candidate.loss.forward_kl_coef)
