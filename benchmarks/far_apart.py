@@ -8,29 +8,34 @@ the student, the same model with its first three decoder layers dropped ("prune,
 student starts far away: held-out reverse KL about 11.6 nats/token, against 0.6 for the demo's own
 student. Every run starts from that student with the same data, seed and settings (16 prompts x 4
 samples x 40 tokens, lr 5e-3 constant after 5 warm-up steps, fp32), and evaluates every 10 steps on 100
-held-out problems:
+held-out problems. Every run is on-policy (lambda 1) unless it says otherwise:
 - `reverse_kl_pg` alone (`loss.forward_kl_coef: 0`, opd's default until issue 21), guard on `warn`;
 - the same, guard on `stop`;
-- the default: `reverse_kl_pg` + 1.0 x forward KL on the same samples (`loss.forward_kl_coef` left
-  null, which a local teacher of the student's vocabulary resolves to 1.0);
+- on-policy + 1.0 x forward KL on the same samples (`loss.forward_kl_coef` left null, which a local
+  teacher of the student's vocabulary resolves to 1.0): the default before lambda auto, and still the
+  default for a near student;
 - GKD's mixture: lambda rising linearly from 0 to 0.5 over 50 steps, then half of each step's prompts
   sampled by the teacher and trained with the forward KL (`rollout.student_fraction: 0.5`,
-  `student_fraction_start: 0`, `student_fraction_ramp_steps: 50`).
+  `student_fraction_start: 0`, `student_fraction_ramp_steps: 50`);
+- the default: `rollout.student_fraction: auto`, which measures the student at step 0 and picks one of
+  the two above (docs/far_apart.md).
 With --served, the teacher is on opd's server instead (`opd serve-teacher`, one thread) and the runs
-are what a served teacher allows:
+are what a served teacher allows (a server can't write rows, so lambda auto is on-policy there):
 - the default with the teacher's LM head here (`teacher.lm_head`): hidden states, the exact forward KL;
 - the forward-KL term estimated from the server's top-20 and a tail bucket (`teacher.top_k: 20`,
   `loss.forward_kl_coef: 1.0`): all a vLLM or SGLang teacher can send (vLLM's default --max-logprobs);
 - `reverse_kl_pg` alone (`teacher.top_k: 0`, which turns the term off there; the default before).
 With --real MODEL (a folder of SmolLM2-135M-Instruct, built by ../shared/models/smollm2.py), the pair is
-real: that model as the teacher, the same with every other decoder layer dropped as the student (15 of
-30), GSM8K's questions through its chat template (../shared/data/gsm8k, or $OPD_GSM8K_DIR), 4 prompts
-x 4 samples x 96 tokens a step, lr 1e-5 constant after 3 warm-up steps, fp32, evaluated every 10 steps
-on 32 held-out questions; the runs are the default, `reverse_kl_pg` alone, sequence-level KD (the
-teacher's samples, NLL: what `opd sft` trains), the mixture (lambda 0 -> 0.5 over 15 steps) and a
-handover (lambda 0 -> 1 over 20 steps, the default's forward-KL term on the student's rows), each with
-its wall time.
-Writes OUT/far_apart.md (table) and OUT/far_apart.png (curves), or far_apart_served.* / far_apart_real.*.
+real: that model as the teacher, the same without every `--drop-every` N-th decoder layer as the student
+(N = 2, the default: 15 of 30 layers; 4: 23 of 30, a nearer pair), GSM8K's questions through its chat
+template (../shared/data/gsm8k, or $OPD_GSM8K_DIR), 4 prompts x 4 samples x 96 tokens a step, lr 1e-5
+constant after 3 warm-up steps, fp32, evaluated every 10 steps on 32 held-out questions; the runs are
+on-policy + forward KL, `reverse_kl_pg` alone, sequence-level KD (the teacher's samples, NLL: what `opd
+sft` trains), the mixture (lambda 0 -> 0.5 over 15 steps), a handover (lambda 0 -> 1 over 20 steps, the
+forward-KL term on the student's rows) and the default (lambda auto), each with its wall time. With
+--real and --served, the served runs on the real pair. --seed sets every run's run.seed (default 0).
+Writes OUT/far_apart.md (table) and OUT/far_apart.png (curves), or far_apart_served.*, far_apart_real.*,
+far_apart_real_served.*.
 """
 
 from __future__ import annotations
@@ -82,7 +87,7 @@ RUNS = {
 }
 
 
-SERVED_RUNS = {  # with --served; "teacher.url" is filled in with the server's
+SERVED_RUNS = {  # with --served; "teacher.url" is filled in with the server's, a "teacher.lm_head" with its files
     "served, hidden states: the default (exact forward KL)": {"teacher.lm_head": str(ASSETS / "teacher")},
     "served, top-20 + tail forward KL": {"teacher.top_k": 20, "loss.forward_kl_coef": 1.0},
     "served, reverse_kl_pg alone (teacher.top_k 0: no term)": {"teacher.top_k": 0},
@@ -284,16 +289,23 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch, ExitStack() as stack:
         runs = RUNS
-        if args.served:
-            url = stack.enter_context(served_teacher(ASSETS / "teacher"))
-            runs = {
-                name: {"teacher.url": url, "teacher.path": None, **changes} for name, changes in SERVED_RUNS.items()
-            }
         work, pair = Path(scratch), {}
         if args.real:
             student, pair = real_pair(work, args.real, args.drop_every)
             runs = REAL_RUNS
-        else:
+        if args.served:
+            served_model = args.real or ASSETS / "teacher"
+            url = stack.enter_context(served_teacher(served_model))
+            runs = {
+                name: {
+                    **changes,
+                    "teacher.url": url,
+                    "teacher.path": None,
+                    **({"teacher.lm_head": str(served_model)} if "teacher.lm_head" in changes else {}),
+                }
+                for name, changes in SERVED_RUNS.items()
+            }
+        if not args.real:
             write_split(work / "train.jsonl", 4000, seed=1)
             write_split(work / "eval.jsonl", 200, seed=2)
             student = pruned_teacher(work / "student", keep=[3])
@@ -328,7 +340,7 @@ def main() -> None:
             summaries.append({**summarize(name, rows, outcome), "wall_s": wall})
             print(json.dumps(summaries[-1]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "far_apart_real" if args.real else "far_apart_served" if args.served else "far_apart"
+    stem = "far_apart" + ("_real" if args.real else "") + ("_served" if args.served else "")
     plot(curves, args.out / f"{stem}.png")
     lines = [
         "| run | outcome | held-out reverse KL: start → end (best) | change | lowest entropy/student in training, "

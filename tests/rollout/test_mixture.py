@@ -27,6 +27,9 @@ def mixed(tiny_config, **rollout) -> dict:
 
 
 def test_lambda_of_one_is_exactly_todays_run(tiny_config, tmp_path):
+    """The default, lambda auto, measures the tiny pair near on its first training prompts (one_step has
+    no held-out set), which must leave the run exactly the on-policy one: the measuring draws from its
+    own keyed streams, not the run's."""
     base = {**tiny_config, "optim": {"lr": 1e-2}}
     today = one_step(base, tmp_path, "default")
     explicit = one_step(
