@@ -190,7 +190,9 @@ def test_embedding_rows_past_the_tokenizer_are_never_sampled(tmp_path):
     padded = tmp_path / "padded"
     Qwen3ForCausalLM(config).save_pretrained(padded)
     tokenizer.save_pretrained(padded)
-    result = run_cli("train", str(engine_config(tmp_path, max_steps=2)), "--set", f"student.path={padded}")
+    # lambda 1: this random student is far from the demo's teacher, and every row must be the engine's.
+    overrides = ("--set", f"student.path={padded}", "--set", "rollout.student_fraction=1")
+    result = run_cli("train", str(engine_config(tmp_path, max_steps=2)), *overrides)
     assert result.returncode == 0, result.stderr[-2000:]
     for row in read_metrics(tmp_path / "run" / "metrics.jsonl"):
         assert row["ratio/max_abs_log"] < 1e-3  # ℓˢ renormalized over the tokenizer's tokens, as the update's
