@@ -304,7 +304,7 @@ class RolloutConfig(_Strict):
         "whose teacher can't write rows (on a server, several, another tokenizer) stays on-policy.",
     )
     far_reverse_kl: float = Field(
-        2.0,
+        3.0,
         gt=0,
         description="With student_fraction auto: the student counts as far when its samples' per-token "
         "reverse KL to the teacher at step 0 is at least this (nats/token).",
