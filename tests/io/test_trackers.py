@@ -33,10 +33,17 @@ class FakeSummaryWriter:
         self.closed = True
 
 
+class FakeWandbConfig(dict):
+    def update(self, values: dict, allow_val_change: bool = False) -> None:
+        assert allow_val_change  # W&B refuses to change a key's value without it
+        super().update(values)
+
+
 class FakeWandbRun:
     def __init__(self, id: str | None, **kwargs):
         self.init_kwargs, self.rows, self.finished = {"id": id, **kwargs}, [], False
         self.id = id or "fresh-id"
+        self.config = FakeWandbConfig(kwargs.get("config") or {})
 
     def log(self, metrics: dict, step: int) -> None:
         self.rows.append((step, dict(metrics)))
@@ -82,6 +89,9 @@ def test_both_trackers_get_every_metrics_row_and_are_closed(tiny_config, fake_tr
     assert run.init_kwargs["project"] == "opd" and run.init_kwargs["name"] == result.output_dir.name
     expected = resolve(validate(reported(tiny_config, max_steps=3)))  # the default as setup settles it
     assert run.init_kwargs["config"] == expected.model_dump(mode="json")
+    # Then as step 0 settled lambda auto (on-policy here): what resolved.yaml records.
+    assert run.config == yaml.safe_load((result.output_dir / "resolved.yaml").read_text())
+    assert run.config["rollout"]["student_fraction"] == 1.0
 
 
 def test_resume_continues_the_same_wandb_run_and_purges_tensorboard_past_the_checkpoint(tiny_config, fake_trackers):

@@ -4,6 +4,7 @@ a near one on-policy; a resumed run repeats the decision it recorded."""
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -131,3 +132,43 @@ def test_a_far_start_is_recorded_and_a_resumed_run_repeats_it_exactly(tiny_confi
     train(validate(changed), resume=True, log=resumed_logs.append)
     assert not any("student_fraction auto" in line for line in resumed_logs)
     assert_weights_close(final_weights(through), final_weights(tmp_path / "stopped"), atol=0)
+
+
+def test_a_far_start_from_the_datas_answers_resumes_and_a_restart_measures_again(tiny_config, tmp_path):
+    """off_policy_source dataset, as the user set it, writes a far start's other rows and survives a
+    resume; --resume-or-start with no checkpoint starts at step 0 and measures again (here near)."""
+    raw = {
+        **tiny_config,
+        "run": {**tiny_config["run"], "max_steps": 2, "save_every": 1},
+        "rollout": {**tiny_config["rollout"], "far_reverse_kl": 1e-6, "off_policy_source": "dataset"},
+        "loss": {"off_policy_kind": "sft"},
+    }
+    train(validate(raw), log=lambda *_: None, time_limit_s=0)  # stops after step 1
+    output_dir = tmp_path / "run"
+    assert read_metrics(output_dir / "metrics.jsonl")[-1]["from_dataset/rows_fraction"] == 1.0
+    train(validate(raw), resume=True, log=lambda *_: None)
+    recorded = yaml.safe_load((output_dir / RESOLVED_FILE).read_text())
+    assert recorded["rollout"]["off_policy_source"] == "dataset" and recorded["rollout"]["student_fraction"] == 0.5
+
+    for written in ("checkpoints", "final"):  # as if killed before its first checkpoint
+        shutil.rmtree(output_dir / written)
+    logs: list[str] = []
+    near = {**raw, "rollout": {**raw["rollout"], "far_reverse_kl": 1e9}}
+    train(validate(near), resume="auto", log=logs.append)
+    assert any("student_fraction auto: on-policy (reverse KL" in line for line in logs)
+    assert yaml.safe_load((output_dir / RESOLVED_FILE).read_text())["rollout"]["student_fraction"] == 1.0
+
+
+def test_a_data_set_without_answers_keeps_a_dataset_far_start_off(tiny_config, tmp_path):
+    rows = tmp_path / "questions.jsonl"
+    rows.write_text('{"question": "What is 2 + 2?"}\n' * 4)
+    raw = {
+        **tiny_config,
+        "data": {**tiny_config["data"], "train": str(rows)},
+        "rollout": {**tiny_config["rollout"], "off_policy_source": "dataset"},
+        "loss": {"off_policy_kind": "sft"},
+    }
+    logs: list[str] = []
+    session = prepare(validate(raw), resume=False, log=logs.append)
+    assert session.config.rollout.student_fraction == 1.0 and session.far_config is None
+    assert any(f"needs an 'answer' on every row of {rows}" in line for line in logs)

@@ -107,8 +107,9 @@ LAMBDA_KEYS = ("student_fraction", "student_fraction_start", "student_fraction_r
 
 def far_start(config: Config) -> Config:
     """The request a far student runs as (`rollout.student_fraction: auto`, measured far at step 0): GKD's
-    mixture with lambda rising linearly from 0 to 0.5 over the first half of run.max_steps, the teacher
-    writing the other rows (trained with loss.off_policy_kind), and loss.forward_kl_coef left null set to
+    mixture with lambda rising linearly from 0 to 0.5 over the first half of run.max_steps, the other rows
+    written by rollout.off_policy_source (the teacher by default; the data's answers where the user set
+    `dataset`) and trained with loss.off_policy_kind, and loss.forward_kl_coef left null set to
     0: the teacher's rows give the forward KL's pull, and on a real far pair the term on the student's
     own rows kept rewarding its blank lines (docs/far_apart.md). Validated; raises ValueError where the
     config can't mix."""
@@ -116,7 +117,6 @@ def far_start(config: Config) -> Config:
         "student_fraction": FAR_STUDENT_FRACTION,
         "student_fraction_start": 0.0,
         "student_fraction_ramp_steps": max(1, config.run.max_steps // 2),
-        "off_policy_source": "teacher",
     }
     raw = config.model_dump()
     raw["rollout"].update(rollout)
@@ -127,8 +127,9 @@ def far_start(config: Config) -> Config:
 
 def why_not_far(config: Config, facts: dict[str, TeacherFacts]) -> str | None:
     """Why `config` could not start a far student from the teacher's samples (far_start), in one line, or
-    None where it can: the teacher must sample the student's prompts and give its whole distribution,
-    and the run must be distilling (not the task reward alone)."""
+    None where it can: rollout.off_policy_source must write rows (the teacher: sample the student's
+    prompts) that loss.off_policy_kind can train (forward_kl: the teacher's whole distribution), and the
+    run must be distilling (not the task reward alone). Data answers are checked in setup."""
     if config.loss.kind == "reverse_kl_pg" and not config.loss.kl_coef:
         return "loss.kl_coef: 0 trains on the task reward alone"
     try:

@@ -107,6 +107,9 @@ class WandbTracker:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.run.log(metrics, step=step)
 
+    def update_config(self, config: Config) -> None:
+        self.run.config.update(config.model_dump(mode="json"), allow_val_change=True)
+
     def close(self) -> None:
         self.run.finish()
 
@@ -130,6 +133,13 @@ class MetricSinks:
             except Exception as exc:  # e.g. W&B online without a login: one line, not a traceback
                 self.close()
                 raise ConfigError(f"run.report_to: {name} failed to start: {type(exc).__name__}: {exc}") from None
+
+    def update_config(self, config: Config) -> None:
+        """The run's config as it settled after the trackers started (rollout.student_fraction auto, decided
+        at step 0: opd.train.start), for the trackers that keep one."""
+        for tracker in self.trackers:
+            if hasattr(tracker, "update_config"):
+                tracker.update_config(config)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if self.jsonl is None:

@@ -267,22 +267,36 @@ def read_inputs(request: Config, resume: bool | str, log=print, probe: bool = Tr
     train_prompts, eval_prompts = load_data(request, tokenizer, log)
     rows = [row for prompts in (train_prompts, eval_prompts) if prompts is not None for row in prompts.examples]
     teacher_plan = plan_views(request, tokenizer, rows)  # every view rendered
-    output_dir = Path(request.run.output_dir)
-    config = resolve(request, teacher_plan.facts, recorded_resolution(output_dir) if resume else None)
+    recorded = recorded_resolution(Path(request.run.output_dir)) if resume else None
+    config = resolve(request, teacher_plan.facts, recorded)
     if probe:
         probe_servers(config, teacher_plan, tokenizer)  # every server asked
     checkpoint = find_checkpoint(config, resume, log)
-    far_config = None
-    if config.rollout.student_fraction == "auto":  # undecided: step 0 measures the student (opd.train.start)
-        far_config = resolve(far_start(request), teacher_plan.facts)
-    elif request.rollout.student_fraction == "auto" and request.rollout.source == "student" and checkpoint is None:
-        reason = why_not_far(request, teacher_plan.facts)
-        if reason is not None:
-            log(
-                "rollout.student_fraction auto: on-policy, not measured: this run can't start a far student "
-                f"from its teacher's samples ({reason})"
-            )
+    if checkpoint is None and recorded is not None and request.rollout.student_fraction == "auto":
+        config = resolve(request, teacher_plan.facts)  # nothing to resume: step 0 measures the student again
+    config, far_config = plan_far_start(request, config, teacher_plan, train_prompts, checkpoint is None, log)
     return Inputs(config, tokenizer, train_prompts, eval_prompts, teacher_plan, checkpoint, far_config)
+
+
+def plan_far_start(
+    request: Config, config: Config, plan: TeacherPlan, train_prompts: PromptSet, fresh: bool, log=print
+) -> tuple[Config, Config | None]:
+    """The resolved config, and with rollout.student_fraction auto undecided the resolved config of a far
+    start (far_start) for step 0 to switch to (opd.train.start). A fresh run that can't start far is
+    on-policy, and says why."""
+    reason = None
+    if config.rollout.student_fraction == "auto":
+        far_config = resolve(far_start(request), plan.facts)
+        answered = all(example.answer is not None for example in train_prompts.examples)
+        if far_config.rollout.off_policy_source == "teacher" or answered:
+            return config, far_config
+        reason = f"rollout.off_policy_source=dataset needs an 'answer' on every row of {train_prompts.path}"
+        config = config.model_copy(update={"rollout": config.rollout.model_copy(update={"student_fraction": 1.0})})
+    elif request.rollout.student_fraction == "auto" and request.rollout.source == "student" and fresh:
+        reason = why_not_far(request, plan.facts)
+    if reason is not None:
+        log(f"rollout.student_fraction auto: on-policy, not measured: this run can't start a far student ({reason})")
+    return config, None
 
 
 def prepare(request: Config, resume: bool | str, log=print, world: World | None = None) -> Session:

@@ -56,19 +56,22 @@ def choose_start(session: Session, first_eval: dict[str, float], log=print) -> S
     far = session.far_config is not None and gap >= threshold  # NaN (no tokens sampled) is not far
     if far:
         chosen, rollouts = session.far_config, session.far_rollouts
-        ramp = chosen.rollout.student_fraction_ramp_steps
+        writer = "the teacher" if chosen.rollout.off_policy_source == "teacher" else "the data's answers"
         log(
             f"rollout.student_fraction auto: the student starts far from the teacher (reverse KL {gap:.2f} "
-            f"nats/token on {where}, at least rollout.far_reverse_kl={threshold:g}): the teacher writes the "
-            f"other rows, lambda rising from 0 to {chosen.rollout.student_fraction:g} over {ramp} steps"
+            f"nats/token on {where}, at least rollout.far_reverse_kl={threshold:g}): {writer} write the other "
+            f"rows, lambda rising from 0 to {chosen.rollout.student_fraction:g} over "
+            f"{chosen.rollout.student_fraction_ramp_steps} steps"
         )
     else:
         rollout = config.rollout.model_copy(update={"student_fraction": 1.0})
         chosen, rollouts = config.model_copy(update={"rollout": rollout}), session.rollouts
-        log(
-            f"rollout.student_fraction auto: on-policy (reverse KL {gap:.2f} nats/token on {where}, below "
-            f"rollout.far_reverse_kl={threshold:g})"
+        measured = (
+            f"reverse KL {gap:.2f} nats/token on {where}, below rollout.far_reverse_kl={threshold:g}"
+            if not math.isnan(gap)
+            else f"not measured: the student's samples on {where} were all empty"
         )
+        log(f"rollout.student_fraction auto: on-policy ({measured})")
     if session.world.is_main:
         write_atomically(session.output_dir / RESOLVED_FILE, dump_config(chosen))
     return replace(

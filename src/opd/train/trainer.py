@@ -61,6 +61,7 @@ def train(request: Config, resume: bool | str = False, log=print, time_limit_s: 
             sinks.write(0, first_eval)
             session.guard.observe_start(first_eval.get("eval/entropy/student"))
         session = choose_start(session, first_eval, log)  # rollout.student_fraction auto: far or near?
+        sinks.update_config(session.config)
         pipeline = Pipeline(session, run.max_steps, session.in_flight)
         loop_started = time.perf_counter()
         for step in range(session.start_step + 1, run.max_steps + 1):
