@@ -105,6 +105,11 @@ FAR_STUDENT_FRACTION = 0.5  # GKD's lambda a far student ramps up to (docs/far_a
 LAMBDA_KEYS = ("student_fraction", "student_fraction_start", "student_fraction_ramp_steps")
 
 
+def on_policy(config: Config) -> Config:
+    """`config` with GKD's lambda 1: what rollout.student_fraction auto settles to where it doesn't mix."""
+    return config.model_copy(update={"rollout": config.rollout.model_copy(update={"student_fraction": 1.0})})
+
+
 def far_start(config: Config) -> Config:
     """The request a far student runs as (`rollout.student_fraction: auto`, measured far at step 0): GKD's
     mixture with lambda rising linearly from 0 to 0.5 over the first half of run.max_steps, the other rows
@@ -157,5 +162,5 @@ def settled_student_fraction(config: Config, facts: dict[str, TeacherFacts], rec
         # A far start recorded its forward-KL coefficient beside its lambda (far_start), which resolve keeps.
         return Config.model_validate(raw)
     if why_not_far(config, facts) is not None:
-        return config.model_copy(update={"rollout": rollout.model_copy(update={"student_fraction": 1.0})})
+        return on_policy(config)
     return config

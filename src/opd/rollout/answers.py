@@ -25,6 +25,11 @@ class DatasetAnswers:
             if example.answer is None:
                 raise DataError(f"{prompts.path}:{example.line}: rollout.source=dataset needs an 'answer' on every row")
 
+    @staticmethod
+    def answered(prompts: PromptSet) -> bool:
+        """Every row carries an answer (check, without the error)."""
+        return all(example.answer is not None for example in prompts.examples)
+
     def __init__(self, prompts: PromptSet, tokenizer, max_new_tokens: int, device: torch.device):
         self.check(prompts)
         self.max_new_tokens, self.device, self.pad_id = max_new_tokens, device, tokenizer.pad_token_id

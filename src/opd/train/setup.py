@@ -22,6 +22,7 @@ from opd.config.resolve import (
     REQUEST_FILE,
     RESOLVED_FILE,
     far_start,
+    on_policy,
     recorded_resolution,
     resolve,
     why_not_far,
@@ -287,11 +288,10 @@ def plan_far_start(
     reason = None
     if config.rollout.student_fraction == "auto":
         far_config = resolve(far_start(request), plan.facts)
-        answered = all(example.answer is not None for example in train_prompts.examples)
-        if far_config.rollout.off_policy_source == "teacher" or answered:
+        if far_config.rollout.off_policy_source == "teacher" or DatasetAnswers.answered(train_prompts):
             return config, far_config
         reason = f"rollout.off_policy_source=dataset needs an 'answer' on every row of {train_prompts.path}"
-        config = config.model_copy(update={"rollout": config.rollout.model_copy(update={"student_fraction": 1.0})})
+        config = on_policy(config)
     elif request.rollout.student_fraction == "auto" and request.rollout.source == "student" and fresh:
         reason = why_not_far(request, plan.facts)
     if reason is not None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from opd.config.capabilities import needed
 from opd.config.files import dump_config
-from opd.config.resolve import RESOLVED_FILE
+from opd.config.resolve import RESOLVED_FILE, on_policy
 from opd.objectives.kinds import build_objective
 from opd.train.evaluate import evaluate_session
 from opd.train.setup import Session
@@ -64,8 +64,7 @@ def choose_start(session: Session, first_eval: dict[str, float], log=print) -> S
             f"{chosen.rollout.student_fraction_ramp_steps} steps"
         )
     else:
-        rollout = config.rollout.model_copy(update={"student_fraction": 1.0})
-        chosen, rollouts = config.model_copy(update={"rollout": rollout}), session.rollouts
+        chosen, rollouts = on_policy(config), session.rollouts
         measured = (
             f"reverse KL {gap:.2f} nats/token on {where}, below rollout.far_reverse_kl={threshold:g}"
             if not math.isnan(gap)
