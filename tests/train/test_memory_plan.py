@@ -124,6 +124,32 @@ def test_a_served_teacher_with_its_head_here_counts_the_head_and_its_hidden_stat
     )
 
 
+def test_a_teacher_that_may_write_rollouts_plans_its_kv_cache(models, tmp_path):
+    """The teacher samples where the run may have it write rows (rollout.source teacher, a mixture with its
+    samples, or lambda auto, which may start far): the KV cache and logits of the rank's whole share of a
+    step, for the teacher's shape. On-policy (lambda 1) and data answers plan none."""
+    teacher = model_shape(str(models["teacher"]))
+    rows, sequence = 4 * 4, 32 + 48
+    kv_cache = 2 * rows * sequence * teacher.layers * teacher.kv_width * 4  # fp32 on a CPU
+    raw = raw_config(models, tmp_path / "run", 16)
+    for rollout, loss, writes in (
+        ({}, {}, True),  # the default: lambda auto
+        ({"student_fraction": 0.5}, {}, True),
+        ({"source": "teacher"}, {"kind": "sft"}, True),  # sequence-level KD (opd sft)
+        ({"student_fraction": 1.0}, {}, False),
+        ({"student_fraction": 0.5, "off_policy_source": "dataset"}, {"off_policy_kind": "sft"}, False),
+    ):
+        plan = plan_memory(validate({**raw, "rollout": {**raw["rollout"], **rollout}, "loss": loss}), 1, "cpu")
+        phase = plan.phases.get("the teacher writing rollouts")
+        assert (phase is not None) == writes, rollout
+        if writes:
+            assert phase[f"KV cache of {rows} rollouts x {sequence} tokens"] == kv_cache
+            assert phase["logits of one decoding step"] == 3 * rows * teacher.vocab * 4
+            assert any(note.startswith("the teacher writes rollouts") for note in plan.notes)
+    served = {**raw, "teacher": {"url": "http://127.0.0.1:9", "tokenizer": str(models["teacher"])}}
+    assert "the teacher writing rollouts" not in plan_memory(validate(served), 1, "cpu").phases
+
+
 def test_lora_counts_the_adapters_that_peft_adds(models):
     peft = pytest.importorskip("peft")
     for targets in (["q_proj", "v_proj", "lm_head"], "all-linear"):

@@ -18,8 +18,11 @@ weights, no network) and counts, per rank:
 - in AdamW's step: one fp32 temporary the size of the trained parameters;
 - at the peak of teacher scoring: its logit chunks and activations, and for a sharded teacher its
   root (embeddings and LM head) and a layer, gathered.
-The peak is the resident part plus the largest phase. Not counted: a teacher that writes the rollouts
-(its KV cache), allocator caches and communication buffers. Activation sizes are an estimate for
+- while a teacher in this process writes rollouts (`rollout.source: teacher`, GKD's mixture with the
+  teacher's samples, or `rollout.student_fraction: auto` where step 0 may start far): the KV cache and a
+  decoding step's logits of the rank's whole share of a step's rollouts (lambda 0 at a far start).
+The peak is the resident part plus the largest phase. Not counted: allocator caches and communication
+buffers. Activation sizes are an estimate for
 decoder layers with a gated MLP (about 10 hidden-size and 4 MLP-size values per token and layer).
 
 Measured: on a GPU the allocator's peak (`torch.cuda.max_memory_allocated`); on a CPU the growth of the
@@ -36,12 +39,13 @@ from pathlib import Path
 
 import torch
 
-from opd.config.capabilities import FULL_DISTRIBUTION, needed
+from opd.config.capabilities import FULL_DISTRIBUTION, config_facts, needed
+from opd.config.resolve import why_not_far
 from opd.config.schema import Config
 from opd.models.shapes import model_shape
 from opd.ops.logprobs import tokens_per_chunk
 from opd.rollout.engines import ENGINES
-from opd.rollout.sampler import EngineMemoryInputs
+from opd.rollout.sampler import OPD_ENGINE, EngineMemoryInputs
 
 GIB = 2**30
 
@@ -205,11 +209,35 @@ def plan_memory(config: Config, world_size: int, device: str = "cuda") -> Memory
             phases["updating"] = {**update, **{f"{name} (scoring meanwhile)": value for name, value in scoring.items()}}
         else:
             phases["scoring"] = scoring
+    writes = teacher_writes(config)
+    if writes and teacher is not None and not isinstance(teacher, str):
+        # The teacher samples with opd's sampler: the same lines as the student's, for the teacher's shape.
+        inputs = EngineMemoryInputs(
+            config, teacher, device, rows, sequence, bf16 and device == "cuda", compute_bytes, False, None
+        )
+        phases["the teacher writing rollouts"] = OPD_ENGINE.memory(inputs).sampling
+        notes.append(f"the teacher writes rollouts ({writes}): planned for the rank's whole share of a step")
     if heads and (teacher is None or isinstance(teacher, str)):  # the heads' logits, chunk by chunk
         head = max(heads, key=lambda shape: shape.vocab)
         head_chunk = min(tokens_per_chunk(config.loss.chunk_size, head.vocab), rows * rollout.max_new_tokens)
         phases["scoring"] = {"teacher logit chunks (its head here)": 2 * head_chunk * head.vocab * 4}
     return MemoryPlan(resident, phases, notes)
+
+
+def teacher_writes(config: Config) -> str | None:
+    """Why a teacher in this process may sample some of a step's rollouts, in a few words, or None."""
+    rollout = config.rollout
+    if rollout.source == "teacher":
+        return "rollout.source: teacher"
+    if rollout.off_policy_source != "teacher":
+        return None
+    if config.mixed:
+        return "GKD's mixture, rollout.off_policy_source: teacher"
+    if rollout.student_fraction == "auto" and config.teacher is not None:
+        facts = {name: config_facts(config, name) for name in config.teacher_configs}
+        if why_not_far(config, facts) is None:
+            return "rollout.student_fraction auto, if step 0 measures the student far"
+    return None
 
 
 class PeakMemory:
