@@ -123,45 +123,70 @@ def test_a_lora_student_on_two_ranks_equals_one_rank(one_rank, tiny_config, tmp_
     assert (tmp_path / "two" / "final" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("lam", ["0.5, the data's answers", "auto, measured far without a held-out set"])
-def test_a_mixture_with_the_student_prompts_on_one_rank_equals_one_rank(tiny_config, tmp_path, lam):
+@pytest.fixture(scope="module")
+def one_rank_runs() -> dict:
+    """One-rank runs shared by parameters that differ only in what two ranks do (student.shard)."""
+    return {}
+
+
+@pytest.mark.parametrize(
+    "lam, shard",
+    [
+        ("0.5, the data's answers", None),
+        ("auto, measured far without a held-out set", None),
+        ("auto, measured far without a held-out set", "student"),
+        ("0.5, the teacher's samples (sft)", "teacher"),
+    ],
+)
+def test_a_mixture_with_the_student_prompts_on_one_rank_equals_one_rank(
+    tiny_config, tmp_path, one_rank_runs, lam, shard
+):
     """GKD's lambda 0.5 with 2 prompts a step on 2 ranks: rank 0's prompt is the student's to sample, rank
     1's takes the data's answer. Every collective must pair across ranks, although one rank has no
     student rows (the ranks once disagreed on whether the batch carried the sampler's entropy, and the
     run deadlocked). Bounded in time, and the weights and metrics of one rank with both prompts.
     With lambda auto (a threshold that makes the tiny pair far), both ranks measure the first training
-    prompts, decide alike, and the teacher writes the other rows: lambda 0 at step 1, 0.5 at step 2."""
-    rollout = {"student_fraction": 0.5, "off_policy_source": "dataset"}
+    prompts, decide alike, and the teacher writes the other rows: lambda 0 at step 1, 0.5 at step 2.
+    With the student sharded, rank 1 joins the gathers of rank 0's sampling at step 2 (no rank samples
+    the student at step 1); with the teacher sharded and writing rows, rank 0 joins rank 1's."""
+    rollout, loss = {"student_fraction": 0.5, "off_policy_source": "dataset"}, {}
     data = tiny_config["data"]
     if lam.startswith("auto"):
         rollout, data = {"far_reverse_kl": 1e-6}, {**data, "eval": None}
+    if "teacher's samples" in lam:  # a sharded teacher gives no whole distribution: its rows train by NLL
+        rollout, loss = {"student_fraction": 0.5}, {"off_policy_kind": "sft", "forward_kl_coef": 0.0}
     config = {
         **tiny_config,
         "run": {**tiny_config["run"], "max_steps": 2},
         "data": data,
         "rollout": {**tiny_config["rollout"], **rollout},
+        "loss": {**tiny_config.get("loss", {}), **loss},
         "optim": {"lr": 1e-2, "schedule": "constant", "eps": 1e-3},
     }
     start = load_file(Path(config["student"]["path"]) / "model.safetensors")
-    runs = {}
-    for ranks in (1, 2):
-        output_dir = tmp_path / f"{ranks}-ranks"
-        result = launch(
-            {**config, "run": {**config["run"], "output_dir": str(output_dir)}},
-            tmp_path,
-            output_dir.name,
-            ranks,
-            timeout=240,
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[ranks] = read_metrics(output_dir / "metrics.jsonl")
-    assert_same_update(weights(tmp_path / "1-ranks"), weights(tmp_path / "2-ranks"), start)
+    if lam not in one_rank_runs:
+        one_rank_runs[lam] = run_ranks(config, tmp_path / "1-rank", 1)
+    runs = {
+        1: one_rank_runs[lam][1],
+        2: run_ranks(
+            {**config, **({shard: {**config[shard], "shard": True}} if shard else {})}, tmp_path / "2-ranks", 2
+        )[1],
+    }
+    assert_same_update(one_rank_runs[lam][0], weights(tmp_path / "2-ranks"), start)
     if lam.startswith("auto"):
         assert [row["from_teacher/rows_fraction"] for row in runs[2]] == [1.0, 0.5]
     for one, two in zip(runs[1], runs[2]):
         for key in ("entropy/student", "distill/reverse_kl", "generation/avg_length"):
             if key in one:
                 assert two[key] == pytest.approx(one[key], rel=1e-3, abs=1e-5), key
+
+
+def run_ranks(config: dict, output_dir: Path, ranks: int) -> tuple[dict, list[dict]]:
+    """final/ weights and metrics of `config` run on `ranks` processes into output_dir (bounded in time)."""
+    raw = {**config, "run": {**config["run"], "output_dir": str(output_dir)}}
+    result = launch(raw, output_dir.parent, output_dir.name, ranks, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return weights(output_dir), read_metrics(output_dir / "metrics.jsonl")
 
 
 def killed_at_step(config: dict, tmp_path: Path, name: str, ranks: int, step: int) -> None:

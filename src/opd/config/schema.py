@@ -96,16 +96,6 @@ class Config(_Strict):
                 f"loss.kind={self.loss.kind} with rollout.source={self.rollout.source}: distillation losses need the "
                 "student's own samples (source student); sft needs someone else's (source teacher or dataset)"
             )
-        teacher = self.teacher
-        if mixed and (
-            self.student.shard
-            or (teacher is not None and teacher.shard and self.rollout.off_policy_source == "teacher")
-        ):
-            raise ValueError(
-                "student.shard / teacher.shard with a GKD mixture (rollout.student_fraction below 1): "
-                "a rank whose share of the step holds no prompt for a sharded sampler would skip its "
-                "collectives; shard without the mixture, or replicate (shard: false)"
-            )
         check_needs(self)  # what each teacher gives, as far as the config tells; setup checks again with its tokenizer
         full = next((need for need in needs if need.capability == FULL_DISTRIBUTION), None)
         if full is not None and (self.rollout.top_k or self.rollout.top_p < 1):

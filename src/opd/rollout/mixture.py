@@ -22,7 +22,8 @@ class RolloutMix:
     student) takes the first round(lambda * prompts) prompts of the whole step (by stream position, over
     every rank) and the secondary the rest, so each prompt's samples stay together (one shared prompt
     encoding) and the split is the same whatever the world size. Without a secondary this is exactly
-    the primary.
+    the primary. A rank with none of the step's prompts for a sampler whose sampling is a collective
+    (`samples_together`: a sharded student) joins the ranks that sample with it.
 
     Whether the batch carries `sampler_entropy` is the primary's (`gives_entropy`), on every rank alike,
     whichever sources a rank's share of the step drew from: the update decides from it whether to
@@ -74,11 +75,15 @@ class RolloutMix:
         student_count = int(self.student_fraction(step) * len(step_keys) + 0.5)
         # This rank's keys rise through the step, so its student prompts are a prefix of its share.
         own, others = prompts.split(sum(key < step_keys.start + student_count for key in prompts.keys))
-        parts = [
-            sampler.sample(part, samples_per_prompt, seed)
-            for sampler, part in ((self.primary, own), (self.secondary, others))
-            if len(part)
-        ]
+        parts = []
+        for sampler, part, step_share in (
+            (self.primary, own, student_count),
+            (self.secondary, others, len(step_keys) - student_count),
+        ):
+            if len(part):
+                parts.append(sampler.sample(part, samples_per_prompt, seed))
+            elif step_share and getattr(sampler, "samples_together", False):
+                sampler.join()  # another rank samples with it: pair its collectives
         # Entropy is read at the student's rows only: other rows get zeros where the student's engine gives it.
         parts = [
             part.replace(

@@ -266,6 +266,20 @@ class ModelSampler:
     def close(self) -> None:
         return None
 
+    @property
+    def samples_together(self) -> bool:
+        """Sampling is a collective: a sharded model gathers its units in a call's first forward, so
+        every rank must call sample() or join() while any rank samples with it."""
+        return is_sharded(self.policy.model)
+
+    @torch.no_grad()
+    def join(self) -> None:
+        """A sampling call's collectives without prompts of this rank's: one token through the model, so
+        the ranks that do sample (a GKD mixture gives some ranks none of a sampler's prompts) proceed."""
+        with gathered_for_sampling(self.policy.model):
+            device = next(self.policy.model.parameters()).device
+            self.policy.model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False)
+
     def sampling_model(self) -> torch.nn.Module:
         """The model to sample with: the policy itself, or its low-precision copy with the current weights."""
         return self._copy.current() if self._copy is not None else self.policy.model
