@@ -19,14 +19,16 @@ held-out problems. Every run is on-policy (lambda 1) unless it says otherwise:
   `student_fraction_start: 0`, `student_fraction_ramp_steps: 50`);
 - the default: `rollout.student_fraction: auto`, which measures the student at step 0 and picks one of
   the two above (docs/far_apart.md).
-With --served, the teacher is on opd's server instead (`opd serve-teacher`, one thread) and the runs
-are what a served teacher allows (a server can't write rows, so lambda auto is on-policy there):
+With --served, the teacher is on opd's server instead (`opd serve-teacher`, one thread):
 - the default with the teacher's LM head here (`teacher.lm_head`): hidden states, the exact forward KL;
 - the forward-KL term estimated from the server's top-20 and a tail bucket (`teacher.top_k: 20`,
   `loss.forward_kl_coef: 1.0`): all a vLLM or SGLang teacher can send (vLLM's default --max-logprobs);
 - `reverse_kl_pg` alone (`teacher.top_k: 0`, which turns the term off there; the default before);
+- the default, lambda auto: measured far, the server samples the teacher's rows, trained by NLL
+  (without the LM head here a server gives no whole distribution), or with `teacher.lm_head` by the
+  forward KL;
 - lambda auto with `rollout.off_policy_source: dataset` and `loss.off_policy_kind: sft`: measured far,
-  the run mixes in the data's reference answers (NLL) where the teacher can't write rows.
+  the run mixes in the data's reference answers (NLL) instead.
 With --real MODEL (a folder of SmolLM2-135M-Instruct, built by ../shared/models/smollm2.py), the pair is
 real: that model as the teacher, the same without every `--drop-every` N-th decoder layer as the student
 (N = 2, the default: 15 of 30 layers; 4: 23 of 30, a nearer pair), GSM8K's questions through its chat
@@ -93,7 +95,13 @@ SERVED_RUNS = {  # with --served; "teacher.url" is filled in with the server's, 
     "served, hidden states: the default (exact forward KL)": {"teacher.lm_head": str(ASSETS / "teacher")},
     "served, top-20 + tail forward KL": {"teacher.top_k": 20, "loss.forward_kl_coef": 1.0},
     "served, reverse_kl_pg alone (teacher.top_k 0: no term)": {"teacher.top_k": 0},
-    # lambda auto's far start where the teacher can't write rows: the data's reference answers (NLL) do.
+    # lambda auto as it runs with a served teacher: measured far, its server samples the other rows.
+    "served, lambda auto: the teacher's samples from its server, NLL (the served default)": AUTO,
+    "served, hidden states, lambda auto: the teacher's samples from its server, forward KL": {
+        **AUTO,
+        "teacher.lm_head": str(ASSETS / "teacher"),
+    },
+    # The data's reference answers (NLL) as the far start's other rows.
     "served, lambda auto with the data's answers (off_policy_source dataset, off_policy_kind sft)": {
         **AUTO,
         "rollout.off_policy_source": "dataset",

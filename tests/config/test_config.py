@@ -395,12 +395,11 @@ def remote_raw(root: str, **teacher) -> dict:
             {"loss.forward_kl_coef": 0.1},
             r"teacher.url: loss.forward_kl_coef=0.1 needs .*set loss.forward_kl_coef: 0",
         ),
-        (
-            {},
+        (  # opd's and vLLM's servers sample; opd asks SGLang for scores only
+            {"api": "sglang"},
             {"loss.kind": "sft", "rollout.source": "teacher"},
-            r"teacher.url: rollout.source=teacher needs the teacher's own samples, and a teacher on a server scores "
-            r"the "
-            r"rollouts; it does not write them",
+            r"teacher.api: rollout.source=teacher needs the teacher's own samples, and opd asks an SGLang teacher "
+            r"for scores only; it does not write rollouts; serve the teacher with opd serve-teacher or vllm serve",
         ),
         (
             {"top_k": 0},
@@ -409,12 +408,6 @@ def remote_raw(root: str, **teacher) -> dict:
             r"log-probs at every token, and teacher.top_k is 0; set teacher.top_k",
         ),
         ({"shard": True}, {}, r"teacher.shard: a teacher on a server"),
-        (  # its hidden states give the distribution, not samples (this once failed at the first step instead)
-            {"lm_head": "/x"},
-            {"rollout.student_fraction": 0.5, "rollout.off_policy_source": "teacher"},
-            r"teacher.url: rollout.off_policy_source=teacher needs the teacher's own samples, and a teacher on a "
-            r"server scores",
-        ),
     ],
 )
 def test_a_remote_teacher_is_refused_where_it_cannot_serve(tmp_path, teacher, changes, message):
@@ -440,6 +433,15 @@ def test_a_teacher_on_opds_server_with_its_lm_head_gives_the_full_distribution(t
         "loss.off_policy_kind": "forward_kl",
     }
     validate(with_keys(remote_raw(str(tmp_path), lm_head="/x"), mixture))
+    # The server samples the teacher's rows too (opd.train.served_teacher); without the head, by NLL only.
+    samples = {**mixture, "rollout.off_policy_source": "teacher"}
+    validate(with_keys(remote_raw(str(tmp_path), lm_head="/x"), samples))
+    with pytest.raises(
+        ConfigError,
+        match=r"off_policy_kind=forward_kl .* full distribution.*or use loss.off_policy_kind: sft",
+    ):
+        validate(with_keys(remote_raw(str(tmp_path)), samples))
+    validate(with_keys(remote_raw(str(tmp_path)), {**samples, "loss.off_policy_kind": "sft"}))
     assert forward_kl_default(validate(remote_raw(str(tmp_path), lm_head="/x"))) == 1.0
     # Without the head: the term from the server's top-k (top_k null resolves to 20), unless top_k is 0.
     assert forward_kl_default(validate(remote_raw(str(tmp_path)))) == 1.0

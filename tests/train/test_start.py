@@ -74,11 +74,16 @@ def test_the_far_start_ramps_lambda_from_0_to_half_over_half_the_run(tiny_config
 
 
 def test_a_run_that_cannot_mix_is_on_policy_without_measuring(tiny_config):
-    served = {**tiny_config, "teacher": {"url": "http://127.0.0.1:9"}}
-    reason = why_not_far(validate(served), {})
+    sglang = {**tiny_config, "teacher": {"url": "http://127.0.0.1:9", "api": "sglang"}}  # it scores only
+    reason = why_not_far(validate(sglang), {})
     assert reason is not None and "\n" not in reason and "teacher" in reason
-    assert resolve(validate(served)).rollout.student_fraction == 1.0
+    assert resolve(validate(sglang)).rollout.student_fraction == 1.0
     assert resolve(validate(tiny_config)).rollout.student_fraction == "auto"  # a local teacher: measured
+    # opd's and vLLM's servers sample: measured too, far by NLL, or with the head here by the forward KL
+    for api, head, kind in (("opd", None, "sft"), ("vllm", None, "sft"), ("opd", "/x", "forward_kl")):
+        served = validate({**tiny_config, "teacher": {"url": "http://127.0.0.1:9", "api": api, "lm_head": head}})
+        assert why_not_far(served, {}) is None and resolve(served).rollout.student_fraction == "auto"
+        assert far_start(served).loss.off_policy_kind == kind
     reward_alone = {**tiny_config, "loss": {"kl_coef": 0.0}, "reward": {"verifier": "gsm8k"}}
     assert resolve(validate(reward_alone)).rollout.student_fraction == 1.0  # pure RL is left as asked
 

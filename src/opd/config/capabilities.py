@@ -109,13 +109,13 @@ def teacher_limits(config: Config, name: str, facts: TeacherFacts | None = None)
                 else "serve the teacher with opd serve-teacher and set lm_head, or give its path",
             ),
         )
-    if settings.remote:  # with its LM head here or not
+    if settings.remote and settings.api == "sglang":  # opd and vLLM servers sample (opd.train.served_teacher)
         rule_out(
             (SAMPLES,),
             Limit(
-                f"{key}.url",
-                "and a teacher on a server scores the rollouts; it does not write them",
-                "give its path (a teacher in this process)",
+                f"{key}.api",
+                "and opd asks an SGLang teacher for scores only; it does not write rollouts",
+                "serve the teacher with opd serve-teacher or vllm serve, or give its path",
             ),
         )
     if settings.shard:

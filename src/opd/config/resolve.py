@@ -110,13 +110,15 @@ def on_policy(config: Config) -> Config:
     return config.model_copy(update={"rollout": config.rollout.model_copy(update={"student_fraction": 1.0})})
 
 
-def far_start(config: Config) -> Config:
+def far_start(config: Config, facts: dict[str, TeacherFacts] | None = None) -> Config:
     """The request a far student runs as (`rollout.student_fraction: auto`, measured far at step 0): GKD's
     mixture with lambda rising linearly from 0 to 0.5 over the first half of run.max_steps, the other rows
-    written by rollout.off_policy_source (the teacher by default; the data's answers where the user set
-    `dataset`) and trained with loss.off_policy_kind, and loss.forward_kl_coef left null set to
-    0: the teacher's rows give the forward KL's pull, and on a real far pair the term on the student's
-    own rows kept rewarding its blank lines (docs/far_apart.md). Validated; raises ValueError where the
+    written by rollout.off_policy_source (the teacher by default, here or on its server; the data's
+    answers where the user set `dataset`) and trained with loss.off_policy_kind (forward_kl, or sft
+    where the teacher can't give its whole distribution: a server without lm_head), and
+    loss.forward_kl_coef left null set to 0: the teacher's rows give the forward KL's pull, and on a
+    real far pair the term on the student's own rows kept rewarding its blank lines (docs/far_apart.md).
+    facts: the teachers' (default: what the config alone tells). Validated; raises ValueError where the
     config can't mix."""
     rollout = {
         "student_fraction": FAR_STUDENT_FRACTION,
@@ -127,6 +129,14 @@ def far_start(config: Config) -> Config:
     raw["rollout"].update(rollout)
     if raw["loss"]["forward_kl_coef"] is None:
         raw["loss"]["forward_kl_coef"] = 0.0
+    if raw["loss"]["off_policy_kind"] == "forward_kl":
+        try:
+            candidate = Config.model_validate(raw)
+            facts = {name: (facts or {}).get(name) or config_facts(candidate, name) for name in config.teacher_configs}
+            check_needs(candidate, facts, candidate.loss.forward_kl_coef)
+            return candidate
+        except ValueError:  # pydantic's ValidationError too: try the rows by NLL (sequence-level KD)
+            raw["loss"]["off_policy_kind"] = "sft"
     return Config.model_validate(raw)
 
 
@@ -138,7 +148,7 @@ def why_not_far(config: Config, facts: dict[str, TeacherFacts]) -> str | None:
     if config.loss.kind == "reverse_kl_pg" and not config.loss.kl_coef:
         return "loss.kl_coef: 0 trains on the task reward alone"
     try:
-        candidate = far_start(config)
+        candidate = far_start(config, facts)
         check_needs(candidate, facts, candidate.loss.forward_kl_coef)
     except ValidationError as exc:
         return exc.errors()[0]["msg"].removeprefix("Value error, ")
@@ -159,7 +169,10 @@ def settled_student_fraction(config: Config, facts: dict[str, TeacherFacts], rec
     if isinstance(fraction, (int, float)) and not isinstance(fraction, bool):
         raw = config.model_dump()
         raw["rollout"].update({key: saved.get(key, raw["rollout"][key]) for key in LAMBDA_KEYS})
-        # A far start recorded its forward-KL coefficient beside its lambda (far_start), which resolve keeps.
+        # A far start recorded how its other rows train (far_start may have chosen sft) ...
+        kind = ((recorded or {}).get("loss") or {}).get("off_policy_kind")
+        raw["loss"]["off_policy_kind"] = kind if kind in ("forward_kl", "sft") else raw["loss"]["off_policy_kind"]
+        # ... and its forward-KL coefficient beside its lambda, which resolve keeps.
         return Config.model_validate(raw)
     if why_not_far(config, facts) is not None:
         return on_policy(config)

@@ -113,18 +113,21 @@ class RolloutMix:
 def build_rollouts(
     config: Config,
     student_sampler: Sampler,
-    teacher: LoadedModel | None,
+    teacher: LoadedModel | Sampler | None,
     prompts: PromptSet,
     tokenizer,
     precision: Precision,
 ) -> RolloutMix:
     """Who writes the training completions: `rollout.source` (the student's sampler, from its engine; the
-    teacher model `teacher`; or the data set's answers, tokenized by the student's `tokenizer`), and with
-    GKD's lambda below 1 the student mixed with `rollout.off_policy_source`."""
+    teacher `teacher`: its model here, or a Sampler of its server's; or the data set's answers, tokenized
+    by the student's `tokenizer`), and with GKD's lambda below 1 the student mixed with
+    `rollout.off_policy_source`."""
 
     def source(name: str) -> Sampler:
         if name == "student":
             return student_sampler
+        if name == "teacher" and not isinstance(teacher, LoadedModel):
+            return teacher  # a teacher's server, as a Sampler of its own (opd.train.served_teacher)
         if name == "teacher":
             return ModelSampler(teacher, SamplingSettings.of(config.rollout), precision, source=TEACHER)
         return DatasetAnswers(prompts, tokenizer, config.rollout.max_new_tokens, precision.device)

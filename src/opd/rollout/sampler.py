@@ -237,11 +237,14 @@ class ModelSampler:
         precision: Precision,
         low_precision_copy: bool | None = None,
         source: int = STUDENT,
+        extra_stop_ids: tuple[int, ...] = (),
     ):
         """low_precision_copy: sample from a bf16 copy of fp32 weights; None = on GPUs only.
-        source: what the rows are marked as (STUDENT, or TEACHER when the teacher samples)."""
+        source: what the rows are marked as (STUDENT, or TEACHER when the teacher samples).
+        extra_stop_ids: tokens that end a sample besides the model's own stop tokens."""
         self.policy = policy
         self.source = source
+        self.stop_ids = sorted({*policy.stop_token_ids, *extra_stop_ids})
         self.settings = settings
         first = next(policy.model.parameters())
         wanted = low_precision_copy if low_precision_copy is not None else first.device.type == "cuda"
@@ -306,7 +309,7 @@ class ModelSampler:
         # Each prompt is encoded once; its samples share the KV-cache rows it produced.
         logits = self._decoder.start(unique_ids, unique_mask, samples_per_prompt, settings.max_new_tokens)[:, :vocab]
         batch = len(prompts) * samples_per_prompt
-        stop_ids = torch.tensor(self.policy.stop_token_ids, device=device)
+        stop_ids = torch.tensor(self.stop_ids, device=device)
 
         tokens = torch.full((batch, settings.max_new_tokens), pad_id, dtype=torch.long, device=device)  # (B, T)
         logprobs = torch.zeros((batch, settings.max_new_tokens), device=device)  # (B, T)

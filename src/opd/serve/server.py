@@ -9,6 +9,9 @@ applied to the prompt log-probs (vLLM ignores it there), and `logprob_start` (on
 prompt) leaves the positions before it null, so a client asking for completion tokens only doesn't pay
 for the prompt's LM head. Also `/health`, `/v1/models` and vLLM's `/tokenize`.
 
+Without `prompt_logprobs` and with `logprobs: 0`, `/v1/completions` samples instead: the teacher writes
+rollouts, in vLLM's form (opd.serve.sampling).
+
 And `/v1/hidden_states`, opd's own: the final hidden states (after the model's final norm) that predict
 the asked positions, in bf16 or fp32 as the request asks, for a trainer that applies the teacher's LM
 head itself and so has its whole distribution (format: opd.teachers.hidden_states). It is batched with
@@ -33,6 +36,7 @@ from opd.errors import ConfigError
 from opd.models.loading import LoadedModel
 from opd.models.precision import Precision
 from opd.ops.logprobs import tokens_per_chunk
+from opd.serve.sampling import TeacherWriter, parse_sample_request, sample_response
 from opd.serve.scoring import Batcher, Scored, _Job, score_sequences
 from opd.teachers.hidden_states import HIDDEN_STATES_PATH, WIRE_DTYPES, encode_hidden_states
 
@@ -294,19 +298,40 @@ def create_app(
         tokens = teacher.tokenizer.encode(body["prompt"], add_special_tokens=bool(body.get("add_special_tokens", True)))
         return {"tokens": tokens, "count": len(tokens), "max_model_len": context}
 
+    def checked_model(body) -> None:
+        """A RequestError where the body names a model this server doesn't serve."""
+        if isinstance(body, dict) and body.get("model") not in (None, model_name):
+            raise RequestError(404, f"model {body.get('model')!r} is not served here (this server: {model_name!r})")
+
     async def job_of(request: Request, parse) -> _Job:
         """The request's job, parsed by `parse(body)`; a RequestError for a body or model it can't serve."""
         body = await json_body(request)
-        if isinstance(body, dict) and body.get("model") not in (None, model_name):
-            raise RequestError(404, f"model {body.get('model')!r} is not served here (this server: {model_name!r})")
+        checked_model(body)
         return parse(body)
+
+    writer = TeacherWriter(teacher, precision)
+
+    def parse_sampling(body) -> object:
+        sequences = _sequences(body.get("prompt"))
+        _starts_within_limits({}, sequences, vocab_size, context, max_batch_tokens)
+        return parse_sample_request(body, sequences, context, max_batch_tokens, RequestError)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         try:
-            job = await job_of(request, partial(parse_completion_request, **limits, max_logprobs=max_logprobs))
+            body = await json_body(request)
+            # Without prompt_logprobs, the request asks for samples (opd.serve.sampling); with it, for scores.
+            sampling = isinstance(body, dict) and body.get("prompt_logprobs") is None and "logprobs" in body
+            parse = (
+                parse_sampling if sampling else partial(parse_completion_request, **limits, max_logprobs=max_logprobs)
+            )
+            checked_model(body)
+            job = parse(body)
         except RequestError as exc:
             return error(exc.status, str(exc))
+        if sampling:  # on the worker thread that scores: one model, one computation at a time
+            rows = await asyncio.get_running_loop().run_in_executor(batcher.worker, writer.sample, job)
+            return JSONResponse(sample_response(model_name, job, rows))
         scored = await batcher.submit(job)
         # A response object goes out as it is: FastAPI's jsonable_encoder walk over thousands of
         # per-position dicts would cost more than the scoring of a small model.

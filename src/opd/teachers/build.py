@@ -41,7 +41,8 @@ class Teachers:
     """The run's teachers once loaded: what scores a step, and the local model that can write rollouts."""
 
     scorer: TokenScorer | None  # the one teacher, RoutedTeachers over several, or None (SFT on the data's answers)
-    writer: LoadedModel | None  # the one local teacher's model, which can sample rollouts; None otherwise
+    # What can sample rollouts: the one local teacher's model, or the one teacher's server; None otherwise.
+    writer: LoadedModel | RemoteTeacher | None
     sharded: bool  # some teacher is sharded with FSDP2: every rank must call it equally often
 
 
@@ -139,7 +140,9 @@ def load_teachers(config: Config, plan: TeacherPlan, precision: Precision, world
         for name, scorer in scorers.items()
     }
     scorer = RoutedTeachers(scorers, parallel=not sharded) if config.teachers else next(iter(scorers.values()), None)
-    writer = locals_["teacher"].loaded if "teacher" in locals_ and config.teacher is not None else None
+    writer = None
+    if config.teacher is not None:
+        writer = locals_["teacher"].loaded if "teacher" in locals_ else plan.servers.get("teacher")
     return Teachers(scorer, writer, sharded)
 
 

@@ -1,6 +1,7 @@
 """A teacher on a server: `opd serve-teacher` or `vllm serve` (/v1/completions with prompt_logprobs), or
 SGLang (/generate with max_new_tokens 0). A TokenScorer: ℓᵀ of every completion token, and the
-teacher's top-k log-probs where asked.
+teacher's top-k log-probs where asked. opd's and vLLM's servers also write rollouts (`sample`: their
+completions API sampling token ids), which opd.train.served_teacher makes a Sampler of.
 
 The client sends token ids, never text: each row is its prompt (without padding) followed by its
 completion, and the log-probs of the completion's positions come back. Rows go in requests of up to
@@ -21,6 +22,7 @@ import os
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import torch
 
@@ -28,7 +30,7 @@ from opd.config.sections import TeacherConfig
 from opd.errors import ConfigError, OpdError
 from opd.ops.batch import StepBatch
 from opd.teachers.base import TeacherScores
-from opd.teachers.server_apis import SERVER_APIS
+from opd.teachers.server_apis import SERVER_APIS, Draw, Samples
 
 NEVER_ANSWERED_GRACE_S = 5.0
 
@@ -126,6 +128,37 @@ class RemoteTeacher:
         log-probs there, retried until they come back whole."""
         path, body = self.api.score_request(self.model, rows, self.top_k, self.config.temperature)
         return self._call("POST", path, body, lambda answer: self.api.parse(answer, rows, self.top_k))
+
+    # --- writing rollouts ------------------------------------------------------------------------
+
+    def sample(self, prompts: list[list[int]], draw: Draw) -> Samples:
+        """draw.samples samples of each prompt (token ids without padding), per prompt in order: (token
+        ids, their log-probs) each. Prompts go in requests of up to teacher.request_tokens tokens
+        (n x (prompt + max_tokens)), or one a request where the API takes one seed a request."""
+        requests, current, size = [], [], 0
+        for index, prompt in enumerate(prompts):
+            tokens = draw.samples * (len(prompt) + draw.max_tokens)
+            full = len(current) == self.api.samples_per_request or size + tokens > self.config.request_tokens
+            if current and full:
+                requests.append(current)
+                current, size = [], 0
+            current.append(index)
+            size += tokens
+        if current:
+            requests.append(current)
+
+        def fetch(indices: list[int]) -> Samples:
+            part = replace(
+                draw,
+                keys=tuple(draw.keys[i] for i in indices),
+                stream_seeds=tuple(draw.stream_seeds[i] for i in indices),
+            )
+            path, body = self.api.sample_request(self.model, [prompts[i] for i in indices], part)
+            return self._call(
+                "POST", path, body, lambda answer: self.api.parse_samples(answer, len(indices), draw.samples)
+            )
+
+        return [samples for answer in self.pool.map(fetch, requests) for samples in answer]
 
     def _call(self, method: str, path: str, body: dict | None = None, parse=lambda answer: answer, raw: bool = False):
         """One request, retried with exponential backoff and jitter until retry_deadline_s. parse: of

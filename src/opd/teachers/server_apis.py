@@ -16,6 +16,7 @@ Response formats, as documented by the projects:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Callable, Protocol
 
 from opd.errors import ConfigError
@@ -23,8 +24,26 @@ from opd.errors import ConfigError
 PROBE_TEXT = "Probe: 12 + 30 = 42, ça va? 東京"
 
 Rows = list[tuple[list[int], int]]  # [(prompt + completion token ids, where the completion starts)]
+Samples = list[list[tuple[list[int], list[float]]]]  # per prompt, per sample: (token ids, their log-probs)
 RowScores = list[tuple[list[float], list, list]]  # per row: ℓᵀ of sequence[start:], top-k ids, top-k log-probs
 Call = Callable[..., object]  # RemoteTeacher._call(method, path, body=None, parse=...)
+
+
+@dataclass(frozen=True)
+class Draw:
+    """What a teacher on a server is asked to sample: `samples` of each prompt, of up to max_tokens tokens,
+    stopping at stop_ids too; each prompt's draws from its stream (opd.rollout.sampler.stream_seed of
+    the run's seed and its key), given both ways: opd's server derives the stream, vLLM takes its seed."""
+
+    samples: int
+    max_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int  # the run's sampling seed
+    keys: tuple[int, ...]  # each prompt's stream key
+    stream_seeds: tuple[int, ...]  # each prompt's stream seed
+    stop_ids: tuple[int, ...]
 
 
 class ServerApi(Protocol):
@@ -41,6 +60,16 @@ class ServerApi(Protocol):
     def parse(self, answer, rows: Rows, top_k: int) -> RowScores:
         """Raises ValueError (or KeyError, TypeError, IndexError) on a body that doesn't match the
         request: the transport retries it."""
+        ...
+
+    samples_per_request: int | None  # prompts a sampling request may hold (None: as many as fit)
+
+    def sample_request(self, model: str | None, prompts: list[list[int]], draw: Draw) -> tuple[str, dict]:
+        """(path, JSON body) asking for draw.samples samples of each prompt (opd.teachers.remote.Draw)."""
+        ...
+
+    def parse_samples(self, answer, prompts: int, samples: int) -> Samples:
+        """Per prompt, its samples in order; raises as `parse` does on a body that doesn't match."""
         ...
 
 
@@ -81,13 +110,43 @@ class VllmApi:
     def parse(self, answer, rows: Rows, top_k: int) -> RowScores:
         return parse_vllm(answer, rows, top_k)
 
+    # One prompt a request: vLLM takes one seed a request, and each prompt has its own stream.
+    samples_per_request: int | None = 1
+
+    def sample_request(self, model: str | None, prompts: list[list[int]], draw: Draw) -> tuple[str, dict]:
+        (prompt,), (seed,) = prompts, draw.stream_seeds
+        return "/v1/completions", {
+            "model": model,
+            "prompt": prompt,
+            "n": draw.samples,
+            "max_tokens": draw.max_tokens,
+            "temperature": draw.temperature,
+            "top_k": draw.top_k or -1,
+            "top_p": draw.top_p,
+            "seed": seed % 2**62,
+            "stop_token_ids": list(draw.stop_ids),
+            "logprobs": 0,
+            "return_tokens_as_token_ids": True,
+            "skip_special_tokens": False,
+        }
+
+    def parse_samples(self, answer, prompts: int, samples: int) -> Samples:
+        return parse_vllm_samples(answer, prompts, samples)
+
 
 class OpdApi(VllmApi):
-    """`opd serve-teacher`: vLLM's API, with temperature applied and earlier positions skipped."""
+    """`opd serve-teacher`: vLLM's API, with temperature applied and earlier positions skipped; it samples
+    a request's prompts together, each from the stream opd's own sampler draws it from (stream_key)."""
 
     def score_request(self, model: str | None, rows: Rows, top_k: int, temperature: float) -> tuple[str, dict]:
         path, body = super().score_request(model, rows, top_k, temperature)
         return path, {**body, "temperature": temperature, "logprob_start": [start for _, start in rows]}
+
+    samples_per_request: int | None = None
+
+    def sample_request(self, model: str | None, prompts: list[list[int]], draw: Draw) -> tuple[str, dict]:
+        path, body = super().sample_request(model, prompts[:1], replace(draw, stream_seeds=draw.stream_seeds[:1]))
+        return path, {**body, "prompt": prompts, "seed": draw.seed, "stream_key": list(draw.keys)}
 
 
 class SglangApi:
@@ -113,6 +172,14 @@ class SglangApi:
 
     def parse(self, answer, rows: Rows, top_k: int) -> RowScores:
         return parse_sglang(answer, rows, top_k)
+
+    samples_per_request: int | None = None
+
+    def sample_request(self, model: str | None, prompts: list[list[int]], draw: Draw) -> tuple[str, dict]:
+        raise ConfigError("teacher.api: sglang: opd asks an SGLang teacher for scores only, not samples")
+
+    def parse_samples(self, answer, prompts: int, samples: int) -> Samples:
+        raise ConfigError("teacher.api: sglang: opd asks an SGLang teacher for scores only, not samples")
 
 
 def parse_vllm(answer: dict, rows: list[tuple[list[int], int]], top_k: int) -> list[tuple[list[float], list, list]]:
@@ -174,6 +241,23 @@ def parse_sglang(answer, rows: list[tuple[list[int], int]], top_k: int) -> list[
                 values.append([float(item[0]) for item in top])
         results.append((logprobs, ids, values))
     return results
+
+
+def parse_vllm_samples(answer: dict, prompts: int, samples: int) -> Samples:
+    """vLLM's completions answer with logprobs 0 and token ids as "token_id:ID": choice i * n + j is
+    prompt i's sample j."""
+    choices = sorted(answer["choices"], key=lambda choice: choice["index"])
+    if [choice["index"] for choice in choices] != list(range(prompts * samples)):
+        raise ValueError(f"{len(choices)} samples came back, not {prompts} prompts x {samples}")
+    rows = []
+    for choice in choices:
+        logprobs = choice["logprobs"]
+        ids = [int(token.removeprefix("token_id:")) for token in logprobs["tokens"]]
+        values = [float(value) for value in logprobs["token_logprobs"]]
+        if len(values) != len(ids):
+            raise ValueError(f"log-probs for {len(values)} of {len(ids)} sampled tokens came back")
+        rows.append((ids, values))
+    return [rows[prompt * samples : (prompt + 1) * samples] for prompt in range(prompts)]
 
 
 SERVER_APIS: dict[str, ServerApi] = {"vllm": VllmApi(), "opd": OpdApi(), "sglang": SglangApi()}

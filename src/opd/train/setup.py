@@ -55,11 +55,13 @@ from opd.rollout.mixture import RolloutMix, build_rollouts
 from opd.rollout.sampler import ModelSampler, SamplingSettings
 from opd.teachers.base import TokenScorer
 from opd.teachers.build import TeacherPlan, load_teachers, plan_views, probe_servers
+from opd.teachers.remote import RemoteTeacher
 from opd.teachers.routed import check_routes
 from opd.train.guard import CollapseGuard
 from opd.train.host_memory import keep_freed_memory
 from opd.train.memory import PeakMemory
 from opd.train.resume import find_checkpoint, restored_in_flight
+from opd.train.served_teacher import ServedTeacherSampler
 
 
 @dataclass
@@ -287,7 +289,7 @@ def plan_far_start(
     on-policy, and says why."""
     reason = None
     if config.rollout.student_fraction == "auto":
-        far_config = resolve(far_start(request), plan.facts)
+        far_config = resolve(far_start(request, plan.facts), plan.facts)
         if far_config.rollout.off_policy_source == "teacher" or DatasetAnswers.answered(train_prompts):
             return config, far_config
         reason = f"rollout.off_policy_source=dataset needs an 'answer' on every row of {train_prompts.path}"
@@ -349,10 +351,17 @@ def prepare(request: Config, resume: bool | str, log=print, world: World | None 
         if isinstance(engine, ModelSampler)
         else ModelSampler(student, SamplingSettings.of(config.rollout), precision)
     )
+    # The teacher writes rows with its model here, or through its server (opd.train.served_teacher).
+    writer = teachers.writer
+    if isinstance(writer, RemoteTeacher):
+        settings = SamplingSettings.of(config.rollout)
+        writer = ServedTeacherSampler(
+            writer, settings, student.stop_token_ids, student.tokenizer.pad_token_id, precision.device
+        )
     far_config = inputs.far_config
     far_rollouts = None
     if far_config is not None:  # the same engine, the teacher's samples beside it
-        far_rollouts = build_rollouts(far_config, engine, teachers.writer, train_prompts, student.tokenizer, precision)
+        far_rollouts = build_rollouts(far_config, engine, writer, train_prompts, student.tokenizer, precision)
     return Session(
         config=config,
         output_dir=output_dir,
@@ -364,7 +373,7 @@ def prepare(request: Config, resume: bool | str, log=print, world: World | None 
         teacher_sharded=teachers.sharded,
         needs=needed(config),
         objective=build_objective(config),
-        rollouts=build_rollouts(config, engine, teachers.writer, train_prompts, student.tokenizer, precision),
+        rollouts=build_rollouts(config, engine, writer, train_prompts, student.tokenizer, precision),
         student_sampler=student_sampler,
         scored_by_sampler=sampled_by_teacher_distribution(config),
         chunk_size=tokens_per_chunk(config.loss.chunk_size, student.vocab_size),

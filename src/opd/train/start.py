@@ -56,11 +56,12 @@ def choose_start(session: Session, first_eval: dict[str, float], log=print) -> S
     far = session.far_config is not None and gap >= threshold  # NaN (no tokens sampled) is not far
     if far:
         chosen, rollouts = session.far_config, session.far_rollouts
-        writer = "the teacher" if chosen.rollout.off_policy_source == "teacher" else "the data's answers"
+        writer = "the teacher's samples" if chosen.rollout.off_policy_source == "teacher" else "the data's answers"
+        trained = "forward KL" if chosen.loss.off_policy_kind == "forward_kl" else "NLL (loss.off_policy_kind sft)"
         log(
             f"rollout.student_fraction auto: the student starts far from the teacher (reverse KL {gap:.2f} "
-            f"nats/token on {where}, at least rollout.far_reverse_kl={threshold:g}): {writer} write the other "
-            f"rows, lambda rising from 0 to {chosen.rollout.student_fraction:g} over "
+            f"nats/token on {where}, at least rollout.far_reverse_kl={threshold:g}): {writer} are the other "
+            f"rows, trained by {trained}, lambda rising from 0 to {chosen.rollout.student_fraction:g} over "
             f"{chosen.rollout.student_fraction_ramp_steps} steps"
         )
     else:
