@@ -26,7 +26,9 @@ from processes import served
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("where", ["here", "served", "served without its head"])
+# With the head here the served far start is the local one's, through the hidden states
+# (tests/serve/test_hidden_states.py); without it, the one a vLLM teacher runs.
+@pytest.mark.parametrize("where", ["here", "served without its head"])
 def test_the_defaults_keep_a_pruned_student_learning(tmp_path, where):
     """where: the teacher in this process, or on opd's server, with its LM head here (hidden states) or not."""
     write_split(tmp_path / "train.jsonl", 1000, seed=1)
