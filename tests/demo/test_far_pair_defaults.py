@@ -6,9 +6,9 @@ With the teacher in this process, the default GKD lambda (`auto`) measures the s
 0.5 over half the run, the forward-KL weight left null set to 0. With the teacher on opd's server the
 same: the server samples the teacher's rows, trained by the forward KL where the trainer holds the
 teacher's LM head (hidden states), else by NLL (a server without the head, as vLLM). Each way the
-student learns instead of collapsing; with the sampled-token reward alone (forward_kl_coef 0, lambda 1: opd's default before
-both) the same 40 steps leave the held-out reverse KL 18 % lower only (11.8 -> 9.7), measured with this
-test's settings (benchmarks/far_apart.py has the longer runs)."""
+student learns instead of collapsing; with the sampled-token reward alone (forward_kl_coef 0, lambda
+1: opd's default before both) the same 40 steps leave the held-out reverse KL 18 % lower only
+(11.8 -> 9.7), measured with this test's settings (benchmarks/far_apart.py has the longer runs)."""
 
 from __future__ import annotations
 

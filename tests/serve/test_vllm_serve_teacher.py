@@ -96,3 +96,40 @@ def test_training_against_vllm_serve_equals_training_against_the_local_teacher(v
     assert_same_learning(
         final_weights(tmp_path / "local"), final_weights(tmp_path / "remote"), str(ASSETS / "student"), fraction=0.01
     )
+
+
+def test_vllm_serve_writes_the_teachers_rows(vllm_server):
+    """vLLM samples the teacher's rows (opd.train.served_teacher): each row's log-probs are the local
+    teacher's of its tokens, a row ends at a stop token or at max_new_tokens, and a prompt's rows are
+    the same whatever shares its step (each prompt is drawn from its own seed)."""
+    import torch
+
+    from opd.config.schema import TeacherConfig
+    from opd.data.prompts import PromptBatch
+    from opd.rollout.sampler import SamplingSettings
+    from opd.teachers.local import load_teacher
+    from opd.teachers.remote import RemoteTeacher
+    from opd.train.served_teacher import ServedTeacherSampler
+
+    from conftest import CPU
+
+    local = load_teacher(str(TEACHER), "teacher", CPU)
+    tokenizer = local.loaded.tokenizer
+    config = TeacherConfig(url=vllm_server, api="vllm", model="demo-teacher", timeout_s=30, retry_deadline_s=60)
+    remote = RemoteTeacher(config, local.loaded.vocab_size)
+    remote.check(tokenizer)
+    stops = local.loaded.stop_token_ids
+    sampler = ServedTeacherSampler(remote, SamplingSettings(24), stops, tokenizer.pad_token_id, CPU.device)
+    ids = [tokenizer.encode(text) for text in ("Question : 3 + 4 =", "Tom has 5 apples .", "12 - 5 =")]
+    both = sampler.sample(PromptBatch(ids, [0, 1, 2], [None] * 3, [0, 1, 2]), 2, seed=5)
+    alone = sampler.sample(PromptBatch(ids[1:2], [1], [None], [1]), 2, seed=5)
+    assert torch.equal(alone.completion_ids, both.completion_ids[2:4, : alone.completion_ids.shape[1]])
+    lengths = both.completion_mask.sum(1)
+    assert int(lengths.max()) <= 24 and int(lengths.min()) >= 1
+    for row in range(6):
+        last = int(both.completion_ids[row, int(lengths[row]) - 1])
+        assert bool(both.finished[row]) == (last in stops)
+        assert bool(both.finished[row]) or int(lengths[row]) == 24
+    mask = both.completion_mask.bool()
+    expected = local.score(both).logprobs
+    torch.testing.assert_close(both.sampler_logprobs[mask], expected[mask], atol=2e-3, rtol=0)

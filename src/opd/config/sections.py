@@ -300,8 +300,9 @@ class RolloutConfig(_Strict):
         description="GKD's lambda: the share of each step's prompts the student samples; the rest "
         "go to off_policy_source. 1: fully on-policy. auto: decided at step 0 from how far the student's "
         "samples are from the teacher (far_reverse_kl): a far student starts from the teacher's samples "
-        "(lambda 0 rising to 0.5 over the first half of the run), a near one stays on-policy; a run "
-        "whose teacher can't write rows (on a server, several, another tokenizer) stays on-policy.",
+        "(lambda 0 rising to 0.5 over the first half of the run; a served teacher's server samples them), a near "
+        "one stays on-policy; a run whose teacher can't write rows (SGLang's server, several, another "
+        "tokenizer) stays on-policy.",
     )
     far_reverse_kl: float = Field(
         3.0,
@@ -346,7 +347,9 @@ class LossConfig(_Strict):
         "else 0.",
     )
     off_policy_kind: Literal["forward_kl", "sft"] = Field(
-        "forward_kl", description="Loss of the rows the student did not sample (rollout.student_fraction < 1)."
+        "forward_kl",
+        description="Loss of the rows the student did not sample (rollout.student_fraction < 1). "
+        "student_fraction auto's far start takes sft where the teacher gives no whole distribution.",
     )
 
 
