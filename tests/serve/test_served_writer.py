@@ -32,8 +32,6 @@ from conftest import CPU  # noqa: E402
 from processes import served  # noqa: E402
 from weights import assert_same_learning, final_weights  # noqa: E402
 
-pytestmark = pytest.mark.e2e  # a server process each
-
 
 def prompts(vocab: int) -> PromptBatch:
     """Three prompts of different lengths, with stream keys that are not their positions."""
@@ -42,6 +40,7 @@ def prompts(vocab: int) -> PromptBatch:
     return PromptBatch(ids, [0, 1, 2], [None] * 3, [7, 2, 40])
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("settings", [SamplingSettings(12), SamplingSettings(12, temperature=0.7, top_k=5)])
 def test_the_server_samples_the_rows_opds_sampler_samples(tiny_models, settings):
     """Same model, seed and keys: the same tokens, stops and log-probs, through several requests."""
@@ -77,6 +76,7 @@ def run_config(tiny_config, output_dir: Path, teacher: dict, rollout: dict, loss
     }
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("run", ["sequence-level KD", "lambda auto, measured far"])
 def test_a_teacher_writing_rows_from_its_server_trains_as_the_local_teacher(tiny_config, tmp_path, run):
     """`rollout.source: teacher` (loss sft) and lambda auto's far start with the teacher on opd's server
@@ -104,6 +104,7 @@ def test_a_teacher_writing_rows_from_its_server_trains_as_the_local_teacher(tiny
         assert "off_policy_kind: sft" in resolved
 
 
+@pytest.mark.e2e
 def test_a_sampling_request_it_cannot_serve_gets_a_4xx_naming_the_field(tiny_models):
     teacher = load_teacher(str(tiny_models["teacher"]), "teacher", CPU).loaded
     good = {"prompt": [5, 6, 7], "n": 2, "max_tokens": 4, "logprobs": 0, "return_tokens_as_token_ids": True}
@@ -117,6 +118,7 @@ def test_a_sampling_request_it_cannot_serve_gets_a_4xx_naming_the_field(tiny_mod
         ({"stop_token_ids": "2"}, "stop_token_ids"),
         ({"max_tokens": 10**6}, "context"),
         ({"best_of": 3}, "best_of"),
+        ({"repetition_penalty": 1.1}, "repetition_penalty"),
         ({"prompt": "text"}, "prompt"),
         ({"prompt": [5, teacher.vocab_size]}, "vocabulary"),
     ]
@@ -124,10 +126,12 @@ def test_a_sampling_request_it_cannot_serve_gets_a_4xx_naming_the_field(tiny_mod
         for change, named in bad:
             answer = httpx.post(url + "/v1/completions", json={**good, **change}, timeout=30)
             assert 400 <= answer.status_code < 500 and named in answer.json()["error"]["message"], (change, answer.text)
-        too_many = httpx.post(url + "/v1/completions", json={**good, "n": 20}, timeout=30)
-        assert too_many.status_code == 413, too_many.text
-        answer = httpx.post(url + "/v1/completions", json={**good, "stream_key": 4, "seed": 1}, timeout=30)
-    assert answer.status_code == 200  # it goes on serving
+        # Over --max-batch-tokens the prompts are sampled in batches, a prompt over it alone.
+        over = httpx.post(url + "/v1/completions", json={**good, "prompt": [[5, 6], [7]], "n": 20}, timeout=60)
+        assert over.status_code == 200 and len(over.json()["choices"]) == 40, over.text
+        neutral = {"repetition_penalty": 1.0, "presence_penalty": 0, "min_p": 0.0, "stream": False}
+        answer = httpx.post(url + "/v1/completions", json={**good, **neutral, "stream_key": 4, "seed": 1}, timeout=30)
+    assert answer.status_code == 200, answer.text  # it goes on serving
     choices = answer.json()["choices"]
     assert [choice["index"] for choice in choices] == [0, 1]
     for choice in choices:
@@ -157,7 +161,7 @@ def vllm_samples_fixture() -> dict:
 
 
 def test_the_client_reads_vllms_samples_and_refuses_a_partial_answer():
-    assert parse_vllm_samples(vllm_samples_fixture(), 1, 2) == [[([4, 2], [-1.0, -2.0]), ([9], [-0.5])]]
+    assert parse_vllm_samples(vllm_samples_fixture(), 1, 2) == [[([4, 2], [-1.0, -2.0], True), ([9], [-0.5], False)]]
     missing = copy.deepcopy(vllm_samples_fixture())
     missing["choices"].pop()
     with pytest.raises(ValueError, match="1 samples came back"):
@@ -167,6 +171,38 @@ def test_the_client_reads_vllms_samples_and_refuses_a_partial_answer():
     with pytest.raises(ValueError, match="log-probs for 1 of 2"):
         parse_vllm_samples(short, 1, 2)
     json.dumps(vllm_samples_fixture())
+
+
+class FakeServer:
+    """What RemoteTeacher.sample gives: per prompt, per sample (ids, log-probs, a stop token ended it)."""
+
+    def __init__(self, samples):
+        self.samples, self.draws = samples, []
+
+    def sample(self, prompts, draw):
+        self.draws.append(draw)
+        return self.samples
+
+
+def test_served_rows_end_at_the_students_stop_tokens_and_keep_the_servers_stops():
+    """A row is cut after its first stop token of the student's (finished), one the server ended on a
+    stop token of the teacher's own stays finished, one cut at max_new_tokens is not; the draw carries
+    each prompt's stream seed and the rollout settings."""
+    from opd.rollout.sampler import stream_seed
+
+    rows = [
+        [([5, 2, 7], [-1.0, -2.0, -3.0], False), ([5, 9], [-1.0, -0.5], True)],  # a student's stop; a teacher's
+        [([4] * 6, [-1.0] * 6, False), ([6], [-0.1], False)],  # past max_new_tokens; the server's length cut
+    ]
+    server = FakeServer(rows)
+    sampler = ServedTeacherSampler(server, SamplingSettings(4, temperature=0.5), [2], 0, torch.device("cpu"))
+    batch = sampler.sample(PromptBatch([[3, 3], [3]], [0, 1], [None, None], [10, 11]), 2, seed=7)
+    assert batch.completion_ids.tolist() == [[5, 2, 0, 0], [5, 9, 0, 0], [4, 4, 4, 4], [6, 0, 0, 0]]
+    assert batch.finished.tolist() == [True, True, False, False]
+    assert batch.sampler_logprobs[0, :2].tolist() == [-1.0, -2.0]
+    draw = server.draws[0]
+    assert draw.stream_seeds == (stream_seed(7, 10), stream_seed(7, 11)) and draw.keys == (10, 11)
+    assert (draw.max_tokens, draw.temperature, draw.stop_ids) == (4, 0.5, (2,))
 
 
 def test_an_sglang_teacher_is_refused_as_a_writer_in_one_line(tiny_config, tmp_path):

@@ -146,8 +146,12 @@ def test_a_teacher_that_may_write_rollouts_plans_its_kv_cache(models, tmp_path):
             assert phase[f"KV cache of {rows} rollouts x {sequence} tokens"] == kv_cache
             assert phase["logits of one decoding step"] == 3 * rows * teacher.vocab * 4
             assert any(note.startswith("the teacher writes rollouts") for note in plan.notes)
-    served = {**raw, "teacher": {"url": "http://127.0.0.1:9", "tokenizer": str(models["teacher"])}}
-    assert "the teacher writing rollouts" not in plan_memory(validate(served), 1, "cpu").phases
+    sglang = {**raw, "teacher": {"url": "http://127.0.0.1:9", "api": "sglang", "tokenizer": str(models["teacher"])}}
+    assert "the teacher writing rollouts" not in plan_memory(validate(sglang), 1, "cpu").phases  # it scores only
+    # A sharded teacher samples gathered whole (its rows by NLL, as it gives no distribution in the loss).
+    sharded = {**raw, "teacher": {**raw["teacher"], "shard": True}, "loss": {"off_policy_kind": "sft"}}
+    phase = plan_memory(validate(sharded), 2, "cpu").phases["the teacher writing rollouts"]
+    assert phase["teacher gathered for sampling"] == 4 * teacher.parameters
 
 
 def test_lora_counts_the_adapters_that_peft_adds(models):

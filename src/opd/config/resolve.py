@@ -30,7 +30,15 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from opd.config.capabilities import TeacherFacts, check_needs, config_facts, forward_kl_default, resolved_top_k
+from opd.config.capabilities import (
+    FULL_DISTRIBUTION,
+    TeacherFacts,
+    check_needs,
+    config_facts,
+    forward_kl_default,
+    resolved_top_k,
+    teacher_limits,
+)
 from opd.config.schema import Config
 from opd.errors import ConfigError
 
@@ -114,8 +122,8 @@ def far_start(config: Config, facts: dict[str, TeacherFacts] | None = None) -> C
     """The request a far student runs as (`rollout.student_fraction: auto`, measured far at step 0): GKD's
     mixture with lambda rising linearly from 0 to 0.5 over the first half of run.max_steps, the other rows
     written by rollout.off_policy_source (the teacher by default, here or on its server; the data's
-    answers where the user set `dataset`) and trained with loss.off_policy_kind (forward_kl, or sft
-    where the teacher can't give its whole distribution: a server without lm_head), and
+    answers where the user set `dataset`) and trained with loss.off_policy_kind (the teacher's rows by
+    sft where it gives no whole distribution, a server without lm_head, and the user left the key), and
     loss.forward_kl_coef left null set to 0: the teacher's rows give the forward KL's pull, and on a
     real far pair the term on the student's own rows kept rewarding its blank lines (docs/far_apart.md).
     facts: the teachers' (default: what the config alone tells). Validated; raises ValueError where the
@@ -129,13 +137,11 @@ def far_start(config: Config, facts: dict[str, TeacherFacts] | None = None) -> C
     raw["rollout"].update(rollout)
     if raw["loss"]["forward_kl_coef"] is None:
         raw["loss"]["forward_kl_coef"] = 0.0
-    if raw["loss"]["off_policy_kind"] == "forward_kl":
-        try:
-            candidate = Config.model_validate(raw)
-            facts = {name: (facts or {}).get(name) or config_facts(candidate, name) for name in config.teacher_configs}
-            check_needs(candidate, facts, candidate.loss.forward_kl_coef)
-            return candidate
-        except ValueError:  # pydantic's ValidationError too: try the rows by NLL (sequence-level KD)
+    # The teacher's rows by NLL where it gives no whole distribution, unless the user chose their loss.
+    chosen = "off_policy_kind" in config.loss.model_fields_set
+    if config.teacher is not None and not chosen and config.rollout.off_policy_source == "teacher":
+        facts = (facts or {}).get("teacher") or config_facts(config, "teacher")
+        if FULL_DISTRIBUTION in teacher_limits(config, "teacher", facts):
             raw["loss"]["off_policy_kind"] = "sft"
     return Config.model_validate(raw)
 
@@ -169,10 +175,12 @@ def settled_student_fraction(config: Config, facts: dict[str, TeacherFacts], rec
     if isinstance(fraction, (int, float)) and not isinstance(fraction, bool):
         raw = config.model_dump()
         raw["rollout"].update({key: saved.get(key, raw["rollout"][key]) for key in LAMBDA_KEYS})
-        # A far start recorded how its other rows train (far_start may have chosen sft) ...
+        # A far start recorded how its other rows train where the user left it to far_start (sft for a
+        # teacher without its whole distribution); one the user sets is theirs, checked by check_resumable.
         kind = ((recorded or {}).get("loss") or {}).get("off_policy_kind")
-        raw["loss"]["off_policy_kind"] = kind if kind in ("forward_kl", "sft") else raw["loss"]["off_policy_kind"]
-        # ... and its forward-KL coefficient beside its lambda, which resolve keeps.
+        if kind in ("forward_kl", "sft") and "off_policy_kind" not in config.loss.model_fields_set:
+            raw["loss"]["off_policy_kind"] = kind
+        # A far start also recorded its forward-KL coefficient beside its lambda, which resolve keeps.
         return Config.model_validate(raw)
     if why_not_far(config, facts) is not None:
         return on_policy(config)

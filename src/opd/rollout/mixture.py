@@ -117,19 +117,21 @@ def build_rollouts(
     prompts: PromptSet,
     tokenizer,
     precision: Precision,
+    stop_ids: list[int],
 ) -> RolloutMix:
     """Who writes the training completions: `rollout.source` (the student's sampler, from its engine; the
     teacher `teacher`: its model here, or a Sampler of its server's; or the data set's answers, tokenized
     by the student's `tokenizer`), and with GKD's lambda below 1 the student mixed with
-    `rollout.off_policy_source`."""
+    `rollout.off_policy_source`. stop_ids: the student's stop tokens, which end the teacher's rows too."""
 
     def source(name: str) -> Sampler:
         if name == "student":
             return student_sampler
         if name == "teacher" and not isinstance(teacher, LoadedModel):
             return teacher  # a teacher's server, as a Sampler of its own (opd.train.served_teacher)
-        if name == "teacher":
-            return ModelSampler(teacher, SamplingSettings.of(config.rollout), precision, source=TEACHER)
+        if name == "teacher":  # its rows end where the teacher's or the student's stop tokens end them
+            settings = SamplingSettings.of(config.rollout)
+            return ModelSampler(teacher, settings, precision, source=TEACHER, extra_stop_ids=tuple(stop_ids))
         return DatasetAnswers(prompts, tokenizer, config.rollout.max_new_tokens, precision.device)
 
     secondary = source(config.rollout.off_policy_source) if config.mixed else None

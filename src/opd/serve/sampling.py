@@ -13,8 +13,9 @@ prompt's draws are those opd's sampler makes for the prompt of that key
 (opd.rollout.sampler.uniforms), so a teacher's rows are the same from its server as from the trainer's
 process. Without it, the keys are the prompts' positions in the request.
 
-The prompts of a request are sampled in one batch, on the worker thread that scores, one request at a
-time.
+The prompts of a request are sampled in batches of up to `--max-batch-tokens` (n x (the longest
+prompt + max_tokens)), a prompt over it alone, on the worker thread that scores, one request at a
+time. Each prompt draws from its own stream, so the batching doesn't change the draws.
 """
 
 # No `from __future__ import annotations`: kept like server.py, whose FastAPI handlers call these.
@@ -28,6 +29,7 @@ from opd.models.loading import LoadedModel
 from opd.models.precision import Precision
 from opd.ops.batch import TEACHER
 from opd.rollout.sampler import ModelSampler, SamplingSettings
+from opd.teachers.server_apis import NEUTRAL_SAMPLING
 
 SAMPLE_FIELDS = {
     "model",
@@ -45,7 +47,9 @@ SAMPLE_FIELDS = {
     "skip_special_tokens",
     "user",
 }
-_NEUTRAL = {"stream": False, "echo": False}
+# Fields read only at the value that changes nothing (what vLLM's and OpenAI's clients may send).
+_NEUTRAL = {"stream": False, "echo": False, **NEUTRAL_SAMPLING}
+MAX_CACHED_SAMPLERS = 8  # one sampler per distinct setting: a client varying them can't grow the cache
 
 
 @dataclass(frozen=True)
@@ -58,34 +62,36 @@ class SampleJob:
     stop_ids: tuple[int, ...]  # besides the model's own
 
 
-def parse_sample_request(
-    body: dict, sequences: list[list[int]], context: int, max_batch_tokens: int, error
-) -> SampleJob:
+def _neutral(key: str, value) -> bool:
+    wanted = _NEUTRAL[key]
+    if isinstance(wanted, bool) or isinstance(value, bool):
+        return value is wanted
+    return isinstance(value, (int, float)) and value == wanted
+
+
+def parse_sample_request(body: dict, sequences: list[list[int]], context: int, error) -> SampleJob:
     """The sampling request in `body` (its prompts already read and checked as `sequences`); `error(status,
     message)` builds the exception raised for a field it can't serve, named."""
     for key, value in body.items():
         if key in _NEUTRAL:
-            if value not in (None, _NEUTRAL[key]):
+            if value is not None and not _neutral(key, value):
                 raise error(400, f"{key}: expected {_NEUTRAL[key]!r} or nothing, got {value!r}")
         elif key not in SAMPLE_FIELDS:
             raise error(400, f"{key}: not a field this server reads when it samples (it reads {sorted(SAMPLE_FIELDS)})")
 
-    def integer(key: str, default, low: int, high: int | None = None) -> int:
+    def integer(key: str, default, low: int) -> int:
         value = body.get(key, default)
         value = default if value is None else value
-        if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
-            bounds = f"from {low}" + (f" to {high}" if high is not None else "")
-            raise error(400, f"{key}: expected an integer {bounds}, got {body.get(key)!r}")
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise error(400, f"{key}: expected an integer from {low}, got {body.get(key)!r}")
         return value
 
-    def number(key: str, default: float, low: float, high: float, low_open: bool) -> float:
+    def number(key: str, default: float, low: float, high: float) -> float:
+        """A number in (low, high]."""
         value = body.get(key, default)
         value = default if value is None else value
-        fits = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
-        if not fits or (low_open and value == low):
-            raise error(
-                400, f"{key}: expected a number in {'(' if low_open else '['}{low:g}, {high:g}], got {body.get(key)!r}"
-            )
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not low < value <= high:
+            raise error(400, f"{key}: expected a number in ({low:g}, {high:g}], got {body.get(key)!r}")
         return float(value)
 
     if body.get("return_tokens_as_token_ids") is not True or body.get("logprobs") != 0:
@@ -97,9 +103,8 @@ def parse_sample_request(
     samples = integer("n", 1, 1)
     max_tokens = integer("max_tokens", 16, 1)
     top_k = integer("top_k", -1, -1)
-    settings = SamplingSettings(
-        max_tokens, number("temperature", 1.0, 0.0, 100.0, True), max(0, top_k), number("top_p", 1.0, 0.0, 1.0, True)
-    )
+    temperature, top_p = number("temperature", 1.0, 0.0, 100.0), number("top_p", 1.0, 0.0, 1.0)
+    settings = SamplingSettings(max_tokens, temperature, max(0, top_k), top_p)
     seed = integer("seed", 0, 0)
     keys = body.get("stream_key", list(range(len(sequences))))
     keys = [keys] if isinstance(keys, int) and not isinstance(keys, bool) else keys
@@ -109,7 +114,8 @@ def parse_sample_request(
         and all(isinstance(key, int) and not isinstance(key, bool) and key >= 0 for key in keys)
     ):
         raise error(400, "stream_key: expected a non-negative integer, or one per prompt")
-    stops = body.get("stop_token_ids") or []
+    stops = body.get("stop_token_ids")
+    stops = [] if stops is None else stops
     if not isinstance(stops, list) or not all(
         isinstance(token, int) and not isinstance(token, bool) for token in stops
     ):
@@ -117,21 +123,15 @@ def parse_sample_request(
     longest = max(map(len, sequences))
     if longest + max_tokens > context:
         raise error(400, f"max_tokens: {longest} prompt tokens + {max_tokens} exceed the model's context of {context}")
-    tokens = samples * sum(len(sequence) + max_tokens for sequence in sequences)
-    if tokens > max_batch_tokens:
-        raise error(
-            413,
-            f"the request would hold {tokens} tokens (n x (prompt + max_tokens)), more than this server's "
-            f"--max-batch-tokens {max_batch_tokens}; split it",
-        )
     return SampleJob(sequences, samples, settings, seed, keys, tuple(stops))
 
 
 class TeacherWriter:
-    """Samples `teacher` for SampleJobs with opd's sampler (one per setting, kept), on the caller's thread."""
+    """Samples `teacher` for SampleJobs with opd's sampler (one per setting, kept), on the caller's thread,
+    in batches of prompts within `max_batch_tokens` (see the module)."""
 
-    def __init__(self, teacher: LoadedModel, precision: Precision):
-        self.teacher, self.precision = teacher, precision
+    def __init__(self, teacher: LoadedModel, precision: Precision, max_batch_tokens: int):
+        self.teacher, self.precision, self.max_batch_tokens = teacher, precision, max_batch_tokens
         self.samplers: dict[tuple, ModelSampler] = {}
 
     def sample(self, job: SampleJob) -> list[tuple[list[int], list[float], bool]]:
@@ -139,15 +139,35 @@ class TeacherWriter:
         token ended it."""
         key = (job.settings, job.stop_ids)
         if key not in self.samplers:
+            if len(self.samplers) >= MAX_CACHED_SAMPLERS:
+                self.samplers.clear()
             self.samplers[key] = ModelSampler(
                 self.teacher, job.settings, self.precision, source=TEACHER, extra_stop_ids=job.stop_ids
             )
-        prompts = PromptBatch(job.prompts, list(range(len(job.prompts))), [None] * len(job.prompts), job.keys)
-        batch = self.samplers[key].sample(prompts, job.samples, job.seed)
-        lengths = batch.completion_mask.sum(1).tolist()
-        ids, logprobs = batch.completion_ids.tolist(), batch.sampler_logprobs.tolist()
-        finished = batch.finished.tolist()
-        return [(ids[row][:n], logprobs[row][:n], bool(finished[row])) for row, n in enumerate(map(int, lengths))]
+        rows = []
+        for group in self.batches(job):
+            prompts = PromptBatch(
+                [job.prompts[i] for i in group], group, [None] * len(group), [job.keys[i] for i in group]
+            )
+            batch = self.samplers[key].sample(prompts, job.samples, job.seed)
+            lengths = [int(n) for n in batch.completion_mask.sum(1).tolist()]
+            ids, logprobs = batch.completion_ids.tolist(), batch.sampler_logprobs.tolist()
+            finished = batch.finished.tolist()
+            rows += [(ids[row][:n], logprobs[row][:n], bool(finished[row])) for row, n in enumerate(lengths)]
+        return rows
+
+    def batches(self, job: SampleJob) -> list[list[int]]:
+        """The job's prompts (by position, in order) in batches of n x (the longest prompt + max_tokens)
+        x prompts within max_batch_tokens; a prompt over it alone."""
+        batches, current, longest = [], [], 0
+        for index, prompt in enumerate(job.prompts):
+            width = max(longest, len(prompt)) + job.settings.max_new_tokens
+            if current and job.samples * (len(current) + 1) * width > self.max_batch_tokens:
+                batches.append(current)
+                current, longest = [], 0
+            current.append(index)
+            longest = max(longest, len(prompt))
+        return batches + [current]
 
 
 def sample_response(model_name: str, job: SampleJob, rows: list[tuple[list[int], list[float], bool]]) -> dict:

@@ -309,12 +309,12 @@ def create_app(
         checked_model(body)
         return parse(body)
 
-    writer = TeacherWriter(teacher, precision)
+    writer = TeacherWriter(teacher, precision, max_batch_tokens)
 
     def parse_sampling(body) -> object:
         sequences = _sequences(body.get("prompt"))
-        _starts_within_limits({}, sequences, vocab_size, context, max_batch_tokens)
-        return parse_sample_request(body, sequences, context, max_batch_tokens, RequestError)
+        _starts_within_limits({}, sequences, vocab_size, context, math.inf)  # the writer batches within it
+        return parse_sample_request(body, sequences, context, RequestError)
 
     @app.post("/v1/completions")
     async def completions(request: Request):

@@ -154,22 +154,33 @@ class RemoteTeacher:
                 stream_seeds=tuple(draw.stream_seeds[i] for i in indices),
             )
             path, body = self.api.sample_request(self.model, [prompts[i] for i in indices], part)
-            return self._call(
-                "POST", path, body, lambda answer: self.api.parse_samples(answer, len(indices), draw.samples)
-            )
+            parse = lambda answer: self.api.parse_samples(answer, len(indices), draw.samples)  # noqa: E731
+            # A sampling request answers once every row is decoded: it may take until the retry deadline.
+            timeout = max(self.config.timeout_s, self.config.retry_deadline_s)
+            return self._call("POST", path, body, parse, timeout=timeout)
 
         return [samples for answer in self.pool.map(fetch, requests) for samples in answer]
 
-    def _call(self, method: str, path: str, body: dict | None = None, parse=lambda answer: answer, raw: bool = False):
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: dict | None = None,
+        parse=lambda answer: answer,
+        raw: bool = False,
+        timeout: float | None = None,
+    ):
         """One request, retried with exponential backoff and jitter until retry_deadline_s. parse: of
-        the answer's JSON, or with raw of the response itself (a binary answer)."""
+        the answer's JSON, or with raw of the response itself (a binary answer). timeout: seconds this
+        request may take (default teacher.timeout_s)."""
         import httpx
 
         started = time.monotonic()
         give_up_at, attempt, last = started + self.config.retry_deadline_s, 0, ""
         while True:
             try:
-                response = self.client.request(method, self.url + path, json=body)
+                options = {} if timeout is None else {"timeout": timeout}
+                response = self.client.request(method, self.url + path, json=body, **options)
                 self.answered = True
                 if response.status_code >= 500 or response.status_code in (408, 429):
                     raise _Retry(f"HTTP {response.status_code}")

@@ -24,9 +24,14 @@ from opd.errors import ConfigError
 PROBE_TEXT = "Probe: 12 + 30 = 42, ça va? 東京"
 
 Rows = list[tuple[list[int], int]]  # [(prompt + completion token ids, where the completion starts)]
-Samples = list[list[tuple[list[int], list[float]]]]  # per prompt, per sample: (token ids, their log-probs)
+# Per prompt, per sample: (token ids, their log-probs, whether a stop token ended it).
+Samples = list[list[tuple[list[int], list[float], bool]]]
 RowScores = list[tuple[list[float], list, list]]  # per row: ℓᵀ of sequence[start:], top-k ids, top-k log-probs
 Call = Callable[..., object]  # RemoteTeacher._call(method, path, body=None, parse=...)
+
+
+# The sampling fields of vLLM's completions API that would change the distribution, at values that don't.
+NEUTRAL_SAMPLING = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "min_p": 0.0}
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,9 @@ class VllmApi:
             "logprobs": 0,
             "return_tokens_as_token_ids": True,
             "skip_special_tokens": False,
+            # vLLM fills what a request leaves out from the model's generation_config.json (a repetition
+            # penalty, say): the teacher's rows are drawn from its distribution alone.
+            **NEUTRAL_SAMPLING,
         }
 
     def parse_samples(self, answer, prompts: int, samples: int) -> Samples:
@@ -146,7 +154,8 @@ class OpdApi(VllmApi):
 
     def sample_request(self, model: str | None, prompts: list[list[int]], draw: Draw) -> tuple[str, dict]:
         path, body = super().sample_request(model, prompts[:1], replace(draw, stream_seeds=draw.stream_seeds[:1]))
-        return path, {**body, "prompt": prompts, "seed": draw.seed, "stream_key": list(draw.keys)}
+        # The server derives each prompt's stream from the seed modulo 2**63, as stream_seed does.
+        return path, {**body, "prompt": prompts, "seed": draw.seed % 2**63, "stream_key": list(draw.keys)}
 
 
 class SglangApi:
@@ -256,7 +265,7 @@ def parse_vllm_samples(answer: dict, prompts: int, samples: int) -> Samples:
         values = [float(value) for value in logprobs["token_logprobs"]]
         if len(values) != len(ids):
             raise ValueError(f"log-probs for {len(values)} of {len(ids)} sampled tokens came back")
-        rows.append((ids, values))
+        rows.append((ids, values, choice.get("finish_reason") == "stop"))
     return [rows[prompt * samples : (prompt + 1) * samples] for prompt in range(prompts)]
 
 

@@ -212,10 +212,11 @@ def plan_memory(config: Config, world_size: int, device: str = "cuda") -> Memory
     writes = teacher_writes(config)
     if writes and teacher is not None and not isinstance(teacher, str):
         # The teacher samples with opd's sampler: the same lines as the student's, for the teacher's shape.
-        inputs = EngineMemoryInputs(
-            config, teacher, device, rows, sequence, bf16 and device == "cuda", compute_bytes, False, None
+        inputs = EngineMemoryInputs(  # a sharded teacher samples gathered whole, like a sharded student
+            config, teacher, device, rows, sequence, bf16 and device == "cuda", compute_bytes, teacher_sharded, None
         )
-        phases["the teacher writing rollouts"] = OPD_ENGINE.memory(inputs).sampling
+        lines = OPD_ENGINE.memory(inputs).sampling.items()
+        phases["the teacher writing rollouts"] = {name.replace("student", "teacher"): value for name, value in lines}
         notes.append(f"the teacher writes rollouts ({writes}): planned for the rank's whole share of a step")
     if heads and (teacher is None or isinstance(teacher, str)):  # the heads' logits, chunk by chunk
         head = max(heads, key=lambda shape: shape.vocab)

@@ -4,9 +4,9 @@
 
 Each prompt's samples are drawn by the server through its completions API (opd.teachers.remote
 .RemoteTeacher.sample), from the prompt's own random stream: on opd's server the very draws opd's
-sampler makes in the trainer's process, so a served teacher writes the rows a local one would; vLLM
-gets each prompt's stream seed instead. Rows stop at the student's stop tokens as well as the
-teacher's own (the student is trained to end where they end).
+sampler makes in the trainer's process, so a served teacher writes the rows a local one would (up to
+the numerics of how prompts are batched); vLLM gets each prompt's stream seed instead. Rows stop at
+the student's stop tokens as well as the teacher's own, here and in the trainer's process alike.
 """
 
 from __future__ import annotations
@@ -54,16 +54,19 @@ class ServedTeacherSampler:
             stream_seeds=tuple(stream_seed(seed, key) for key in prompts.keys),
             stop_ids=tuple(self.stop_ids),
         )
-        samples = self.teacher.sample(prompts.token_ids, draw)
-        # A server may run past max_tokens never, but a stop token of the student's ends the row here too.
-        rows = [self._cut(ids, logprobs) for each in samples for ids, logprobs in each]
-        return listed_completions_batch(
-            prompts, samples_per_prompt, rows, self.pad_id, self.stop_ids, self.device, source=TEACHER
+        rows = [self._cut(*sample) for each in self.teacher.sample(prompts.token_ids, draw) for sample in each]
+        batch = listed_completions_batch(
+            prompts, samples_per_prompt, [row[:2] for row in rows], self.pad_id, self.stop_ids, self.device, TEACHER
         )
+        # Finished where a stop token ended the row: the student's, or one of the teacher's own (the server's).
+        return batch.replace(finished=torch.tensor([row[2] for row in rows], device=self.device))
 
-    def _cut(self, ids: list[int], logprobs: list[float]) -> tuple[list[int], list[float]]:
-        """The row up to and including its first stop token, at most max_new_tokens long."""
+    def _cut(self, ids: list[int], logprobs: list[float], stopped: bool) -> tuple[list[int], list[float], bool]:
+        """The row up to and including its first stop token of the student's, at most max_new_tokens
+        long, and whether a stop token ended it."""
         length = min(len(ids), self.settings.max_new_tokens)
         stops = set(self.stop_ids)
-        end = next((position + 1 for position, token in enumerate(ids[:length]) if token in stops), length)
-        return ids[:end], logprobs[:end]
+        end = next((position + 1 for position, token in enumerate(ids[:length]) if token in stops), None)
+        if end is not None:
+            return ids[:end], logprobs[:end], True
+        return ids[:length], logprobs[:length], stopped and len(ids) <= length

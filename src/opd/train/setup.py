@@ -352,16 +352,14 @@ def prepare(request: Config, resume: bool | str, log=print, world: World | None 
         else ModelSampler(student, SamplingSettings.of(config.rollout), precision)
     )
     # The teacher writes rows with its model here, or through its server (opd.train.served_teacher).
-    writer = teachers.writer
+    writer, stops = teachers.writer, student.stop_token_ids  # the teacher's rows end at the student's stops too
     if isinstance(writer, RemoteTeacher):
         settings = SamplingSettings.of(config.rollout)
-        writer = ServedTeacherSampler(
-            writer, settings, student.stop_token_ids, student.tokenizer.pad_token_id, precision.device
-        )
+        writer = ServedTeacherSampler(writer, settings, stops, student.tokenizer.pad_token_id, precision.device)
     far_config = inputs.far_config
     far_rollouts = None
     if far_config is not None:  # the same engine, the teacher's samples beside it
-        far_rollouts = build_rollouts(far_config, engine, writer, train_prompts, student.tokenizer, precision)
+        far_rollouts = build_rollouts(far_config, engine, writer, train_prompts, student.tokenizer, precision, stops)
     return Session(
         config=config,
         output_dir=output_dir,
@@ -373,7 +371,7 @@ def prepare(request: Config, resume: bool | str, log=print, world: World | None 
         teacher_sharded=teachers.sharded,
         needs=needed(config),
         objective=build_objective(config),
-        rollouts=build_rollouts(config, engine, writer, train_prompts, student.tokenizer, precision),
+        rollouts=build_rollouts(config, engine, writer, train_prompts, student.tokenizer, precision, stops),
         student_sampler=student_sampler,
         scored_by_sampler=sampled_by_teacher_distribution(config),
         chunk_size=tokens_per_chunk(config.loss.chunk_size, student.vocab_size),
