@@ -449,14 +449,16 @@ def test_a_teacher_on_opds_server_with_its_lm_head_gives_the_full_distribution(t
 
 
 def test_a_gkd_mixture_shards_where_its_rows_allow(tmp_path):
-    """A sharded student mixes (tests/distributed runs it); a sharded teacher writes rows for `sft` only,
-    as it gives no whole distribution inside the student's loss."""
+    """A sharded student mixes (tests/distributed runs it); a sharded teacher's rows train by `sft` only
+    (what a null off_policy_kind is there), as it gives no whole distribution inside the student's loss."""
     mixture = {"rollout.student_fraction": 0.5}
     assert validate(with_keys(minimal_raw(str(tmp_path)), {**mixture, "student.shard": True})).student.shard
     sharded_teacher = {**mixture, "teacher.shard": True, "loss.forward_kl_coef": 0.0}
     with pytest.raises(ConfigError, match=r"teacher.shard"):
-        validate(with_keys(minimal_raw(str(tmp_path)), sharded_teacher))
-    validate(with_keys(minimal_raw(str(tmp_path)), {**sharded_teacher, "loss.off_policy_kind": "sft"}))
+        validate(with_keys(minimal_raw(str(tmp_path)), {**sharded_teacher, "loss.off_policy_kind": "forward_kl"}))
+    # loss.off_policy_kind left null is sft there
+    assert validate(with_keys(minimal_raw(str(tmp_path)), sharded_teacher)).off_policy_loss == "sft"
+    assert validate(with_keys(minimal_raw(str(tmp_path)), mixture)).off_policy_loss == "forward_kl"
 
 
 def test_a_servers_api_key_is_never_written_out(tmp_path):

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from opd.config.files import validate
-from opd.config.resolve import RESOLVED_FILE, far_start, resolve, settled_student_fraction, why_not_far
+from opd.config.resolve import RESOLVED_FILE, far_start, resolve, why_not_far
 from opd.errors import ConfigError
 from opd.io.sinks import read_metrics
 from opd.train.setup import prepare
@@ -83,20 +83,24 @@ def test_a_run_that_cannot_mix_is_on_policy_without_measuring(tiny_config):
     for api, head, kind in (("opd", None, "sft"), ("vllm", None, "sft"), ("opd", "/x", "forward_kl")):
         served = validate({**tiny_config, "teacher": {"url": "http://127.0.0.1:9", "api": api, "lm_head": head}})
         assert why_not_far(served, {}) is None and resolve(served).rollout.student_fraction == "auto"
-        assert far_start(served).loss.off_policy_kind == kind
-    # NLL only where the teacher gives no whole distribution and the user left the key: a forward_kl
-    # asked of a server without its head can't start far, nor can truncated sampling (top_p) here.
+        assert resolve(far_start(served)).loss.off_policy_kind == kind
+    # NLL where the teacher gives no whole distribution and the key is left null: a forward_kl asked of
+    # a server without its head can't start far, nor can truncated sampling (top_p) here.
     asked = {**tiny_config, "teacher": {"url": "http://127.0.0.1:9"}, "loss": {"off_policy_kind": "forward_kl"}}
     assert "lm_head" in why_not_far(validate(asked), {})
     top_p = {**tiny_config, "rollout": {**tiny_config["rollout"], "top_p": 0.9}}
     assert why_not_far(validate(top_p), {}) is not None
-    # Resumed: the recorded far start's sft where the key was left to it; the user's own choice otherwise.
-    served = {**tiny_config, "teacher": {"url": "http://127.0.0.1:9", "lm_head": "/x"}}
-    recorded = far_start(validate({**tiny_config, "teacher": {"url": "http://127.0.0.1:9"}})).model_dump()
+    # Resumed: the recorded value where the key is null (a run from before null recorded forward_kl,
+    # which a server without its head keeps where it doesn't mix); one the user sets is theirs.
+    served = validate({**tiny_config, "teacher": {"url": "http://127.0.0.1:9"}})
+    recorded = resolve(far_start(served)).model_dump()
     assert recorded["loss"]["off_policy_kind"] == "sft"
-    assert settled_student_fraction(validate(served), {}, recorded).loss.off_policy_kind == "sft"
-    chosen = {**served, "loss": {"off_policy_kind": "forward_kl"}}
-    assert settled_student_fraction(validate(chosen), {}, recorded).loss.off_policy_kind == "forward_kl"
+    head = {**tiny_config, "teacher": {"url": "http://127.0.0.1:9", "lm_head": "/x"}}
+    assert resolve(validate(head), None, recorded).loss.off_policy_kind == "sft"
+    chosen = {**head, "loss": {"off_policy_kind": "forward_kl"}}
+    assert resolve(validate(chosen), None, recorded).loss.off_policy_kind == "forward_kl"
+    old_run = {"loss": {"off_policy_kind": "forward_kl"}, "rollout": {"student_fraction": 1.0}}
+    assert resolve(served, None, old_run).loss.off_policy_kind == "forward_kl"
     reward_alone = {**tiny_config, "loss": {"kl_coef": 0.0}, "reward": {"verifier": "gsm8k"}}
     assert resolve(validate(reward_alone)).rollout.student_fraction == 1.0  # pure RL is left as asked
 

@@ -206,7 +206,7 @@ def run_needs(config: Config, forward_kl_coef: float | None = None) -> list[Need
                 "set loss.forward_kl_coef: 0 (its default, null, turns it on only where it can run)",
             )
         )
-    if config.mixed and loss.off_policy_kind == "forward_kl":
+    if config.mixed and config.off_policy_loss == "forward_kl":
         needs.append(
             Need(
                 FULL_DISTRIBUTION,

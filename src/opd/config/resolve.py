@@ -9,6 +9,8 @@ changes a config after that. What it settles:
   applies (a run from before the default recorded 0), so a resumed run computes what it computed.
 - `teacher.top_k` left null: 20 where the run reads the teachers' top-k (topk_forward_kl, or the
   forward-KL term from servers that send no hidden states), else 0.
+- `loss.off_policy_kind` left null: forward_kl where the teacher gives its whole distribution, else sft
+  (Config.off_policy_loss); on resume, the recorded value where it still applies.
 - `loss.advantage_logprobs` left null: `sampler` at rollout.max_staleness 0 (the weights that sampled
   are the current ones), else `current` where the advantage is per token (reverse_kl_pg, discount 0,
   every teacher of the student's tokenizer), else `sampler` (docs/async.md says why).
@@ -30,15 +32,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from opd.config.capabilities import (
-    FULL_DISTRIBUTION,
-    TeacherFacts,
-    check_needs,
-    config_facts,
-    forward_kl_default,
-    resolved_top_k,
-    teacher_limits,
-)
+from opd.config.capabilities import TeacherFacts, check_needs, config_facts, forward_kl_default, resolved_top_k
 from opd.config.schema import Config
 from opd.errors import ConfigError
 
@@ -76,7 +70,11 @@ def resolve(config: Config, facts: dict[str, TeacherFacts] | None = None, record
         check_needs(config, facts, coefficient)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    loss = {"forward_kl_coef": coefficient, "advantage_logprobs": advantage_logprobs(config, facts)}
+    loss = {
+        "forward_kl_coef": coefficient,
+        "advantage_logprobs": advantage_logprobs(config, facts),
+        "off_policy_kind": off_policy_kind(config, recorded),
+    }
     update: dict = {"loss": config.loss.model_copy(update=loss)}
     top_k = {name: resolved_top_k(config, name, coefficient) for name in config.teacher_configs}
     if config.teacher is not None:
@@ -84,6 +82,17 @@ def resolve(config: Config, facts: dict[str, TeacherFacts] | None = None, record
     elif config.teachers:
         update["teachers"] = [teacher.model_copy(update={"top_k": top_k[teacher.name]}) for teacher in config.teachers]
     return config.model_copy(update=update)
+
+
+def off_policy_kind(config: Config, recorded: dict | None) -> str:
+    """loss.off_policy_kind as asked, or left null what it resolves to (Config.off_policy_loss); on resume,
+    the value the run recorded where it still applies (a run from before null recorded forward_kl)."""
+    if config.loss.off_policy_kind is not None:
+        return config.loss.off_policy_kind
+    saved = ((recorded or {}).get("loss") or {}).get("off_policy_kind")
+    if saved == "sft" or (saved == "forward_kl" and (not config.mixed or config.off_policy_loss == "forward_kl")):
+        return saved
+    return config.off_policy_loss
 
 
 def advantage_logprobs(config: Config, facts: dict[str, TeacherFacts]) -> str:
@@ -118,16 +127,15 @@ def on_policy(config: Config) -> Config:
     return config.model_copy(update={"rollout": config.rollout.model_copy(update={"student_fraction": 1.0})})
 
 
-def far_start(config: Config, facts: dict[str, TeacherFacts] | None = None) -> Config:
+def far_start(config: Config) -> Config:
     """The request a far student runs as (`rollout.student_fraction: auto`, measured far at step 0): GKD's
     mixture with lambda rising linearly from 0 to 0.5 over the first half of run.max_steps, the other rows
     written by rollout.off_policy_source (the teacher by default, here or on its server; the data's
-    answers where the user set `dataset`) and trained with loss.off_policy_kind (the teacher's rows by
-    sft where it gives no whole distribution, a server without lm_head, and the user left the key), and
+    answers where the user set `dataset`) and trained with loss.off_policy_kind (left null: sft where
+    the teacher gives no whole distribution, a server without lm_head, else forward_kl), and
     loss.forward_kl_coef left null set to 0: the teacher's rows give the forward KL's pull, and on a
     real far pair the term on the student's own rows kept rewarding its blank lines (docs/far_apart.md).
-    facts: the teachers' (default: what the config alone tells). Validated; raises ValueError where the
-    config can't mix."""
+    Validated; raises ValueError where the config can't mix."""
     rollout = {
         "student_fraction": FAR_STUDENT_FRACTION,
         "student_fraction_start": 0.0,
@@ -137,12 +145,6 @@ def far_start(config: Config, facts: dict[str, TeacherFacts] | None = None) -> C
     raw["rollout"].update(rollout)
     if raw["loss"]["forward_kl_coef"] is None:
         raw["loss"]["forward_kl_coef"] = 0.0
-    # The teacher's rows by NLL where it gives no whole distribution, unless the user chose their loss.
-    chosen = "off_policy_kind" in config.loss.model_fields_set
-    if config.teacher is not None and not chosen and config.rollout.off_policy_source == "teacher":
-        facts = (facts or {}).get("teacher") or config_facts(config, "teacher")
-        if FULL_DISTRIBUTION in teacher_limits(config, "teacher", facts):
-            raw["loss"]["off_policy_kind"] = "sft"
     return Config.model_validate(raw)
 
 
@@ -154,7 +156,7 @@ def why_not_far(config: Config, facts: dict[str, TeacherFacts]) -> str | None:
     if config.loss.kind == "reverse_kl_pg" and not config.loss.kl_coef:
         return "loss.kl_coef: 0 trains on the task reward alone"
     try:
-        candidate = far_start(config, facts)
+        candidate = far_start(config)
         check_needs(candidate, facts, candidate.loss.forward_kl_coef)
     except ValidationError as exc:
         return exc.errors()[0]["msg"].removeprefix("Value error, ")
@@ -175,12 +177,7 @@ def settled_student_fraction(config: Config, facts: dict[str, TeacherFacts], rec
     if isinstance(fraction, (int, float)) and not isinstance(fraction, bool):
         raw = config.model_dump()
         raw["rollout"].update({key: saved.get(key, raw["rollout"][key]) for key in LAMBDA_KEYS})
-        # A far start recorded how its other rows train where the user left it to far_start (sft for a
-        # teacher without its whole distribution); one the user sets is theirs, checked by check_resumable.
-        kind = ((recorded or {}).get("loss") or {}).get("off_policy_kind")
-        if kind in ("forward_kl", "sft") and "off_policy_kind" not in config.loss.model_fields_set:
-            raw["loss"]["off_policy_kind"] = kind
-        # A far start also recorded its forward-KL coefficient beside its lambda, which resolve keeps.
+        # A far start recorded its forward-KL coefficient (and its rows' loss) beside its lambda: resolve keeps them.
         return Config.model_validate(raw)
     if why_not_far(config, facts) is not None:
         return on_policy(config)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from opd.config.capabilities import FULL_DISTRIBUTION, check_needs, forward_kl_default, run_needs
+from opd.config.capabilities import FULL_DISTRIBUTION, check_needs, forward_kl_default, run_needs, teacher_limits
 from opd.config.sections import (
     BatchConfig,
     DataConfig,
@@ -188,6 +188,16 @@ class Config(_Strict):
     def teacher_writes(self) -> bool:
         """The teacher writes some of the rollouts: rollout.source, or a mixture's off_policy_source."""
         return self.rollout.source == "teacher" or (self.mixed and self.rollout.off_policy_source == "teacher")
+
+    @property
+    def off_policy_loss(self) -> str:
+        """loss.off_policy_kind, or where null what it resolves to: sft where the one teacher gives no
+        whole distribution (a server without lm_head, a sharded teacher), else forward_kl."""
+        if self.loss.off_policy_kind is not None:
+            return self.loss.off_policy_kind
+        if self.teacher is not None and FULL_DISTRIBUTION in teacher_limits(self, "teacher"):
+            return "sft"
+        return "forward_kl"
 
     @property
     def mixed(self) -> bool:

@@ -346,10 +346,11 @@ class LossConfig(_Strict):
         "can compute it (one teacher in this process, unsharded, with the student's vocabulary; no top-k/top-p), "
         "else 0.",
     )
-    off_policy_kind: Literal["forward_kl", "sft"] = Field(
-        "forward_kl",
-        description="Loss of the rows the student did not sample (rollout.student_fraction < 1). "
-        "student_fraction auto's far start takes sft where the teacher gives no whole distribution.",
+    off_policy_kind: Literal["forward_kl", "sft"] | None = Field(
+        None,
+        description="Loss of the rows the student did not sample (rollout.student_fraction < 1). null: "
+        "forward_kl where the teacher gives its whole distribution, else sft (a server without lm_head, "
+        "a sharded teacher).",
     )
 
 

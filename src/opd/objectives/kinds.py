@@ -213,5 +213,5 @@ def build_objective(config: Config) -> Objective:
         raise ValueError("build_objective takes a resolved config (loss.forward_kl_coef is still null)")
     objective = OBJECTIVES[config.loss.kind](config)
     if config.mixed:
-        objective = BySource(objective, OBJECTIVES[config.loss.off_policy_kind](config))
+        objective = BySource(objective, OBJECTIVES[config.off_policy_loss](config))
     return objective

@@ -43,7 +43,12 @@ _RESUMABLE_CHANGES = {
 # Keys added since runs were first recorded, with the value that reproduces what a run recorded before
 # them computed.
 # teacher.top_k was 0 by default before it could be left null (a resolved run records its value).
-_BEFORE_THE_KEY = {"rollout.max_staleness": 0, "loss.advantage_logprobs": "sampler", "teacher.top_k": 0}
+_BEFORE_THE_KEY = {
+    "rollout.max_staleness": 0,
+    "loss.advantage_logprobs": "sampler",
+    "teacher.top_k": 0,
+    "loss.off_policy_kind": "forward_kl",
+}
 
 
 def check_resumable(output_dir: Path, config: Config) -> None:

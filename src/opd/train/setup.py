@@ -289,7 +289,7 @@ def plan_far_start(
     on-policy, and says why."""
     reason = None
     if config.rollout.student_fraction == "auto":
-        far_config = resolve(far_start(request, plan.facts), plan.facts)
+        far_config = resolve(far_start(request), plan.facts)
         if far_config.rollout.off_policy_source == "teacher" or DatasetAnswers.answered(train_prompts):
             return config, far_config
         reason = f"rollout.off_policy_source=dataset needs an 'answer' on every row of {train_prompts.path}"
