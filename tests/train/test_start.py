@@ -84,12 +84,16 @@ def test_a_run_that_cannot_mix_is_on_policy_without_measuring(tiny_config):
         served = validate({**tiny_config, "teacher": {"url": "http://127.0.0.1:9", "api": api, "lm_head": head}})
         assert why_not_far(served, {}) is None and resolve(served).rollout.student_fraction == "auto"
         assert resolve(far_start(served)).loss.off_policy_kind == kind
-    # NLL where the teacher gives no whole distribution and the key is left null: a forward_kl asked of
-    # a server without its head can't start far, nor can truncated sampling (top_p) here.
+    # NLL where the forward KL can't run and the key is left null; a forward_kl asked of a server
+    # without its head can't start far, nor can one asked with truncated sampling (top_p, top_k).
     asked = {**tiny_config, "teacher": {"url": "http://127.0.0.1:9"}, "loss": {"off_policy_kind": "forward_kl"}}
     assert "lm_head" in why_not_far(validate(asked), {})
-    top_p = {**tiny_config, "rollout": {**tiny_config["rollout"], "top_p": 0.9}}
-    assert why_not_far(validate(top_p), {}) is not None
+    for truncated in ({"top_p": 0.9}, {"top_k": 5}):
+        config = {**tiny_config, "rollout": {**tiny_config["rollout"], **truncated}}
+        assert why_not_far(validate(config), {}) is None
+        assert resolve(far_start(validate(config))).loss.off_policy_kind == "sft"
+        forward_kl = validate({**config, "loss": {"off_policy_kind": "forward_kl"}})
+        assert "top_p=1" in why_not_far(forward_kl, {})
     # Resumed: the recorded value where the key is null (a run from before null recorded forward_kl,
     # which a server without its head keeps where it doesn't mix); one the user sets is theirs.
     served = validate({**tiny_config, "teacher": {"url": "http://127.0.0.1:9"}})

@@ -191,11 +191,15 @@ class Config(_Strict):
 
     @property
     def off_policy_loss(self) -> str:
-        """loss.off_policy_kind, or where null what it resolves to: sft where the one teacher gives no
-        whole distribution (a server without lm_head, a sharded teacher), else forward_kl."""
+        """loss.off_policy_kind, or where null what it resolves to: sft where the forward KL can't run,
+        since the one teacher gives no whole distribution (a server without lm_head, a sharded teacher)
+        or the sampling is truncated (rollout.top_k, top_p: full distributions need it whole), else
+        forward_kl."""
         if self.loss.off_policy_kind is not None:
             return self.loss.off_policy_kind
         if self.teacher is not None and FULL_DISTRIBUTION in teacher_limits(self, "teacher"):
+            return "sft"
+        if self.rollout.top_k or self.rollout.top_p < 1:
             return "sft"
         return "forward_kl"
 

@@ -349,8 +349,8 @@ class LossConfig(_Strict):
     off_policy_kind: Literal["forward_kl", "sft"] | None = Field(
         None,
         description="Loss of the rows the student did not sample (rollout.student_fraction < 1). null: "
-        "forward_kl where the teacher gives its whole distribution, else sft (a server without lm_head, "
-        "a sharded teacher).",
+        "forward_kl where the teacher gives its whole distribution and sampling is untruncated, else sft "
+        "(a server without lm_head, a sharded teacher, rollout.top_k or top_p).",
     )
 
 
