@@ -268,7 +268,7 @@ def forward_kl_default(config: Config, facts: dict[str, TeacherFacts] | None = N
             return 0.0
         if teacher.chat_template != "student":
             return 0.0
-    untruncated = rollout.source == "student" and rollout.top_k == 0 and rollout.top_p == 1
+    untruncated = rollout.source == "student" and not rollout.truncated
     return 1.0 if data.teacher_system_prompt is None and untruncated else 0.0
 
 

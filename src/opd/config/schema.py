@@ -98,7 +98,7 @@ class Config(_Strict):
             )
         check_needs(self)  # what each teacher gives, as far as the config tells; setup checks again with its tokenizer
         full = next((need for need in needs if need.capability == FULL_DISTRIBUTION), None)
-        if full is not None and (self.rollout.top_k or self.rollout.top_p < 1):
+        if full is not None and self.rollout.truncated:
             raise ValueError(
                 f"{full.reason} compares full distributions; it needs rollout.top_k=0 and "
                 f"rollout.top_p=1 (got {self.rollout.top_k} and {self.rollout.top_p})"
@@ -199,7 +199,7 @@ class Config(_Strict):
             return self.loss.off_policy_kind
         if self.teacher is not None and FULL_DISTRIBUTION in teacher_limits(self, "teacher"):
             return "sft"
-        if self.rollout.top_k or self.rollout.top_p < 1:
+        if self.rollout.truncated:
             return "sft"
         return "forward_kl"
 

@@ -318,6 +318,11 @@ class RolloutConfig(_Strict):
         "teacher", description="Who writes the other 1 - lambda share: teacher samples or the data's answers."
     )
 
+    @property
+    def truncated(self) -> bool:
+        """Sampling draws from a cut distribution (top_k or top_p), not the model's whole one."""
+        return bool(self.top_k) or self.top_p < 1
+
 
 class LossConfig(_Strict):
     kind: Literal["reverse_kl_pg", "topk_forward_kl", "forward_kl", "reverse_kl", "jsd", "sft"] = "reverse_kl_pg"

@@ -120,8 +120,7 @@ def sampled_by_teacher_distribution(config: Config) -> bool:
         rollout.source == "teacher"
         and teacher is not None
         and rollout.temperature == teacher.temperature
-        and rollout.top_k == 0
-        and rollout.top_p == 1
+        and not rollout.truncated
     )
 
 
